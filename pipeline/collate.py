@@ -1,0 +1,153 @@
+"""numba kernels that turn a slice of the epoch's row layout into a [B, L] batch.
+
+Small pure functions over numpy arrays, compiled with `nogil=True` so reader threads run them in
+parallel. A batch is described by *segments*: runs of consecutive tokens of one document, each
+with where it comes from (`seg_src`, a global token index), how many tokens (`seg_n`), where it
+lands in the flat B*L output (`seg_dst`), where its document started in output coordinates
+(`seg_doc0`, may be negative: positions restart at document starts), and where the document's EOS
+lands (`seg_eos`, -1 if outside this batch). Filling a batch is: segments -> tokens -> finish.
+Every kernel is tested against a plain numpy reference in tests/pipeline/test_collate.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numba
+import numpy as np
+
+IGNORE_INDEX = -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# The buffer argument is declared as size_t so numba passes an array's data address unchanged.
+_pread = _libc.pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
+
+
+@numba.njit(nogil=True, cache=True)
+def packing_segments(perm, cum, doc_starts, s0, s1, seg_src, seg_n, seg_dst, seg_doc0, seg_eos):
+    """Segments of stream positions [s0, s1): permuted documents back to back, EOS after each.
+
+    perm: (N,) permuted document ids; cum: (N+1,) stream start of each permuted document.
+    Returns the number of segments written.
+    """
+    num_docs = perm.shape[0]
+    k = np.searchsorted(cum, s0, side="right") - 1
+    nseg = 0
+    while k < num_docs and cum[k] < s1:
+        doc = perm[k]
+        start = doc_starts[doc]
+        length = doc_starts[doc + 1] - start
+        lo = max(s0 - cum[k], 0)
+        hi = min(length, s1 - cum[k])
+        seg_src[nseg] = start + lo
+        seg_n[nseg] = max(hi - lo, 0)
+        seg_dst[nseg] = cum[k] + lo - s0
+        seg_doc0[nseg] = cum[k] - s0
+        eos_at = cum[k] + length
+        seg_eos[nseg] = eos_at - s0 if s0 <= eos_at < s1 else -1
+        nseg += 1
+        k += 1
+    return nseg
+
+
+@numba.njit(nogil=True, cache=True)
+def padding_segments(perm, row_cum, doc_starts, r0, r1, seq_len, seg_src, seg_n, seg_dst, seg_doc0, seg_eos):
+    """One segment per global row in [r0, r1): piece `r - row_cum[k]` of permuted document k."""
+    k = np.searchsorted(row_cum, r0, side="right") - 1
+    nseg = 0
+    for r in range(r0, r1):
+        while row_cum[k + 1] <= r:
+            k += 1
+        doc = perm[k]
+        start = doc_starts[doc]
+        length = doc_starts[doc + 1] - start
+        offset = (r - row_cum[k]) * seq_len
+        seg_src[nseg] = start + offset
+        seg_n[nseg] = min(seq_len, length - offset)
+        seg_dst[nseg] = (r - r0) * seq_len
+        seg_doc0[nseg] = seg_dst[nseg]
+        seg_eos[nseg] = -1
+        nseg += 1
+    return nseg
+
+
+@numba.njit(nogil=True, cache=True)
+def copy_tokens(values, base, lo, hi, seg_src, seg_n, seg_dst, nseg, out):
+    """out[dst:dst+n] = values[src-base : src-base+n] for segments whose source lies in [lo, hi)."""
+    for i in range(nseg):
+        n = seg_n[i]
+        src = seg_src[i]
+        if n == 0 or src < lo or src >= hi:
+            continue
+        s = src - base
+        d = seg_dst[i]
+        for j in range(n):
+            out[d + j] = values[s + j]
+
+
+@numba.njit(nogil=True)  # not cached: numba cannot cache functions that call ctypes pointers
+def pread_tokens(fd, file_offset, itemsize, base, lo, hi, seg_src, seg_n, seg_dst, nseg, staging):
+    """pread each segment in [lo, hi) from `fd` into staging[dst:dst+n] (token dtype).
+
+    Returns 0, or -(i+1) for the first segment whose read came back short.
+    """
+    ptr = staging.ctypes.data
+    for i in range(nseg):
+        n = seg_n[i]
+        src = seg_src[i]
+        if n == 0 or src < lo or src >= hi:
+            continue
+        want = n * itemsize
+        got = _pread(fd, ptr + seg_dst[i] * itemsize, want, file_offset + (src - base) * itemsize)
+        if got != want:
+            return -(i + 1)
+    return 0
+
+
+@numba.njit(nogil=True, cache=True)
+def widen_tokens(staging, seg_n, seg_dst, nseg, out):
+    """Copy the segments' tokens from the token-dtype staging buffer into the int64 output."""
+    for i in range(nseg):
+        d = seg_dst[i]
+        for j in range(seg_n[i]):
+            out[d + j] = staging[d + j]
+
+
+@numba.njit(nogil=True, cache=True)
+def finish_rows(ids, labels, pos, seq_len, seg_n, seg_dst, seg_doc0, seg_eos, nseg, eos_id, pad_id, one_row_per_segment, valid_end):
+    """Write labels, position ids, EOS tokens and padding; return the number of useful tokens.
+
+    ids already holds the copied tokens. Positions restart at 0 at each row start and each document
+    start. Padding (id pad_id, label -100, position 0): in packing mode everything from valid_end on;
+    in padding mode the tail of each row after its segment, and the rows after the last segment.
+    """
+    useful = 0
+    total = ids.shape[0]
+    for i in range(nseg):
+        doc0 = seg_doc0[i]
+        d = seg_dst[i]
+        n = seg_n[i]
+        for x in range(d, d + n):
+            row_start = (x // seq_len) * seq_len
+            pos[x] = x - max(row_start, doc0)
+            labels[x] = ids[x]
+        useful += n
+        e = seg_eos[i]
+        if e >= 0:
+            ids[e] = eos_id
+            labels[e] = eos_id
+            pos[e] = e - max((e // seq_len) * seq_len, doc0)
+            useful += 1
+        if one_row_per_segment:
+            for x in range(d + n, d + seq_len):
+                ids[x] = pad_id
+                labels[x] = IGNORE_INDEX
+                pos[x] = 0
+    tail = nseg * seq_len if one_row_per_segment else valid_end
+    for x in range(tail, total):
+        ids[x] = pad_id
+        labels[x] = IGNORE_INDEX
+        pos[x] = 0
+    return useful

@@ -1,0 +1,334 @@
+"""Open a token dataset: zero-copy memory-mapped views, or an ultra-low-memory `pread` mode.
+
+A dataset is a list of chunks (one per Arrow record batch: one per shard for our own builds),
+each a contiguous run of token values in a file, plus one int64 array of global document start
+offsets (8 bytes per document). Nothing is held per document in Python, so threads and forked
+processes share the mapped pages instead of copying them.
+
+- mmap mode: `pa.memory_map` stays open; `ds[i]` and the collate kernels read numpy views.
+- ultra-low-mem mode: the files are mapped only while the layout is read at open; afterwards each
+  read is a `pread` of just the byte range it needs (inside the numba kernel, see collate.py),
+  and the loader drops those pages from the page cache (posix_fadvise DONTNEED), so resident
+  memory stays flat whatever the dataset size.
+
+Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from pipeline.build import COLUMN, FORMAT, INDEX_NAME, file_sha256
+from pipeline.errors import PipelineError
+
+_REBUILD = "rebuild it with `python -m pipeline build INPUT... --out DIR --overwrite`"
+
+
+@dataclass
+class _Chunk:
+    path: Path
+    values_file_offset: int  # bytes from the start of the file to this chunk's first token
+    first_doc: int  # global index of the chunk's first document
+    first_token: int  # global index of the chunk's first token
+    num_tokens: int
+    values: np.ndarray | None  # mmap mode: zero-copy view of the chunk's tokens; None in ultra mode
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    file: pa.MemoryMappedFile
+    base_address: int  # where byte 0 of the file sits in memory
+
+
+@dataclass(frozen=True)
+class _Layout:
+    chunks: list[_Chunk]
+    doc_starts: np.ndarray  # (num_docs + 1,) int64 global token offsets
+    token_dtype: np.dtype
+    meta: dict  # vocab_size, bos_id, eos_id, pad_id, tokenizer_id, fingerprint, source
+
+
+class TokenDataset:
+    """Documents of token ids; see the module docstring for the two modes."""
+
+    def __init__(self, path: Path, layout: _Layout, ultra_low_mem: bool, maps: list):
+        self.path = path
+        self.ultra_low_mem = ultra_low_mem
+        self._layout = layout
+        self._maps = maps  # keeps the memory maps alive in mmap mode
+        self._fds: dict[Path, int] = {}
+        if ultra_low_mem:
+            for chunk in layout.chunks:
+                if chunk.path not in self._fds:
+                    self._fds[chunk.path] = os.open(chunk.path, os.O_RDONLY)
+        meta = layout.meta
+        self.vocab_size: int = meta["vocab_size"]
+        self.bos_id: int | None = meta["bos_id"]
+        self.eos_id: int = meta["eos_id"]
+        self.pad_id: int = meta["pad_id"]
+        self.tokenizer_id: str = meta["tokenizer_id"]
+        self.fingerprint: str = meta["fingerprint"]
+        self.token_dtype: np.dtype = layout.token_dtype
+        self.doc_starts: np.ndarray = layout.doc_starts
+        self.chunk_first_token = np.array([c.first_token for c in layout.chunks] + [self.num_tokens], dtype=np.int64)
+        self._chunk_first_doc = np.array([c.first_doc for c in layout.chunks], dtype=np.int64)
+
+    # -- sizes ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.doc_starts.size - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_starts[-1])
+
+    @property
+    def token_bytes(self) -> int:
+        return self.num_tokens * self.token_dtype.itemsize
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """(num_docs,) int64 tokens per document (computed on each call; 8 bytes per document)."""
+        return np.diff(self.doc_starts)
+
+    @property
+    def chunks(self) -> list[_Chunk]:
+        return self._layout.chunks
+
+    def fd_of(self, chunk: _Chunk) -> int:
+        return self._fds[chunk.path]
+
+    # -- reads ------------------------------------------------------------------------------
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for a dataset of {n} documents")
+        i %= n
+        start, end = int(self.doc_starts[i]), int(self.doc_starts[i + 1])
+        chunk = self.chunks[int(np.searchsorted(self._chunk_first_doc, i, side="right")) - 1]
+        if not self.ultra_low_mem:
+            return chunk.values[start - chunk.first_token : end - chunk.first_token]
+        itemsize = self.token_dtype.itemsize
+        offset = chunk.values_file_offset + (start - chunk.first_token) * itemsize
+        data = os.pread(self.fd_of(chunk), (end - start) * itemsize, offset)
+        return np.frombuffer(data, dtype=self.token_dtype)
+
+    def reopen(self, ultra_low_mem: bool) -> "TokenDataset":
+        """The same data in the other mode (the watchdog switches readers to ultra-low-mem)."""
+        return open_dataset(self.path, ultra_low_mem=ultra_low_mem)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._maps.clear()
+
+    def __enter__(self) -> "TokenDataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        mode = "ultra_low_mem" if self.ultra_low_mem else "mmap"
+        return (f"TokenDataset({str(self.path)!r}, {len(self)} documents, {self.num_tokens} tokens, "
+                f"{self.token_dtype.name}, {mode})")
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def open_dataset(path, ultra_low_mem: bool = False, verify: bool = False) -> TokenDataset:
+    """Open a dataset built by `pipeline build`, or a `datasets` folder with a token-id list column.
+
+    verify=True also checks every shard's sha256 against index.json (reads the whole dataset once).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"dataset {path} does not exist; build it with `python -m pipeline build INPUT... --out {path}`")
+    if (path / INDEX_NAME).is_file():
+        layout, maps = _open_built(path, verify)
+    elif (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        layout, maps = _open_datasets_folder(path)
+    else:
+        raise PipelineError(
+            f"{path} is not a dataset (no {INDEX_NAME}, and not a `datasets` save_to_disk folder); "
+            f"build it with `python -m pipeline build INPUT... --out {path}`"
+        )
+    if ultra_low_mem:
+        for chunk in layout.chunks:
+            chunk.values = None
+        maps = []
+    return TokenDataset(path, layout, ultra_low_mem, maps)
+
+
+def _read_index(path: Path) -> dict:
+    index_path = path / INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{index_path} is not valid JSON ({exc}); {_REBUILD}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise PipelineError(f"{index_path} is not a {FORMAT} index (format={index.get('format') if isinstance(index, dict) else None!r}); {_REBUILD}")
+    missing = [k for k in ("num_documents", "num_tokens", "dtype", "vocab_size", "tokenizer", "files") if k not in index]
+    if missing:
+        raise PipelineError(f"{index_path} lacks {', '.join(missing)}; {_REBUILD}")
+    return index
+
+
+def _open_built(path: Path, verify: bool) -> tuple[_Layout, list]:
+    index = _read_index(path)
+    try:
+        token_dtype = np.dtype(index["dtype"])
+    except TypeError:
+        raise PipelineError(f"{path / INDEX_NAME} names an unknown dtype {index['dtype']!r}; {_REBUILD}") from None
+    if token_dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise PipelineError(f"{path / INDEX_NAME} says dtype {token_dtype}, expected uint16 or uint32; {_REBUILD}")
+    if index["vocab_size"] > np.iinfo(token_dtype).max + 1:
+        raise PipelineError(
+            f"{path / INDEX_NAME}: vocabulary of {index['vocab_size']} ids does not fit dtype {token_dtype}; {_REBUILD}"
+        )
+    chunks, starts, maps = [], [np.zeros(1, np.int64)], []
+    first_doc = first_token = 0
+    for entry in index["files"]:
+        file_path = path / entry["name"]
+        if not file_path.is_file():
+            raise PipelineError(f"{path / INDEX_NAME} lists {entry['name']} but it is missing; {_REBUILD}")
+        size = file_path.stat().st_size
+        if size != entry["bytes"]:
+            raise PipelineError(
+                f"{file_path} has {size} bytes but {INDEX_NAME} says {entry['bytes']} (truncated or replaced); {_REBUILD}"
+            )
+        if verify and file_sha256(file_path) != entry["sha256"]:
+            raise PipelineError(f"{file_path} fails its sha256 check (corrupt); {_REBUILD}")
+        mm, reader = _map_arrow(file_path, stream=False)
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        for batch in batches:
+            chunk, doc_offsets = _chunk_from_batch(file_path, mm, batch, COLUMN, token_dtype, first_doc, first_token)
+            chunks.append(chunk)
+            starts.append(doc_offsets[1:] + first_token)
+            first_doc += batch.num_rows
+            first_token += chunk.num_tokens
+        maps.append(mm)
+    if first_doc != index["num_documents"] or first_token != index["num_tokens"]:
+        raise PipelineError(
+            f"{path} holds {first_doc} documents / {first_token} tokens but {INDEX_NAME} says "
+            f"{index['num_documents']} / {index['num_tokens']}; {_REBUILD}"
+        )
+    tok = index["tokenizer"]
+    fingerprint = hashlib.sha256(
+        json.dumps([tok.get("id"), index["num_tokens"], [f.get("sha256") for f in index["files"]]]).encode()
+    ).hexdigest()[:16]
+    meta = {
+        "vocab_size": int(index["vocab_size"]), "bos_id": tok.get("bos_id"), "eos_id": int(tok["eos_id"]),
+        "pad_id": int(tok.get("pad_id", tok["eos_id"])), "tokenizer_id": str(tok.get("id")), "fingerprint": fingerprint,
+    }
+    return _Layout(chunks, np.concatenate(starts), token_dtype, meta), maps
+
+
+def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        files = [path / f["filename"] for f in state["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path / 'state.json'} is not a `datasets` state file ({exc}); re-save the dataset") from None
+    chunks, starts, maps = [], [np.zeros(1, np.int64)], []
+    first_doc = first_token = 0
+    column = token_dtype = None
+    max_id = -1
+    for file_path in files:
+        if not file_path.is_file():
+            raise PipelineError(f"{path / 'state.json'} lists {file_path.name} but it is missing; re-save the dataset")
+        mm, reader = _map_arrow(file_path, stream=True)
+        for batch in reader:
+            if column is None:
+                column, token_dtype = _token_column(path, batch.schema)
+            chunk, doc_offsets = _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token)
+            if chunk.num_tokens:
+                max_id = max(max_id, int(chunk.values.max()))
+                if chunk.values.min() < 0:
+                    raise PipelineError(f"column {column!r} in {file_path} holds negative token ids; fix the dataset")
+            chunks.append(chunk)
+            starts.append(doc_offsets[1:] + first_token)
+            first_doc += batch.num_rows
+            first_token += chunk.num_tokens
+        maps.append(mm)
+    if first_doc == 0:
+        raise PipelineError(f"{path} holds no rows; nothing to train on")
+    # A `datasets` folder carries no tokenizer specials: EOS (also used as PAD) is a new id past the largest.
+    eos_id = max_id + 1
+    fingerprint = hashlib.sha256(json.dumps([state.get("_fingerprint"), column, first_token]).encode()).hexdigest()[:16]
+    meta = {"vocab_size": eos_id + 1, "bos_id": None, "eos_id": eos_id, "pad_id": eos_id,
+            "tokenizer_id": f"datasets:{column}", "fingerprint": fingerprint}
+    return _Layout(chunks, np.concatenate(starts), np.dtype(token_dtype), meta), maps
+
+
+def _token_column(path: Path, schema: pa.Schema) -> tuple[str, np.dtype]:
+    def is_token_list(t: pa.DataType) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+    names = ([COLUMN] if COLUMN in schema.names else []) + [n for n in schema.names if n != COLUMN]
+    for name in names:
+        if is_token_list(schema.field(name).type):
+            return name, np.dtype(schema.field(name).type.value_type.to_pandas_dtype())
+    raise PipelineError(
+        f"{path} has no token-id column (a list of integers; columns: {', '.join(schema.names)}); "
+        f"tokenise it with `python -m pipeline build {path} --out DIR`"
+    )
+
+
+def _map_arrow(file_path: Path, stream: bool):
+    try:
+        mm = pa.memory_map(str(file_path), "r")
+        # The mapping's base address, to locate token buffers in the file (ultra-low-mem preads).
+        base_address = mm.read_buffer(1).address
+        mm.seek(0)
+        reader = ipc.open_stream(mm) if stream else ipc.open_file(mm)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise PipelineError(f"{file_path} is not a valid Arrow file ({str(exc).splitlines()[0]}); {_REBUILD}") from None
+    return _Mapping(mm, base_address), reader
+
+
+def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token) -> tuple[_Chunk, np.ndarray]:
+    if column not in batch.schema.names:
+        raise PipelineError(f"{file_path} has no {column!r} column (columns: {', '.join(batch.schema.names)}); {_REBUILD}")
+    arr = batch.column(column)
+    kind = arr.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or np.dtype(kind.value_type.to_pandas_dtype()) != token_dtype:
+        raise PipelineError(f"column {column!r} in {file_path} is {kind}, expected list<{token_dtype}>; {_REBUILD}")
+    offset_dtype = np.int32 if pa.types.is_list(kind) else np.int64
+    raw_offsets = np.frombuffer(arr.buffers()[1], dtype=offset_dtype)[arr.offset : arr.offset + len(arr) + 1]
+    child_offset = arr.values.offset
+    doc_offsets = raw_offsets.astype(np.int64) - int(raw_offsets[0])
+    num_tokens = int(doc_offsets[-1])
+    values_buf = arr.buffers()[3]
+    itemsize = token_dtype.itemsize
+    element0 = child_offset + int(raw_offsets[0])
+    if values_buf is None or num_tokens == 0:
+        values = np.zeros(0, dtype=token_dtype)
+        file_offset = 0
+    else:
+        all_values = np.frombuffer(values_buf, dtype=token_dtype)
+        values = all_values[element0 : element0 + num_tokens]
+        # Where the tokens sit in the file: the buffer address relative to the start of the mapping.
+        file_offset = values_buf.address - mm.base_address + element0 * itemsize
+        if not 0 <= file_offset <= mm.file.size():
+            raise PipelineError(f"{file_path}: token buffer is not inside the file (not a plain Arrow file); {_REBUILD}")
+    if np.any(np.diff(doc_offsets) < 0):
+        raise PipelineError(f"{file_path} has decreasing list offsets (corrupt); {_REBUILD}")
+    chunk = _Chunk(file_path, file_offset, first_doc, first_token, num_tokens, values)
+    return chunk, doc_offsets

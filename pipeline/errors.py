@@ -1,0 +1,58 @@
+"""The project's one exception hierarchy, and the CLI wrapper that turns it into one line.
+
+Every error a user can cause (bad input, impossible config, broken checkpoint, memory limit)
+is raised as a subclass of `LowMemError` with a message that says what was expected, what was
+found and what to do. Entry points call `run_cli` so the user sees that one line and a non-zero
+exit, and the traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+
+class LowMemError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+    exit_code = 2
+
+
+class PipelineError(LowMemError):
+    """Bad data input or dataset: missing/corrupt files, wrong column type, empty corpus."""
+
+
+class ConfigError(LowMemError):
+    """An impossible or inconsistent configuration (sizes, world size, presets, launch config)."""
+
+
+class CheckpointError(LowMemError):
+    """A checkpoint that is missing, incomplete, corrupt, or from another model/dataset."""
+
+
+class MemoryLimitError(LowMemError):
+    """The host-RAM or GPU budget cannot hold what was asked for."""
+
+    exit_code = 3
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Run `main(argv)`; print a LowMemError as one line and return its exit code.
+
+    `--debug` anywhere in argv (or LOWMEM_DEBUG=1) re-raises so the full traceback shows.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LOWMEM_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int(main(argv) or 0)
+    except LowMemError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

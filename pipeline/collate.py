@@ -91,9 +91,10 @@ def copy_tokens(values, base, lo, hi, seg_src, seg_n, seg_dst, nseg, out):
 def pread_tokens(fd, file_offset, itemsize, base, lo, hi, seg_src, seg_n, seg_dst, nseg, staging):
     """pread each segment in [lo, hi) from `fd` into staging[dst:dst+n] (token dtype).
 
-    Returns 0, or -(i+1) for the first segment whose read came back short.
+    Returns the bytes read, or -(i+1) for the first segment whose read came back short.
     """
     ptr = staging.ctypes.data
+    total = 0
     for i in range(nseg):
         n = seg_n[i]
         src = seg_src[i]
@@ -103,7 +104,8 @@ def pread_tokens(fd, file_offset, itemsize, base, lo, hi, seg_src, seg_n, seg_ds
         got = _pread(fd, ptr + seg_dst[i] * itemsize, want, file_offset + (src - base) * itemsize)
         if got != want:
             return -(i + 1)
-    return 0
+        total += want
+    return total
 
 
 @numba.njit(nogil=True, cache=True)

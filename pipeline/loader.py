@@ -15,7 +15,6 @@ own pinned buffers.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -166,10 +165,10 @@ class Loader:
     def _read_tokens(self, nseg: int, src, n, dst, ids) -> None:
         ds = self.dataset
         first_tokens = ds.chunk_first_token
-        live = n[:nseg] > 0  # EOS-only segments read nothing (and may point one past their chunk)
         if len(ds.chunks) == 1:
-            touched = [0] if live.any() else []
+            touched = [0]
         else:
+            live = n[:nseg] > 0  # EOS-only segments read nothing (and may point one past their chunk)
             touched = np.unique(np.searchsorted(first_tokens, src[:nseg][live], side="right") - 1).tolist()
         staging = self._scratch.staging
         for c in touched:
@@ -178,16 +177,11 @@ class Loader:
             if not ds.ultra_low_mem:
                 collate.copy_tokens(chunk.values, chunk.first_token, lo, hi, src, n, dst, nseg, ids)
                 continue
-            itemsize = ds.token_dtype.itemsize
-            fd = ds.fd_of(chunk)
-            rc = collate.pread_tokens(fd, chunk.values_file_offset, itemsize, chunk.first_token, lo, hi, src, n, dst, nseg, staging)
-            if rc != 0:
+            nbytes = collate.pread_tokens(ds.fd_of(chunk), chunk.values_file_offset, ds.token_dtype.itemsize,
+                                          chunk.first_token, lo, hi, src, n, dst, nseg, staging)
+            if nbytes < 0:
                 raise PipelineError(f"short read from {chunk.path} (file changed or truncated while open); rebuild the dataset")
-            # Drop what was just read from the page cache: ultra-low-mem keeps resident memory flat.
-            in_chunk = live & (src[:nseg] >= lo) & (src[:nseg] < hi)
-            first = int(src[:nseg][in_chunk].min()) - chunk.first_token
-            last = int((src[:nseg] + n[:nseg])[in_chunk].max()) - chunk.first_token
-            os.posix_fadvise(fd, chunk.values_file_offset + first * itemsize, (last - first) * itemsize, os.POSIX_FADV_DONTNEED)
+            ds.account_read(nbytes)
         if ds.ultra_low_mem:
             collate.widen_tokens(staging, n, dst, nseg, ids)
 

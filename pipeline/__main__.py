@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tyro
 
-from pipeline.config import BuildConfig, DemoConfig
+from pipeline.config import BuildConfig, DemoConfig, PlanConfig
 from pipeline.errors import run_cli
 
 
@@ -22,8 +22,17 @@ def demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def plan(cfg: PlanConfig) -> None:
+    import json
+
+    from pipeline.sizer import plan_from_config
+
+    result = plan_from_config(cfg)
+    print(json.dumps(result.to_dict(), indent=2) if cfg.json else result.table())
+
+
 # subcommand name -> (config dataclass, handler)
-SUBCOMMANDS = {"build": (BuildConfig, build), "demo": (DemoConfig, demo)}
+SUBCOMMANDS = {"build": (BuildConfig, build), "demo": (DemoConfig, demo), "plan": (PlanConfig, plan)}
 
 
 def _main(argv: list[str]) -> int:

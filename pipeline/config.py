@@ -54,3 +54,52 @@ class DemoConfig:
     """Tokens per row."""
     batch_size: int = 16
     """Rows per batch."""
+
+
+@dataclass
+class PlanConfig:
+    """Size a run: micro-batch, accumulation, readers, prefetch and memory, each with its reason."""
+
+    model_preset: str = "small"
+    """Model preset of trainer_low_mem/model.py (tiny, small, medium, large)."""
+    seq_len: int = 512
+    """Tokens per row."""
+    global_batch: int = 384
+    """Sequences per optimizer step over all ranks; kept fixed (micro x accumulation x world size)."""
+    world_size: int = 1
+    """Training processes (one per GPU) over all nodes."""
+    ranks_per_node: int | None = None
+    """Processes sharing this host's RAM (default: min(world size, visible GPUs), or world size without GPUs)."""
+    gpu_budget_gb: float | None = None
+    """Memory each rank may use on its GPU, in GiB (default: least free memory over the visible GPUs)."""
+    host_ram_limit_gb: float | None = None
+    """Host RAM the run may use, in GiB (capped by the cgroup limit and the machine's RAM; a safety margin is kept)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer states partitioned) or 2 (plus gradients)."""
+    offload_optimizer: bool = False
+    """ZeRO CPU offload: fp32 master weights and Adam states live in host RAM (needs --zero-stage 1 or 2)."""
+    precision: str = "bf16"
+    """Training precision of weights and activations on the device: bf16, fp16 or fp32."""
+    grad_checkpointing: bool = False
+    """Recompute each layer in backward instead of keeping its activations."""
+    micro_batch_per_gpu: int | None = None
+    """Force the micro-batch (must divide global batch / world size); default: the largest that fits."""
+    vocab_size: int | None = None
+    """Replace the preset's vocabulary size (e.g. 259 for the byte tokenizer)."""
+    num_cores: int | None = None
+    """CPU cores of the host (default: this process's affinity, capped by the cgroup cpu.max)."""
+    dataset: Path | None = None
+    """A built dataset folder: its size decides between memory-mapped and ultra-low-mem reading."""
+    json: bool = False
+    """Print the plan as JSON instead of a table."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "global_batch", "world_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpu_budget_gb", "host_ram_limit_gb"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")

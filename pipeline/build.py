@@ -313,13 +313,13 @@ def build_dataset(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     tmp = _prepare_out(out, cfg.overwrite)
     try:
         writer = _ShardWriter(tmp, dtype, cfg.max_shard_tokens)
-        bar = tqdm(unit=" docs", unit_scale=True, desc="build", disable=not progress)
-        for path in inputs:
-            arrays = _input_arrays(path, cfg)
-            for encoded in ordered_map(lambda arr: _encode(arr, tokenizer, path), arrays, cfg.num_proc):
-                writer.append(encoded)
-                bar.update(int(encoded.lengths.size))
-        bar.close()
+        # A with-block closes the bar on errors too, so the error line starts a line of its own.
+        with tqdm(unit=" docs", unit_scale=True, desc="build", disable=not progress) as bar:
+            for path in inputs:
+                arrays = _input_arrays(path, cfg)
+                for encoded in ordered_map(lambda arr: _encode(arr, tokenizer, path), arrays, cfg.num_proc):
+                    writer.append(encoded)
+                    bar.update(int(encoded.lengths.size))
         shards = writer.close()
         num_docs = sum(s["num_documents"] for s in shards)
         num_tokens = sum(s["num_tokens"] for s in shards)

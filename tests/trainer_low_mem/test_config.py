@@ -1,0 +1,104 @@
+"""The job config and its command line: seed-compatible flat flags, validation, byte sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from trainer_low_mem.cli import main, parse_job_config
+from trainer_low_mem.config import DEFAULT_GLOBAL_BATCH_ROWS, JobConfig, parse_byte_size
+
+
+def test_seed_flags_parse_flat_with_underscores():
+    c = parse_job_config([
+        "--data", "corpus", "--model_preset", "tiny", "--is_keep_training=True", "--batch_size_per_gpu", "16",
+        "--gradient_accumulation_steps=8", "--max_seq_len", "256", "--global_batch", "384", "--max_steps", "50",
+        "--epochs", "2.5", "--output_dir", "out", "--host_ram_limit", "24GB", "--auto_plan=False",
+        "--log_every", "5", "--save_every", "20", "--log_with", "tensorboard", "--seed", "7", "--lr", "0.001",
+        "--warmup_steps", "3", "--mixed_precision", "bf16", "--grad_checkpointing=True", "--num_readers", "2",
+        "--packing", "False",
+    ])
+    assert c.data.data == Path("corpus") and c.data.max_seq_len == 256 and c.data.packing is False
+    assert c.data.num_readers == 2
+    assert c.model.model_preset == "tiny" and c.model.grad_checkpointing is True
+    assert c.checkpoint.is_keep_training is True and c.checkpoint.output_dir == Path("out")
+    assert c.checkpoint.save_every == 20
+    t = c.training
+    assert (t.batch_size_per_gpu, t.gradient_accumulation_steps, t.global_batch) == (16, 8, 384)
+    assert (t.max_steps, t.epochs, t.seed, t.mixed_precision) == (50, 2.5, 7, "bf16")
+    assert c.memory.host_ram_limit_bytes == 24_000_000_000 and c.memory.auto_plan is False
+    assert (c.log.log_every, c.log.log_with) == (5, "tensorboard")
+    assert (c.optim.lr, c.optim.warmup_steps) == (0.001, 3)
+
+
+def test_defaults():
+    c = parse_job_config([])
+    assert c.checkpoint.output_dir == Path("model_save")
+    assert c.memory.auto_plan is True and c.checkpoint.is_keep_training is False
+    assert c.memory.host_ram_limit_bytes is None
+
+
+def test_resume_alias():
+    assert parse_job_config(["--resume", "True"]).checkpoint.is_keep_training is True
+
+
+def test_prefixed_flag_names_are_rejected():
+    with pytest.raises(SystemExit):
+        parse_job_config(["--training.max_steps", "5"])
+
+
+@pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("16GiB", 16 * 2**30), ("512 MB", 512 * 10**6),
+                                            ("1048576", 1048576), ("1.5GiB", 3 * 2**29)])
+def test_parse_byte_size(text, expected):
+    assert parse_byte_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "24 parsecs", "-5GB", "0"])
+def test_parse_byte_size_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_byte_size(text)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--max_seq_len", "0"], "--max_seq_len"),
+    (["--global_batch", "-4"], "--global_batch"),
+    (["--lr", "0"], "--lr"),
+    (["--warmup_steps", "-1"], "--warmup_steps"),
+    (["--log_every", "0"], "--log_every"),
+    (["--save_every", "-1"], "--save_every"),
+    (["--host_ram_limit", "plenty"], "plenty"),
+    (["--auto_plan=False"], "--batch_size_per_gpu"),
+])
+def test_validation_names_the_field(argv, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_job_config(argv)
+
+
+def test_global_batch_resolution():
+    assert parse_job_config(["--global_batch", "48"]).resolve_global_batch(3) == 48
+    c = parse_job_config(["--batch_size_per_gpu", "16", "--gradient_accumulation_steps", "8"])
+    assert c.resolve_global_batch(3) == 384  # the seed's 16 x 8 x 3
+    c = parse_job_config(["--auto_plan=False", "--batch_size_per_gpu", "4"])
+    assert c.resolve_global_batch(2) == 8
+    assert parse_job_config([]).resolve_global_batch(3) == DEFAULT_GLOBAL_BATCH_ROWS
+
+
+def test_dict_round_trip():
+    c = parse_job_config(["--data", "d", "--max_steps", "9", "--host_ram_limit", "2GiB"])
+    again = JobConfig.from_dict(c.to_dict())
+    assert again == c
+    assert c.flat_dict()["max_steps"] == 9 and c.flat_dict()["data"] == "d"
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = JobConfig().to_dict()
+    d["training"]["max_stepz"] = 3
+    with pytest.raises(ConfigError, match="max_stepz"):
+        JobConfig.from_dict(d)
+
+
+def test_cli_rejects_unknown_subcommand(capsys):
+    assert main(["fit"]) == ConfigError.exit_code
+    assert "unknown subcommand 'fit'" in capsys.readouterr().err

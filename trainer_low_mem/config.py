@@ -1,0 +1,280 @@
+"""The training job's configuration: small dataclasses composed into `JobConfig`.
+
+Defaults and help text live here and nowhere else; `trainer_low_mem.cli` generates the flags from
+these classes with tyro. Flags are flat (`--max_steps`, not `--training.max_steps`) and use the
+seed's spellings (`--is_keep_training=True`, `--batch_size_per_gpu`,
+`--gradient_accumulation_steps`, `--max_seq_len`), so field names are unique across the classes.
+Each class validates itself in `__post_init__` and raises `ConfigError` with one line naming the
+field, what was found and what to use instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tyro
+
+from pipeline.errors import ConfigError
+
+DEFAULT_GLOBAL_BATCH_ROWS = 32
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_byte_size(text: str | int) -> int:
+    """'24GB' -> 24_000_000_000, '16GiB' -> 17_179_869_184, '1048576' -> 1_048_576."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _BYTE_UNITS:
+            raise ConfigError(
+                f"cannot read {text!r} as a size in bytes; write a byte count or a number with a "
+                "unit such as 24GB, 16GiB or 512MB")
+        size = int(float(match.group(1)) * _BYTE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"size {text!r} must be greater than 0 bytes")
+    return size
+
+
+def _require_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"--{name} must be greater than 0, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the tokens come from and how rows are cut."""
+
+    data: Path = Path("data/tokens")
+    """Dataset directory written by `python -m pipeline build` (index.json + shard-*.arrow)."""
+
+    max_seq_len: int = 512
+    """Tokens per row (sequence length); must not exceed the model preset's context length."""
+
+    packing: bool = True
+    """True: concatenate documents (EOS-separated) into full rows; False: one document per row, padded."""
+
+    num_readers: int | None = None
+    """Reader threads that fill batches; default: chosen by the sizer (or 1 without --auto_plan)."""
+
+    def __post_init__(self) -> None:
+        _require_positive("max_seq_len", self.max_seq_len, allow_none=False)
+        _require_positive("num_readers", self.num_readers)
+        self.data = Path(self.data)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model to train."""
+
+    model_preset: str = "small"
+    """Built-in decoder preset name (see trainer_low_mem/model.py MODEL_PRESETS), e.g. tiny or small."""
+
+    grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less GPU memory, about 30% more compute."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, and gradient clipping."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached after --warmup_steps optimizer steps."""
+
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to --lr (capped at the run's total steps)."""
+
+    weight_decay: float = 0.1
+    """Decoupled AdamW weight decay (not applied to norms and biases)."""
+
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _require_positive("lr", self.lr, allow_none=False)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup_steps must be 0 or greater, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight_decay must be 0 or greater, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"--max_grad_norm must be 0 (off) or greater, got {self.max_grad_norm}")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """Batch sizes, length of the run, precision and seed."""
+
+    global_batch: int | None = None
+    """Rows per optimizer step over all ranks and accumulation (tokens = rows * max_seq_len); kept
+    fixed whatever the micro-batch. Default: batch_size_per_gpu * gradient_accumulation_steps * world
+    size when both are given, else 32."""
+
+    batch_size_per_gpu: int | None = None
+    """Micro-batch rows per rank; with --auto_plan the sizer chooses it when not given."""
+
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; derived from the global batch when not given."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the smaller of this and --epochs wins)."""
+
+    epochs: float | None = None
+    """Stop after this many passes over the data (fractions allowed); default 1 when --max_steps is unset."""
+
+    seed: int = 0
+    """Seeds the data order and the model initialisation; resume keeps the saved seed."""
+
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision for forward/backward (master weights stay fp32); under DeepSpeed the
+    DeepSpeed config decides."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "batch_size_per_gpu", "gradient_accumulation_steps",
+                     "max_steps", "epochs"):
+            _require_positive(name, getattr(self, name))
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where the run's state and final weights go, and when they are written."""
+
+    output_dir: Path = Path("model_save")
+    """Holds train_latest_state/ (resumable state) and model.safetensors + config.json (final weights)."""
+
+    is_keep_training: Annotated[bool, tyro.conf.arg(aliases=("--resume",))] = False
+    """Resume from OUTPUT_DIR/train_latest_state: same data position, optimizer and schedule."""
+
+    save_every: int = 1000
+    """Write train_latest_state every this many optimizer steps (also at the end and on SIGTERM/SIGINT);
+    0 saves only then."""
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        if self.save_every < 0:
+            raise ConfigError(f"--save_every must be 0 (only at the end) or greater, got {self.save_every}")
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """The host-RAM budget and whether the sizer plans the batch layout."""
+
+    host_ram_limit: str | None = None
+    """Host RAM the job may use, in bytes or with a unit (24GB, 16GiB); default: the machine's or
+    cgroup's limit as the sizer reads it."""
+
+    auto_plan: bool = True
+    """Let the sizer choose micro-batch, accumulation, readers, prefetch depth and pinning (the global
+    batch stays fixed); False uses --batch_size_per_gpu and --gradient_accumulation_steps as given."""
+
+    def __post_init__(self) -> None:
+        if self.host_ram_limit is not None:
+            parse_byte_size(self.host_ram_limit)
+
+    @property
+    def host_ram_limit_bytes(self) -> int | None:
+        """--host_ram_limit in bytes, or None for the detected limit."""
+        return None if self.host_ram_limit is None else parse_byte_size(self.host_ram_limit)
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """What is printed and tracked."""
+
+    log_every: int = 10
+    """Print the step line (loss, tokens/s, data wait, GPU and host memory) every this many optimizer steps."""
+
+    log_with: Literal["tensorboard"] | None = None
+    """Also send the metrics to an accelerate tracker (tensorboard writes under OUTPUT_DIR/runs)."""
+
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        _require_positive("log_every", self.log_every, allow_none=False)
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """One training job: `train_low_mem.py train --data DIR --model_preset small ...`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        t = self.training
+        if not self.memory.auto_plan and t.batch_size_per_gpu is None:
+            raise ConfigError(
+                "--auto_plan=False needs --batch_size_per_gpu (and --gradient_accumulation_steps or "
+                "--global_batch); or keep --auto_plan=True to let the sizer choose")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dict (paths as strings)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
+        """Inverse of `to_dict`; unknown keys raise ConfigError."""
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = f.default_factory  # type: ignore[misc]
+            values = dict(d.get(f.name, {}))
+            known = {sf.name for sf in dataclasses.fields(sub_cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(f"unknown {f.name} config keys {unknown}; known: {sorted(known)}")
+            parts[f.name] = sub_cls(**values)
+        return cls(**parts)
+
+    def flat_dict(self) -> dict[str, Any]:
+        """Flag name -> value, as the user types them (for trackers and logs)."""
+        return {k: v for part in self.to_dict().values() for k, v in part.items()}
+
+    def resolve_global_batch(self, world_size: int) -> int:
+        """The global batch in rows for this world size (see --global_batch)."""
+        t = self.training
+        if t.global_batch is not None:
+            return t.global_batch
+        if t.batch_size_per_gpu is not None and t.gradient_accumulation_steps is not None:
+            return t.batch_size_per_gpu * t.gradient_accumulation_steps * world_size
+        if not self.memory.auto_plan and t.batch_size_per_gpu is not None:
+            return t.batch_size_per_gpu * world_size
+        return DEFAULT_GLOBAL_BATCH_ROWS
+
+
+def config_hash(d: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-ready dict (sorted keys)."""
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -12,7 +12,6 @@ and fsynced: a failed or killed build never leaves a folder that opens as a data
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import BuildConfig
+from pipeline.durable import file_sha256, fsync_path
 from pipeline.errors import PipelineError
 from pipeline.tokenizer import Encoded, load_tokenizer, token_dtype_for
 from pipeline.workers import ordered_map
@@ -241,7 +241,7 @@ class _ShardWriter:
         with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, schema) as writer:
             writer.write_batch(pa.record_batch([column], schema=schema))
         del column, values
-        _fsync_file(path)
+        fsync_path(path)
         tokens_path.unlink()
         lengths_path.unlink()
         self.shards.append({
@@ -251,27 +251,6 @@ class _ShardWriter:
             "bytes": path.stat().st_size,
             "sha256": file_sha256(path),
         })
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
@@ -292,13 +271,13 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _commit_out(tmp: Path, out: Path) -> None:
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent if str(out.parent) else Path("."))
+    fsync_path(out.parent if str(out.parent) else Path("."))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -343,7 +322,7 @@ def build_dataset(cfg: BuildConfig, progress: bool = True) -> BuildReport:
         }
         index_path = tmp / INDEX_NAME
         index_path.write_text(json.dumps(index, indent=1))
-        _fsync_file(index_path)
+        fsync_path(index_path)
         _commit_out(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.build import COLUMN, FORMAT, INDEX_NAME, file_sha256
+from pipeline.build import COLUMN, FORMAT, INDEX_NAME
+from pipeline.durable import file_sha256
 from pipeline.errors import PipelineError
 
 _REBUILD = "rebuild it with `python -m pipeline build INPUT... --out DIR --overwrite`"

@@ -19,7 +19,6 @@ seeks; nothing is replayed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_file
 
+from pipeline.durable import file_sha256, fsync_path
 from pipeline.errors import CheckpointError
 from trainer_low_mem.distributed import RankContext
 
@@ -45,7 +45,6 @@ SCALER_NAME = "scaler.pt"
 DEEPSPEED_TAG = "deepspeed"
 FORMAT = "lowmem-train-state/1"
 FINAL_CONFIG_NAME = "config.json"
-_HASH_CHUNK_BYTES = 8 << 20
 
 
 @dataclass
@@ -87,23 +86,6 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
         seen.add(id(tensor))
         tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
     save_file(tensors, str(path))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    # fsync through a read-only descriptor flushes the file's (or directory's) dirty pages too.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -167,7 +149,7 @@ def verify_state_dir(path: Path) -> dict[str, Any]:
         if size != entry["bytes"]:
             raise CheckpointError(f"{file_path} has {size} bytes, the manifest says {entry['bytes']}: "
                                   "truncated state")
-        if _sha256(file_path) != entry["sha256"]:
+        if file_sha256(file_path) != entry["sha256"]:
             raise CheckpointError(f"{file_path} does not match its sha256 in the manifest: corrupt state")
     return manifest
 
@@ -251,17 +233,17 @@ class Checkpointer:
     def _finalise(self, tmp: Path, state: TrainingState) -> None:
         files = []
         for file_path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_path(file_path)
+            fsync_path(file_path)
             files.append({"name": str(file_path.relative_to(tmp)), "bytes": file_path.stat().st_size,
-                          "sha256": _sha256(file_path)})
+                          "sha256": file_sha256(file_path)})
         for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
-            _fsync_path(sub)
+            fsync_path(sub)
         manifest = {"format": FORMAT, "step": state.step, "config_hash": state.config_hash,
                     "dataset_fingerprint": state.compat.get("dataset_fingerprint"),
                     "world_size": state.world_size, "deepspeed": self.ctx.uses_deepspeed,
                     "plan": state.plan, "files": files}
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         latest, prev = self.latest_dir, self.prev_dir
         if latest.exists():
             # latest came from a completed rename, so it is the state to keep until the new one lands;
@@ -269,9 +251,9 @@ class Checkpointer:
             shutil.rmtree(prev, ignore_errors=True)
             os.rename(latest, prev)
         os.rename(tmp, latest)
-        _fsync_path(self.output_dir)
+        fsync_path(self.output_dir)
         shutil.rmtree(prev, ignore_errors=True)
-        _fsync_path(self.output_dir)
+        fsync_path(self.output_dir)
 
     # -- load -------------------------------------------------------------------------------
     def find_resumable(self) -> tuple[Path, dict[str, Any]]:
@@ -336,8 +318,8 @@ def save_final_weights(output_dir: Path, model: torch.nn.Module, model_config: d
     weights = output_dir / MODEL_NAME
     tmp = output_dir / f".{MODEL_NAME}.tmp-{os.getpid()}"
     save_weights(model, tmp)
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, weights)
     _write_json_atomic(output_dir / FINAL_CONFIG_NAME, model_config)
-    _fsync_path(output_dir)
+    fsync_path(output_dir)
     return weights

@@ -25,8 +25,19 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+TRAIN_DEMO := train_low_mem.py train --data $(DEMO_DIR)/tokens --model_preset tiny --max_seq_len 256 \
+	--global_batch 24 --warmup_steps 5 --lr 3e-3 --log_every 10 --output_dir $(DEMO_DIR)/model_save
+
+# Build and stream the sample corpus, benchmark the loader against its baselines, train 30 steps
+# in one process, then resume to step 45 as one 3-rank job. The training half runs on the CPU
+# (CUDA_VISIBLE_DEVICES=) so it behaves the same on every machine.
 demo: venv
 	$(PY) -m pipeline demo --workdir $(DEMO_DIR)
+	$(PY) -m bench throughput --quick --data $(DEMO_DIR)/tokens --json $(DEMO_DIR)/bench.json --plot $(DEMO_DIR)/bench.png
+	rm -rf $(DEMO_DIR)/model_save
+	CUDA_VISIBLE_DEVICES= $(PY) $(TRAIN_DEMO) --max_steps 30
+	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu_3proc.yaml \
+		$(TRAIN_DEMO) --max_steps 45 --is_keep_training=True
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_MARKS)

@@ -5,8 +5,10 @@ parallel. A batch is described by *segments*: runs of consecutive tokens of one 
 with where it comes from (`seg_src`, a global token index), how many tokens (`seg_n`), where it
 lands in the flat B*L output (`seg_dst`), where its document started in output coordinates
 (`seg_doc0`, may be negative: positions restart at document starts), and where the document's EOS
-lands (`seg_eos`, -1 if outside this batch). Filling a batch is: segments -> tokens -> finish.
-Every kernel is tested against a plain numpy reference in tests/pipeline/test_collate.py.
+lands (`seg_eos`, -1 if outside this batch).
+Filling a batch: segments -> `emit_tokens` (tokens, labels and positions in one pass) ->
+`finish_rows` (EOS and padding). Every kernel is tested against a plain numpy reference in
+tests/pipeline/test_collate.py.
 """
 
 from __future__ import annotations
@@ -74,17 +76,35 @@ def padding_segments(perm, row_cum, doc_starts, r0, r1, seq_len, seg_src, seg_n,
 
 
 @numba.njit(nogil=True, cache=True)
-def copy_tokens(values, base, lo, hi, seg_src, seg_n, seg_dst, nseg, out):
-    """out[dst:dst+n] = values[src-base : src-base+n] for segments whose source lies in [lo, hi)."""
+def emit_tokens(source, src_base, src_is_dst, lo, hi, seg_src, seg_n, seg_dst, seg_doc0, nseg, seq_len, ids, labels, pos):
+    """Copy the tokens of segments whose source lies in [lo, hi) into ids and labels, with positions.
+
+    Token j of a segment comes from source[seg_src - src_base + j] (a chunk's values), or, when
+    src_is_dst, from source[seg_dst + j] (the ultra-low-mem staging buffer, laid out like the
+    output). Positions restart at each row start and each document start; the row boundary is
+    found once per row, not per token.
+    """
     for i in range(nseg):
         n = seg_n[i]
         src = seg_src[i]
         if n == 0 or src < lo or src >= hi:
             continue
-        s = src - base
         d = seg_dst[i]
-        for j in range(n):
-            out[d + j] = values[s + j]
+        s = d if src_is_dst else src - src_base
+        doc0 = seg_doc0[i]
+        x = d
+        end = d + n
+        while x < end:
+            row_start = (x // seq_len) * seq_len
+            stop = min(row_start + seq_len, end)
+            p = x - max(row_start, doc0)
+            for j in range(x, stop):
+                token = source[s + j - d]
+                ids[j] = token
+                labels[j] = token
+                pos[j] = p
+                p += 1
+            x = stop
 
 
 @numba.njit(nogil=True)  # not cached: numba cannot cache functions that call ctypes pointers
@@ -109,41 +129,24 @@ def pread_tokens(fd, file_offset, itemsize, base, lo, hi, seg_src, seg_n, seg_ds
 
 
 @numba.njit(nogil=True, cache=True)
-def widen_tokens(staging, seg_n, seg_dst, nseg, out):
-    """Copy the segments' tokens from the token-dtype staging buffer into the int64 output."""
-    for i in range(nseg):
-        d = seg_dst[i]
-        for j in range(seg_n[i]):
-            out[d + j] = staging[d + j]
-
-
-@numba.njit(nogil=True, cache=True)
 def finish_rows(ids, labels, pos, seq_len, seg_n, seg_dst, seg_doc0, seg_eos, nseg, eos_id, pad_id, one_row_per_segment, valid_end):
-    """Write labels, position ids, EOS tokens and padding; return the number of useful tokens.
+    """Write EOS tokens and padding after `emit_tokens`; return the number of useful tokens.
 
-    ids already holds the copied tokens. Positions restart at 0 at each row start and each document
-    start. Padding (id pad_id, label -100, position 0): in packing mode everything from valid_end on;
+    Padding (id pad_id, label -100, position 0): in packing mode everything from valid_end on;
     in padding mode the tail of each row after its segment, and the rows after the last segment.
     """
     useful = 0
     total = ids.shape[0]
     for i in range(nseg):
-        doc0 = seg_doc0[i]
-        d = seg_dst[i]
-        n = seg_n[i]
-        for x in range(d, d + n):
-            row_start = (x // seq_len) * seq_len
-            pos[x] = x - max(row_start, doc0)
-            labels[x] = ids[x]
-        useful += n
+        useful += seg_n[i]
         e = seg_eos[i]
         if e >= 0:
             ids[e] = eos_id
             labels[e] = eos_id
-            pos[e] = e - max((e // seq_len) * seq_len, doc0)
+            pos[e] = e - max((e // seq_len) * seq_len, seg_doc0[i])
             useful += 1
         if one_row_per_segment:
-            for x in range(d + n, d + seq_len):
+            for x in range(seg_dst[i] + seg_n[i], seg_dst[i] + seq_len):
                 ids[x] = pad_id
                 labels[x] = IGNORE_INDEX
                 pos[x] = 0

@@ -159,11 +159,12 @@ class Loader:
             nseg = collate.padding_segments(index.perm, index.cum, ds.doc_starts, task.row_start, task.row_end, L, src, n, dst, doc0, eos)
             valid_end = 0
         if nseg:
-            self._read_tokens(nseg, src, n, dst, ids)
+            self._emit_tokens(nseg, ids, labels, pos)
         return int(collate.finish_rows(ids, labels, pos, L, n, dst, doc0, eos, nseg, ds.eos_id, ds.pad_id, not self.packing, valid_end))
 
-    def _read_tokens(self, nseg: int, src, n, dst, ids) -> None:
+    def _emit_tokens(self, nseg: int, ids, labels, pos) -> None:
         ds = self.dataset
+        src, n, dst, doc0 = (self._scratch.seg[k] for k in range(4))
         first_tokens = ds.chunk_first_token
         if len(ds.chunks) == 1:
             touched = [0]
@@ -175,7 +176,8 @@ class Loader:
             chunk = ds.chunks[c]
             lo, hi = int(first_tokens[c]), int(first_tokens[c + 1])
             if not ds.ultra_low_mem:
-                collate.copy_tokens(chunk.values, chunk.first_token, lo, hi, src, n, dst, nseg, ids)
+                collate.emit_tokens(chunk.values, chunk.first_token, False, lo, hi, src, n, dst, doc0, nseg,
+                                    self.seq_len, ids, labels, pos)
                 continue
             nbytes = collate.pread_tokens(ds.fd_of(chunk), chunk.values_file_offset, ds.token_dtype.itemsize,
                                           chunk.first_token, lo, hi, src, n, dst, nseg, staging)
@@ -183,7 +185,7 @@ class Loader:
                 raise PipelineError(f"short read from {chunk.path} (file changed or truncated while open); rebuild the dataset")
             ds.account_read(nbytes)
         if ds.ultra_low_mem:
-            collate.widen_tokens(staging, n, dst, nseg, ids)
+            collate.emit_tokens(staging, 0, True, 0, ds.num_tokens, src, n, dst, doc0, nseg, self.seq_len, ids, labels, pos)
 
     def commit(self, task: BatchTask) -> None:
         """Record that the consumer has taken `task`'s batch."""

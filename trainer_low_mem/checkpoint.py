@@ -5,13 +5,16 @@ Save (every rank calls `Checkpointer.save`; only the paths named below are writt
 2. each rank writes its own files there (`rng/rank-<r>.pt`; under DeepSpeed its ZeRO shard), and
    rank 0 writes the shared ones (model.safetensors, optimizer.pt, scheduler.pt, scaler.pt,
    training_state.json);
-3. after a barrier rank 0 fsyncs every file, writes `manifest.json` last (file list, sizes, sha256,
-   step, config hash, dataset fingerprint, plan), fsyncs the directory, renames the old state to
+3. once every rank reports its writes done (one all-reduce, which doubles as the barrier) rank 0
+   fsyncs every file, writes `manifest.json` last (file list, sizes, sha256, step, config hash,
+   dataset fingerprint, plan), fsyncs the directory, renames the old state to
    `train_latest_state.prev`, renames the temp dir to `train_latest_state`, fsyncs the parent and
    removes `.prev`.
 A crash at any point leaves either the old or the new state complete, and a temp dir that loading
-ignores. Loading picks the newest state whose manifest verifies (`.prev` when `latest` is
-incomplete or corrupt) and says exactly what is wrong when none does.
+ignores. A write that fails on any rank (disk full, I/O error) stops every rank with one
+CheckpointError naming the file, the cause, the free space and the previous state, which stays as
+it was; the temp dir is removed. Loading picks the newest state whose manifest verifies (`.prev`
+when `latest` is incomplete or corrupt) and says exactly what is wrong when none does.
 
 Resume cost does not depend on the step count: the loader state is a few integers and the loader
 seeks; nothing is replayed.
@@ -29,10 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 from pipeline.durable import file_sha256, fsync_path
 from pipeline.errors import CheckpointError
+from pipeline.memory import format_bytes
 from trainer_low_mem.distributed import RankContext
 
 STATE_DIR_NAME = "train_latest_state"
@@ -213,22 +218,61 @@ class Checkpointer:
                 for stale in self.output_dir.glob(f"{STATE_DIR_NAME}.tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
                 (tmp / "rng").mkdir(parents=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{ctx.rank}.pt")
-        if engine is not None:
-            engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+        failure = None
+        try:
+            torch.save(_rng_state(), tmp / "rng" / f"rank-{ctx.rank}.pt")
+            if engine is not None:
+                engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+            if ctx.is_main:
+                if engine is None:
+                    save_weights(model, tmp / MODEL_NAME)
+                    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_NAME)
+                if scaler is not None:
+                    torch.save(scaler.state_dict(), tmp / SCALER_NAME)
+                (tmp / TRAINING_STATE_NAME).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
+        # A full disk surfaces as OSError, as RuntimeError from torch's zip writer, or as
+        # SafetensorError from the weights writer.
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            failure = exc
+        # A collective in place of a barrier: no rank waits for one that failed; all stop together.
+        self._raise_if_any_failed(failure, tmp)
         if ctx.is_main:
-            if engine is None:
-                save_weights(model, tmp / MODEL_NAME)
-                torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_NAME)
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / SCALER_NAME)
-            (tmp / TRAINING_STATE_NAME).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
-        ctx.barrier()
-        if ctx.is_main:
-            self._finalise(tmp, state)
-        ctx.barrier()
+            try:
+                self._finalise(tmp, state)
+            except OSError as exc:
+                failure = exc
+        self._raise_if_any_failed(failure, tmp)
         return self.latest_dir
+
+    def _raise_if_any_failed(self, failure: BaseException | None, tmp: Path) -> None:
+        """Collective: when any rank's write failed, remove the temp dir and raise on every rank."""
+        if not self.ctx.all_reduce_max(int(failure is not None)):
+            return
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise CheckpointError(f"another rank could not write the training state to {tmp} (see its error); "
+                                  "free disk space or choose another --output_dir")
+        if isinstance(failure, OSError) and failure.strerror:
+            where, cause = failure.filename or tmp, failure.strerror
+        else:
+            where, cause = tmp, (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+        try:
+            free = f"{format_bytes(shutil.disk_usage(self.output_dir).free)} free on that disk"
+        except OSError:
+            free = "free space unknown"
+        previous = "no earlier state exists"
+        for candidate in (self.latest_dir, self.prev_dir):
+            try:
+                step = json.loads((candidate / MANIFEST_NAME).read_text())["step"]
+            except (OSError, ValueError, KeyError):
+                continue
+            previous = f"the previous state {candidate} (step {step}) is intact"
+            break
+        raise CheckpointError(
+            f"cannot write the training state: {where} ({cause}; {free}); {previous}; free disk space or choose "
+            "another --output_dir, then resume with --is_keep_training=True") from failure
 
     def _finalise(self, tmp: Path, state: TrainingState) -> None:
         files = []

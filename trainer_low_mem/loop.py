@@ -584,9 +584,14 @@ class _Run:
                     window = dict(wall_s=0.0, step_s=0.0, forward_s=0.0, wait_s=0.0, steps=0)
                     window_tokens, window_start = 0, time.perf_counter()
                     wait_at_start = self.prefetcher.wait_s_total
+                prefetcher = self.prefetcher
                 if self._apply_watchdog():
                     exit_code = MemoryLimitError.exit_code
                     break
+                if self.prefetcher is not prefetcher:
+                    # Rebuilt by the watchdog: bank the old prefetcher's wait, the new one counts from 0.
+                    window["wait_s"] += prefetcher.wait_s_total - wait_at_start
+                    wait_at_start = self.prefetcher.wait_s_total
                 if c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0 and not done:
                     self._save()
         finally:

@@ -253,7 +253,35 @@ class _ShardWriter:
         })
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_interrupted(out: Path) -> None:
+    """Clean up after builds of `out` that were killed: remove their temp folders, and put back a
+    previous dataset that a killed --overwrite build had moved aside but not yet replaced."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    for leftover in parent.glob(f".{out.name}.*-*"):
+        stem, _, pid = leftover.name.rpartition("-")  # ".NAME.tmp" / ".NAME.old", pid
+        kind = stem.rpartition(".")[2]
+        if not pid.isdigit() or _pid_alive(int(pid)) or kind not in ("tmp", "old"):
+            continue
+        if kind == "old" and not out.exists():
+            os.rename(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
+    _recover_interrupted(out)
     if out.exists() and not overwrite:
         if out.is_file() or any(out.iterdir()):
             raise PipelineError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")

@@ -136,3 +136,18 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: input {tmp_path / 'nope.txt'} does not exist; check the path"
     assert "Traceback" not in result.stderr
+
+
+def test_leftovers_of_killed_builds_are_cleaned_and_a_moved_aside_dataset_restored(tmp_path):
+    (tmp_path / "a.txt").write_text("kept")
+    build([tmp_path / "a.txt"], tmp_path / "out")
+    dead_pid = 2**22 + 12345  # above the default pid_max: no such process
+    # A killed --overwrite build: the old dataset moved aside, the new one never renamed in.
+    os.rename(tmp_path / "out", tmp_path / f".out.old-{dead_pid}")
+    (tmp_path / f".out.tmp-{dead_pid}").mkdir()
+    (tmp_path / f".out.tmp-{dead_pid}" / "shard-00000.arrow").write_bytes(b"half")
+    (tmp_path / "b.txt").write_text("new")
+    with pytest.raises(PipelineError, match="already exists"):
+        build([tmp_path / "b.txt"], tmp_path / "out")
+    assert doc_texts(tmp_path / "out") == ["kept"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]

@@ -787,16 +787,11 @@ def _nothing_fits_message(failures: list[str], memory: _MemoryModel, zero_stage:
 
 
 def dataset_size_bytes(path: Path | str) -> int:
-    """Bytes of a built dataset's shard files, as its index.json lists them."""
-    import json
+    """Bytes of a dataset's tokens (what a memory map of it would bring into the page cache)."""
+    from pipeline.dataset import open_dataset
 
-    index_path = Path(path) / "index.json"
-    try:
-        index = json.loads(index_path.read_text())
-        return sum(int(f["bytes"]) for f in index["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"cannot read the shard sizes from {index_path} ({exc}); point --dataset at a built dataset") from exc
+    with open_dataset(path, ultra_low_mem=True) as ds:
+        return ds.token_bytes
 
 
 def plan_from_config(cfg: "PlanConfig") -> Plan:

@@ -175,7 +175,7 @@ CASES = [
     Case("plan-unknown-precision", _plan("--model-preset", "tiny", "--precision", "fp8"),
          problem=r"--precision must be bf16, fp16 or fp32, got 'fp8'", fix=r"bf16, fp16 or fp32"),
     Case("plan-missing-dataset", _plan("--model-preset", "tiny", "--dataset", "missing_ds"),
-         problem=r"cannot read the shard sizes from missing_ds/index\.json", fix=r"point --dataset at a built dataset"),
+         problem=r"dataset missing_ds does not exist", fix=r"pipeline build"),
     Case("plan-gpu-budget-too-small", _plan("--model-preset", "small", "--gpu-budget-gb", "0.1"),
          problem=r"no plan fits \(GPU at micro-batch 1: peak [0-9.]+ GiB > [0-9.]+ MiB", fix=r"Try: --offload-optimizer"),
     # -- bench throughput -------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.errors import run_cli
+from lowmem_core.errors import run_cli
 
 
 def _main(argv: list[str]) -> int:

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.errors import PipelineError
+from lowmem_core.errors import PipelineError
 
-IGNORE_INDEX = -100
+from lowmem_core.format import IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------- input files

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 
 Stage = Literal["loader", "h2d", "step", "memory", "all"]
 

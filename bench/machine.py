@@ -34,7 +34,7 @@ def _cpu_model() -> str:
 
 def machine_facts() -> dict:
     """Cores, RAM, cgroup limit, GPUs (NVML) and versions, as a JSON-ready dict."""
-    from pipeline import memory
+    from lowmem_core import memory
 
     host = memory.host_memory()
     usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

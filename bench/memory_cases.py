@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import psutil
 
-IGNORE_INDEX = -100
+from lowmem_core.format import IGNORE_INDEX
 _SAMPLE_INTERVAL_S = 0.05
 
 
@@ -57,8 +57,8 @@ def _private_dirty_bytes(pid: int) -> int:
 
 
 def read_memory(include_children: bool = True) -> MemoryReading:
-    """USS/PSS/RSS (pipeline.memory) plus private dirty bytes of this process and, if asked, its children."""
-    from pipeline.memory import process_memory
+    """USS/PSS/RSS (lowmem_core.memory) plus private dirty bytes of this process and, if asked, its children."""
+    from lowmem_core.memory import process_memory
 
     totals = process_memory(include_children=include_children)
     me = psutil.Process()

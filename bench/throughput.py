@@ -29,7 +29,7 @@ from tqdm import tqdm
 from bench import baselines, memory_cases
 from bench.config import ThroughputConfig
 from bench.memory_cases import PeakMemory, useful_tokens
-from pipeline.errors import PipelineError
+from lowmem_core.errors import PipelineError
 
 Units = Iterator[tuple[int, float]]  # (useful tokens, batches) per pull
 

@@ -17,11 +17,11 @@ _EXPORTS = {
     "Prefetcher": "pipeline.prefetch",
     "Plan": "pipeline.sizer",
     "plan": "pipeline.sizer",
-    "LowMemError": "pipeline.errors",
-    "PipelineError": "pipeline.errors",
-    "ConfigError": "pipeline.errors",
-    "CheckpointError": "pipeline.errors",
-    "MemoryLimitError": "pipeline.errors",
+    "LowMemError": "lowmem_core.errors",
+    "PipelineError": "lowmem_core.errors",
+    "ConfigError": "lowmem_core.errors",
+    "CheckpointError": "lowmem_core.errors",
+    "MemoryLimitError": "lowmem_core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

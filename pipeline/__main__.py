@@ -5,7 +5,7 @@ from __future__ import annotations
 import tyro
 
 from pipeline.config import BuildConfig, DemoConfig, PlanConfig
-from pipeline.errors import run_cli
+from lowmem_core.errors import run_cli
 
 
 def build(cfg: BuildConfig) -> None:

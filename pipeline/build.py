@@ -29,14 +29,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import BuildConfig
-from pipeline.durable import file_sha256, fsync_path
-from pipeline.errors import PipelineError
+from lowmem_core.durable import file_sha256, fsync_path
+from lowmem_core.errors import PipelineError
+from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
 from pipeline.tokenizer import Encoded, load_tokenizer, token_dtype_for
 from pipeline.workers import ordered_map
 
-FORMAT = "lowmem-tokens/1"
-INDEX_NAME = "index.json"
-COLUMN = "input_ids"
 _CHUNK_BYTES = 8 << 20  # text per tokenisation chunk: large enough to amortise calls, small in RAM
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 

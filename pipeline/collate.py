@@ -18,7 +18,7 @@ import ctypes
 import numba
 import numpy as np
 
-IGNORE_INDEX = -100
+from lowmem_core.format import IGNORE_INDEX
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # The buffer argument is declared as size_t so numba passes an array's data address unchanged.

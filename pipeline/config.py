@@ -13,7 +13,7 @@ from typing import Annotated
 
 import tyro
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 
 
 @dataclass

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.build import COLUMN, FORMAT, INDEX_NAME
-from pipeline.durable import file_sha256
-from pipeline.errors import PipelineError
+from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
+from lowmem_core.durable import file_sha256
+from lowmem_core.errors import PipelineError
 
 _REBUILD = "rebuild it with `python -m pipeline build INPUT... --out DIR --overwrite`"
 

@@ -24,7 +24,7 @@ import torch
 
 from pipeline import collate
 from pipeline.dataset import TokenDataset
-from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from lowmem_core.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.sampler import EpochIndex
 from pipeline.workers import ordered_map
 

@@ -5,7 +5,7 @@ position), yielding the same batches in the same order. Behind it:
 
 - a pool of `depth + 1` host buffer sets from `loader.new_buffers(pin_memory=...)`, allocated
   once and reused round-robin: no allocation per batch, and the pinned bytes are counted in
-  `pipeline.memory.PINNED_BYTES` and never exceed `pinned_pool_bytes`;
+  `lowmem_core.memory.PINNED_BYTES` and never exceed `pinned_pool_bytes`;
 - a feeder thread that hands free buffer sets, in step order, to the reader threads of
   `pipeline.workers.ordered_map`, which run `loader.fill(task, buffers)` (the numba kernels
   release the GIL), at most `depth` steps ahead of the consumer;
@@ -38,8 +38,8 @@ from typing import Iterator
 
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.memory import PINNED_BYTES, PinnedBytesCounter, format_bytes
+from lowmem_core.errors import ConfigError
+from lowmem_core.memory import PINNED_BYTES, PinnedBytesCounter, format_bytes
 from pipeline.workers import ordered_map
 
 log = logging.getLogger(__name__)

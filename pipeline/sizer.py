@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.errors import ConfigError, MemoryLimitError
-from pipeline.memory import (
+from lowmem_core.errors import ConfigError, MemoryLimitError
+from lowmem_core.memory import (
     DEFAULT_HOST_SAFETY_FRAC,
     HostMemory,
     effective_host_limit_bytes,

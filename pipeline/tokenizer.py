@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import PipelineError
+from lowmem_core.errors import PipelineError
 
 # Special tokens of the byte tokenizer sit right after the 256 byte values.
 BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import open_dataset
-from pipeline.errors import PipelineError
+from lowmem_core.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -322,7 +322,7 @@ def losses_by_step(output: str) -> dict[int, str]:
 
 def complete_states(output_dir: Path) -> dict[str, int]:
     """Name -> step of each state under output_dir that verifies (latest and .prev)."""
-    from pipeline.errors import CheckpointError
+    from lowmem_core.errors import CheckpointError
     from trainer_low_mem.checkpoint import STATE_DIR_NAME, verify_state_dir
 
     found = {}

@@ -35,9 +35,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
-from pipeline.durable import file_sha256, fsync_path
-from pipeline.errors import CheckpointError
-from pipeline.memory import format_bytes
+from lowmem_core.durable import file_sha256, fsync_path
+from lowmem_core.errors import CheckpointError
+from lowmem_core.memory import format_bytes
 from trainer_low_mem.distributed import RankContext
 
 STATE_DIR_NAME = "train_latest_state"

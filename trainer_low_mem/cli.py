@@ -11,7 +11,7 @@ import sys
 
 import tyro
 
-from pipeline.errors import ConfigError, run_cli
+from lowmem_core.errors import ConfigError, run_cli
 from trainer_low_mem.config import JobConfig
 
 PROG = "train_low_mem.py"

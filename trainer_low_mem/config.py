@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 
 DEFAULT_GLOBAL_BATCH_ROWS = 32
 

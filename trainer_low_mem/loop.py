@@ -42,9 +42,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import open_dataset, sizer
-from pipeline.errors import CheckpointError, ConfigError, MemoryLimitError, PipelineError
+from lowmem_core.errors import CheckpointError, ConfigError, MemoryLimitError, PipelineError
 from pipeline.loader import Loader
-from pipeline.memory import effective_host_limit_bytes, format_bytes, process_memory, torch_cuda_memory
+from lowmem_core.memory import effective_host_limit_bytes, format_bytes, process_memory, torch_cuda_memory
 from pipeline.prefetch import Prefetcher
 from trainer_low_mem import sanity
 from trainer_low_mem.checkpoint import (MANIFEST_NAME, Checkpointer, TrainingState,

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 
-IGNORE_INDEX = -100
+from lowmem_core.format import IGNORE_INDEX
 ROPE_BASE = 10_000.0
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
 # device_map values that spread one model over every visible GPU (transformers/accelerate names).

@@ -26,8 +26,8 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from pipeline.errors import ConfigError
-from pipeline.memory import format_bytes, process_memory, read_cgroup_memory
+from lowmem_core.errors import ConfigError
+from lowmem_core.memory import format_bytes, process_memory, read_cgroup_memory
 
 
 class WatchdogAction(str, enum.Enum):

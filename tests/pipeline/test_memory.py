@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from pipeline import memory
-from pipeline.errors import ConfigError
-from pipeline.memory import (
+from lowmem_core import memory
+from lowmem_core.errors import ConfigError
+from lowmem_core.memory import (
     HostMemory,
     PinnedBytesCounter,
     effective_host_limit_bytes,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline import Loader, open_dataset
-from pipeline.errors import ConfigError
-from pipeline.memory import PinnedBytesCounter
+from lowmem_core.errors import ConfigError
+from lowmem_core.memory import PinnedBytesCounter
 from pipeline.prefetch import Prefetcher, pool_depth_for_cap
 
 # A lost buffer release would hang the pipeline: fail fast instead of at the suite's timeout.

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.__main__ import main as pipeline_main
-from pipeline.errors import ConfigError, MemoryLimitError
-from pipeline.memory import HostMemory, host_memory
+from lowmem_core.errors import ConfigError, MemoryLimitError
+from lowmem_core.memory import HostMemory, host_memory
 from pipeline.sizer import (
     BATCH_BYTES_PER_TOKEN,
     GiB,

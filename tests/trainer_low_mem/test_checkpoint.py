@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import CheckpointError
+from lowmem_core.errors import CheckpointError
 from trainer_low_mem.checkpoint import (MANIFEST_NAME, MODEL_NAME, STATE_DIR_NAME, Checkpointer, TrainingState,
                                         check_compatible, save_final_weights, verify_state_dir)
 from trainer_low_mem.distributed import RankContext

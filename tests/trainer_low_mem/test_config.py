@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 from trainer_low_mem.cli import main, parse_job_config
 from trainer_low_mem.config import DEFAULT_GLOBAL_BATCH_ROWS, JobConfig, parse_byte_size
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import CheckpointError, ConfigError, MemoryLimitError
-from pipeline.memory import effective_host_limit_bytes
+from lowmem_core.errors import CheckpointError, ConfigError, MemoryLimitError
+from lowmem_core.memory import effective_host_limit_bytes
 from trainer_low_mem import loop
 from trainer_low_mem.checkpoint import Checkpointer, verify_state_dir
 from trainer_low_mem.cli import parse_job_config

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 from trainer_low_mem.model import (
     MODEL_PRESETS,
     DecoderLM,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 from trainer_low_mem.sanity import (
     LaunchFacts,
     check_launch,

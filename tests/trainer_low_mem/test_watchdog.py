@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, WatchdogDecision, job_memory_bytes
 
 MIB = 1 << 20

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.errors import ConfigError
+from lowmem_core.errors import ConfigError
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 # cgroup v1 reports "no limit" as PAGE_COUNTER_MAX rounded to the page size (about 2^63); any

@@ -17,9 +17,9 @@ Forward contract, shared by `DecoderLM` and the Hugging Face adapter:
                       summed loss a caller needs for an exact mean over ranks and micro-batches
     out.logits        [B, L, vocab_size], only when labels is None
 
-Attention is causal over the whole row: in a packed row a document can attend to the documents
-before it, while its rotary positions restart at 0. That keeps the fast fused causal kernels of
-`F.scaled_dot_product_attention`; the position restart is what tells the model a document began.
+Attention: by default causal over the whole row (a packed document can attend to the documents
+before it; its rotary positions restart at 0), which keeps the fused causal SDPA kernel. With
+`document_masking=True` (SFT, eval) attention is block-diagonal: a document sees only itself.
 
 The built-in model uses only deterministic CPU kernels and no dropout, so two CPU runs from the
 same weights and data produce bit-identical losses and gradients (exact-resume tests rely on it).
@@ -88,24 +88,24 @@ class ModelPreset:
     def param_count(self) -> int:
         """Exact number of parameters of the built model (tied head counted once)."""
         d = self.d_model
-        per_layer = 4 * d * d + 2 * d * self.d_ff + 2 * d  # qkv + out proj, MLP, two norm gains
+        per_layer = 4 * d * d + 3 * d * self.d_ff + 2 * d  # qkv + out proj, SwiGLU MLP, two norms
         return self.vocab_size * d + self.n_layers * per_layer + d  # embedding, blocks, final norm
 
     def matmul_param_count(self) -> int:
         """Parameters that take part in a matmul per token: all linear layers plus the LM head."""
         d = self.d_model
-        return self.n_layers * (4 * d * d + 2 * d * self.d_ff) + self.vocab_size * d
+        return self.n_layers * (4 * d * d + 3 * d * self.d_ff) + self.vocab_size * d
 
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
     # Tests and CPU demos; the vocabulary fits the built-in byte tokenizer.
     "tiny": ModelPreset(vocab_size=259, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=512),
-    # The reference size (about 35M parameters with a 32k vocabulary).
+    # The reference size (about 42M parameters with a 32k vocabulary).
     "small": ModelPreset(vocab_size=32000, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=2048),
-    # About 335M parameters.
-    "medium": ModelPreset(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_seq_len=2048),
-    # About 0.97B parameters.
-    "large": ModelPreset(vocab_size=32000, d_model=2048, n_layers=18, n_heads=16, d_ff=8192, max_seq_len=2048),
+    # About 341M parameters (d_ff about 2/3 of 4 d_model, as gated MLPs use).
+    "medium": ModelPreset(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, d_ff=2816, max_seq_len=2048),
+    # About 0.99B parameters.
+    "large": ModelPreset(vocab_size=32000, d_model=2048, n_layers=18, n_heads=16, d_ff=5632, max_seq_len=2048),
 }
 
 
@@ -173,6 +173,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L]: query t may attend key s when s <= t and both are in the same document.
+
+    Documents are read off the position ids: a new one starts wherever the position is 0.
+    """
+    doc = torch.cumsum(position_ids == 0, dim=-1)  # (B, L) document number of each position
+    seq_len = position_ids.shape[-1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary positions, through fused SDPA kernels."""
 
@@ -183,25 +194,32 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(preset.d_model, 3 * preset.d_model, bias=False)
         self.proj = nn.Linear(preset.d_model, preset.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         batch, seq_len, d_model = x.shape
         # (B, L, 3, H, hd) -> three (B, H, L, hd)
-        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, d_model))
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward layer: d_model -> d_ff -> d_model with a GELU."""
+    """Gated feed-forward layer (SwiGLU, as in Llama): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, preset: ModelPreset) -> None:
         super().__init__()
-        self.fc = nn.Linear(preset.d_model, preset.d_ff, bias=False)
+        self.gate = nn.Linear(preset.d_model, preset.d_ff, bias=False)
+        self.up = nn.Linear(preset.d_model, preset.d_ff, bias=False)
         self.proj = nn.Linear(preset.d_ff, preset.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
@@ -214,8 +232,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(preset.d_model)
         self.mlp = MLP(preset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -326,12 +346,21 @@ class ModelOutput(NamedTuple):
 class DecoderLM(nn.Module):
     """Token embedding, `n_layers` pre-norm blocks, a final RMSNorm and the tied LM head."""
 
-    def __init__(self, preset: ModelPreset, grad_checkpointing: bool = False, loss_chunk_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        preset: ModelPreset,
+        grad_checkpointing: bool = False,
+        loss_chunk_tokens: int = 4096,
+        document_masking: bool = False,
+    ) -> None:
         super().__init__()
         if loss_chunk_tokens <= 0:
             raise ConfigError(f"loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
         self.preset = preset
         self.grad_checkpointing = grad_checkpointing
+        # True: packed documents do not attend to each other (SFT, eval); False keeps the fused
+        # causal kernel, and documents see the ones before them in their row (pretraining).
+        self.document_masking = document_masking
         self.loss_chunk_tokens = loss_chunk_tokens
         self.embed = nn.Embedding(preset.vocab_size, preset.d_model)
         self.blocks = nn.ModuleList(Block(preset) for _ in range(preset.n_layers))
@@ -370,13 +399,14 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
         cos, sin = rotary_cos_sin(position_ids, self.preset.head_dim)
+        mask = document_causal_mask(position_ids) if self.document_masking else None
         x = self.embed(input_ids)  # (B, L, d)
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointing:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, mask)
         hidden = self.norm(x)
         if labels is None:
             return ModelOutput(loss=None, n_loss_tokens=None, logits=F.linear(hidden, self.embed.weight))
@@ -387,10 +417,17 @@ class DecoderLM(nn.Module):
 
 
 def build_model(
-    preset_name_or_preset: str | ModelPreset, vocab_size: int | None = None, grad_checkpointing: bool = False
+    preset_name_or_preset: str | ModelPreset,
+    vocab_size: int | None = None,
+    grad_checkpointing: bool = False,
+    document_masking: bool = False,
 ) -> DecoderLM:
     """A freshly initialised `DecoderLM` (seed torch first for reproducible weights)."""
-    return DecoderLM(resolve_preset(preset_name_or_preset, vocab_size), grad_checkpointing=grad_checkpointing)
+    return DecoderLM(
+        resolve_preset(preset_name_or_preset, vocab_size),
+        grad_checkpointing=grad_checkpointing,
+        document_masking=document_masking,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_presets_have_the_documented_shapes():
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("tiny", 115_200), ("small", 35_265_024), ("medium", 334_808_064), ("large", 971_581_440)],
+    [("tiny", 147_968), ("small", 41_556_480), ("medium", 341_099_520), ("large", 990_455_808)],
 )
 def test_param_count_is_exact_and_matches_the_built_model(name, expected):
     preset = MODEL_PRESETS[name]
@@ -108,10 +108,10 @@ def test_preset_rejects_non_positive_sizes():
 
 
 def test_model_flops_per_token():
-    # small: matmul params 6 * (4*512^2 + 2*512*2048) + 32000*512 = 35_258_368;
-    # 6 * 35_258_368 + 12 * 6 layers * 512 * 1024 tokens = 249_298_944.
-    assert model_flops_per_token(MODEL_PRESETS["small"], 1024) == 249_298_944.0
-    assert model_flops_per_token(TINY, 0) == 6.0 * (2 * (4 * 64 * 64 + 2 * 64 * 256) + 259 * 64)
+    # small: matmul params 6 * (4*512^2 + 3*512*2048) + 32000*512 = 41_549_824;
+    # 6 * 41_549_824 + 12 * 6 layers * 512 * 1024 tokens = 287_047_680.
+    assert model_flops_per_token(MODEL_PRESETS["small"], 1024) == 287_047_680.0
+    assert model_flops_per_token(TINY, 0) == 6.0 * (2 * (4 * 64 * 64 + 3 * 64 * 256) + 259 * 64)
 
 
 # ---------------------------------------------------------------------------------------------- forward

@@ -1,0 +1,184 @@
+"""Export the trained model as a folder `transformers` loads: `OUTPUT_DIR/final/`.
+
+A Hugging Face model is written in its own format; the built-in `DecoderLM` as a
+`LlamaForCausalLM` (same RMSNorm, rotary convention, SwiGLU MLP and tied head, so the logits
+match). LoRA adapters are merged into the exported weights without touching the live model (each
+merged weight is computed beside it), or written alone in peft's format (`adapter_only`). The
+tokenizer is copied from the dataset's tokenizer folder, or made for the built-in byte tokenizer.
+Written like the training state: a temp folder, fsynced, renamed; the previous export is removed
+only once the new one is in place. Files are world-readable (0644).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lowmem_core.durable import fsync_path
+from lowmem_core.errors import CheckpointError, ConfigError
+from trainer_low_mem.model import ROPE_BASE, DecoderLM
+
+BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+
+
+def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copy of `module`'s weights with every LoRA adapter folded in, under the plain names."""
+    merged: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, sub in module.named_modules():
+            if hasattr(sub, "get_delta_weight") and hasattr(sub, "get_base_layer"):
+                base = sub.get_base_layer()
+                delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
+                merged[f"{name}.weight"] = (base.weight + delta.to(base.weight.dtype)).detach().cpu()
+        out = {}
+        for key, value in module.state_dict().items():
+            if "lora_" in key:
+                continue
+            plain = key.replace(".base_layer.", ".")
+            out[plain] = merged.get(plain, value.detach().cpu())
+    return out
+
+
+def _llama_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
+    src = merged_state_dict(model)
+    d = model.preset.d_model
+    out = {"model.embed_tokens.weight": src["embed.weight"], "model.norm.weight": src["norm.weight"]}
+    for i in range(model.preset.n_layers):
+        b, t = f"blocks.{i}.", f"model.layers.{i}."
+        qkv = src[b + "attn.qkv.weight"]  # rows: q heads, then k heads, then v heads
+        out[t + "self_attn.q_proj.weight"] = qkv[:d].clone()
+        out[t + "self_attn.k_proj.weight"] = qkv[d : 2 * d].clone()
+        out[t + "self_attn.v_proj.weight"] = qkv[2 * d :].clone()
+        out[t + "self_attn.o_proj.weight"] = src[b + "attn.proj.weight"]
+        out[t + "input_layernorm.weight"] = src[b + "attn_norm.weight"]
+        out[t + "post_attention_layernorm.weight"] = src[b + "mlp_norm.weight"]
+        out[t + "mlp.gate_proj.weight"] = src[b + "mlp.gate.weight"]
+        out[t + "mlp.up_proj.weight"] = src[b + "mlp.up.weight"]
+        out[t + "mlp.down_proj.weight"] = src[b + "mlp.proj.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def llama_config(model: DecoderLM, special_ids: dict[str, int | None]):
+    """The `LlamaConfig` whose `LlamaForCausalLM` computes what `model` computes."""
+    import transformers
+
+    p = model.preset
+    return transformers.LlamaConfig(
+        vocab_size=p.vocab_size,
+        hidden_size=p.d_model,
+        intermediate_size=p.d_ff,
+        num_hidden_layers=p.n_layers,
+        num_attention_heads=p.n_heads,
+        num_key_value_heads=p.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=p.max_seq_len,
+        rms_norm_eps=1e-6,
+        rope_theta=ROPE_BASE,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=special_ids.get("bos_id"),
+        eos_token_id=special_ids.get("eos_id"),
+        pad_token_id=special_ids.get("pad_id"),
+    )
+
+
+def byte_tokenizer_folder(out: Path) -> None:
+    """A fast tokenizer equal to the built-in byte tokenizer: id i is byte i; 256-258 specials."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda ch: _byte_of_char(ch))
+    vocab = {ch: _byte_of_char(ch) for ch in byte_chars}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(BYTE_TOKENS.values()))  # ids 256, 257, 258 in this order
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **BYTE_TOKENS)
+    fast.save_pretrained(out)
+
+
+def _byte_of_char(ch: str) -> int:
+    # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to 256 + n.
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    code = ord(ch)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    special_ids: dict[str, int | None],
+    tokenizer_dir: Path | None,
+    adapter_only: bool = False,
+) -> Path:
+    """Write `model` (and its tokenizer) to `out_dir` atomically; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_weights(model, tmp, special_ids, adapter_only)
+        if tokenizer_dir is not None:
+            for item in Path(tokenizer_dir).iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+        elif getattr(model, "hf_model", None) is None:
+            byte_tokenizer_folder(tmp)
+        for item in tmp.iterdir():
+            os.chmod(item, 0o644)
+            fsync_path(item)
+        fsync_path(tmp)
+        _replace(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write the export to {out_dir} ({exc}); free space or fix the "
+                              "folder's permissions, the training state is intact") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_weights(model: nn.Module, tmp: Path, special_ids: dict, adapter_only: bool) -> None:
+    hf_model = getattr(model, "hf_model", None)
+    if adapter_only:
+        peft_model = getattr(model, "peft_model", None)
+        if peft_model is None:
+            raise ConfigError(
+                "--export_adapter_only needs LoRA on a Hugging Face --model; drop it to export "
+                "merged weights"
+            )
+        peft_model.save_pretrained(tmp)
+        return
+    if hf_model is not None:
+        hf_model.save_pretrained(tmp, state_dict=merged_state_dict(hf_model))
+        return
+    if not isinstance(model, DecoderLM):
+        raise ConfigError(f"cannot export a {type(model).__name__}; expected DecoderLM or HFCausalLM")
+    llama_config(model, special_ids).save_pretrained(tmp)
+    save_file(_llama_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    old = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    fsync_path(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -62,11 +62,26 @@ class LaunchFacts:
     """ZeRO stage from the DeepSpeed config; None without DeepSpeed."""
     offload_optimizer: bool
     """The DeepSpeed config offloads optimizer states (to CPU or NVMe)."""
+    rank: int = 0
+    """This process's rank over all nodes (RANK)."""
+    local_rank: int = 0
+    """This process's rank on its node (LOCAL_RANK)."""
 
 
 def check_launch(facts: LaunchFacts) -> None:
     """Raise ConfigError for the first problem found in `facts`; return None when the launch is sane."""
     world = facts.world_size
+    if world < 1 or not 0 <= facts.rank < world:
+        raise ConfigError(
+            f"RANK={facts.rank} with WORLD_SIZE={world}: a rank must be in [0, WORLD_SIZE); the "
+            "launcher's environment is inconsistent: start the job with `accelerate launch` or "
+            "torchrun, or unset RANK/WORLD_SIZE for one process"
+        )
+    if facts.local_world_size < 1 or not 0 <= facts.local_rank < facts.local_world_size:
+        raise ConfigError(
+            f"LOCAL_RANK={facts.local_rank} with LOCAL_WORLD_SIZE={facts.local_world_size}: a local "
+            "rank must be in [0, LOCAL_WORLD_SIZE); start the job with `accelerate launch` or torchrun"
+        )
     if facts.zero_stage is not None and facts.zero_stage not in ZERO_STAGES:
         raise ConfigError(
             f"DeepSpeed zero_optimization.stage is {facts.zero_stage}, which is not a ZeRO stage; "
@@ -188,10 +203,12 @@ def launch_facts_from_env(
     if deepspeed_installed is None:
         deepspeed_installed = importlib.util.find_spec("deepspeed") is not None
 
-    world_size = int(env.get("WORLD_SIZE", "1"))
+    world_size = _env_int(env, "WORLD_SIZE", 1)
     # torchrun always sets LOCAL_WORLD_SIZE; without it there is no per-node count to check, and
     # assuming 1 never blocks a legitimate multi-node launch.
-    local_world_size = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    local_world_size = _env_int(env, "LOCAL_WORLD_SIZE", 1)
+    rank = _env_int(env, "RANK", 0)
+    local_rank = _env_int(env, "LOCAL_RANK", 0) if "LOCAL_WORLD_SIZE" in env else 0
     uses_deepspeed = _env_true(env, "ACCELERATE_USE_DEEPSPEED")
     ds_config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env else None
@@ -228,6 +245,8 @@ def launch_facts_from_env(
         num_processes=num_processes,
         world_size=world_size,
         local_world_size=local_world_size,
+        rank=rank,
+        local_rank=local_rank,
         cuda_device_count=cuda_device_count,
         uses_deepspeed=uses_deepspeed,
         deepspeed_installed=deepspeed_installed,
@@ -277,6 +296,19 @@ def read_deepspeed_zero_settings(path: str | Path) -> tuple[int | None, str | No
     stage = zero.get("stage")
     offload_device = (zero.get("offload_optimizer") or {}).get("device")
     return (int(stage) if stage is not None else None), (str(offload_device) if offload_device else None)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={value!r} is not an integer; the launcher sets it: "
+            f"start the job with `accelerate launch` or torchrun, or unset {name}"
+        ) from None
 
 
 def _env_true(env: Mapping[str, str], name: str) -> bool:

@@ -343,3 +343,20 @@ def test_set_cuda_alloc_conf_keeps_the_users_setting(name):
 )
 def test_detect_cpu_multiprocess(env, cuda_available, expected):
     assert detect_cpu_multiprocess(env, cuda_available=cuda_available) is expected
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"RANK": "5", "WORLD_SIZE": "3"}, "RANK=5 with WORLD_SIZE=3"),
+        ({"RANK": "-1", "WORLD_SIZE": "3"}, "RANK=-1"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+        ({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "4"}, "LOCAL_RANK=4"),
+        ({"WORLD_SIZE": "three"}, "WORLD_SIZE='three' is not an integer"),
+    ],
+)
+def test_an_inconsistent_launch_environment_fails_at_once_naming_the_variable(env, named):
+    with pytest.raises(ConfigError) as info:
+        check_launch(_env_facts(env, global_batch=None, micro_batch_per_gpu=1))
+    assert named in str(info.value)
+    assert "accelerate launch" in str(info.value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,13 @@ def parse_byte_size(text: str | int) -> int:
 def _require_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
-        raise ConfigError(f"--{name} must be greater than 0, got {value!r}")
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"--{name} must be a finite number greater than 0, got {value!r}")
+
+
+def _require_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"--{name} must be a finite number, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -79,13 +85,62 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Which model to train."""
+    """Which model to train: a built-in preset or your own Hugging Face folder, optionally LoRA."""
 
     model_preset: str = "small"
     """Built-in decoder preset name (see trainer_low_mem/model.py MODEL_PRESETS), e.g. tiny or small."""
 
+    model: Path | None = None
+    """A local Hugging Face model folder (config.json, weights, tokenizer files); replaces
+    --model_preset. Fine-tunes from its weights, or starts from its config (--from_scratch, or a
+    folder without weights). Nothing is downloaded."""
+
+    from_scratch: bool = False
+    """With --model: random initialisation from the folder's config.json, ignoring its weights."""
+
+    init_from: Path | None = None
+    """Start from the weights of an export (OUTPUT_DIR/final) or a training state
+    (OUTPUT_DIR/train_latest_state), with a fresh optimizer, schedule and data position: e.g.
+    pretraining, then SFT on another dataset."""
+
     grad_checkpointing: bool = False
     """Recompute block activations in the backward pass: less GPU memory, about 30% more compute."""
+
+    document_masking: bool | None = None
+    """Packed documents attend only to themselves (block-diagonal causal attention). Default: on
+    for prompt/response (SFT) datasets and for eval, off for plain-text pretraining."""
+
+    lora_rank: int | None = None
+    """Train LoRA adapters of this rank instead of all weights (needs the `lora` extra: peft)."""
+
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
+
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input (0 keeps runs bit-reproducible)."""
+
+    lora_target_modules: list[str] | None = None
+    """Names of the linear layers that get adapters (e.g. q_proj v_proj); default: every linear
+    layer but the output head."""
+
+    load_in_4bit: bool = False
+    """QLoRA: load --model's weights in 4-bit (bitsandbytes, CUDA only); needs --lora_rank."""
+
+    def __post_init__(self) -> None:
+        self.model = None if self.model is None else Path(self.model)
+        self.init_from = None if self.init_from is None else Path(self.init_from)
+        if self.from_scratch and self.model is None:
+            raise ConfigError("--from_scratch needs --model DIR (a Hugging Face folder's config)")
+        if self.lora_rank is not None:
+            if self.lora_rank < 1:
+                raise ConfigError(f"--lora_rank must be 1 or greater, got {self.lora_rank}")
+            _require_positive("lora_alpha", self.lora_alpha, allow_none=False)
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.load_in_4bit and (self.model is None or self.lora_rank is None):
+            raise ConfigError(
+                "--load_in_4bit (QLoRA) needs --model DIR and --lora_rank R: 4-bit weights are frozen"
+            )
 
 
 @dataclass(kw_only=True)
@@ -119,6 +174,8 @@ class OptimConfig:
             raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup_steps must be 0 or greater, got {self.warmup_steps}")
+        for name in ("weight_decay", "max_grad_norm"):
+            _require_finite(name, getattr(self, name))
         if self.weight_decay < 0:
             raise ConfigError(f"--weight_decay must be 0 or greater, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -160,6 +217,8 @@ class TrainingConfig:
         for name in ("global_batch", "batch_size_per_gpu", "gradient_accumulation_steps",
                      "max_steps", "epochs"):
             _require_positive(name, getattr(self, name))
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(kw_only=True)
@@ -176,10 +235,41 @@ class CheckpointConfig:
     """Write train_latest_state every this many optimizer steps (also at the end and on SIGTERM/SIGINT);
     0 saves only then."""
 
+    export_every: int = 0
+    """Also write OUTPUT_DIR/final (a folder transformers loads) every this many optimizer steps;
+    0 exports only at the end."""
+
+    export_adapter_only: bool = False
+    """With LoRA on a Hugging Face --model: export the adapters alone (peft format) instead of
+    merging them into the weights."""
+
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        if self.save_every < 0:
-            raise ConfigError(f"--save_every must be 0 (only at the end) or greater, got {self.save_every}")
+        for name in ("save_every", "export_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{name} must be 0 (only at the end) or greater, got {getattr(self, name)}"
+                )
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """A held-out dataset evaluated exactly once per eval: at step 0, every N steps, at the end."""
+
+    eval_data: Path | None = None
+    """A dataset built by `python -m pipeline build` (e.g. the held-out split); each sample is
+    evaluated exactly once across ranks, attention within documents."""
+
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps (and before the first and after the last);
+    0 evaluates only before the first and after the last."""
+
+    def __post_init__(self) -> None:
+        self.eval_data = None if self.eval_data is None else Path(self.eval_data)
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval_every must be 0 or greater, got {self.eval_every}")
+        if self.eval_every and self.eval_data is None:
+            raise ConfigError("--eval_every needs --eval_data DIR (a built dataset)")
 
 
 @dataclass(kw_only=True)
@@ -230,6 +320,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -102,3 +102,39 @@ def test_from_dict_rejects_unknown_keys():
 def test_cli_rejects_unknown_subcommand(capsys):
     assert main(["fit"]) == ConfigError.exit_code
     assert "unknown subcommand 'fit'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm"),
+        (["--weight_decay", "inf"], "--weight_decay"),
+        (["--epochs", "nan"], "--epochs"),
+        (["--seed", str(10**20)], "--seed"),
+        (["--seed", "-1"], "--seed"),
+        (["--from_scratch", "True"], "--from_scratch needs --model"),
+        (["--lora_rank", "0"], "--lora_rank"),
+        (["--lora_rank", "4", "--lora_dropout", "1.0"], "--lora_dropout"),
+        (["--load_in_4bit", "True"], "--load_in_4bit"),
+        (["--eval_every", "5"], "--eval_every needs --eval_data"),
+        (["--export_every", "-1"], "--export_every"),
+    ],
+)
+def test_non_finite_and_inconsistent_flags_are_refused_naming_the_flag(flags, named):
+    with pytest.raises(ConfigError) as info:
+        parse_job_config(flags)
+    assert named in str(info.value)
+
+
+def test_own_model_flags_parse_into_the_model_section():
+    config = parse_job_config(
+        ["--model", "models/llama", "--lora_rank", "8", "--lora_target_modules", "q_proj", "v_proj",
+         "--eval_data", "data/eval", "--eval_every", "50", "--export_every", "100"]
+    )
+    assert config.model.model == Path("models/llama")
+    assert config.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert (config.eval.eval_data, config.eval.eval_every) == (Path("data/eval"), 50)
+    assert config.checkpoint.export_every == 100
+    assert JobConfig.from_dict(config.to_dict()) == config

@@ -63,6 +63,31 @@ def _llama_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def llama_state_dict_to_decoder(
+    tensors: dict[str, torch.Tensor], model: DecoderLM
+) -> dict[str, torch.Tensor]:
+    """The inverse of the export's renaming: `LlamaForCausalLM` tensors -> `DecoderLM` names."""
+    try:
+        return _decoder_names(tensors, model.preset.n_layers)
+    except KeyError:
+        return {}  # not this model's shape: the caller reports every missing tensor
+
+
+def _decoder_names(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    out = {"embed.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    for i in range(n_layers):
+        b, t = f"blocks.{i}.", f"model.layers.{i}."
+        qkv = [tensors[t + f"self_attn.{x}_proj.weight"] for x in "qkv"]
+        out[b + "attn.qkv.weight"] = torch.cat(qkv)
+        out[b + "attn.proj.weight"] = tensors[t + "self_attn.o_proj.weight"]
+        out[b + "attn_norm.weight"] = tensors[t + "input_layernorm.weight"]
+        out[b + "mlp_norm.weight"] = tensors[t + "post_attention_layernorm.weight"]
+        out[b + "mlp.gate.weight"] = tensors[t + "mlp.gate_proj.weight"]
+        out[b + "mlp.up.weight"] = tensors[t + "mlp.up_proj.weight"]
+        out[b + "mlp.proj.weight"] = tensors[t + "mlp.down_proj.weight"]
+    return out
+
+
 def llama_config(model: DecoderLM, special_ids: dict[str, int | None]):
     """The `LlamaConfig` whose `LlamaForCausalLM` computes what `model` computes."""
     import transformers

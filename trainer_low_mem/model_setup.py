@@ -1,0 +1,136 @@
+"""The model a job trains, from its config and its dataset: which one, from what weights, LoRA.
+
+One call, `build_job_model(ModelConfig, DataFacts)`, used by the loop: a built-in preset sized to
+the dataset's vocabulary, or the user's Hugging Face folder (decoder-only) checked against the
+dataset's vocabulary and EOS; `--init_from` weights (an export, any Hugging Face folder of the
+same architecture, or a training state); LoRA adapters last, so only they train.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem.config import ModelConfig
+from trainer_low_mem.export import llama_state_dict_to_decoder
+from trainer_low_mem.hf_model import check_dataset_matches_model, load_model_folder
+from trainer_low_mem.lora import LoraSettings, apply_lora, trainable_parameter_count
+from trainer_low_mem.model import DecoderLM, build_model, resolve_preset
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the model setup needs to know of the training dataset."""
+
+    path: Path
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    is_sft: bool  # prompt/response samples: loss on the response, attention within samples
+    tokenizer_dir: Path | None  # tokenizer files to export beside the model, when known
+
+
+@dataclass
+class JobModel:
+    model: nn.Module
+    description: str  # one line for the start-up log
+    document_masking: bool
+    trainable_params: int
+    total_params: int
+
+
+def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
+    """Build (seed torch first for reproducible weights) the model `cfg` describes."""
+    masking = cfg.document_masking if cfg.document_masking is not None else data.is_sft
+    if cfg.model is not None:
+        model = load_model_folder(
+            cfg.model,
+            from_scratch=cfg.from_scratch,
+            grad_checkpointing=cfg.grad_checkpointing,
+            document_masking=masking,
+            load_in_4bit=cfg.load_in_4bit,
+        )
+        check_dataset_matches_model(
+            vocab_size=data.vocab_size, eos_id=data.eos_id, bos_id=data.bos_id, model=model,
+            data=data.path,
+        )
+        source = "random init from its config" if cfg.from_scratch else "its weights"
+        what = f"{cfg.model} ({model.config.model_type}, {source}; loss: {model.loss_path_reason})"
+    else:
+        model = build_model(
+            resolve_preset(cfg.model_preset, data.vocab_size),
+            grad_checkpointing=cfg.grad_checkpointing,
+            document_masking=masking,
+        )
+        what = f"built-in preset {cfg.model_preset} (vocabulary {data.vocab_size})"
+    if cfg.init_from is not None:
+        load_initial_weights(model, cfg.init_from)
+        what += f", weights from {cfg.init_from}"
+    if cfg.lora_rank is not None:
+        settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        apply_lora(model, settings)
+        what += f", LoRA rank {cfg.lora_rank}"
+    trainable, total = trainable_parameter_count(model)
+    return JobModel(model, what, masking, trainable, total)
+
+
+def load_initial_weights(model: nn.Module, source: Path) -> None:
+    """Copy the weights in `source` into `model` (same architecture), or one ConfigError."""
+    source = Path(source)
+    if not source.is_dir():
+        raise ConfigError(f"--init_from {source} is not a folder; give an export (OUTPUT_DIR/final) "
+                          "or a training state (OUTPUT_DIR/train_latest_state)")
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"--init_from {source} holds no .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    if any("lora_" in k for k in tensors):
+        raise ConfigError(
+            f"--init_from {source} holds LoRA adapters, not full weights; start from its merged "
+            "export (OUTPUT_DIR/final) instead"
+        )
+    # An export (or any Hugging Face folder) names tensors as transformers does; a training
+    # state as this trainer's modules do.
+    is_export = _is_hf_config(source / "config.json")
+    target = model
+    if is_export and isinstance(model, DecoderLM):
+        tensors = llama_state_dict_to_decoder(tensors, model)
+    elif is_export:
+        target = model.hf_model
+    missing, unexpected = _load(target, tensors)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        shown = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
+        raise ConfigError(
+            f"--init_from {source} does not fit this model ({len(set(missing) - tied)} missing, "
+            f"{len(unexpected)} unexpected tensors, e.g. {', '.join(shown)}); it must come from the "
+            "same architecture and size"
+        )
+
+
+def _is_hf_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    own = module.state_dict()
+    mismatched = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ConfigError(
+            f"--init_from tensor {k} has shape {tuple(tensors[k].shape)} but this model's is "
+            f"{tuple(own[k].shape)}; it must come from the same architecture and size"
+        )
+    result = module.load_state_dict(tensors, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)

@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 DEMO_DIR ?= .demo
+# Extras installed into .venv: `test` (pytest, ruff and every optional feature the suite runs)
+# covers `make demo` too (bench baselines and plot, tokenizers).
+EXTRAS ?= test,bench,tokenizers
 
 ifeq ($(CI),true)
 PYTEST_MARKS :=
@@ -14,13 +17,13 @@ else
 PYTEST_MARKS := -m "not slow"
 endif
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo test test-all lint fmt clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
-	$(PY) -m pip install -q -e ".[test,tokenizers]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -44,6 +47,15 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -q
+
+# Formatting and lint rules live in pyproject.toml ([tool.ruff]).
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info

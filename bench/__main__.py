@@ -1,4 +1,4 @@
-"""`bench throughput ...` (also `python -m bench throughput ...`): parse the flags and delegate."""
+"""`bench throughput|plan ...` (also `python -m bench ...`): parse the flags and delegate."""
 
 from __future__ import annotations
 
@@ -10,12 +10,22 @@ from lowmem_core.errors import run_cli
 def _main(argv: list[str]) -> int:
     import tyro
 
-    from bench.config import ThroughputConfig
+    from bench.config import BuildSpeedConfig, PlanCheckConfig, ThroughputConfig
 
     cfg = tyro.extras.subcommand_cli_from_dict(
-        {"throughput": ThroughputConfig}, args=argv, prog="bench",
-        description="Measure this project's data path against its baselines.",
+        {"throughput": ThroughputConfig, "plan": PlanCheckConfig, "build": BuildSpeedConfig},
+        args=argv, prog="bench",
+        description="Measure this project's data path against its baselines, and check the "
+        "planner's memory trace against real steps.",
     )
+    if isinstance(cfg, BuildSpeedConfig):
+        from bench.build_speed import run_and_report as run_build_bench
+
+        return run_build_bench(cfg)
+    if isinstance(cfg, PlanCheckConfig):
+        from bench.plan_check import run_plan_check
+
+        return run_plan_check(quick=cfg.quick, json_path=cfg.json_path)
     from bench.report import run_and_report
 
     return run_and_report(cfg)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lowmem_core.errors import PipelineError
+from lowmem_core.errors import PipelineError, require_extra
 
 from lowmem_core.format import IGNORE_INDEX
 
@@ -46,7 +46,7 @@ def document_tokens(ds) -> tuple[np.ndarray, np.ndarray]:
 
 def write_baseline_files(ds, out_dir: Path) -> BaselineFiles:
     """Write the baselines' inputs for dataset `ds` (mmap mode) into `out_dir`."""
-    import datasets
+    datasets = require_extra("datasets", "bench", "the Hugging Face `datasets` baseline")
 
     values, doc_starts = document_tokens(ds)
     if values.size >= 2**31 - 1:
@@ -125,7 +125,7 @@ def hf_dataloader(
     The standard recipe of HF training scripts: the Arrow folder is memory-mapped by `datasets`,
     each item is converted to a torch tensor by its formatter, and a padding collate builds the batch.
     """
-    import datasets
+    datasets = require_extra("datasets", "bench", "the Hugging Face `datasets` baseline")
 
     ds = datasets.load_from_disk(str(files.hf_dir))
     ds.set_format("torch", columns=["input_ids"])

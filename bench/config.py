@@ -147,3 +147,65 @@ class ThroughputConfig:
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
         return out
+
+
+@dataclass(kw_only=True)
+class PlanCheckConfig:
+    """Check the planner's traced step memory against real CPU steps (bench/plan_check.py)."""
+
+    quick: bool = False
+    """Four cases at the smallest sizes (under a minute) instead of all eleven (a few minutes)."""
+    json_path: Annotated[Path | None, tyro.conf.arg(name="json")] = None
+    """Write the table, the slopes and the verdict as JSON here."""
+
+
+def _parse_sizes(args: list[str]) -> tuple[float, ...]:
+    try:
+        sizes = tuple(float(part) for part in args[0].split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--sizes-mb takes comma-separated numbers such as 30,300; got {args[0]!r}") from None
+    return sizes
+
+
+# `--sizes-mb 30,300` (one comma-separated word), like --readers.
+CorpusSizes = Annotated[
+    tuple[float, ...],
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1,
+        metavar="MB[,MB...]",
+        instance_from_str=_parse_sizes,
+        is_instance=lambda x: isinstance(x, tuple) and all(isinstance(v, (int, float)) for v in x),
+        str_from_instance=lambda x: [",".join(f"{v:g}" for v in x)],
+    ),
+]
+
+
+@dataclass(kw_only=True)
+class BuildSpeedConfig:
+    """Time `pipeline build` against `datasets` load + map + save_to_disk (bench/build_speed.py)."""
+
+    sizes_mb: CorpusSizes = (30.0, 300.0)
+    """Sizes of the generated JSON Lines corpora, in MB, e.g. 30,300."""
+    num_proc: int = 2
+    """Processes (cores) for both builds: --num-proc of ours, map(num_proc=...) of `datasets`."""
+    vocab_size: int = 8000
+    """Vocabulary of the byte-level BPE tokenizer both builds use (trained on the sample corpus)."""
+    seed: int = 0
+    """Seed of the generated corpora."""
+    quick: bool = False
+    """Corpora of 1 and 3 MB and a 1000-token vocabulary (well under a minute); used by tests."""
+    cache_dir: Path = Path(".bench")
+    """Generated corpora and the tokenizer are cached here between runs."""
+    json_path: Annotated[Path | None, tyro.conf.arg(name="json")] = None
+    """Write the results as JSON here."""
+
+    def __post_init__(self) -> None:
+        if not self.sizes_mb or min(self.sizes_mb) <= 0:
+            raise ConfigError(f"--sizes-mb needs sizes > 0, e.g. 30,300; got {self.sizes_mb}")
+        if self.num_proc < 1:
+            raise ConfigError(f"--num-proc must be >= 1, got {self.num_proc}")
+        if self.vocab_size < 300:
+            raise ConfigError(f"--vocab-size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+        if self.quick:
+            self.sizes_mb = (1.0, 3.0)
+            self.vocab_size = min(self.vocab_size, 1000)

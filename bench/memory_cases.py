@@ -7,7 +7,7 @@ PSS, and the report shows them apart. Each case runs in its own spawned interpre
 allocator does not count against the next; growth is measured from a baseline taken after the
 dataset is open and the first batch (numba compilation, first buffers) is done.
 
-Cases (issue 3 and 4 targets):
+Cases and their targets:
 - `ultra_read_all`: read a large corpus end to end in ultra_low_mem mode (USS growth <= 32 MB).
 - `mmap_readers`: a fixed number of batches in mmap mode with k reader threads (4 vs 1: <= 16 MB).
 - `prefetch_readers`: the same through the Prefetcher with k readers (<= 16 MB per extra reader).

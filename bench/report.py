@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench.config import ThroughputConfig
 from bench.throughput import HF_BASELINE, MEMCPY_BOUND, RunOutcome
+from lowmem_core.errors import require_extra
 
 RESULT_KEYS = ("name", "stage", "tokens_per_s", "batches_per_s", "peak_uss_bytes", "data_wait_frac")
 SCHEMA_VERSION = 1
@@ -97,8 +98,7 @@ def check_lines(outcome: RunOutcome) -> list[str]:
 
 def plot(outcome: RunOutcome, path: Path, title: str) -> None:
     """Horizontal bars of tokens/s per case (log axis); ours, baselines and the bound in distinct colours."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "plot", "bench --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -73,7 +73,7 @@ class Case:
 
 @dataclass(frozen=True)
 class Check:
-    """A target from the issues, evaluated on measured numbers."""
+    """A performance target of the data path, evaluated on measured numbers."""
 
     name: str
     value: float
@@ -338,7 +338,7 @@ def loader_cases(path: Path, files: baselines.BaselineFiles, cfg: ThroughputConf
 
 
 def loader_checks(results: dict[str, CaseResult]) -> list[Check]:
-    """Issue 3's loader targets, from the loader stage's results."""
+    """The loader's throughput targets, from the loader stage's results."""
     checks = []
 
     def ratio(a: str, b: str) -> float | None:
@@ -389,7 +389,7 @@ def run_memory_stage(cfg: ThroughputConfig, bar: tqdm) -> tuple[list[CaseResult]
     checks = [Check("ultra_low_mem read-all USS growth", raw["ultra_low_mem read-all"]["uss_growth_bytes"] / _MB,
                     32.0, False, "MB")]
     if "mmap read-all" in raw:
-        # Issue 3's ultra_low_mem target again, on the large corpus: there the reads come from disk.
+        # The ultra_low_mem throughput target again, on the large corpus: reads come from disk.
         checks.append(Check("ultra_low_mem vs mmap, large-corpus read-all",
                             raw["ultra_low_mem read-all"]["tokens_per_s"] / raw["mmap read-all"]["tokens_per_s"],
                             0.9, True, "x"))
@@ -585,7 +585,7 @@ class RunOutcome:
 
 
 def run(cfg: ThroughputConfig) -> RunOutcome:
-    """Run the selected stages; return every result, the issue targets' checks and notes."""
+    """Run the selected stages; return every result, the checks against the targets, and notes."""
     started = time.perf_counter()
     path = prepare_dataset(cfg)
     results: list[CaseResult] = []

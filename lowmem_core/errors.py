@@ -8,10 +8,12 @@ exit, and the traceback only with `--debug`.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
+from types import ModuleType
 
 
 class LowMemError(Exception):
@@ -36,6 +38,24 @@ class MemoryLimitError(LowMemError):
     """The host-RAM or GPU budget cannot hold what was asked for."""
 
     exit_code = 3
+
+
+def require_extra(module_name: str, extra: str, purpose: str) -> ModuleType:
+    """Import `module_name` (e.g. "deepspeed.ops.adam"), or raise ConfigError in one line:
+    "`purpose` needs the `package` package: pip install 'lowmem-pipeline[extra]'".
+
+    Only the package itself being absent is reported so; an installed package that fails to
+    import raises its own error.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        package = module_name.partition(".")[0]
+        if exc.name is not None and exc.name.partition(".")[0] != package:
+            raise
+        raise ConfigError(
+            f"{purpose} needs the `{package}` package: pip install 'lowmem-pipeline[{extra}]'"
+        ) from None
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

@@ -18,23 +18,33 @@ from lowmem_core.errors import ConfigError
 class FolderLock:
     """Hold `lock_path` exclusively while the object is open (a context manager)."""
 
-    def __init__(self, lock_path: Path, what: str):
+    def __init__(self, lock_path: Path, what: str, remove_on_release: bool = False):
         self.lock_path = Path(lock_path)
         self.what = what
+        self.remove_on_release = remove_on_release  # leave no lock file behind once released
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConfigError(
+                    f"{self.what} is in use by another process (pid {holder}); wait for it to "
+                    "finish or choose another folder"
+                ) from None
+            # A holder that removes the file on release may have done so between our open and
+            # flock: then we locked a file no longer at the path, and try again.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise ConfigError(
-                f"{self.what} is in use by another process (pid {holder}); wait for it to finish "
-                "or choose another folder"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -42,6 +52,8 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if self.remove_on_release:
+                self.lock_path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

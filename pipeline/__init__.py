@@ -1,5 +1,5 @@
 """lowmem-pipeline's data path: tokenised Arrow datasets, an exactly-once resumable loader,
-numba collate, pinned prefetch, the memory sizer and memory accounting.
+numba collate, pinned prefetch, and the data path's cost model.
 
 Names are imported lazily so that `import pipeline` (and the CLIs' error handling) does not pay
 for numba, pyarrow or torch until they are used.
@@ -15,8 +15,6 @@ _EXPORTS = {
     "TokenDataset": "pipeline.dataset",
     "Loader": "pipeline.loader",
     "Prefetcher": "pipeline.prefetch",
-    "Plan": "pipeline.sizer",
-    "plan": "pipeline.sizer",
     "LowMemError": "lowmem_core.errors",
     "PipelineError": "lowmem_core.errors",
     "ConfigError": "lowmem_core.errors",

@@ -1,10 +1,13 @@
-"""`python -m pipeline {build,demo,...}`: parse the subcommand's dataclass and delegate."""
+"""`python -m pipeline {build,demo,plan}`: parse the subcommand's flags and delegate.
+
+`plan` is the trainer's (`train_low_mem.py plan`), with the same flags.
+"""
 
 from __future__ import annotations
 
 import tyro
 
-from pipeline.config import BuildConfig, DemoConfig, PlanConfig
+from pipeline.config import BuildConfig, DemoConfig
 from lowmem_core.errors import run_cli
 
 
@@ -12,6 +15,8 @@ def build(cfg: BuildConfig) -> None:
     from pipeline.build import build_dataset
 
     report = build_dataset(cfg)
+    for line in report.notes(cfg.text_field):
+        print(line)
     print(f"built {report.out_dir}: {report.num_documents} documents, {report.num_tokens} tokens, "
           f"{report.num_shards} shard(s) in {report.seconds:.2f} s ({report.tokens_per_s / 1e6:.2f} M tokens/s)")
 
@@ -22,22 +27,19 @@ def demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
-def plan(cfg: PlanConfig) -> None:
-    import json
-
-    from pipeline.sizer import plan_from_config
-
-    result = plan_from_config(cfg)
-    print(json.dumps(result.to_dict(), indent=2) if cfg.json else result.table())
-
-
 # subcommand name -> (config dataclass, handler)
-SUBCOMMANDS = {"build": (BuildConfig, build), "demo": (DemoConfig, demo), "plan": (PlanConfig, plan)}
+SUBCOMMANDS = {"build": (BuildConfig, build), "demo": (DemoConfig, demo)}
 
 
 def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "plan":
+        from trainer_low_mem.cli import plan_main
+
+        return plan_main(argv[1:], prog="python -m pipeline plan")
     cfg = tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (cls, _) in SUBCOMMANDS.items()}, prog="python -m pipeline", args=argv
+        {name: cls for name, (cls, _) in SUBCOMMANDS.items()}, prog="python -m pipeline", args=argv,
+        description="build: tokenise inputs; demo: the quick start; plan: size a run "
+        "(`python -m pipeline plan --help`)",
     )
     handler = next(fn for cls, fn in SUBCOMMANDS.values() if isinstance(cfg, cls))
     handler(cfg)

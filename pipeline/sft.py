@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lowmem_core.errors import PipelineError
+from lowmem_core.errors import PipelineError, require_extra
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,7 @@ class ChatTemplate:
     """The chat template of a Hugging Face tokenizer folder, via `transformers`."""
 
     def __init__(self, folder: Path):
-        try:
-            import transformers
-        except ImportError:
-            raise PipelineError(
-                "records with messages need transformers to render the chat template: "
-                "pip install 'lowmem-pipeline[hf]'"
-            ) from None
+        transformers = require_extra("transformers", "hf", "rendering records with messages")
         self._tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if not getattr(self._tok, "chat_template", None):
             raise PipelineError(

@@ -1,29 +1,39 @@
-"""Tokenizers for `pipeline build`: the built-in byte tokenizer and a `tokenizers` tokenizer.json.
+"""Tokenizers for `pipeline build`: the built-in byte tokenizer and a Hugging Face tokenizer.
 
-Both encode a whole batch of texts at once and return flat token values plus per-document
-lengths, so the builder never loops per token in Python. The byte tokenizer is a zero-copy cast
-of an Arrow string array to binary: token i of a document is its i-th UTF-8 byte.
+A Hugging Face tokenizer is a `tokenizers` tokenizer.json, given as the file or as the model or
+tokenizer folder holding it; in a folder, BOS/EOS/PAD come from tokenizer_config.json (or
+special_tokens_map.json), as `transformers` reads them. Both kinds encode a whole batch of texts
+at once and return flat token values plus per-document lengths, so the builder never loops per
+token in Python.
+
+Special tokens in stored documents: EOS is never stored (the loader puts `eos_id` after every
+document), and a BOS that the tokenizer's post-processor puts before a text starts every
+stored document, as `tokenizer(text)["input_ids"]` starts, so packed rows read
+`BOS doc EOS BOS doc EOS ...` (Llama, Mistral, Gemma); token-id inputs are stored as given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from lowmem_core.errors import PipelineError
+from lowmem_core.errors import PipelineError, require_extra
 
 # Special tokens of the byte tokenizer sit right after the 256 byte values.
 BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
 
-# Names under which tokenizer.json files commonly declare their specials, most specific first.
+# Names under which bare tokenizer.json files commonly declare their specials, most specific first.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]", "<|end_of_text|>")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[CLS]")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -34,13 +44,33 @@ class Encoded:
     lengths: np.ndarray  # (num_docs,) int64 tokens per document
 
 
+def with_prefix(encoded: Encoded, prefix: tuple[int, ...], where: np.ndarray) -> Encoded:
+    """`encoded` with the ids of `prefix` put before each document where `where` (bool) is set."""
+    if not prefix or not where.any():
+        return encoded
+    add = np.where(where, len(prefix), 0)
+    lengths = encoded.lengths + add
+    starts = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    values = np.empty(int(starts[-1]), dtype=np.uint32)
+    # Token k of document i moves right by the prefixes before it and its own.
+    shift = np.repeat(np.cumsum(add), encoded.lengths)
+    values[np.arange(encoded.values.size) + shift] = encoded.values
+    heads = starts[:-1][where]
+    for j, token in enumerate(prefix):
+        values[heads + j] = token
+    return Encoded(values=values, lengths=lengths)
+
+
 class ByteTokenizer:
     """ids 0-255 are UTF-8 bytes; 256 BOS, 257 EOS, 258 PAD. Needs no download."""
 
     kind = "byte"
     id = "byte-v1"
+    source = None
     vocab_size = BYTE_VOCAB_SIZE
     bos_id, eos_id, pad_id = BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID
+    prefix: tuple[int, ...] = ()
 
     def encode_arrow(self, texts: pa.Array) -> Encoded:
         binary = texts.cast(pa.large_binary())
@@ -57,48 +87,151 @@ class ByteTokenizer:
 
 
 class JsonTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json (the `tokenizers` extra)."""
+    """A Hugging Face `tokenizers` tokenizer.json, alone or in a model/tokenizer folder."""
 
     kind = "tokenizers"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, eos_token: str | None = None):
+        Tokenizer = require_extra("tokenizers", "tokenizers", "a tokenizer.json").Tokenizer
+        folder = path if path.is_dir() else None
+        file = _tokenizer_file(path)
         try:
-            from tokenizers import Tokenizer
-        except ImportError as exc:
-            raise PipelineError(
-                "--tokenizer given as a tokenizer.json needs the `tokenizers` package; "
-                "install it with `pip install lowmem-pipeline[tokenizers]`"
-            ) from exc
-        if not path.is_file():
-            raise PipelineError(f"tokenizer file {path} does not exist; pass --tokenizer byte or a tokenizer.json path")
-        try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-            raise PipelineError(f"{path} is not a valid tokenizer.json ({exc}); pass a file saved by `tokenizers`") from exc
-        self.id = "tokenizers-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+            raise PipelineError(
+                f"{file} is not a valid tokenizer.json ({exc}); pass a file saved by `tokenizers`"
+            ) from None
+        self.source = str(path.resolve())
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        self.eos_id = _first_present(vocab, _EOS_NAMES)
-        self.bos_id = _first_present(vocab, _BOS_NAMES)
-        self.pad_id = _first_present(vocab, _PAD_NAMES)
+        # Added tokens may sit past the base vocabulary with gaps: the largest id decides.
+        self.vocab_size = max(
+            self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1
+        )
+        config = _special_config(folder) if folder is not None else {}
+        where = f"{folder}/{config.get('_file')}" if config else str(file)
+        self.eos_id = self._special(config, "eos_token", eos_token, where, vocab, _EOS_NAMES)
         if self.eos_id is None:
             raise PipelineError(
-                f"{path} declares no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
-                "add one to the tokenizer so packed documents can be separated"
+                f"{where} declares no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+                "pass --eos-token TOKEN naming the tokenizer's end-of-text token"
             )
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        added = _prefix_of(full, plain)
+        self.bos_id = self._special(
+            config, "bos_token", None, where, vocab, _BOS_NAMES if not config else ()
+        )
+        if self.bos_id is None and len(added) == 1 and added[0] != self.eos_id:
+            self.bos_id = added[0]
+        # What the post-processor puts before a text, less an EOS (the loader adds those).
+        self.prefix = tuple(i for i in added if i != self.eos_id)
+        self.pad_id = self._special(
+            config, "pad_token", None, where, vocab, _PAD_NAMES if not config else ()
+        )
         if self.pad_id is None:
             self.pad_id = self.eos_id  # padded positions carry label -100, so their id never trains
+        digest = hashlib.sha256(file.read_bytes())
+        digest.update(json.dumps([self.bos_id, self.eos_id, self.pad_id, self.prefix]).encode())
+        self.id = "tokenizers-" + digest.hexdigest()[:16]
+
+    def _special(
+        self,
+        config: dict,
+        key: str,
+        override: str | None,
+        where: str,
+        vocab: dict,
+        names: tuple[str, ...],
+    ) -> int | None:
+        if override is not None:
+            if override not in vocab:
+                raise PipelineError(
+                    f"--eos-token {override!r} is not a token of {self.source}; pass one of its "
+                    f"special tokens ({', '.join(sorted(_added_tokens(self._tok))) or 'none'})"
+                )
+            return int(vocab[override])
+        if key in config:
+            token = config[key]
+            if token is None:
+                return None
+            if token not in vocab:
+                raise PipelineError(
+                    f"{where} names {key} {token!r} but the tokenizer has no such token; fix the "
+                    "file or pass --eos-token TOKEN"
+                )
+            return int(vocab[token])
+        return _first_present(vocab, names)
 
     def encode_arrow(self, texts: pa.Array) -> Encoded:
+        """Ids of each text without special tokens (the builder adds `prefix` where it belongs)."""
         encodings = self._tok.encode_batch(texts.to_pylist(), add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        if len(encodings) == 0 or lengths.sum() == 0:
-            return Encoded(values=np.zeros(0, np.uint32), lengths=lengths)
-        values = np.concatenate([np.asarray(e.ids, dtype=np.uint32) for e in encodings])
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+        total = int(lengths.sum())
+        values = np.fromiter(
+            itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.uint32, count=total
+        )
         return Encoded(values=values, lengths=lengths)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+def _tokenizer_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise PipelineError(
+            f"tokenizer {path} does not exist; pass --tokenizer byte, a tokenizer.json file or a "
+            "Hugging Face model folder"
+        )
+    if (path / "tokenizer.json").is_file():
+        return path / "tokenizer.json"
+    names = sorted(p.name for p in path.iterdir())
+    hint = ""
+    if "tokenizer.model" in names:
+        hint = (
+            " (its tokenizer.model converts with `transformers.AutoTokenizer"
+            ".from_pretrained(DIR).save_pretrained(DIR)`)"
+        )
+    raise PipelineError(
+        f"--tokenizer {path} is a folder without tokenizer.json (it holds: "
+        f"{', '.join(names[:8]) or 'nothing'}{', ...' if len(names) > 8 else ''}); pass a "
+        f"folder saved by `transformers` or `tokenizers`, or the tokenizer.json itself{hint}"
+    )
+
+
+def _special_config(folder: Path) -> dict:
+    """bos_token/eos_token/pad_token of a model folder, as token strings."""
+    for name in _CONFIG_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(raw, dict):
+            raise PipelineError(f"{path} holds a {type(raw).__name__}, not an object; fix it")
+        config = {"_file": name}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key in raw:
+                token = raw[key]
+                config[key] = token.get("content") if isinstance(token, dict) else token
+        if len(config) > 1:
+            return config
+    return {}
+
+
+def _prefix_of(full: list[int], plain: list[int]) -> tuple[int, ...]:
+    """The ids that `full` (with special tokens) holds before the text's own ids `plain`."""
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return tuple(full[:start])
+    return ()
+
+
+def _added_tokens(tok) -> list[str]:
+    return [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
 
 
 def _first_present(vocab: dict[str, int], names: tuple[str, ...]) -> int | None:
@@ -108,13 +241,19 @@ def _first_present(vocab: dict[str, int], names: tuple[str, ...]) -> int | None:
     return None
 
 
-def load_tokenizer(spec: str) -> ByteTokenizer | JsonTokenizer:
-    """`byte` for the built-in tokenizer, else a path to a tokenizer.json."""
+def load_tokenizer(spec: str, eos_token: str | None = None) -> ByteTokenizer | JsonTokenizer:
+    """`byte` for the built-in tokenizer, else a tokenizer.json or a folder that holds one."""
     if spec == "byte":
+        if eos_token is not None:
+            raise PipelineError(
+                "--eos-token applies to a Hugging Face tokenizer; the byte tokenizer's EOS is "
+                f"fixed at {BYTE_EOS_ID}: drop --eos-token or pass --tokenizer PATH"
+            )
         return ByteTokenizer()
-    return JsonTokenizer(Path(spec))
+    return JsonTokenizer(Path(spec), eos_token)
 
 
 def token_dtype_for(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32: half the bytes to map and copy for most vocabularies."""
+    """uint16 when every id fits, else uint32: half the bytes to map and copy for most
+    vocabularies."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)

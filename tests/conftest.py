@@ -1,4 +1,7 @@
-"""Shared fixtures: datasets built from the shipped sample corpus or a generated lognormal corpus."""
+"""Shared fixtures: datasets built from the shipped sample corpus or a generated lognormal corpus.
+
+Tests import nothing from each other (pytest runs in importlib mode); shared helpers are fixtures.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ def sample_dataset_dir(tmp_path_factory, sample_corpus_files) -> Path:
     return out
 
 
-def synthetic_token_docs(num_docs: int, seed: int, median_len: int, vocab_size: int) -> list[np.ndarray]:
+def _synthetic_token_docs(
+    num_docs: int, seed: int, median_len: int, vocab_size: int
+) -> list[np.ndarray]:
     """Documents of random token ids with lognormal lengths (median `median_len`, at least 1)."""
     rng = np.random.default_rng(seed)
     lengths = np.maximum(1, rng.lognormal(np.log(median_len), 0.8, size=num_docs).astype(np.int64))
@@ -35,13 +40,21 @@ def synthetic_token_docs(num_docs: int, seed: int, median_len: int, vocab_size: 
 
 
 @pytest.fixture
+def synthetic_token_docs():
+    """`synthetic_token_docs(num_docs, seed, median_len, vocab_size)`: the documents `make_dataset`
+    builds from the same arguments (deterministic), for tests that compare against them."""
+    return _synthetic_token_docs
+
+
+@pytest.fixture
 def make_dataset(tmp_path):
-    """Factory: build a synthetic lognormal-length corpus (byte-range token ids) and return its folder."""
+    """Factory: build a synthetic lognormal-length corpus (byte-range token ids); return its
+    folder."""
     counter = iter(range(1_000_000))
 
     def make(num_docs: int = 500, seed: int = 0, median_len: int = 60, vocab_size: int = 256) -> Path:
         i = next(counter)
-        docs = synthetic_token_docs(num_docs, seed, median_len, vocab_size)
+        docs = _synthetic_token_docs(num_docs, seed, median_len, vocab_size)
         src = tmp_path / f"synthetic-{i}.jsonl"
         with src.open("w") as fh:
             for doc in docs:

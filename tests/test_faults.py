@@ -114,7 +114,7 @@ def test_kill_9_during_build_never_leaves_a_dataset_that_opens_half_built(tmp_pa
             opened.append(folder.name)
         if overwrite:
             # The old dataset stays complete until the new one replaces it.
-            assert "tokens" in opened or any(n.startswith(".tokens.old-") for n in opened), opened
+            assert "tokens" in opened or any(n.startswith(".tokens.lowmem-old-") for n in opened), opened
         kind = "overwrite" if overwrite else "new"
         left = "finished" if code is not None else "complete at --out" if "tokens" in opened else "nothing at --out"
         outcomes[f"{kind}: {left}"] = outcomes.get(f"{kind}: {left}", 0) + 1
@@ -142,7 +142,7 @@ write "<phase> <step>" to FAULT_MARKER and sleep until killed. Phases:
   before_manifest  every file is written, manifest.json not yet in place
   between_renames  the old state was renamed to .prev, the new one is not renamed yet
   after_rename     the new state is in place, .prev not yet removed
-FAULT_ENOSPC_ON_SAVE=<n>: in the n-th save, writing optimizer.pt fails with ENOSPC after part of
+FAULT_ENOSPC_ON_SAVE=<n>: in the n-th save, writing optimizer.bin fails with ENOSPC after part of
 it is written, as on a full disk.
 FAULT_SLOW_FSYNC_S=<s>: every fsync takes s seconds longer, so that kills at random moments land
 inside saves more often.
@@ -191,7 +191,7 @@ original_torch_save = torch.save
 
 
 def torch_save(obj, f, *args, **kwargs):
-    if saves == enospc_on_save and ".tmp-" in str(f) and str(f).endswith("optimizer.pt"):
+    if saves == enospc_on_save and ".tmp-" in str(f) and str(f).endswith("optimizer.bin"):
         with open(f, "wb") as fh:
             fh.write(b"PK" + bytes(4094))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
@@ -557,7 +557,7 @@ def test_disk_full_during_a_save_is_one_clear_error_and_keeps_the_previous_state
     assert "Traceback" not in proc.stdout + proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, proc.stderr
-    assert re.search(r"cannot write the training state: \S*train_latest_state\.tmp-\d+/optimizer\.pt "
+    assert re.search(r"cannot write the training state: \S*train_latest_state\.tmp-\d+/optimizer\.bin "
                      r"\(No space left on device; [0-9.]+ [KMGT]?i?B free on that disk\)", error_lines[0]), error_lines[0]
     assert re.search(rf"the previous state {out / 'train_latest_state'} \(step 2\) is intact; free disk space",
                      error_lines[0]), error_lines[0]
@@ -652,10 +652,10 @@ STATE = "train_latest_state"
 DAMAGES = {
     "truncated-weights": (lambda s: _truncate(s / "model.safetensors"),
                           r"train_latest_state/model\.safetensors has \d+ bytes, the manifest says \d+: truncated state"),
-    "corrupt-optimizer": (lambda s: _flip_byte(s / "optimizer.pt"),
-                          r"train_latest_state/optimizer\.pt does not match its sha256 in the manifest: corrupt state"),
-    "missing-scheduler": (lambda s: (s / "scheduler.pt").unlink(),
-                          r"train_latest_state lacks scheduler\.pt listed in its manifest: incomplete state"),
+    "corrupt-optimizer": (lambda s: _flip_byte(s / "optimizer.bin"),
+                          r"train_latest_state/optimizer\.bin does not match its sha256 in the manifest: corrupt state"),
+    "missing-scheduler": (lambda s: (s / "custom_checkpoint_0.pkl").unlink(),  # first registered
+                          r"train_latest_state lacks custom_checkpoint_0\.pkl listed in its manifest: incomplete state"),
     "missing-manifest": (lambda s: (s / "manifest.json").unlink(),
                          r"train_latest_state has no manifest\.json: the save did not finish \(incomplete state\)"),
     "garbage-manifest": (lambda s: (s / "manifest.json").write_text("{not json"),

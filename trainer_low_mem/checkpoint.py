@@ -1,60 +1,54 @@
 """Atomic, verifiable training state: `OUTPUT_DIR/train_latest_state`, and the final weights.
 
-Save (every rank calls `Checkpointer.save`; only the paths named below are written):
-1. rank 0 creates the sibling `train_latest_state.tmp-<pid of rank 0>`;
-2. each rank writes its own files there (`rng/rank-<r>.pt`; under DeepSpeed its ZeRO shard), and
-   rank 0 writes the shared ones (model.safetensors, optimizer.pt, scheduler.pt, scaler.pt,
-   training_state.json);
-3. once every rank reports its writes done (one all-reduce, which doubles as the barrier) rank 0
-   fsyncs every file, writes `manifest.json` last (file list, sizes, sha256, step, config hash,
-   dataset fingerprint, plan), fsyncs the directory, renames the old state to
-   `train_latest_state.prev`, renames the temp dir to `train_latest_state`, fsyncs the parent and
-   removes `.prev`.
-A crash at any point leaves either the old or the new state complete, and a temp dir that loading
-ignores. A write that fails on any rank (disk full, I/O error) stops every rank with one
-CheckpointError naming the file, the cause, the free space and the previous state, which stays as
-it was; the temp dir is removed. Loading picks the newest state whose manifest verifies (`.prev`
-when `latest` is incomplete or corrupt) and says exactly what is wrong when none does.
+`accelerator.save_state` writes the content: weights (model.safetensors, from the unwrapped
+module through a save hook, so a state of N ranks loads with any number), optimizer
+(optimizer.bin; under DeepSpeed each rank's ZeRO shard in pytorch_model/), grad scaler, each
+rank's RNG (random_states_<rank>.pkl) and the objects registered for checkpointing
+(custom_checkpoint_<i>.pkl: schedule, run progress and data position, watchdog).
+training_state.json is the readable record of the same save, checked before anything is loaded.
 
-Resume cost does not depend on the step count: the loader state is a few integers and the loader
-seeks; nothing is replayed.
+Save (collective), atomic around `save_state`: rank 0 creates `train_latest_state.tmp-<pid>`;
+every rank runs `save_state` into it and rank 0 adds training_state.json; once every rank reports
+its writes done (one all-reduce, doubling as the barrier) rank 0 fsyncs every file, writes
+`manifest.json` last (files, sizes, sha256, step, config hash, dataset fingerprint, plan), fsyncs
+the directory, renames the old state to `.prev`, the temp dir to `train_latest_state`, fsyncs the
+parent and removes `.prev`. A crash at any point leaves the old or the new state complete. A
+write that fails on any rank stops every rank with one CheckpointError naming the file, the
+cause, the free space and the intact previous state. Loading picks the newest state whose
+manifest verifies (`.prev` when `latest` is incomplete or corrupt) and says what is wrong when
+none does. Resume cost does not depend on the step count: the loader seeks, nothing is replayed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 from lowmem_core.durable import file_sha256, fsync_path
-from lowmem_core.errors import CheckpointError
+from lowmem_core.errors import CheckpointError, ConfigError
 from lowmem_core.memory import format_bytes
 from trainer_low_mem.distributed import RankContext
 
 STATE_DIR_NAME = "train_latest_state"
 MANIFEST_NAME = "manifest.json"
 TRAINING_STATE_NAME = "training_state.json"
-MODEL_NAME = "model.safetensors"
-OPTIMIZER_NAME = "optimizer.pt"
-SCHEDULER_NAME = "scheduler.pt"
-SCALER_NAME = "scaler.pt"
-DEEPSPEED_TAG = "deepspeed"
-FORMAT = "lowmem-train-state/1"
+MODEL_NAME = "model.safetensors"  # accelerate's name for the first model's weights
+DEEPSPEED_TAG = "pytorch_model"  # accelerate's tag for the first DeepSpeed engine
+FORMAT = "lowmem-train-state/2"
 FINAL_CONFIG_NAME = "config.json"
 
 
 @dataclass
 class TrainingState:
-    """The scalar part of a checkpoint (stored as training_state.json).
+    """The readable record of a checkpoint (stored as training_state.json).
 
     `compat` holds what must be equal to resume (model architecture, vocabulary, sequence
     length, packing, seed, global batch, dataset fingerprint); `plan` and `config` are the run's
@@ -76,7 +70,7 @@ class TrainingState:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingState":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingState:
         return cls(**d)
 
 
@@ -102,60 +96,39 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _rng_state() -> dict[str, Any]:
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        # As plain lists so that torch.load(weights_only=True) can read it back.
-        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, gauss_value = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_value))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file fails in many ways inside unpickling
-        raise CheckpointError(f"cannot read {path}: {exc}; the checkpoint is corrupt, "
-                              "delete it or resume from another output dir") from exc
-
-
 def verify_state_dir(path: Path) -> dict[str, Any]:
-    """The manifest of a complete, intact state directory; CheckpointError saying what is wrong otherwise."""
+    """The manifest of a complete, intact state directory; else CheckpointError saying what is
+    wrong."""
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist")
     if not manifest_path.is_file():
-        raise CheckpointError(f"{path} has no {MANIFEST_NAME}: the save did not finish (incomplete state)")
+        raise CheckpointError(
+            f"{path} has no {MANIFEST_NAME}: the save did not finish (incomplete state)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({exc}): corrupt state") from exc
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(
+            f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
     for entry in manifest["files"]:
         file_path = path / entry["name"]
         if not file_path.is_file():
-            raise CheckpointError(f"{path} lacks {entry['name']} listed in its manifest: incomplete state")
+            raise CheckpointError(
+                f"{path} lacks {entry['name']} listed in its manifest: incomplete state"
+            )
         size = file_path.stat().st_size
         if size != entry["bytes"]:
-            raise CheckpointError(f"{file_path} has {size} bytes, the manifest says {entry['bytes']}: "
-                                  "truncated state")
+            raise CheckpointError(
+                f"{file_path} has {size} bytes, the manifest says {entry['bytes']}: truncated state"
+            )
         if file_sha256(file_path) != entry["sha256"]:
-            raise CheckpointError(f"{file_path} does not match its sha256 in the manifest: corrupt state")
+            raise CheckpointError(
+                f"{file_path} does not match its sha256 in the manifest: corrupt state"
+            )
     return manifest
 
 
@@ -173,20 +146,32 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Raise CheckpointError listing every field where the saved run and this run differ."""
     a, b = _flatten(saved), _flatten(current)
-    diffs = [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
+    diffs = [
+        f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
     if diffs:
         raise CheckpointError(
-            f"{where} was saved with other model, data or batch settings ({'; '.join(diffs)}); resume with the "
-            "saved settings, or start a new run in another --output_dir")
+            f"{where} was saved with other model, data or batch settings ({'; '.join(diffs)}); "
+            "resume with the saved settings, or start a new run in another --output_dir"
+        )
 
 
 class Checkpointer:
-    """Saves and loads `OUTPUT_DIR/train_latest_state` for one job (see the module docstring)."""
+    """Saves and loads `OUTPUT_DIR/train_latest_state` for one job (see the module docstring).
 
-    def __init__(self, output_dir: Path, ctx: RankContext):
+    `accelerator` (needed to save and load, not to find or verify states) gets two hooks that
+    save and load the weights of the unwrapped module.
+    """
+
+    def __init__(self, output_dir: Path, ctx: RankContext, accelerator=None):
         self.output_dir = Path(output_dir)
         self.ctx = ctx
+        self.accelerator = accelerator
+        if accelerator is not None:
+            accelerator.register_save_state_pre_hook(self._save_weights_hook)
+            accelerator.register_load_state_pre_hook(self._load_weights_hook)
 
     @property
     def latest_dir(self) -> Path:
@@ -201,13 +186,8 @@ class Checkpointer:
         return self.latest_dir.exists() or self.prev_dir.exists()
 
     # -- save -------------------------------------------------------------------------------
-    def save(self, state: TrainingState, *, model: torch.nn.Module, optimizer, scheduler,
-             scaler=None, engine=None) -> Path:
-        """Write the state atomically (collective: every rank calls it). Returns the latest dir.
-
-        `model` is the unwrapped module; `engine` the DeepSpeed engine when DeepSpeed runs, which
-        writes each rank's ZeRO optimizer shard itself.
-        """
+    def save(self, record: TrainingState) -> Path:
+        """Write the state atomically (collective: every rank calls it). Returns the latest dir."""
         ctx = self.ctx
         # Every rank must name the same temp dir: rank 0's pid, spread by a max-reduce.
         token = ctx.all_reduce_max(os.getpid() if ctx.is_main else 0)
@@ -217,20 +197,16 @@ class Checkpointer:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 for stale in self.output_dir.glob(f"{STATE_DIR_NAME}.tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
-                (tmp / "rng").mkdir(parents=True)
+                tmp.mkdir()
         failure = None
         try:
-            torch.save(_rng_state(), tmp / "rng" / f"rank-{ctx.rank}.pt")
-            if engine is not None:
-                engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+            # DeepSpeed's own "latest" pointer file is not wanted: the manifest names the state.
+            kwargs = {"save_latest": False} if ctx.uses_deepspeed else {}
+            self.accelerator.save_state(str(tmp), **kwargs)
             if ctx.is_main:
-                if engine is None:
-                    save_weights(model, tmp / MODEL_NAME)
-                    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-                torch.save(scheduler.state_dict(), tmp / SCHEDULER_NAME)
-                if scaler is not None:
-                    torch.save(scaler.state_dict(), tmp / SCALER_NAME)
-                (tmp / TRAINING_STATE_NAME).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
+                (tmp / TRAINING_STATE_NAME).write_text(
+                    json.dumps(record.to_dict(), indent=1, sort_keys=True)
+                )
         # A full disk surfaces as OSError, as RuntimeError from torch's zip writer, or as
         # SafetensorError from the weights writer.
         except (OSError, RuntimeError, SafetensorError) as exc:
@@ -239,11 +215,36 @@ class Checkpointer:
         self._raise_if_any_failed(failure, tmp)
         if ctx.is_main:
             try:
-                self._finalise(tmp, state)
+                self._finalise(tmp, record)
             except OSError as exc:
                 failure = exc
         self._raise_if_any_failed(failure, tmp)
         return self.latest_dir
+
+    def _save_weights_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # accelerate would save the wrapper's state dict ("module."-prefixed under DDP); the
+        # unwrapped module's loads with any number of ranks. DeepSpeed engines save themselves.
+        if not weights:
+            return
+        if self.ctx.is_main:
+            for i, model in enumerate(models):
+                save_weights(
+                    self.accelerator.unwrap_model(model), Path(output_dir) / _weights_name(i)
+                )
+        weights.clear()
+
+    def _load_weights_hook(self, models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / _weights_name(i)
+            missing, unexpected = load_model(
+                self.accelerator.unwrap_model(model), str(path), strict=False
+            )
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path} does not fit the model: missing {sorted(missing)}, unexpected "
+                    f"{sorted(unexpected)}; resume with the model settings it was saved with"
+                )
+        models.clear()
 
     def _raise_if_any_failed(self, failure: BaseException | None, tmp: Path) -> None:
         """Collective: when any rank's write failed, remove the temp dir and raise on every rank."""
@@ -252,8 +253,10 @@ class Checkpointer:
         if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if failure is None:
-            raise CheckpointError(f"another rank could not write the training state to {tmp} (see its error); "
-                                  "free disk space or choose another --output_dir")
+            raise CheckpointError(
+                f"another rank could not write the training state to {tmp} (see its error); "
+                "free disk space or choose another --output_dir"
+            )
         if isinstance(failure, OSError) and failure.strerror:
             where, cause = failure.filename or tmp, failure.strerror
         else:
@@ -271,27 +274,39 @@ class Checkpointer:
             previous = f"the previous state {candidate} (step {step}) is intact"
             break
         raise CheckpointError(
-            f"cannot write the training state: {where} ({cause}; {free}); {previous}; free disk space or choose "
-            "another --output_dir, then resume with --is_keep_training=True") from failure
+            f"cannot write the training state: {where} ({cause}; {free}); {previous}; free disk "
+            "space or choose another --output_dir, then resume with --is_keep_training=True"
+        ) from failure
 
     def _finalise(self, tmp: Path, state: TrainingState) -> None:
         files = []
         for file_path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             fsync_path(file_path)
-            files.append({"name": str(file_path.relative_to(tmp)), "bytes": file_path.stat().st_size,
-                          "sha256": file_sha256(file_path)})
+            files.append(
+                {
+                    "name": str(file_path.relative_to(tmp)),
+                    "bytes": file_path.stat().st_size,
+                    "sha256": file_sha256(file_path),
+                }
+            )
         for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
             fsync_path(sub)
-        manifest = {"format": FORMAT, "step": state.step, "config_hash": state.config_hash,
-                    "dataset_fingerprint": state.compat.get("dataset_fingerprint"),
-                    "world_size": state.world_size, "deepspeed": self.ctx.uses_deepspeed,
-                    "plan": state.plan, "files": files}
+        manifest = {
+            "format": FORMAT,
+            "step": state.step,
+            "config_hash": state.config_hash,
+            "dataset_fingerprint": state.compat.get("dataset_fingerprint"),
+            "world_size": state.world_size,
+            "deepspeed": self.ctx.uses_deepspeed,
+            "plan": state.plan,
+            "files": files,
+        }
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
         fsync_path(tmp)
         latest, prev = self.latest_dir, self.prev_dir
         if latest.exists():
-            # latest came from a completed rename, so it is the state to keep until the new one lands;
-            # a .prev still present then is older and goes.
+            # latest came from a completed rename, so it is the state to keep until the new one
+            # lands; a .prev still present then is older and goes.
             shutil.rmtree(prev, ignore_errors=True)
             os.rename(latest, prev)
         os.rename(tmp, latest)
@@ -300,6 +315,38 @@ class Checkpointer:
         fsync_path(self.output_dir)
 
     # -- load -------------------------------------------------------------------------------
+    def locate_resume(self, keep_training: bool) -> tuple[Path, dict[str, Any]] | None:
+        """Collective: the state to resume (latest, else prev) and its manifest, or None.
+
+        Without `keep_training` an existing state is an error (a new run would overwrite it).
+        Rank 0 verifies (hashes every file once); the other ranks learn its choice.
+        """
+        if not keep_training:
+            if self.has_state():
+                raise ConfigError(
+                    f"{self.latest_dir} already exists; pass --is_keep_training=True to resume "
+                    "it, or choose another --output_dir for a new run"
+                )
+            return None
+        choice, manifest, problem = -1, None, None  # choice: 0 latest, 1 prev
+        if self.ctx.is_main:
+            try:
+                path, manifest = self.find_resumable()
+                choice = 0 if path == self.latest_dir else 1
+            except CheckpointError as exc:
+                problem = exc
+        choice = self.ctx.all_reduce_max(choice)
+        if choice < 0:
+            if problem is not None:
+                raise problem
+            raise CheckpointError(
+                f"rank 0 found no usable training state in {self.output_dir} (see its message)"
+            )
+        path = (self.latest_dir, self.prev_dir)[choice]
+        if manifest is None:
+            manifest = json.loads((path / MANIFEST_NAME).read_text())
+        return path, manifest
+
     def find_resumable(self) -> tuple[Path, dict[str, Any]]:
         """(directory, manifest) of the newest state that verifies; CheckpointError if none does."""
         problems = []
@@ -311,14 +358,18 @@ class Checkpointer:
             except CheckpointError as exc:
                 problems.append(str(exc))
         if problems:
-            raise CheckpointError(f"no usable training state in {self.output_dir}: {' | '.join(problems)}")
+            raise CheckpointError(
+                f"no usable training state in {self.output_dir}: {' | '.join(problems)}"
+            )
         raise CheckpointError(
             f"--is_keep_training=True but {self.latest_dir} does not exist; start without it for a "
-            "new run, or point --output_dir at the run to resume")
+            "new run, or point --output_dir at the run to resume"
+        )
 
-    def load(self, path: Path, manifest: dict[str, Any], *, compat: dict[str, Any],
-             model: torch.nn.Module, optimizer, scheduler, scaler=None, engine=None) -> TrainingState:
-        """Restore everything saved in `path` into the given objects; returns the scalar state.
+    def load(
+        self, path: Path, manifest: dict[str, Any], *, compat: dict[str, Any]
+    ) -> TrainingState:
+        """Restore the state in `path` through `accelerator.load_state`; returns its record.
 
         Raises CheckpointError when the saved run's model/dataset/batch settings differ from
         `compat`, or when ZeRO shards would have to be re-sharded for another world size.
@@ -327,36 +378,48 @@ class Checkpointer:
         state = TrainingState.from_dict(json.loads((path / TRAINING_STATE_NAME).read_text()))
         check_compatible(state.compat, compat, path)
         saved_deepspeed = bool(manifest.get("deepspeed"))
-        if saved_deepspeed != (engine is not None):
+        if saved_deepspeed != ctx.uses_deepspeed:
             raise CheckpointError(
-                f"{path} was saved {'with' if saved_deepspeed else 'without'} DeepSpeed but this run is "
-                f"{'with' if engine is not None else 'without'} it; resume with the same accelerate config")
-        if engine is not None:
+                f"{path} was saved {'with' if saved_deepspeed else 'without'} DeepSpeed but this "
+                f"run is {'with' if ctx.uses_deepspeed else 'without'} it; resume with the same "
+                "accelerate config"
+            )
+        kwargs = {}
+        if ctx.uses_deepspeed:
             if state.world_size != ctx.world_size:
                 raise CheckpointError(
-                    f"{path} holds ZeRO-2 optimizer shards of {state.world_size} ranks and cannot be "
-                    f"re-sharded for {ctx.world_size}; resume with --num_processes {state.world_size} "
-                    "(plain DDP and CPU runs resume with any number of processes)")
-            load_path, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-            if load_path is None:
-                raise CheckpointError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}; the state is corrupt")
-        else:
-            missing, unexpected = load_model(model, str(path / MODEL_NAME), strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"{path / MODEL_NAME} does not fit the model: missing {sorted(missing)}, "
-                                      f"unexpected {sorted(unexpected)}")
-            optimizer.load_state_dict(_torch_load(path / OPTIMIZER_NAME))
-        scheduler.load_state_dict(_torch_load(path / SCHEDULER_NAME))
-        if scaler is not None and (path / SCALER_NAME).is_file():
-            scaler.load_state_dict(_torch_load(path / SCALER_NAME))
-        rng_path = path / "rng" / f"rank-{ctx.rank}.pt"
-        if rng_path.is_file():
-            _set_rng_state(_torch_load(rng_path))
+                    f"{path} holds ZeRO-2 optimizer shards of {state.world_size} ranks and cannot "
+                    f"be re-sharded for {ctx.world_size}; resume with --num_processes "
+                    f"{state.world_size} (plain DDP and CPU runs resume with any number of "
+                    "processes)"
+                )
+            if not (path / DEEPSPEED_TAG).is_dir():
+                raise CheckpointError(
+                    f"{path} lacks {DEEPSPEED_TAG}/ (the DeepSpeed engine's "
+                    "state); the state is corrupt"
+                )
+            kwargs = {"load_optimizer_states": True, "load_lr_scheduler_states": False}
+        try:
+            self.accelerator.load_state(str(path), **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # unpickling a foreign or damaged file fails in many ways
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(
+                f"cannot load the training state in {path} ({first}); it was written by another "
+                "version of the trainer or is damaged: resume from another --output_dir or start "
+                "a new run"
+            ) from exc
         return state
 
 
-def save_final_weights(output_dir: Path, model: torch.nn.Module, model_config: dict[str, Any]) -> Path:
+def _weights_name(index: int) -> str:
+    return MODEL_NAME if index == 0 else MODEL_NAME.replace(".", f"_{index}.")
+
+
+def save_final_weights(
+    output_dir: Path, model: torch.nn.Module, model_config: dict[str, Any]
+) -> Path:
     """Write OUTPUT_DIR/model.safetensors and config.json atomically (rank 0 only calls this)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = output_dir / MODEL_NAME

@@ -1,36 +1,117 @@
-"""Command line of the trainer: parse `train` flags into a `JobConfig` and run the loop.
+"""Command line of the trainer: `train` runs the loop, `plan` prints the plan a run would use.
 
-`train_low_mem.py` and the `train-low-mem` console script both call `main`. Flags are generated
-from `trainer_low_mem.config` by tyro: flat names with underscores, booleans given as values
-(`--is_keep_training=True`, `--auto_plan False`), as the seed's users type them.
+`train_low_mem.py` and the `train-low-mem` console script both call `main`; `python -m pipeline
+plan` delegates to `plan_main`. Flags are generated from `trainer_low_mem.config` by tyro: flat
+names with underscores, booleans given as values (`--is_keep_training=True`, `--auto_plan
+False`), as the seed's users type them; `plan` takes the same names as `train`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import tyro
 
 from lowmem_core.errors import ConfigError, run_cli
-from trainer_low_mem.config import JobConfig
+from trainer_low_mem.config import JobConfig, PlanConfig
 
 PROG = "train_low_mem.py"
+SUBCOMMANDS = ("train", "plan")
 _TYRO_MARKERS = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
 
 
 def parse_job_config(argv: list[str]) -> JobConfig:
     """Parse the flags of the `train` subcommand (without the word `train`) into a JobConfig."""
-    return tyro.cli(JobConfig, args=argv, prog=f"{PROG} train", use_underscores=True,
-                    config=_TYRO_MARKERS, description=JobConfig.__doc__)
+    return tyro.cli(
+        JobConfig,
+        args=argv,
+        prog=f"{PROG} train",
+        use_underscores=True,
+        config=_TYRO_MARKERS,
+        description=JobConfig.__doc__,
+    )
+
+
+def parse_plan_config(argv: list[str], prog: str = f"{PROG} plan") -> PlanConfig:
+    """Parse the flags of the `plan` subcommand (without the word `plan`) into a PlanConfig."""
+    return tyro.cli(
+        PlanConfig,
+        args=argv,
+        prog=prog,
+        use_underscores=True,
+        config=_TYRO_MARKERS,
+        description=PlanConfig.__doc__,
+    )
+
+
+def plan_from_config(cfg: PlanConfig):
+    """The plan of the run `cfg` describes, for a built-in preset with the analytic count."""
+    from pipeline.dataset import open_dataset
+    from trainer_low_mem.model import resolve_preset
+    from trainer_low_mem.planner import plan_for_job
+
+    m = cfg.model
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--model", m.model is not None),
+            ("--lora_rank", m.lora_rank is not None),
+            ("--load_in_4bit", m.load_in_4bit),
+        )
+        if given
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"`plan` counts the memory of built-in presets only, not {', '.join(unsupported)}; "
+            "plan with --model_preset, or start `train`, which prints its plan first"
+        )
+    vocab_size, dataset_bytes = cfg.vocab_size, None
+    if cfg.data.data is not None:
+        with open_dataset(cfg.data.data, ultra_low_mem=True) as ds:
+            vocab_size, dataset_bytes = vocab_size or ds.vocab_size, ds.token_bytes
+    preset = resolve_preset(m.model_preset, vocab_size)
+    if cfg.data.max_seq_len > preset.max_seq_len:
+        raise ConfigError(
+            f"--max_seq_len {cfg.data.max_seq_len} exceeds preset {m.model_preset!r}'s "
+            f"max_seq_len {preset.max_seq_len}; lower --max_seq_len"
+        )
+    launch = cfg.launch
+    return plan_for_job(
+        cfg,
+        preset,
+        world_size=launch.world_size,
+        zero_stage=launch.zero_stage,
+        offload_optimizer=launch.offload_optimizer,
+        dataset_bytes=dataset_bytes,
+        ranks_per_node=launch.ranks_per_node,
+        num_cores=launch.num_cores,
+    )
+
+
+def plan_main(argv: list[str], prog: str = f"{PROG} plan") -> int:
+    """`plan [FLAGS]`: print the plan as a table (or JSON with --json=True)."""
+    cfg = parse_plan_config(argv, prog)
+    result = plan_from_config(cfg)
+    print(json.dumps(result.to_dict(), indent=2) if cfg.json else result.table())
+    return 0
 
 
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {PROG} train [FLAGS]   (see `{PROG} train --help`)")
+        print(
+            f"usage: {PROG} {{train,plan}} [FLAGS]   (see `{PROG} train --help`, "
+            f"`{PROG} plan --help`)"
+        )
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command != "train":
-        raise ConfigError(f"unknown subcommand {command!r}; the trainer has one: `{PROG} train --help`")
+    if command not in SUBCOMMANDS:
+        raise ConfigError(
+            f"unknown subcommand {command!r}; choose one of "
+            f"{', '.join(SUBCOMMANDS)} (`{PROG} train --help`)"
+        )
+    if command == "plan":
+        return plan_main(rest)
     config = parse_job_config(rest)
     # Imported here so that `--help` and flag errors do not pay for torch and accelerate.
     from trainer_low_mem.loop import train

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,32 +21,9 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from lowmem_core.errors import ConfigError
+from lowmem_core.units import parse_byte_size
 
 DEFAULT_GLOBAL_BATCH_ROWS = 32
-
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_byte_size(text: str | int) -> int:
-    """'24GB' -> 24_000_000_000, '16GiB' -> 17_179_869_184, '1048576' -> 1_048_576."""
-    if isinstance(text, int):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _BYTE_UNITS:
-            raise ConfigError(
-                f"cannot read {text!r} as a size in bytes; write a byte count or a number with a "
-                "unit such as 24GB, 16GiB or 512MB")
-        size = int(float(match.group(1)) * _BYTE_UNITS[unit])
-    if size <= 0:
-        raise ConfigError(f"size {text!r} must be greater than 0 bytes")
-    return size
-
 
 def _require_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
@@ -280,18 +256,33 @@ class MemoryConfig:
     """Host RAM the job may use, in bytes or with a unit (24GB, 16GiB); default: the machine's or
     cgroup's limit as the sizer reads it."""
 
+    device_budget: str | None = None
+    """Memory each rank may use on its device, in bytes or with a unit (20GiB); default: the least
+    free memory over the visible GPUs, or without a GPU this rank's share of host RAM."""
+
     auto_plan: bool = True
     """Let the sizer choose micro-batch, accumulation, readers, prefetch depth and pinning (the global
     batch stays fixed); False uses --batch_size_per_gpu and --gradient_accumulation_steps as given."""
 
     def __post_init__(self) -> None:
         if self.host_ram_limit is not None:
-            parse_byte_size(self.host_ram_limit)
+            parse_byte_size(self.host_ram_limit, flag="--host_ram_limit")
+        if self.device_budget is not None:
+            parse_byte_size(self.device_budget, flag="--device_budget")
 
     @property
     def host_ram_limit_bytes(self) -> int | None:
         """--host_ram_limit in bytes, or None for the detected limit."""
-        return None if self.host_ram_limit is None else parse_byte_size(self.host_ram_limit)
+        if self.host_ram_limit is None:
+            return None
+        return parse_byte_size(self.host_ram_limit, flag="--host_ram_limit")
+
+    @property
+    def device_budget_bytes(self) -> int | None:
+        """--device_budget in bytes, or None for the detected budget."""
+        if self.device_budget is None:
+            return None
+        return parse_byte_size(self.device_budget, flag="--device_budget")
 
 
 @dataclass(kw_only=True)
@@ -363,6 +354,77 @@ class JobConfig:
         if not self.memory.auto_plan and t.batch_size_per_gpu is not None:
             return t.batch_size_per_gpu * world_size
         return DEFAULT_GLOBAL_BATCH_ROWS
+
+
+
+@dataclass(kw_only=True)
+class PlanDataConfig(DataConfig):
+    """The data as a plan sees it: the dataset is optional."""
+
+    data: Path | None = None
+    """A built dataset (optional): its vocabulary, and its size, which decides between
+    memory-mapped and ultra-low-mem reading."""
+
+    def __post_init__(self) -> None:
+        _require_positive("max_seq_len", self.max_seq_len, allow_none=False)
+        _require_positive("num_readers", self.num_readers)
+        self.data = None if self.data is None else Path(self.data)
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """The launch a plan is made for (`train` reads these from accelerate and the machine)."""
+
+    world_size: int = 1
+    """Training processes (one per GPU) over all nodes."""
+
+    ranks_per_node: int | None = None
+    """Processes sharing one host's RAM; default: min(world size, visible GPUs), or the world size
+    without GPUs."""
+
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer states partitioned), 2 (gradients too)."""
+
+    offload_optimizer: bool = False
+    """ZeRO CPU offload: fp32 master weights and Adam states live in host RAM (needs --zero_stage
+    1 or 2)."""
+
+    num_cores: int | None = None
+    """CPU cores of the host; default: this process's affinity, capped by the cgroup's cpu.max."""
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "ranks_per_node", "num_cores"):
+            _require_positive(name, getattr(self, name), allow_none=name != "world_size")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(
+                f"--zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 is not supported)")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("--offload_optimizer=True needs --zero_stage 1 or 2")
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    """The plan a run would use: the flags of `train` that shape memory, and the launch's."""
+
+    data: PlanDataConfig = field(default_factory=PlanDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    vocab_size: int | None = None
+    """The vocabulary size without --data (e.g. 259 for the byte tokenizer); default: the
+    preset's."""
+
+    json: bool = False
+    """Print the plan as JSON instead of a table."""
+
+    def __post_init__(self) -> None:
+        _require_positive("vocab_size", self.vocab_size)
+
+    def resolve_global_batch(self, world_size: int) -> int:
+        """The global batch in rows, by the job's rule (see --global_batch)."""
+        return JobConfig.resolve_global_batch(self, world_size)  # type: ignore[arg-type]
 
 
 def config_hash(d: dict[str, Any]) -> str:

@@ -1,24 +1,27 @@
 """Rank awareness in one place: create the Accelerator and wrap it in a small `RankContext`.
 
 Everything else in the trainer asks the `RankContext` who it is (`rank`, `is_main`) and uses its
-collectives (`all_reduce_min/max/sum`, `gather`, `barrier`) instead of calling torch.distributed
-or testing `rank == 0` itself.
+collectives (`all_reduce_min/max/sum`, `sum_over_ranks`, `gather`, `barrier`) instead of calling
+torch.distributed or testing `rank == 0` itself.
 
-Without CUDA the Accelerator is created for CPU, so `accelerate launch --multi_gpu --num_processes 3`
-on a GPU-less machine forms one 3-rank gloo process group: three ranks of one job, never three
-independent jobs writing one output directory.
+Without CUDA the Accelerator is created for CPU, so `accelerate launch --multi_gpu
+--num_processes 3` on a GPU-less machine forms one 3-rank gloo process group: three ranks of one
+job, never three independent jobs writing one output directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def deepspeed_requested() -> bool:
@@ -26,8 +29,13 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def create_accelerator(*, mixed_precision: str, cpu_multiprocess: bool, log_with: str | None = None,
-                       project_dir: Path | None = None):
+def create_accelerator(
+    *,
+    mixed_precision: str,
+    cpu_multiprocess: bool,
+    log_with: str | None = None,
+    project_dir: Path | None = None,
+):
     """The job's Accelerator; gradient accumulation is set later from the plan.
 
     `cpu_multiprocess` (several processes, no CUDA; see sanity.detect_cpu_multiprocess): DDP runs
@@ -45,8 +53,9 @@ def create_accelerator(*, mixed_precision: str, cpu_multiprocess: bool, log_with
             kwargs["cpu"] = True
     if log_with is not None:
         kwargs["log_with"] = log_with
-        kwargs["project_config"] = ProjectConfiguration(project_dir=str(project_dir),
-                                                        logging_dir=str(project_dir))
+        kwargs["project_config"] = ProjectConfiguration(
+            project_dir=str(project_dir), logging_dir=str(project_dir)
+        )
     return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 
@@ -62,23 +71,29 @@ class RankContext:
     local_rank: int
     device: torch.device
     uses_deepspeed: bool = False
-    cpu_group: object | None = None  # gloo group for control values, so they never sync a GPU stream
+    cpu_group: object | None = (
+        None  # gloo group for control values, so they never sync a GPU stream
+    )
 
     @classmethod
-    def from_accelerator(cls, accelerator) -> "RankContext":
+    def from_accelerator(cls, accelerator) -> RankContext:
         from accelerate.utils import DistributedType
 
         world_size = accelerator.num_processes
         cpu_group = None
         if world_size > 1 and dist.is_initialized() and dist.get_backend() != "gloo":
             cpu_group = dist.new_group(backend="gloo")  # collective: every rank creates it
-        return cls(rank=accelerator.process_index, world_size=world_size,
-                   local_rank=accelerator.local_process_index, device=accelerator.device,
-                   uses_deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
-                   cpu_group=cpu_group)
+        return cls(
+            rank=accelerator.process_index,
+            world_size=world_size,
+            local_rank=accelerator.local_process_index,
+            device=accelerator.device,
+            uses_deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
+            cpu_group=cpu_group,
+        )
 
     @classmethod
-    def single(cls, device: torch.device | str = "cpu") -> "RankContext":
+    def single(cls, device: torch.device | str = "cpu") -> RankContext:
         """A one-process context (tests, tools)."""
         return cls(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
@@ -120,11 +135,13 @@ class RankContext:
         """Element-wise sums of `values` over ranks, in one collective."""
         return self._reduce([float(v) for v in values], dist.ReduceOp.SUM)
 
-    def gather(self, value: float) -> list[float]:
-        """Every rank's `value`, indexed by rank, on every rank."""
-        slots = [0.0] * self.world_size
-        slots[self.rank] = float(value)
-        return self._reduce(slots, dist.ReduceOp.SUM)
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value` (any picklable object), indexed by rank, on every rank."""
+        if not self._distributed:
+            return [value]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.cpu_group)
+        return gathered
 
     def barrier(self) -> None:
         """Wait until every rank arrives."""

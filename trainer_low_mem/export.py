@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowmem_core.durable import fsync_path
-from lowmem_core.errors import CheckpointError, ConfigError
+from lowmem_core.errors import CheckpointError, ConfigError, require_extra
 from trainer_low_mem.model import ROPE_BASE, DecoderLM
 
 BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -90,7 +90,7 @@ def _decoder_names(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str,
 
 def llama_config(model: DecoderLM, special_ids: dict[str, int | None]):
     """The `LlamaConfig` whose `LlamaForCausalLM` computes what `model` computes."""
-    import transformers
+    transformers = require_extra("transformers", "hf", "exporting a Hugging Face model folder")
 
     p = model.preset
     return transformers.LlamaConfig(
@@ -115,7 +115,7 @@ def llama_config(model: DecoderLM, special_ids: dict[str, int | None]):
 
 def byte_tokenizer_folder(out: Path) -> None:
     """A fast tokenizer equal to the built-in byte tokenizer: id i is byte i; 256-258 specials."""
-    import transformers
+    transformers = require_extra("transformers", "hf", "exporting a Hugging Face model folder")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 

@@ -15,7 +15,6 @@ position ids (flash-attention implementations take the position ids alone).
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowmem_core.errors import ConfigError
+from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem.model import (
     ModelOutput,
@@ -46,12 +45,7 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 def _transformers():
-    try:
-        return importlib.import_module("transformers")
-    except ImportError:
-        raise ConfigError(
-            "--model needs the Hugging Face transformers package: pip install 'lowmem-pipeline[hf]'"
-        ) from None
+    return require_extra("transformers", "hf", "--model")
 
 
 def check_model_folder(path: Path | str) -> Path:
@@ -180,6 +174,34 @@ class HFCausalLM(nn.Module):
     def vocab_rows(self) -> int:
         """Rows of the input embedding: the largest token id the model accepts, plus one."""
         return int(self.hf_model.get_input_embeddings().weight.shape[0])
+
+    # The planner's ModelShape: decoder dimensions (config names, mapped by transformers for
+    # architectures that spell them otherwise) and parameter counts.
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def d_ff(self) -> int:
+        return int(getattr(self.config, "intermediate_size", None) or 4 * self.d_model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab_rows
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def trainable_param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # -- loss path -------------------------------------------------------------------------
     def _head_and_backbone(self) -> tuple[nn.Linear | None, nn.Module | None]:

@@ -9,12 +9,11 @@ gradient and no optimizer state, which is what makes LoRA fit a 12 GB card.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from torch import nn
 
-from lowmem_core.errors import ConfigError
+from lowmem_core.errors import ConfigError, require_extra
 
 # The built-in model's linear layers (attention qkv and output, the SwiGLU MLP), not the head.
 BUILTIN_TARGETS = ["qkv", "proj", "gate", "up"]
@@ -29,12 +28,7 @@ class LoraSettings:
 
 
 def _peft():
-    try:
-        return importlib.import_module("peft")
-    except ImportError:
-        raise ConfigError(
-            "--lora_rank needs the peft package: pip install 'lowmem-pipeline[lora]'"
-        ) from None
+    return require_extra("peft", "lora", "--lora_rank")
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

@@ -28,7 +28,6 @@ same weights and data produce bit-identical losses and gradients (exact-resume t
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lowmem_core.errors import ConfigError
+from lowmem_core.errors import ConfigError, require_extra
 
 from lowmem_core.format import IGNORE_INDEX
 ROPE_BASE = 10_000.0
@@ -90,6 +89,10 @@ class ModelPreset:
         d = self.d_model
         per_layer = 4 * d * d + 3 * d * self.d_ff + 2 * d  # qkv + out proj, SwiGLU MLP, two norms
         return self.vocab_size * d + self.n_layers * per_layer + d  # embedding, blocks, final norm
+
+    def trainable_param_count(self) -> int:
+        """Parameters trained when the whole model trains: all (the planner's ModelShape)."""
+        return self.param_count()
 
     def matmul_param_count(self) -> int:
         """Parameters that take part in a matmul per token: all linear layers plus the LM head."""
@@ -474,13 +477,7 @@ def load_hf_causal_lm(name_or_path: str, grad_checkpointing: bool = False) -> HF
 
     Needs the optional `hf` extra; without it this raises ConfigError naming the install command.
     """
-    try:
-        transformers = importlib.import_module("transformers")
-    except ImportError:
-        raise ConfigError(
-            f"model {name_or_path!r} needs the Hugging Face transformers package, which is not installed; "
-            "pip install lowmem-pipeline[hf], or use a built-in --model_preset"
-        ) from None
+    transformers = require_extra("transformers", "hf", f"model {name_or_path!r}")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path)
     if grad_checkpointing:
         hf_model.gradient_checkpointing_enable()

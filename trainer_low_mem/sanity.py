@@ -45,7 +45,8 @@ class LaunchFacts:
     uses_deepspeed: bool
     """The launch asks for DeepSpeed (ZeRO)."""
     deepspeed_installed: bool
-    """The deepspeed package can be imported."""
+    """The `deepspeed` extra is installed: deepspeed, and transformers (accelerate's DeepSpeed
+    integration imports it)."""
     device_map: str | Mapping[str, object] | None
     """How the model is placed when loaded (transformers' device_map); None for the usual one device per rank."""
     global_batch: int | None
@@ -89,8 +90,9 @@ def check_launch(facts: LaunchFacts) -> None:
         )
     if facts.uses_deepspeed and not facts.deepspeed_installed:
         raise ConfigError(
-            "the launch config uses DeepSpeed ZeRO but the deepspeed package is not installed; "
-            "pip install deepspeed, or launch with accelerate_configs/multi_gpu_3.yaml (plain DDP)"
+            "the launch config uses DeepSpeed ZeRO but the `deepspeed` extra is not installed; "
+            "pip install 'lowmem-pipeline[deepspeed]', or launch with "
+            "accelerate_configs/multi_gpu_3.yaml (plain DDP)"
         )
     if facts.offload_optimizer and facts.zero_stage == 0:
         raise ConfigError(
@@ -201,7 +203,9 @@ def launch_facts_from_env(
 
         cuda_device_count = torch.cuda.device_count()
     if deepspeed_installed is None:
-        deepspeed_installed = importlib.util.find_spec("deepspeed") is not None
+        deepspeed_installed = all(
+            importlib.util.find_spec(name) is not None for name in ("deepspeed", "transformers")
+        )
 
     world_size = _env_int(env, "WORLD_SIZE", 1)
     # torchrun always sets LOCAL_WORLD_SIZE; without it there is no per-node count to check, and

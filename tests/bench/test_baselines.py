@@ -1,5 +1,6 @@
 """Every baseline delivers the right tokens: the same useful-token multiset as our loader on the
-same documents, nanoGPT blocks that are contiguous slices of the token file, and an exact copy bound."""
+same documents, nanoGPT blocks that are contiguous slices of the token file, and an exact copy
+bound."""
 
 from __future__ import annotations
 

@@ -42,25 +42,37 @@ def test_quick_shortens_every_stage():
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "key_facts"),
     [
-        (["--data", "x", "--synthetic", "5"], "error: pass either --data DIR or --synthetic N, not both"),
-        (["--readers", "0,2"], "error: --readers needs counts >= 1, e.g. 1,2,4; got (0, 2)"),
-        (["--readers", "one"], "error: --readers takes comma-separated integers such as 1,2,4; got 'one'"),
-        (["--seq-len", "1"], "error: --seq-len must be >= 2 (inputs and shifted targets), got 1"),
-        (["--data", "/nonexistent/ds", "--stage", "loader"],
-         "error: --data /nonexistent/ds does not exist; build one with `python -m pipeline build INPUT... --out DIR`"),
+        (["--data", "x", "--synthetic", "5"], ["--data", "--synthetic", "not both"]),
+        (["--readers", "0,2"], ["--readers", ">= 1", "(0, 2)"]),
+        (["--readers", "one"], ["--readers", "integers", "'one'"]),
+        (["--seq-len", "1"], ["--seq-len", ">= 2", "got 1"]),
+        (
+            ["--data", "/nonexistent/ds", "--stage", "loader"],
+            ["/nonexistent/ds does not exist", "python -m pipeline build"],
+        ),
     ],
 )
-def test_bad_flags_give_one_line(args, message, capsys):
+def test_bad_flags_give_one_line(args, key_facts, capsys):
     assert main(["throughput", *args]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert all(fact in err[0] for fact in key_facts)
 
 
-def test_check_lines_state_value_target_and_verdict():
-    assert Check("packing mmap vs HF", 34.1, 20.0, True, "x").line() == "packing mmap vs HF: 34.10x (target >= 20x) PASS"
-    assert Check("USS growth", 40.0, 32.0, False, "MB").line() == "USS growth: 40.0 MB (target <= 32 MB) FAIL"
-    assert Check("data wait", 0.25, 1.0, False, "%").line() == "data wait: 0.25% (target <= 1%) PASS"
+@pytest.mark.parametrize(
+    "check, facts",
+    [
+        (Check("packing mmap vs HF", 34.1, 20.0, True, "x"), ["34.10x", ">= 20x", "PASS"]),
+        (Check("USS growth", 40.0, 32.0, False, "MB"), ["40.0 MB", "<= 32 MB", "FAIL"]),
+        (Check("data wait", 0.25, 1.0, False, "%"), ["0.25%", "<= 1%", "PASS"]),
+    ],
+)
+def test_check_lines_state_name_value_target_and_verdict(check, facts):
+    line = check.line()
+    assert line.startswith(check.name) and all(fact in line for fact in facts)
+    assert check.passed is line.endswith("PASS")
 
 
 def test_loader_stage_writes_json_table_checks_and_plot(make_dataset, tmp_path, capsys):
@@ -79,7 +91,7 @@ def test_loader_stage_writes_json_table_checks_and_plot(make_dataset, tmp_path, 
     names = [r["name"] for r in doc["results"]]
     expected_ours = [f"ours {layout} {mode} r={r}" for layout in ("packing", "padding")
                      for mode in ("mmap", "ultra_low_mem") for r in (1, 2)]
-    assert names[:8] == expected_ours
+    assert set(expected_ours) <= set(names)
     assert {"hf datasets workers=0", "hf datasets workers=1", "nanoGPT memmap", "reference read_table+slice",
             "reference ultra (re-read file per item)", "memcpy bound"} <= set(names)
     for result in doc["results"]:
@@ -87,8 +99,8 @@ def test_loader_stage_writes_json_table_checks_and_plot(make_dataset, tmp_path, 
         assert result["stage"] == "loader"
         assert result["tokens_per_s"] > 0 and result["batches_per_s"] > 0 and result["peak_uss_bytes"] > 0
         assert len(result["repeat_tokens_per_s"]) == 2
-    assert [c["name"] for c in doc["checks"]] == [
-        "packing mmap vs HF", "packing mmap vs nanoGPT memmap", "ultra_low_mem vs mmap (packing)"]
+    assert {c["name"] for c in doc["checks"]} == {
+        "packing mmap vs HF", "packing mmap vs nanoGPT memmap", "ultra_low_mem vs mmap (packing)"}
     assert plot_path.read_bytes()[:8] == PNG_MAGIC
 
     out = capsys.readouterr().out

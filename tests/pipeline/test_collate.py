@@ -7,7 +7,6 @@ import pytest
 
 from pipeline import Loader, open_dataset
 from pipeline.sampler import EpochIndex, epoch_permutation
-from tests.conftest import synthetic_token_docs
 
 
 def reference_packed(docs, perm, eos_id, pad_id, seq_len):
@@ -33,7 +32,7 @@ def reference_packed(docs, perm, eos_id, pad_id, seq_len):
 
 @pytest.mark.parametrize("ultra_low_mem", [False, True])
 @pytest.mark.parametrize("shard_tokens", [None, 997])
-def test_packed_batches_equal_numpy_reference(tmp_path, ultra_low_mem, shard_tokens):
+def test_packed_batches_equal_numpy_reference(tmp_path, ultra_low_mem, shard_tokens, synthetic_token_docs):
     import json
 
     from pipeline.build import build_dataset

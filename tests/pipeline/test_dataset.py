@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline import PipelineError, open_dataset
-from tests.conftest import synthetic_token_docs
 
 
-def test_documents_read_back_exactly_in_both_modes(make_dataset):
+def test_documents_read_back_exactly_in_both_modes(make_dataset, synthetic_token_docs):
     path = make_dataset(num_docs=120, seed=2, median_len=25)
     docs = synthetic_token_docs(120, 2, 25, 256)
     mmap, ultra = open_dataset(path), open_dataset(path, ultra_low_mem=True)
@@ -34,7 +33,7 @@ def test_mmap_reads_are_views_and_ultra_low_mem_holds_no_mapping(sample_dataset_
     assert np.array_equal(ultra[3], mmap[3])
 
 
-def test_datasets_folder_with_token_column_opens_directly(tmp_path):
+def test_datasets_folder_with_token_column_opens_directly(tmp_path, synthetic_token_docs):
     import datasets
 
     docs = synthetic_token_docs(50, 4, 20, 256)

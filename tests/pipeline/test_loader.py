@@ -10,13 +10,12 @@ import pytest
 
 from pipeline import CheckpointError, ConfigError, Loader, open_dataset
 from pipeline.sampler import epoch_permutation
-from tests.conftest import synthetic_token_docs
 
 NUM_DOCS, SEED, MEDIAN = 300, 7, 40
 
 
 @pytest.fixture
-def docs_and_dir(make_dataset):
+def docs_and_dir(make_dataset, synthetic_token_docs):
     path = make_dataset(num_docs=NUM_DOCS, seed=SEED, median_len=MEDIAN)
     return synthetic_token_docs(NUM_DOCS, SEED, MEDIAN, 256), path
 

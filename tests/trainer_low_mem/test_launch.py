@@ -69,7 +69,8 @@ def test_three_cpu_ranks_train_as_one_group_then_resume_with_two(tmp_path, sampl
     monkeypatch.delitem(ENV, "LOWMEM_INJECT_OOM_AT_STEP")
     log = first.stdout + first.stderr
     assert first.returncode == 0, log
-    assert first.stdout.count("out of memory at step 3 (rank 1, micro-batch 0 forward): micro-batch 8 -> 4, "
+    assert first.stdout.count("out of memory at step 3 (rank 1, micro-batch 0 forward: injected out-of-memory "
+                              "error at step 3 (LOWMEM_INJECT_OOM_AT_STEP)): micro-batch 8 -> 4, "
                               "accumulation 1 -> 2, global batch 24 unchanged") == 1, log
     assert first.stdout.count("world_size: 3, device: cpu") == 1, log  # one job, printed by rank 0 only
     assert "DistributedType.MULTI_CPU" in first.stdout
@@ -81,9 +82,9 @@ def test_three_cpu_ranks_train_as_one_group_then_resume_with_two(tmp_path, sampl
     state = _state(out)
     assert (state["step"], state["world_size"]) == (24, 3)
     assert state["loader_state"]["consumed_rows"] == 24 * 24
-    assert state["plan"]["micro_batch_per_gpu"] == 4
-    assert sorted(p.name for p in (out / "train_latest_state" / "rng").iterdir()) == [
-        "rank-0.pt", "rank-1.pt", "rank-2.pt"]
+    assert state["plan"]["micro_batch_per_rank"] == 4
+    assert sorted(p.name for p in (out / "train_latest_state").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl", "random_states_2.pkl"]
 
     second = _launch(2, sample_dataset_dir, out, "--global_batch", "24", "--max_steps", "30", "--log_every", "6",
                      "--is_keep_training=True")
@@ -97,16 +98,23 @@ def test_three_cpu_ranks_train_as_one_group_then_resume_with_two(tmp_path, sampl
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_latest_state"]
 
 
-def test_zero2_cpu_offload_trains_resumes_and_refuses_resharding(tmp_path, sample_dataset_dir):
+def test_zero2_cpu_offload_trains_resumes_and_refuses_resharding(tmp_path, sample_dataset_dir, monkeypatch):
     out = tmp_path / "model_save"
     common = ("--global_batch", "12", "--log_every", "2", "--save_every", "2")
-    first = _launch(2, sample_dataset_dir, out, *common, "--max_steps", "4", config_file=ZERO2_CONFIG)
+    # Rank 1 alone runs out of memory in step 3's first forward: the engine takes the halved sizes.
+    monkeypatch.setitem(ENV, "LOWMEM_INJECT_OOM_AT_STEP", "3")
+    monkeypatch.setitem(ENV, "LOWMEM_INJECT_OOM_RANK", "1")
+    first = _launch(2, sample_dataset_dir, out, *common, "--batch_size_per_gpu", "6", "--max_steps", "4",
+                    config_file=ZERO2_CONFIG)
+    monkeypatch.delitem(ENV, "LOWMEM_INJECT_OOM_AT_STEP")
     log = first.stdout + first.stderr
     assert first.returncode == 0, log
+    assert ("out of memory at step 3 (rank 1, micro-batch 0 forward: injected out-of-memory error at step 3 "
+            "(LOWMEM_INJECT_OOM_AT_STEP)): micro-batch 6 -> 3, accumulation 1 -> 2") in first.stdout, log
     assert "DistributedType.DEEPSPEED" in first.stdout and "DeepSpeedZeroOptimizer > DeepSpeedCPUAdam" in first.stdout
     state = _state(out)
     assert (state["step"], state["world_size"], state["deepspeed"]) == (4, 2, True)
-    shards = sorted(p.name for p in (out / "train_latest_state" / "deepspeed").iterdir())
+    shards = sorted(p.name for p in (out / "train_latest_state" / "pytorch_model").iterdir())
     assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                       "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lowmem_core.errors import CheckpointError, ConfigError, MemoryLimitError
 from lowmem_core.memory import effective_host_limit_bytes
-from trainer_low_mem import loop
+from trainer_low_mem import loop, oom
 from trainer_low_mem.checkpoint import Checkpointer, verify_state_dir
 from trainer_low_mem.cli import parse_job_config
 from trainer_low_mem.distributed import RankContext
@@ -27,12 +27,37 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(data: Path, out: Path, *extra: str, micro: int = 4, accum: int = 2, steps: int = 8):
-    return parse_job_config([
-        "--data", str(data), "--output_dir", str(out), "--model_preset", "tiny", "--max_seq_len", "64",
-        "--auto_plan=False", "--batch_size_per_gpu", str(micro), "--gradient_accumulation_steps", str(accum),
-        "--max_steps", str(steps), "--lr", "3e-3", "--warmup_steps", "2", "--log_every", "2", "--save_every", "0",
-        "--progress_bar=False", "--num_readers", "1", *extra,
-    ])
+    return parse_job_config(
+        [
+            "--data",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--model_preset",
+            "tiny",
+            "--max_seq_len",
+            "64",
+            "--auto_plan=False",
+            "--batch_size_per_gpu",
+            str(micro),
+            "--gradient_accumulation_steps",
+            str(accum),
+            "--max_steps",
+            str(steps),
+            "--lr",
+            "3e-3",
+            "--warmup_steps",
+            "2",
+            "--log_every",
+            "2",
+            "--save_every",
+            "0",
+            "--progress_bar=False",
+            "--num_readers",
+            "1",
+            *extra,
+        ]
+    )
 
 
 def _stop_after(monkeypatch, step: int, signum: int = signal.SIGTERM):
@@ -41,7 +66,7 @@ def _stop_after(monkeypatch, step: int, signum: int = signal.SIGTERM):
 
     def train_step(self):
         outcome = original(self)
-        if self.step + 1 == step and not isinstance(outcome, str):
+        if self.progress.step + 1 == step and not isinstance(outcome, str):
             signal.raise_signal(signum)
         return outcome
 
@@ -57,7 +82,9 @@ def test_resume_after_a_signal_is_bit_exact(tmp_path, sample_dataset_dir, monkey
         first = loop.train(_config(sample_dataset_dir, tmp_path / "resumed", steps=10))
     assert first.exit_code == loop.EXIT_CODE_SIGTERM and first.final_step == 4
     assert first.weights_path is None  # a signalled run saves its state, not final weights
-    resumed = loop.train(_config(sample_dataset_dir, tmp_path / "resumed", "--is_keep_training=True", steps=10))
+    resumed = loop.train(
+        _config(sample_dataset_dir, tmp_path / "resumed", "--is_keep_training=True", steps=10)
+    )
     assert resumed.exit_code == 0 and resumed.final_step == 10
     assert first.losses + resumed.losses == straight.losses  # exact float equality
     assert resumed.loader_state == straight.loader_state
@@ -75,71 +102,103 @@ def test_sigint_exit_code(tmp_path, sample_dataset_dir, monkeypatch):
 
 
 def test_loss_falls_on_the_sample_corpus(tmp_path, sample_dataset_dir):
-    result = loop.train(_config(sample_dataset_dir, tmp_path / "run", "--lr", "1e-2", "--warmup_steps", "3",
-                                micro=8, accum=1, steps=40))
+    result = loop.train(
+        _config(
+            sample_dataset_dir,
+            tmp_path / "run",
+            "--lr",
+            "1e-2",
+            "--warmup_steps",
+            "3",
+            micro=8,
+            accum=1,
+            steps=40,
+        )
+    )
     first, last = result.losses[0], sum(result.losses[-5:]) / 5
-    assert math.isclose(first, math.log(259), rel_tol=0.05)  # uniform over the byte vocabulary at init
+    assert math.isclose(
+        first, math.log(259), rel_tol=0.05
+    )  # uniform over the byte vocabulary at init
     assert last < first - 2.0, result.losses
 
 
 def test_loss_and_weights_do_not_depend_on_the_split(tmp_path, sample_dataset_dir):
-    # Padded rows hold different numbers of targets, so only a token-weighted mean is split-invariant.
-    one = loop.train(_config(sample_dataset_dir, tmp_path / "a", "--packing=False", micro=8, accum=1, steps=4))
-    four = loop.train(_config(sample_dataset_dir, tmp_path / "b", "--packing=False", micro=2, accum=4, steps=4))
+    # Padded rows hold different numbers of targets: only a token-weighted mean is split-invariant.
+    one = loop.train(
+        _config(sample_dataset_dir, tmp_path / "a", "--packing=False", micro=8, accum=1, steps=4)
+    )
+    four = loop.train(
+        _config(sample_dataset_dir, tmp_path / "b", "--packing=False", micro=2, accum=4, steps=4)
+    )
     assert one.tokens_seen == four.tokens_seen
     assert one.loader_state == four.loader_state
-    for x, y in zip(one.losses, four.losses):
+    for x, y in zip(one.losses, four.losses, strict=True):
         assert math.isclose(x, y, rel_tol=1e-5)
     a, b = load_file(str(one.weights_path)), load_file(str(four.weights_path))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # Adam amplifies rounding
 
 
-def test_injected_oom_halves_the_micro_batch_and_keeps_batch_and_position(tmp_path, sample_dataset_dir,
-                                                                         monkeypatch):
+def test_injected_oom_halves_the_micro_batch_and_keeps_batch_and_position(
+    tmp_path, sample_dataset_dir, monkeypatch
+):
     reference = loop.train(_config(sample_dataset_dir, tmp_path / "ref", steps=6))
-    monkeypatch.setenv(loop.INJECT_OOM_ENV, "3")
+    monkeypatch.setenv(oom.INJECT_OOM_ENV, "3")
     result = loop.train(_config(sample_dataset_dir, tmp_path / "oom", steps=6))
     assert result.backoffs == [
-        "out of memory at step 3 (rank 0, micro-batch 0 forward: injected out-of-memory error at step 3 "
-        f"({loop.INJECT_OOM_ENV})): micro-batch 4 -> 2, accumulation 2 -> 4, global batch 8 unchanged; "
-        "retrying the step from the same data position"]
-    assert (result.plan["micro_batch_per_gpu"], result.plan["grad_accum_steps"]) == (2, 4)
+        "out of memory at step 3 (rank 0, micro-batch 0 forward: injected out-of-memory error at "
+        f"step 3 ({oom.INJECT_OOM_ENV})): micro-batch 4 -> 2, accumulation 2 -> 4, global batch 8 "
+        "unchanged; retrying the step from the same data position"
+    ]
+    assert (result.plan["micro_batch_per_rank"], result.plan["grad_accum_steps"]) == (2, 4)
     assert result.final_step == 6 and result.loader_state == reference.loader_state
     assert result.tokens_seen == reference.tokens_seen
     assert result.losses[:2] == reference.losses[:2]
-    for x, y in zip(result.losses, reference.losses):
+    for x, y in zip(result.losses, reference.losses, strict=True):
         assert math.isclose(x, y, rel_tol=1e-5)
 
 
 def test_host_ram_watchdog_shrinks_prefetch_then_goes_ultra_low_mem_then_saves_and_stops(
-        tmp_path, sample_dataset_dir, monkeypatch):
+    tmp_path, sample_dataset_dir, monkeypatch
+):
     straight = loop.train(_config(sample_dataset_dir, tmp_path / "straight", steps=16))
     limit = effective_host_limit_bytes(None, safety_frac=0.0)
     # Readings at steps 10 (due), then every step once above the soft threshold (85%).
     readings = iter([0.90, 0.90, 0.90, 0.97])
-    monkeypatch.setattr(loop, "job_memory_bytes", lambda gather, ranks_per_node: int(next(readings) * limit))
+    monkeypatch.setattr(
+        loop, "job_memory_bytes", lambda gather, ranks_per_node: int(next(readings) * limit)
+    )
     result = loop.train(_config(sample_dataset_dir, tmp_path / "run", steps=16))
     assert (result.exit_code, result.final_step) == (MemoryLimitError.exit_code, 13)
     assert result.plan["prefetch_depth"] == 1 and result.plan["ultra_low_mem"] is True
     assert result.weights_path is None
     # Rebuilding the data path twice lost and repeated nothing: the same losses, bit for bit.
     assert result.losses == straight.losses[:13]
-    state = Checkpointer(tmp_path / "run", RankContext.single()).find_resumable()[0] / "training_state.json"
+    state = (
+        Checkpointer(tmp_path / "run", RankContext.single()).find_resumable()[0]
+        / "training_state.json"
+    )
     history = json.loads(state.read_text())["watchdog"]["history"]
     assert [(d["action"], d["step"]) for d in history] == [
-        ("shrink_prefetch", 10), ("ultra_low_mem", 11), ("save_and_stop", 13)]
+        ("shrink_prefetch", 10),
+        ("ultra_low_mem", 11),
+        ("save_and_stop", 13),
+    ]
 
 
-def test_resume_with_another_micro_batch_keeps_the_data_position(tmp_path, sample_dataset_dir, monkeypatch):
+def test_resume_with_another_micro_batch_keeps_the_data_position(
+    tmp_path, sample_dataset_dir, monkeypatch
+):
     straight = loop.train(_config(sample_dataset_dir, tmp_path / "straight", steps=6))
     with monkeypatch.context() as patch:
         _stop_after(patch, 3)
         loop.train(_config(sample_dataset_dir, tmp_path / "run", steps=6))
-    resumed = loop.train(_config(sample_dataset_dir, tmp_path / "run", "--resume=True", micro=1, accum=8, steps=6))
+    resumed = loop.train(
+        _config(sample_dataset_dir, tmp_path / "run", "--resume=True", micro=1, accum=8, steps=6)
+    )
     assert resumed.loader_state == straight.loader_state
     assert resumed.tokens_seen == straight.tokens_seen
-    for x, y in zip(resumed.losses, straight.losses[3:]):
+    for x, y in zip(resumed.losses, straight.losses[3:], strict=True):
         assert math.isclose(x, y, rel_tol=1e-4)
 
 
@@ -163,7 +222,15 @@ def test_existing_state_needs_resume_flag(tmp_path, sample_dataset_dir):
 def test_resume_refuses_another_sequence_length(tmp_path, sample_dataset_dir):
     loop.train(_config(sample_dataset_dir, tmp_path / "run", steps=2))
     with pytest.raises(CheckpointError, match="max_seq_len: saved 64, now 32"):
-        loop.train(_config(sample_dataset_dir, tmp_path / "run", "--max_seq_len", "32", "--is_keep_training=True"))
+        loop.train(
+            _config(
+                sample_dataset_dir,
+                tmp_path / "run",
+                "--max_seq_len",
+                "32",
+                "--is_keep_training=True",
+            )
+        )
 
 
 def test_resume_without_a_state(tmp_path, sample_dataset_dir):
@@ -173,12 +240,37 @@ def test_resume_without_a_state(tmp_path, sample_dataset_dir):
 
 def test_sigterm_in_a_subprocess_saves_and_exits_143(tmp_path, sample_dataset_dir):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train_low_mem.py"), "train", "--data", str(sample_dataset_dir),
-           "--output_dir", str(out), "--model_preset", "tiny", "--max_seq_len", "64", "--auto_plan=False",
-           "--batch_size_per_gpu", "4", "--gradient_accumulation_steps", "1", "--max_steps", "100000",
-           "--log_every", "1", "--save_every", "0", "--progress_bar=False", "--num_readers", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train_low_mem.py"),
+        "train",
+        "--data",
+        str(sample_dataset_dir),
+        "--output_dir",
+        str(out),
+        "--model_preset",
+        "tiny",
+        "--max_seq_len",
+        "64",
+        "--auto_plan=False",
+        "--batch_size_per_gpu",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        "100000",
+        "--log_every",
+        "1",
+        "--save_every",
+        "0",
+        "--progress_bar=False",
+        "--num_readers",
+        "1",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+    )
     lines = []
     deadline = time.monotonic() + 120
     for line in proc.stdout:

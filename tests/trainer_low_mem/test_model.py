@@ -297,7 +297,4 @@ def test_hf_model_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     with pytest.raises(ConfigError) as exc:
         load_hf_causal_lm("gpt2")
-    assert str(exc.value) == (
-        "model 'gpt2' needs the Hugging Face transformers package, which is not installed; "
-        "pip install lowmem-pipeline[hf], or use a built-in --model_preset"
-    )
+    assert "'gpt2'" in str(exc.value) and "lowmem-pipeline[hf]" in str(exc.value)

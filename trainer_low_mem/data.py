@@ -1,0 +1,124 @@
+"""The run's data path: the dataset opened once, loader + prefetcher built from a Plan.
+
+The OOM backoff and the host-RAM watchdog rebuild the loader and prefetcher (new micro-batch,
+prefetch depth or reader mode) at the data position of the last completed optimizer step, so no
+batch is lost or repeated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem_core.errors import PipelineError
+from pipeline import open_dataset
+from pipeline.loader import Loader
+from pipeline.prefetch import Prefetcher
+
+
+class TrainData:
+    """This rank's batches: `next_batch()` pass after pass, `state_dict()` after the last one."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        seq_len: int,
+        packing: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
+        self.dataset = open_dataset(path)
+        self.seq_len, self.packing, self.seed = seq_len, packing, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.loader: Loader | None = None
+        self.prefetcher: Prefetcher | None = None
+        self._plan = None
+        self._batches = None
+        self._closed_wait_s = 0.0  # wait of prefetchers already closed
+
+    # -- building ---------------------------------------------------------------------------
+    def configure(self, plan) -> None:
+        """Make the loader for `plan` (reader mode, micro-batch); the data path must be closed."""
+        if plan.ultra_low_mem and not self.dataset.ultra_low_mem:
+            previous, self.dataset = self.dataset, self.dataset.reopen(ultra_low_mem=True)
+            previous.close()
+        self._plan = plan
+        self.loader = Loader(
+            self.dataset,
+            batch_size=plan.micro_batch_per_rank,
+            seq_len=self.seq_len,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            packing=self.packing,
+            num_readers=plan.num_readers,
+        )
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows (sequences of seq_len) in one epoch; the same in every epoch."""
+        return self.loader.state_dict()["total_rows"]
+
+    def start(self, loader_state: dict[str, Any] | None) -> None:
+        """Start the prefetcher at `loader_state` (None: the beginning of the first epoch)."""
+        plan = self._plan
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        self.prefetcher = Prefetcher(
+            self.loader,
+            device=self.device,
+            depth=plan.prefetch_depth,
+            pinned_pool_bytes=plan.pinned_pool_bytes,
+            num_readers=plan.num_readers,
+        )
+        self._batches = self._passes(self.prefetcher)
+
+    def restart(self, plan, loader_state: dict[str, Any]) -> None:
+        """Rebuild loader and prefetcher for `plan` at `loader_state`."""
+        self.close()
+        self.configure(plan)
+        self.start(loader_state)
+
+    def close(self) -> None:
+        """Stop the prefetcher (joining its reader threads) and free its buffers."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+        if self.prefetcher is not None:
+            self._closed_wait_s += self.prefetcher.wait_s_total
+            self.prefetcher.close()
+            self.prefetcher = None
+
+    # -- reading ----------------------------------------------------------------------------
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch of this rank; the caller may keep it across requests."""
+        batch = next(self._batches)
+        # The prefetcher recycles its buffers: copy (3 x B x L int64, kilobytes) to keep it.
+        return {k: v.clone() for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position after the last batch handed out."""
+        return self.prefetcher.state_dict()
+
+    @property
+    def wait_s_total(self) -> float:
+        """Seconds the loop waited for batches, over every prefetcher of the run."""
+        current = self.prefetcher.wait_s_total if self.prefetcher is not None else 0.0
+        return self._closed_wait_s + current
+
+    @staticmethod
+    def _passes(prefetcher: Prefetcher):
+        while True:
+            yielded = False
+            for batch in prefetcher:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise PipelineError(
+                    "the loader produced an empty epoch; check the dataset and --max_seq_len"
+                )

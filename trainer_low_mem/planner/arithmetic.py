@@ -1,0 +1,348 @@
+"""`plan(...)`: from the machine's limits and the model's memory, an explained `Plan`.
+
+It picks the micro-batch per rank (global batch kept fixed: micro x accumulation x world size
+== global batch), reader threads, prefetch depth, the pinned pool and ultra-low-mem mode. The
+micro-batch is the largest divisor of the per-rank batch whose device peak stays inside the top
+of the target band; data-path settings are tried from best to leanest until the host fits too.
+docs/ARCHITECTURE.md ("How the planner decides") gives the formulas.
+"""
+
+from __future__ import annotations
+
+from lowmem_core.errors import ConfigError, MemoryLimitError
+from lowmem_core.memory import (
+    DEFAULT_HOST_SAFETY_FRAC,
+    HostMemory,
+    effective_host_limit_bytes,
+    format_bytes,
+    host_memory,
+)
+from trainer_low_mem.planner.batch import check_micro_batch, divisors, per_rank_batch
+from trainer_low_mem.planner.explain import Reason
+from trainer_low_mem.planner.footprint import (
+    HOST_MODEL_BYTES_PER_PARAM,
+    Footprint,
+    ModelStates,
+    place_model_states,
+)
+from trainer_low_mem.planner.machine import detect_devices, usable_cores
+from trainer_low_mem.planner.model_memory import ModelMemory
+from trainer_low_mem.planner.plan import Plan
+
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_CUDA_RESERVE_BYTES = 768 * MiB  # CUDA context, cuBLAS workspaces, fragmentation
+DEFAULT_PROCESS_BASE_BYTES = 1 * GiB  # Python + torch (+ CUDA runtime) resident per process
+DEFAULT_MAX_READERS = 4
+DEFAULT_TARGET_FRAC = (0.85, 0.92)
+
+Setting = tuple[int, int, bool]  # (prefetch depth, readers, ultra_low_mem)
+
+
+def plan(
+    *,
+    global_batch: int,
+    seq_len: int,
+    world_size: int,
+    model: ModelMemory,
+    zero_stage: int = 0,
+    offload_optimizer: bool = False,
+    host_ram_limit_bytes: int | None = None,
+    device_budget_bytes: int | None = None,
+    device: str | None = None,
+    num_gpus_visible: int | None = None,
+    num_cores: int | None = None,
+    dataset_bytes: int | None = None,
+    micro_batch_per_rank: int | None = None,
+    target_frac: tuple[float, float] = DEFAULT_TARGET_FRAC,
+    ranks_per_node: int | None = None,
+    host: HostMemory | None = None,
+    host_safety_frac: float = DEFAULT_HOST_SAFETY_FRAC,
+    cuda_reserve_bytes: int = DEFAULT_CUDA_RESERVE_BYTES,
+    process_base_bytes: int = DEFAULT_PROCESS_BASE_BYTES,
+    max_readers: int = DEFAULT_MAX_READERS,
+) -> Plan:
+    """Size a run; see the module docstring.
+
+    Inputs left as None are read from this machine: GPUs and their free memory (NVML), cores
+    (affinity and cgroup cpu.max), host RAM (psutil and the cgroup memory limit, via `host`).
+    `device` None means CUDA when a device budget is given or a GPU is visible. Raises
+    ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers.
+    """
+    per_rank = per_rank_batch(global_batch, world_size)
+    _check_settings(seq_len, zero_stage, offload_optimizer, target_frac, max_readers)
+    if micro_batch_per_rank is not None:
+        check_micro_batch(micro_batch_per_rank, global_batch, world_size)
+    devices = detect_devices(
+        world_size, device_budget_bytes, num_gpus_visible, ranks_per_node, device
+    )
+    on_gpu, ranks = devices.on_gpu, devices.ranks_per_node
+    host = host if host is not None else host_memory()
+    host_limit = effective_host_limit_bytes(host_ram_limit_bytes, host_safety_frac, host)
+    reasons = {
+        "host_limit_bytes": Reason(
+            "host_limit_bytes",
+            host_limit,
+            "min(requested {requested_bytes}, cgroup limit {cgroup_bytes}, total {total_bytes}) x "
+            "(1 - {margin_frac} margin)",
+            {
+                "requested_bytes": host_ram_limit_bytes,
+                "cgroup_bytes": host.cgroup_limit_bytes,
+                "total_bytes": host.total_bytes,
+                "margin_frac": float(host_safety_frac),
+            },
+        )
+    }
+    cores = num_cores if num_cores is not None else usable_cores()
+    readers0, depth0 = _readers_and_depth(cores, ranks, max_readers, reasons)
+    states = place_model_states(model, world_size, zero_stage, offload_optimizer and on_gpu)
+    fp = Footprint(
+        device=devices.device,
+        seq_len=seq_len,
+        ranks_per_node=ranks,
+        host_limit_bytes=host_limit,
+        budget_bytes=devices.budget_bytes,
+        model_device_bytes=states.device_bytes + model.step_fixed_bytes,
+        activation_bytes_per_token=model.activation_bytes_per_token,
+        process_bytes=process_base_bytes
+        + (model.param_count * HOST_MODEL_BYTES_PER_PARAM if on_gpu else 0),
+        offloaded_bytes=states.offloaded,
+        cuda_reserve_bytes=cuda_reserve_bytes if on_gpu else 0,
+        dataset_bytes=dataset_bytes or 0,
+        target_frac=(float(target_frac[0]), float(target_frac[1])),
+        states=states.describe(),
+        step_fixed_bytes=model.step_fixed_bytes,
+        source=model.source,
+    )
+
+    # Data-path settings from best to leanest: memory-mapped, ultra-low-mem, depth 1, one reader.
+    settings: list[Setting] = [(depth0, readers0, False)]
+    if dataset_bytes:
+        settings.append((depth0, readers0, True))
+    if depth0 > 1:
+        settings.append((1, readers0, bool(dataset_bytes)))
+    if readers0 > 1:
+        settings.append((1, 1, bool(dataset_bytes)))
+    chosen, micro, failures = _choose(fp, settings, divisors(per_rank), micro_batch_per_rank)
+    if chosen is None:
+        raise MemoryLimitError(
+            _nothing_fits(failures, fp, states, zero_stage, offload_optimizer, world_size)
+        )
+    depth, readers, ultra = chosen
+
+    reasons["micro_batch_per_rank"] = _micro_reason(micro, micro_batch_per_rank, per_rank, fp)
+    why = f" to fit ({failures[-1]})" if failures else ""
+    if readers != readers0:
+        _append(reasons, "num_readers", readers, f"; lowered to {readers}{why}")
+    if depth != depth0:
+        _append(reasons, "prefetch_depth", depth, f"; lowered from {depth0} to {depth}{why}")
+    reasons["pin_memory"] = Reason(
+        "pin_memory",
+        on_gpu,
+        (
+            "CUDA: page-locked buffers copy asynchronously at full PCIe rate"
+            if on_gpu
+            else "no GPU: nothing to copy to, pinned memory would only lock RAM"
+        ),
+    )
+    reasons["ultra_low_mem"] = _ultra_reason(ultra, dataset_bytes, host_limit)
+    if on_gpu:
+        reasons["device_budget_bytes"] = Reason(
+            "device_budget_bytes", devices.budget_bytes, devices.budget_why
+        )
+    reasons["model_memory"] = Reason(
+        "model_memory",
+        model.source,
+        "{source} estimate: {params} parameters ({trainable} trainable), activations "
+        "{act_bytes}/token, step transients {step_bytes}",
+        {
+            "source": model.source,
+            "params": f"{model.param_count:,}",
+            "trainable": f"{model.trainable:,}",
+            "act_bytes": model.activation_bytes_per_token,
+            "step_bytes": model.step_fixed_bytes,
+        },
+    )
+    return Plan.settle(
+        fp,
+        global_batch=global_batch,
+        world_size=world_size,
+        micro=micro,
+        depth=depth,
+        readers=readers,
+        ultra_low_mem=ultra,
+        reasons=reasons,
+    )
+
+
+def _check_settings(
+    seq_len: int, zero_stage: int, offload: bool, target_frac: tuple[float, float], max_readers: int
+) -> None:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"zero_stage must be 0, 1 or 2, got {zero_stage!r} (stage 3 is not supported)"
+        )
+    if offload and zero_stage == 0:
+        raise ConfigError(
+            "optimizer offload needs ZeRO stage 1 or 2; pass --zero_stage 2 with "
+            "--offload_optimizer=True"
+        )
+    lo, hi = target_frac
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"target_frac must satisfy 0 < low <= high <= 1, got {target_frac}")
+    if max_readers < 1:
+        raise ConfigError(f"max_readers must be >= 1, got {max_readers}")
+
+
+def _readers_and_depth(
+    cores: int, ranks: int, max_readers: int, reasons: dict[str, Reason]
+) -> tuple[int, int]:
+    """One reader per core a rank has, one core kept for the loop; depth keeps each busy."""
+    if cores < 1:
+        raise ConfigError(f"num_cores must be >= 1, got {cores}")
+    per_rank = max(1, cores // ranks)
+    readers = min(max_readers, max(1, per_rank - 1))
+    why = "{cores} core(s) / {ranks} rank(s) = {per_rank} per rank, one kept for the training loop"
+    if per_rank - 1 > max_readers:
+        why += ", capped at {max_readers} (a [B, L] fill takes well under a millisecond)"
+    reasons["num_readers"] = Reason(
+        "num_readers",
+        readers,
+        why + " -> {readers}",
+        {
+            "cores": cores,
+            "ranks": ranks,
+            "per_rank": per_rank,
+            "max_readers": max_readers,
+            "readers": readers,
+        },
+    )
+    depth = max(2, readers)
+    reasons["prefetch_depth"] = Reason(
+        "prefetch_depth",
+        depth,
+        "max(2, readers): every reader has a batch in flight and one is always ready",
+    )
+    return readers, depth
+
+
+def _append(reasons: dict[str, Reason], name: str, value: int, text: str) -> None:
+    r = reasons[name]
+    reasons[name] = Reason(
+        name, value, r.why + text.replace("{", "{{").replace("}", "}}"), r.numbers
+    )
+
+
+def _choose(
+    fp: Footprint, settings: list[Setting], candidates: list[int], micro_given: int | None
+) -> tuple[Setting | None, int, list[str]]:
+    """The first data-path setting under which a micro-batch fits the device and the host.
+
+    Returns (setting, micro-batch, why each earlier setting failed); setting is None when none
+    fits. A given micro-batch must fit the whole budget, a chosen one the band's top.
+    """
+    failures: list[str] = []
+
+    def failed(message: str) -> None:
+        if message not in failures:  # leaner data paths rarely change a device verdict
+            failures.append(message)
+
+    if micro_given is not None:
+        candidates = [micro_given]
+    for depth, readers, ultra in settings:
+        lines = fp.lines(depth, readers, ultra)
+        top = (
+            lines.budget_bytes
+            if micro_given is not None
+            else int(fp.target_frac[1] * lines.budget_bytes)
+        )
+        fits = [m for m in candidates if lines.device_peak(m) <= top]
+        if not fits:
+            m = candidates[0]
+            failed(
+                f"{'GPU' if fp.on_gpu else 'host'} at micro-batch {m}: peak "
+                f"{format_bytes(lines.device_peak(m))} > {format_bytes(top)}"
+            )
+            continue
+        micro = max(fits)
+        if lines.host_bytes(micro) > fp.host_limit_bytes:
+            failed(
+                f"host at depth {depth}, {readers} reader(s), ultra_low_mem {ultra}: "
+                f"{format_bytes(lines.host_bytes(micro))} > limit "
+                f"{format_bytes(fp.host_limit_bytes)}"
+            )
+            continue
+        return (depth, readers, ultra), micro, failures
+    return None, 0, failures
+
+
+def _micro_reason(micro: int, given: int | None, per_rank: int, fp: Footprint) -> Reason:
+    numbers = {"per_rank": per_rank, "top_frac": fp.target_frac[1]}
+    if given is not None:
+        why = "given (--batch_size_per_gpu); it must fit the whole budget"
+    elif micro == per_rank:
+        why = (
+            "the whole per-rank batch {per_rank} fits under {top_frac} of the budget: "
+            "no accumulation needed"
+        )
+    else:
+        why = (
+            "largest divisor of the per-rank batch {per_rank} with peak <= {top_frac} of the budget"
+        )
+    return Reason("micro_batch_per_rank", micro, why, numbers)
+
+
+def _ultra_reason(ultra: bool, dataset_bytes: int | None, host_limit: int) -> Reason:
+    numbers = {"dataset_bytes": dataset_bytes, "limit_bytes": host_limit}
+    if dataset_bytes is None:
+        why = "dataset size not given: memory-mapped (its page cache is shared and reclaimable)"
+    elif ultra:
+        why = (
+            "dataset {dataset_bytes} does not fit beside the rest under the host limit "
+            "{limit_bytes}: pread + drop from page cache keeps resident memory flat"
+        )
+    else:
+        why = (
+            "dataset {dataset_bytes} fits in the page cache beside the rest: memory-mapped, "
+            "shared by all ranks"
+        )
+    return Reason("ultra_low_mem", ultra, why, numbers)
+
+
+def _nothing_fits(
+    failures: list[str],
+    fp: Footprint,
+    states: ModelStates,
+    zero_stage: int,
+    offload: bool,
+    world_size: int,
+) -> str:
+    hints = []
+    if failures[0].startswith("GPU"):
+        if zero_stage < 2 and world_size > 1:
+            hints.append("--zero_stage 2 partitions gradients and optimizer states over the ranks")
+        optimizer = states.device.get("optimizer", 0)
+        if not offload and optimizer:
+            hints.append(
+                f"--offload_optimizer=True (with --zero_stage 1 or 2) moves "
+                f"{format_bytes(optimizer)} of optimizer states to host RAM"
+            )
+        hints.append("--grad_checkpointing=True or a shorter --max_seq_len cuts activations")
+    else:
+        if states.offloaded:
+            hints.append(
+                f"the offloaded optimizer takes "
+                f"{format_bytes(fp.ranks_per_node * states.offloaded)}: drop "
+                "--offload_optimizer if the GPU can hold it"
+            )
+        hints.append("raise --host_ram_limit, or run fewer ranks per node")
+    tried = failures if len(failures) <= 2 else [failures[0], f"... {failures[-1]}"]
+    per_seq = fp.activation_bytes_per_token * fp.seq_len
+    return (
+        f"no plan fits ({'; '.join(tried)}). Static memory per rank: {states.describe()}; "
+        f"activations {format_bytes(per_seq)} per sequence; host limit "
+        f"{format_bytes(fp.host_limit_bytes)}. "
+        f"Try: {'; '.join(hints)}"
+    )

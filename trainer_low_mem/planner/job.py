@@ -1,0 +1,120 @@
+"""The plan of a training job: its config and model in, the `Plan` every rank runs with out.
+
+Used by the trainer at start-up and by the `plan` subcommand, so both decide the same way: the
+model's memory is probed on CUDA (when the model is at hand and DeepSpeed does not own it) and
+counted analytically otherwise; given readers override the planned ones; ranks agree on the
+smallest micro-batch; a given accumulation must agree with the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem.config import JobConfig, PlanConfig
+from trainer_low_mem.planner.arithmetic import plan
+from trainer_low_mem.planner.model_memory import ModelMemory, ModelShape, analytic_model_memory
+from trainer_low_mem.planner.plan import Plan
+from trainer_low_mem.planner.probe import probe_model_memory
+
+if TYPE_CHECKING:
+    import torch
+
+
+def plan_for_job(
+    config: JobConfig | PlanConfig,
+    shape: ModelShape,
+    *,
+    world_size: int,
+    device: str | None = None,
+    zero_stage: int = 0,
+    offload_optimizer: bool = False,
+    deepspeed: bool = False,
+    model: torch.nn.Module | None = None,
+    dataset_bytes: int | None = None,
+    all_reduce_min: Callable[[int], int] | None = None,
+    ranks_per_node: int | None = None,
+    num_cores: int | None = None,
+) -> Plan:
+    """The plan for `config` on this launch (see the module docstring).
+
+    `device` is "cuda" or "cpu" (None: a device budget or a visible GPU means CUDA). With
+    `model` on CUDA and no DeepSpeed, the model is moved to the GPU and probed. `all_reduce_min`
+    returns the minimum of an int over ranks; without it the plan is this process's own.
+    """
+    seq_len, t = config.data.max_seq_len, config.training
+    memory = _model_memory(config, shape, device, deepspeed, model)
+    # A given micro-batch (--batch_size_per_gpu) is checked to fit; the data path is still sized.
+    result = plan(
+        global_batch=config.resolve_global_batch(world_size),
+        seq_len=seq_len,
+        world_size=world_size,
+        model=memory,
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+        host_ram_limit_bytes=config.memory.host_ram_limit_bytes,
+        device_budget_bytes=config.memory.device_budget_bytes,
+        device=device,
+        dataset_bytes=dataset_bytes,
+        micro_batch_per_rank=t.batch_size_per_gpu,
+        ranks_per_node=ranks_per_node,
+        num_cores=num_cores,
+    )
+    if config.data.num_readers is not None:
+        result = result.with_num_readers(config.data.num_readers, "given (--num_readers)")
+    elif not config.memory.auto_plan:
+        result = result.with_num_readers(1, "1 with --auto_plan=False")
+    if all_reduce_min is not None:
+        result = agree_across_ranks(result, all_reduce_min)
+    accum = t.gradient_accumulation_steps
+    if accum is not None and accum != result.grad_accum_steps:
+        micro = result.micro_batch_per_rank
+        raise ConfigError(
+            f"micro-batch {micro} x accumulation {accum} x {world_size} processes = "
+            f"{micro * accum * world_size} rows, not the global batch {result.global_batch}; "
+            "give two of --batch_size_per_gpu, --gradient_accumulation_steps and "
+            "--global_batch, or make the three agree"
+        )
+    return result
+
+
+def _model_memory(
+    config: JobConfig | PlanConfig,
+    shape: ModelShape,
+    device: str | None,
+    deepspeed: bool,
+    model: torch.nn.Module | None,
+) -> ModelMemory:
+    precision = config.training.mixed_precision
+    if device == "cuda" and model is not None and not deepspeed:
+        # Measured on this GPU at the training precision (weights stay fp32 under autocast).
+        import torch
+
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        return probe_model_memory(
+            model.to(device), shape, config.data.max_seq_len, device, autocast_dtype=autocast
+        )
+    return analytic_model_memory(
+        shape,
+        config.data.max_seq_len,
+        grad_checkpointing=config.model.grad_checkpointing,
+        dtype_bytes=4 if precision == "no" else 2,
+    )
+
+
+def agree_across_ranks(plan: Plan, all_reduce_min: Callable[[int], int]) -> Plan:
+    """Every rank takes the smallest micro-batch any rank planned, so none runs out alone.
+
+    `all_reduce_min(x)` returns the minimum of x over all ranks (e.g. a MIN all-reduce).
+    """
+    mine = plan.micro_batch_per_rank
+    agreed = int(all_reduce_min(mine))
+    if not 1 <= agreed <= mine:
+        raise ConfigError(
+            f"all_reduce_min returned {agreed} for a local micro-batch of {mine}; it must "
+            "return the minimum over ranks"
+        )
+    if agreed == mine:
+        return plan
+    return plan.with_micro_batch(agreed, "the smallest micro-batch planned on any rank")

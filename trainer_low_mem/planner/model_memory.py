@@ -1,0 +1,150 @@
+"""The model's memory at training precision, as the planner needs it: `ModelMemory`.
+
+The planner never imports a model class: models are described to it by `ModelShape` (the
+trainer's `ModelPreset` and its Hugging Face adapter both satisfy it). A `ModelMemory` comes
+from the analytic count below, from a GPU probe (`probe.py`) or from a fake-tensor trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from lowmem_core.errors import ConfigError
+from pipeline.cost import BATCH_BYTES_PER_TOKEN
+
+# Adam keeps two fp32 moments; with 16-bit weights the optimizer also keeps an fp32 master copy.
+ADAM_MOMENT_BYTES_PER_PARAM = 8
+FP32_MASTER_BYTES_PER_PARAM = 4
+DEFAULT_LOSS_CHUNK_TOKENS = 4096
+SOURCES = ("analytic", "probe", "trace")
+
+
+class ModelShape(Protocol):
+    """What the planner reads of a model: its parameter counts and its decoder dimensions."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def n_heads(self) -> int: ...
+
+    @property
+    def d_ff(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def param_count(self) -> int:
+        """Every parameter (tied weights counted once)."""
+        ...
+
+    def trainable_param_count(self) -> int:
+        """Parameters that get gradients and optimizer states (adapters only under LoRA)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """One rank's model memory: static bytes per parameter, activations per token."""
+
+    param_count: int
+    activation_bytes_per_token: int  # saved for backward + backward working set, per token
+    param_dtype_bytes: int = 2  # weights and gradients on the device: 2 (bf16/fp16) or 4 (fp32)
+    step_fixed_bytes: int = 0  # per-step transients that do not grow with tokens (loss chunk)
+    trainable_count: int | None = None  # None: every parameter trains
+    d_model: int | None = None  # sizes ZeRO-2's two gradient reduce buckets (d_model^2 each)
+    # Per rank on the device, already placed for ZeRO/offload (a trace does that itself), and the
+    # matching host-RAM bytes; None: the planner places weights, gradients and optimizer states.
+    static_device_bytes: Mapping[str, int] | None = None
+    host_offload_bytes: int = 0
+    source: str = "analytic"  # how activation_bytes_per_token was obtained: see SOURCES
+
+    def __post_init__(self) -> None:
+        for name in ("param_count", "activation_bytes_per_token"):
+            _require_positive_int(f"ModelMemory.{name}", getattr(self, name))
+        if self.param_dtype_bytes not in (2, 4):
+            raise ConfigError(
+                f"param_dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {self.param_dtype_bytes}"
+            )
+        if self.trainable_count is not None and not 0 < self.trainable_count <= self.param_count:
+            raise ConfigError(
+                f"trainable_count must be in [1, param_count={self.param_count}], "
+                f"got {self.trainable_count}"
+            )
+        if self.step_fixed_bytes < 0 or self.host_offload_bytes < 0:
+            raise ConfigError("step_fixed_bytes and host_offload_bytes must be >= 0")
+        if self.source not in SOURCES:
+            raise ConfigError(f"ModelMemory.source must be one of {SOURCES}, got {self.source!r}")
+
+    @property
+    def trainable(self) -> int:
+        """Parameters with gradients and optimizer states."""
+        return self.param_count if self.trainable_count is None else self.trainable_count
+
+    @property
+    def optimizer_bytes_per_param(self) -> int:
+        """Adam moments, plus the fp32 master weights when the device weights are 16-bit."""
+        master = FP32_MASTER_BYTES_PER_PARAM if self.param_dtype_bytes < 4 else 0
+        return ADAM_MOMENT_BYTES_PER_PARAM + master
+
+
+def analytic_model_memory(
+    shape: ModelShape,
+    seq_len: int,
+    grad_checkpointing: bool = False,
+    dtype_bytes: int = 2,
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+) -> ModelMemory:
+    """The memory of a pre-norm decoder (the trainer's `DecoderLM`), counted tensor by tensor.
+
+    Per layer and token, autograd keeps (b = dtype_bytes, d = d_model, f = d_ff, h = n_heads):
+    two RMSNorms, each an fp32 copy of its input (4d), its 4-byte statistic, its output and the
+    linear's input (2bd); the qkv output (3bd), rotated q and k (2bd), the attention output and
+    the projection's input (2bd) plus the fused kernel's fp32 log-sum-exp (4h); the MLP's hidden
+    before and after the activation (2bf). Fused attention keeps no L x L scores, so seq_len is
+    only checked. Gradient checkpointing keeps just each block's input (bd) and recomputes one
+    layer at a time. Backward needs about one layer's activations again as gradients. The
+    chunked loss keeps d(loss)/d(hidden) (bd) per token, and per step a fp32 head gradient
+    (4 V d) and one chunk's logits in three forms (chunk x V x (2b + 4)).
+    """
+    dims = {
+        "n_layers": shape.n_layers,
+        "d_model": shape.d_model,
+        "n_heads": shape.n_heads,
+        "d_ff": shape.d_ff,
+        "vocab_size": shape.vocab_size,
+        "seq_len": seq_len,
+        "loss_chunk_tokens": loss_chunk_tokens,
+    }
+    for name, value in dims.items():
+        _require_positive_int(name, value)
+    if dtype_bytes not in (2, 4):
+        raise ConfigError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {dtype_bytes}")
+    b, d, f, h = dtype_bytes, shape.d_model, shape.d_ff, shape.n_heads
+    norm = 4 * d + 4 + 2 * b * d
+    layer = 2 * norm + 3 * b * d + 2 * b * d + 2 * b * d + 4 * h + 2 * b * f
+    kept_per_layer = b * d if grad_checkpointing else layer
+    recompute = layer if grad_checkpointing else 0
+    head = norm + b * d + 8 + BATCH_BYTES_PER_TOKEN  # final norm, loss grad, targets, the batch
+    per_token = shape.n_layers * kept_per_layer + recompute + layer + head
+    step_fixed = 4 * shape.vocab_size * d + loss_chunk_tokens * shape.vocab_size * (2 * b + 4)
+    params, trainable = shape.param_count(), shape.trainable_param_count()
+    return ModelMemory(
+        param_count=params,
+        activation_bytes_per_token=per_token,
+        param_dtype_bytes=dtype_bytes,
+        step_fixed_bytes=step_fixed,
+        trainable_count=trainable if trainable != params else None,
+        d_model=d,
+        source="analytic",
+    )
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,128 @@
+"""One optimizer step over `accumulation` micro-batches, with the accumulation driven explicitly.
+
+Non-final micro-batches run under `accelerator.no_sync` (DDP) or with DeepSpeed's accumulation
+boundary unset (DeepSpeed's documented manual-boundary style: `engine.step()` once after the
+final backward), so no library step counter has to agree with the plan. The step's loss is the
+mean over every counted target token of the step, on all ranks and micro-batches: each
+micro-batch's summed loss is scaled by `accumulation * world_size / tokens_in_step` before
+backward, which cancels the `1/accumulation` of accelerate (or DeepSpeed) and the `1/world_size`
+of the gradient all-reduce, so neither depends on how the global batch is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+
+import torch
+
+from lowmem_core.errors import MemoryLimitError
+from trainer_low_mem import oom
+from trainer_low_mem.distributed import RankContext
+from trainer_low_mem.model import IGNORE_INDEX, shift_labels
+
+StepOutcome = tuple[torch.Tensor, int, float]  # (local loss sum, global tokens, forward seconds)
+
+
+class Stepper:
+    """Runs optimizer steps on the prepared model and optimizer (replaced after a DDP rewrap)."""
+
+    def __init__(
+        self, accelerator, ctx: RankContext, model, optimizer, scheduler, *, max_grad_norm: float
+    ):
+        self.accelerator, self.ctx = accelerator, ctx
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.engine = model if ctx.uses_deepspeed else None  # the DeepSpeed engine
+        self.max_grad_norm = max_grad_norm
+        self.injector = oom.OomInjector(ctx.rank)
+
+    def set_sizes(self, micro_batch: int, accumulation: int, global_batch: int) -> None:
+        """Give accelerate and DeepSpeed the plan's micro-batch and accumulation."""
+        if self.engine is not None:
+            self.engine.set_train_micro_batch_size(micro_batch)
+            self.engine.set_train_batch_size(global_batch)
+        self.accelerator.gradient_accumulation_steps = accumulation
+
+    def run(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepOutcome | str:
+        """Optimizer step `step` (1-based) over this rank's micro-batches, or the agreed reason
+        of an out-of-memory error (every rank returns the same one; nothing was updated)."""
+        ctx, accum = self.ctx, len(micro_batches)
+        counts = [(shift_labels(mb["labels"]) != IGNORE_INDEX).sum() for mb in micro_batches]
+        global_tokens = int(ctx.all_reduce_sum(int(torch.stack(counts).sum().item())))
+        scale = accum * ctx.world_size / max(global_tokens, 1)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
+        forward_s = 0.0
+        for i, mb in enumerate(micro_batches):
+            last = i == accum - 1
+            with self._gradient_sync(last):
+                t0 = time.perf_counter()
+                token_loss_sum, detail = oom.attempt(self._forward, mb, step, i)
+                forward_s += time.perf_counter() - t0
+                failure = oom.agreed_failure(ctx, f"micro-batch {i} forward", detail)
+                if failure is not None:
+                    if self.engine is not None and i > 0:
+                        # DeepSpeed has already reduced this step's earlier micro-batches into
+                        # its gradient partitions, which cannot be rolled back from here.
+                        raise MemoryLimitError(
+                            f"out of memory in a DeepSpeed step ({failure}); restart with a "
+                            "smaller --batch_size_per_gpu or --grad_checkpointing=True"
+                        )
+                    return failure
+                _, detail = oom.attempt(self._backward, token_loss_sum * scale, last)
+                # Non-final DDP backward passes run no collective, so ranks can still agree; the
+                # final one (and every DeepSpeed one) is inside the gradient reduction.
+                if ctx.world_size == 1 or (not last and self.engine is None):
+                    failure = oom.agreed_failure(ctx, f"micro-batch {i} backward", detail)
+                    if failure is not None:
+                        return failure
+                elif detail is not None:
+                    raise oom.fatal_in_collective(ctx.rank, f"micro-batch {i} backward", detail)
+                loss_sum += token_loss_sum.detach()
+        self._optimizer_step()
+        return loss_sum, global_tokens, forward_s
+
+    def reset_after_oom(self) -> None:
+        """Collective, after an agreed OOM: drop the step's gradients and any armed DDP reducer."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            stale = weakref.ref(self.model)
+            self.model, self.optimizer = oom.rewrap_ddp(
+                self.accelerator, self.model, self.optimizer
+            )
+            oom.ensure_released(stale)
+
+    # -- parts of a step ----------------------------------------------------------------------
+    def _gradient_sync(self, last: bool):
+        """DDP reduces gradients in the final micro-batch's backward only."""
+        if last or self.engine is not None:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
+
+    def _forward(self, micro_batch: dict[str, torch.Tensor], step: int, index: int) -> torch.Tensor:
+        """Summed token loss of one micro-batch."""
+        self.injector.maybe_raise(step, index)
+        out = self.model(
+            input_ids=micro_batch["input_ids"],
+            position_ids=micro_batch["position_ids"],
+            labels=micro_batch["labels"],
+        )
+        return out.loss * out.n_loss_tokens
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def _optimizer_step(self) -> None:
+        if self.engine is not None:
+            self.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
+        else:
+            if self.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not self.optimizer.step_was_skipped:
+            self.scheduler.step()

@@ -33,7 +33,7 @@ from lowmem_core.errors import PipelineError, require_extra
 from lowmem_core.format import INDEX_NAME
 
 CHUNK_BYTES = 256 << 10  # text per chunk: amortises a tokenizer call; its encodings stay small
-PIECE_CHARS = 4 << 20  # a longer document is read and tokenised in pieces of about this size
+PIECE_CHARS = 512 << 10  # a longer document is read and tokenised in pieces of about this size
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
 _JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lowmem_core.errors import ConfigError, require_extra
-
+from lowmem_core.errors import ConfigError
 from lowmem_core.format import IGNORE_INDEX
+
 ROPE_BASE = 10_000.0
 
 
@@ -431,54 +431,3 @@ def build_model(
         grad_checkpointing=grad_checkpointing,
         document_masking=document_masking,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Optional: a Hugging Face causal LM behind the same forward contract
-# ----------------------------------------------------------------------------------------------
-
-
-class HFCausalLM(nn.Module):
-    """Adapts a `transformers` causal LM to the forward contract of this module.
-
-    The loss is computed from the model's own logits (its head may scale or cap them, so it is not
-    bypassed); unlike `DecoderLM`, this path materialises [B, L, vocab] logits.
-    """
-
-    def __init__(self, hf_model: nn.Module) -> None:
-        super().__init__()
-        self.hf_model = hf_model
-        config = hf_model.config
-        # A config without a position limit (e.g. ALiBi models) means any row length is accepted.
-        self.max_seq_len = int(
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31 - 1
-        )
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        """Run the wrapped model; loss when labels are given, logits otherwise."""
-        logits = self.hf_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-        if labels is None:
-            return ModelOutput(loss=None, n_loss_tokens=None, logits=logits)
-        targets = shift_labels(labels).reshape(-1)
-        n_loss_tokens = (targets != IGNORE_INDEX).sum()
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return ModelOutput(loss=loss_sum / n_loss_tokens.clamp(min=1), n_loss_tokens=n_loss_tokens, logits=None)
-
-
-def load_hf_causal_lm(name_or_path: str, grad_checkpointing: bool = False) -> HFCausalLM:
-    """A `transformers` causal LM by hub name or local path, wrapped in `HFCausalLM`.
-
-    Needs the optional `hf` extra; without it this raises ConfigError naming the install command.
-    """
-    transformers = require_extra("transformers", "hf", f"model {name_or_path!r}")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path)
-    if grad_checkpointing:
-        hf_model.gradient_checkpointing_enable()
-    return HFCausalLM(hf_model)

@@ -179,3 +179,11 @@ def test_adapter_is_an_nn_module_with_the_contract(model_dir):
     assert isinstance(model, HFCausalLM)
     ids = _docs()[0][None]
     assert model(ids).logits.shape == (1, ids.shape[1], VOCAB)
+
+
+def test_without_transformers_the_error_names_the_extra(monkeypatch, model_dir):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ConfigError, match=r"lowmem-pipeline\[hf\]"):
+        load_model_folder(model_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from trainer_low_mem.model import (
     DecoderLM,
     ModelPreset,
     build_model,
-    load_hf_causal_lm,
     model_flops_per_token,
 )
 
@@ -288,13 +286,3 @@ def test_cuda_bf16_chunked_loss_matches_naive_with_a_fraction_of_the_memory():
     for (name, p), q in zip(chunked.named_parameters(), naive.parameters()):
         relative_error = ((p.grad - q.grad).norm() / q.grad.norm()).item()
         assert relative_error < 2e-2, name
-
-
-# ---------------------------------------------------------------------------------------------- Hugging Face
-
-
-def test_hf_model_without_transformers_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
-    with pytest.raises(ConfigError) as exc:
-        load_hf_causal_lm("gpt2")
-    assert "'gpt2'" in str(exc.value) and "lowmem-pipeline[hf]" in str(exc.value)

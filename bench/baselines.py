@@ -40,7 +40,7 @@ def document_tokens(ds) -> tuple[np.ndarray, np.ndarray]:
     """All token values of an mmap-mode dataset back to back, and the (N+1,) document offsets."""
     if ds.ultra_low_mem:
         raise PipelineError("document_tokens needs the dataset opened in mmap mode; open it with ultra_low_mem=False")
-    values = np.concatenate([chunk.values for chunk in ds.chunks]) if ds.chunks else np.zeros(0, ds.token_dtype)
+    values = ds.read_tokens(0, ds.num_tokens)
     return values, np.asarray(ds.doc_starts, dtype=np.int64)
 
 

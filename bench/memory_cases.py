@@ -125,7 +125,7 @@ def read_all_case(path: str, ultra_low_mem: bool, batch_size: int, seq_len: int,
     from pipeline import Loader, open_dataset
 
     ds = open_dataset(path, ultra_low_mem=ultra_low_mem)
-    loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True, num_readers=1)
+    loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)
     batches = iter(loader)
     tokens = useful_tokens(next(batches))
     base = read_memory(include_children=False)
@@ -143,12 +143,14 @@ def read_all_case(path: str, ultra_low_mem: bool, batch_size: int, seq_len: int,
 
 
 def loader_steps_case(path: str, num_readers: int, steps: int, batch_size: int, seq_len: int, seed: int) -> dict:
-    """`steps` batches in mmap mode with `num_readers` reader threads."""
-    from pipeline import Loader, open_dataset
+    """`steps` batches in mmap mode with `num_readers` reader threads (the Loader alone for one,
+    the Prefetcher's host-buffer readers for more)."""
+    from pipeline import Loader, Prefetcher, open_dataset
 
     ds = open_dataset(path, ultra_low_mem=False)
-    loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True, num_readers=num_readers)
-    batches = iter(loader)
+    loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)
+    feed = loader if num_readers == 1 else Prefetcher(loader, depth=num_readers, num_readers=num_readers)
+    batches = iter(feed)
     next(batches)
     base = read_memory(include_children=False)
     sampler = PeakMemory(include_children=False)
@@ -176,7 +178,7 @@ def prefetch_steps_case(
     ds = open_dataset(path, ultra_low_mem=False)
     # One batch through a throwaway loader compiles the kernels before the baseline is taken.
     next(iter(Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)))
-    loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True, num_readers=num_readers)
+    loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)
     len(loader)  # builds the epoch index (O(documents) bytes) now: it belongs to the loader, not the prefetcher
     base = read_memory(include_children=False)
     sampler = PeakMemory(include_children=False)

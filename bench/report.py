@@ -141,6 +141,13 @@ def run_and_report(cfg: ThroughputConfig) -> int:
     from bench import machine, throughput
     from pipeline import open_dataset
 
+    from lowmem_core.locks import check_output_file
+
+    # Fail now, not after the whole run: the report paths can be written.
+    if cfg.json_path is not None:
+        check_output_file(cfg.json_path, "--json")
+    if cfg.plot_path is not None:
+        check_output_file(cfg.plot_path, "--plot")
     facts = machine.machine_facts()
     outcome = throughput.run(cfg)
     if not _is_main_rank():

@@ -256,12 +256,14 @@ def _batches_forever(make_epoch: Callable[[], Iterator[dict]]) -> Units:
 
 def _ours(path: Path, cfg: ThroughputConfig, ultra: bool, packing: bool, readers: int) -> Callable[[], Units]:
     def open_units() -> Units:
-        from pipeline import Loader, open_dataset
+        from pipeline import Loader, Prefetcher, open_dataset
 
         with open_dataset(path, ultra_low_mem=ultra) as ds:
             loader = Loader(ds, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                            packing=packing, num_readers=readers)
-            yield from _batches_forever(lambda: iter(loader))
+                            packing=packing)
+            # One reader: the Loader itself. More: the Prefetcher's reader threads (host buffers).
+            feed = loader if readers == 1 else Prefetcher(loader, depth=readers, num_readers=readers)
+            yield from _batches_forever(lambda: iter(feed))
 
     return open_units
 
@@ -447,8 +449,7 @@ def run_h2d_stage(path: Path, cfg: ThroughputConfig, bar: tqdm) -> tuple[list[Ca
 
     def open_units() -> Units:
         with open_dataset(path) as ds:
-            loader = Loader(ds, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, packing=True,
-                            num_readers=max(cfg.readers))
+            loader = Loader(ds, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, packing=True)
             prefetcher = Prefetcher(loader, device=device, depth=2, num_readers=max(cfg.readers))
             while True:
                 for batch in prefetcher:
@@ -511,7 +512,7 @@ def run_step_stage(path: Path, files: baselines.BaselineFiles, cfg: ThroughputCo
     with open_dataset(path) as ds:
         vocab_size = ds.vocab_size
         loader = Loader(ds, batch_size=batch_size, seq_len=cfg.seq_len, rank=rank, world_size=world_size,
-                        seed=cfg.seed, packing=True, num_readers=max(cfg.readers))
+                        seed=cfg.seed, packing=True)
         prefetcher = Prefetcher(loader, device=device if device.type == "cuda" else None, depth=2,
                                 num_readers=max(cfg.readers))
         hf_loader = baselines.hf_dataloader(files, batch_size, cfg.seq_len, num_workers=cfg.workers,

@@ -14,6 +14,7 @@ tests/pipeline/test_collate.py.
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -25,6 +26,23 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _pread = _libc.pread
 _pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
 _pread.restype = ctypes.c_ssize_t
+
+
+class Segments(NamedTuple):
+    """Scratch for one batch's segments: five (capacity,) int64 arrays (see the module docstring).
+
+    A reader thread keeps one and reuses it; a call fills the first `count` entries of each.
+    """
+
+    src: np.ndarray
+    n: np.ndarray
+    dst: np.ndarray
+    doc0: np.ndarray
+    eos: np.ndarray
+
+    @classmethod
+    def empty(cls, capacity: int) -> Segments:
+        return cls(*np.empty((5, capacity), dtype=np.int64))
 
 
 @numba.njit(nogil=True, cache=True)

@@ -1,18 +1,10 @@
-"""Open a token dataset: zero-copy memory-mapped views, or an ultra-low-memory `pread` mode.
+"""Open a token dataset: documents of token ids read through one storage reader.
 
 A dataset is a list of chunks (one per Arrow record batch: one per shard for our own builds),
 each a contiguous run of token values in a file, plus one int64 array of global document start
 offsets (8 bytes per document). Nothing is held per document in Python, so threads and forked
-processes share the mapped pages instead of copying them.
-
-- mmap mode: `pa.memory_map` stays open; `ds[i]` and the collate kernels read numpy views.
-- ultra-low-mem mode: the files are mapped only while the layout is read at open; afterwards each
-  read is a `pread` of just the byte ranges it needs (inside the numba kernel, see collate.py).
-  Nothing is mapped, so the process's resident memory does not grow with what was read, and
-  every `page_cache_budget_bytes` read the files' pages are dropped from the page cache
-  (posix_fadvise DONTNEED), so the kernel's cache of them stays bounded too. Dropping per batch
-  instead would cost 25x in throughput: documents are ~10 to a 4 KiB page, and a page dropped
-  after one document must come back from disk for each of its neighbours.
+processes share the mapped pages instead of copying them. How the token values are read (mmap
+views or ultra-low-mem `pread`) is decided once at open, in pipeline/storage.py.
 
 Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild.
 """
@@ -21,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,21 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
 from lowmem_core.durable import file_sha256
 from lowmem_core.errors import PipelineError
+from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
+from pipeline import storage
+from pipeline.collate import Segments
+from pipeline.manifest import read_manifest
+from pipeline.storage import Chunk
 
 _REBUILD = "rebuild it with `python -m pipeline build INPUT... --out DIR --overwrite`"
-
-
-@dataclass
-class _Chunk:
-    path: Path
-    values_file_offset: int  # bytes from the start of the file to this chunk's first token
-    first_doc: int  # global index of the chunk's first document
-    first_token: int  # global index of the chunk's first token
-    num_tokens: int
-    values: np.ndarray | None  # mmap mode: zero-copy view of the chunk's tokens; None in ultra mode
 
 
 @dataclass(frozen=True)
@@ -55,32 +39,34 @@ class _Mapping:
 
 @dataclass(frozen=True)
 class _Layout:
-    chunks: list[_Chunk]
+    chunks: list[Chunk]
     doc_starts: np.ndarray  # (num_docs + 1,) int64 global token offsets
     token_dtype: np.dtype
     meta: dict  # vocab_size, bos_id, eos_id, pad_id, tokenizer_id, fingerprint, source
 
 
 class TokenDataset:
-    """Documents of token ids; see the module docstring for the two modes."""
+    """Documents of token ids: `ds[i]`, `len(ds)`, `doc_starts`, and `read_segments` for the
+    loader. `ultra_low_mem` says which reader serves the reads (see pipeline/storage.py)."""
 
-    def __init__(self, path: Path, layout: _Layout, ultra_low_mem: bool, maps: list,
-                 page_cache_budget_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        path: Path,
+        layout: _Layout,
+        maps: list,
+        ultra_low_mem: bool,
+        page_cache_budget_bytes: int = 64 << 20,
+    ):
         self.path = path
         self.ultra_low_mem = ultra_low_mem
         self.page_cache_budget_bytes = page_cache_budget_bytes
-        self._bytes_since_drop = 0
-        self._drop_lock = threading.Lock()
-        self._layout = layout
-        self._maps = maps  # keeps the memory maps alive in mmap mode
-        self._fds: dict[Path, int] = {}
-        if ultra_low_mem:
-            for chunk in layout.chunks:
-                if chunk.path not in self._fds:
-                    fd = os.open(chunk.path, os.O_RDONLY)
-                    # Reads are scattered documents: readahead would fetch 128 KiB per 4 KiB page missed.
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                    self._fds[chunk.path] = fd
+        self._reader = storage.open_reader(
+            layout.chunks,
+            layout.token_dtype,
+            maps,
+            ultra_low_mem=ultra_low_mem,
+            page_cache_budget_bytes=page_cache_budget_bytes,
+        )
         meta = layout.meta
         self.vocab_size: int = meta["vocab_size"]
         self.bos_id: int | None = meta["bos_id"]
@@ -90,8 +76,6 @@ class TokenDataset:
         self.fingerprint: str = meta["fingerprint"]
         self.token_dtype: np.dtype = layout.token_dtype
         self.doc_starts: np.ndarray = layout.doc_starts
-        self.chunk_first_token = np.array([c.first_token for c in layout.chunks] + [self.num_tokens], dtype=np.int64)
-        self._chunk_first_doc = np.array([c.first_doc for c in layout.chunks], dtype=np.int64)
 
     # -- sizes ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -110,65 +94,62 @@ class TokenDataset:
         """(num_docs,) int64 tokens per document (computed on each call; 8 bytes per document)."""
         return np.diff(self.doc_starts)
 
-    @property
-    def chunks(self) -> list[_Chunk]:
-        return self._layout.chunks
-
-    def fd_of(self, chunk: _Chunk) -> int:
-        return self._fds[chunk.path]
-
-    def account_read(self, nbytes: int) -> None:
-        """Count bytes pread in ultra-low-mem mode; past the budget, drop the files' cached pages."""
-        with self._drop_lock:
-            self._bytes_since_drop += nbytes
-            if self._bytes_since_drop < self.page_cache_budget_bytes:
-                return
-            self._bytes_since_drop = 0
-            for fd in self._fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
     # -- reads ------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> np.ndarray:
+        """Document i's tokens: a read-only view in mmap mode, a fresh array in ultra-low-mem."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"document {i} out of range for a dataset of {n} documents")
         i %= n
-        start, end = int(self.doc_starts[i]), int(self.doc_starts[i + 1])
-        chunk = self.chunks[int(np.searchsorted(self._chunk_first_doc, i, side="right")) - 1]
-        if not self.ultra_low_mem:
-            return chunk.values[start - chunk.first_token : end - chunk.first_token]
-        itemsize = self.token_dtype.itemsize
-        offset = chunk.values_file_offset + (start - chunk.first_token) * itemsize
-        data = os.pread(self.fd_of(chunk), (end - start) * itemsize, offset)
-        return np.frombuffer(data, dtype=self.token_dtype)
+        return self._reader.tokens(int(self.doc_starts[i]), int(self.doc_starts[i + 1]))
 
-    def reopen(self, ultra_low_mem: bool) -> "TokenDataset":
+    def read_tokens(self, start: int, end: int) -> np.ndarray:
+        """Global tokens [start, end) (documents back to back, no EOS between them)."""
+        if not 0 <= start <= end <= self.num_tokens:
+            raise IndexError(f"tokens [{start}, {end}) out of range for {self.num_tokens} tokens")
+        return self._reader.tokens(start, end)
+
+    def read_segments(
+        self,
+        segs: Segments,
+        count: int,
+        seq_len: int,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        pos: np.ndarray,
+    ) -> None:
+        """Write the first `count` segments' tokens into the flat (B*L,) int64 `ids` and
+        `labels`, and their position ids into `pos` (see pipeline/collate.py).
+
+        Safe to call from several threads at once; the kernels release the GIL.
+        """
+        self._reader.read_segments(segs, count, seq_len, ids, labels, pos)
+
+    def reopen(self, ultra_low_mem: bool) -> TokenDataset:
         """The same data in the other mode (the watchdog switches readers to ultra-low-mem)."""
-        return open_dataset(self.path, ultra_low_mem=ultra_low_mem, page_cache_budget_bytes=self.page_cache_budget_bytes)
+        return open_dataset(
+            self.path,
+            ultra_low_mem=ultra_low_mem,
+            page_cache_budget_bytes=self.page_cache_budget_bytes,
+        )
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._maps.clear()
+        """Release the files; a later read raises PipelineError. Closing twice is harmless."""
+        self._reader.close()
+        self._reader = storage.closed_reader(self.path, self.ultra_low_mem)
 
-    def __enter__(self) -> "TokenDataset":
+    def __enter__(self) -> TokenDataset:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
     def __repr__(self) -> str:
         mode = "ultra_low_mem" if self.ultra_low_mem else "mmap"
-        return (f"TokenDataset({str(self.path)!r}, {len(self)} documents, {self.num_tokens} tokens, "
-                f"{self.token_dtype.name}, {mode})")
+        return (
+            f"TokenDataset({str(self.path)!r}, {len(self)} documents, {self.num_tokens} tokens, "
+            f"{self.token_dtype.name}, {mode})"
+        )
 
 
 # ----------------------------------------------------------------------------- opening
@@ -193,14 +174,11 @@ def open_dataset(path, ultra_low_mem: bool = False, verify: bool = False,
             f"{path} is not a dataset (no {INDEX_NAME}, and not a `datasets` save_to_disk folder); "
             f"build it with `python -m pipeline build INPUT... --out {path}`"
         )
-    if ultra_low_mem:
-        for chunk in layout.chunks:
-            chunk.values = None
-        maps = []
-    return TokenDataset(path, layout, ultra_low_mem, maps, page_cache_budget_bytes)
+    return TokenDataset(path, layout, maps, ultra_low_mem, page_cache_budget_bytes)
 
 
 def _read_index(path: Path) -> dict:
+    read_manifest(path)  # schema check first: types, ranges, ids below the vocabulary
     index_path = path / INDEX_NAME
     try:
         index = json.loads(index_path.read_text())
@@ -327,7 +305,7 @@ def _map_arrow(file_path: Path, stream: bool):
     return _Mapping(mm, base_address), reader
 
 
-def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token) -> tuple[_Chunk, np.ndarray]:
+def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token) -> tuple[Chunk, np.ndarray]:
     if column not in batch.schema.names:
         raise PipelineError(f"{file_path} has no {column!r} column (columns: {', '.join(batch.schema.names)}); {_REBUILD}")
     arr = batch.column(column)
@@ -354,5 +332,5 @@ def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, firs
             raise PipelineError(f"{file_path}: token buffer is not inside the file (not a plain Arrow file); {_REBUILD}")
     if np.any(np.diff(doc_offsets) < 0):
         raise PipelineError(f"{file_path} has decreasing list offsets (corrupt); {_REBUILD}")
-    chunk = _Chunk(file_path, file_offset, first_doc, first_token, num_tokens, values)
+    chunk = Chunk(file_path, file_offset, first_doc, first_token, num_tokens, values)
     return chunk, doc_offsets

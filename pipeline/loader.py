@@ -8,33 +8,55 @@ epoch every token is delivered exactly once across all ranks. The last step of a
 partial; the rows it lacks are padding (labels -100) so every rank still gets [B, L] and no rank
 waits on a collective the others skipped.
 
-One pass of `for batch in loader` is one epoch (from the current position); the next pass starts
-the next epoch. The Prefetcher uses the lower-level `tasks()` / `fill()` / `commit()` to fill its
-own pinned buffers.
+The Loader is a single-threaded batch source: one pass of `for batch in loader` is one epoch
+(from the current position), the next pass the next epoch. The Prefetcher runs its lower-level
+`tasks()` / `fill()` / `commit()` in reader threads to fill a pool of (pinned) buffers ahead.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from lowmem_core.errors import CheckpointError, ConfigError, PipelineError
+from lowmem_core.format import IGNORE_INDEX
+from lowmem_core.stateful import Stateful
 from pipeline import collate
 from pipeline.dataset import TokenDataset
-from lowmem_core.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.sampler import EpochIndex
-from pipeline.workers import ordered_map
 
 STATE_VERSION = 1
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
+_STATE_KEYS = ("version", "epoch", "consumed_rows", "seed", "seq_len", "packing", "fingerprint")
+
+
+class Batch(dict):
+    """`input_ids`, `labels`, `position_ids`: int64 [B, L] tensors (a plain dict, so
+    `model(**batch)` works), with two counts made by the fill:
+
+    - `num_tokens`: positions whose label is not -100 (tokens and EOS; padding excluded);
+    - `num_loss_tokens`: positions with a next-token target, `(labels[:, 1:] != -100).sum()`.
+    """
+
+    __slots__ = ("num_tokens", "num_loss_tokens")
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], num_tokens: int, num_loss_tokens: int):
+        super().__init__(tensors)
+        self.num_tokens = num_tokens
+        self.num_loss_tokens = num_loss_tokens
+
+    def clone(self) -> Batch:
+        """A copy whose tensors own their memory (on the same device)."""
+        return Batch({k: v.clone() for k, v in self.items()}, self.num_tokens, self.num_loss_tokens)
 
 
 @dataclass(frozen=True)
 class BatchTask:
-    """One global step as seen by this rank: which rows to fill, and the state once it is consumed."""
+    """One global step as seen by this rank: which rows to fill, and the state once consumed."""
 
     index: EpochIndex
     step: int  # global step within the epoch
@@ -44,14 +66,21 @@ class BatchTask:
 
 
 class _Scratch(threading.local):
-    """Per-reader-thread segment arrays and (ultra-low-mem) token staging buffer."""
+    """Each reader thread's segment arrays."""
 
-    def __init__(self, capacity: int, token_dtype: np.dtype):
-        self.seg = np.empty((5, capacity), dtype=np.int64)
-        self.staging = np.empty(capacity, dtype=token_dtype)
+    def __init__(self, capacity: int):
+        self.segs = collate.Segments.empty(capacity)
 
 
-class Loader:
+class Loader(Stateful):
+    """This rank's batches of `dataset`: [batch_size, seq_len] rows, packed or padded.
+
+    `len(loader)`: global steps in one full epoch. `steps_remaining()`: steps the next pass (or
+    the pass in progress) still yields. `set_epoch(e)`: go to the start of epoch e.
+    `state_dict()` / `load_state_dict()`: the position, resumable with another world size or
+    batch size. Batches from `for batch in loader` are freshly allocated: the caller may keep them.
+    """
+
     def __init__(
         self,
         dataset: TokenDataset,
@@ -62,27 +91,30 @@ class Loader:
         seed: int = 0,
         packing: bool = True,
         drop_last: bool = False,
-        num_readers: int = 1,
     ):
         _check_int("batch_size", batch_size, 1)
         _check_int("seq_len", seq_len, 2)
         _check_int("world_size", world_size, 1)
-        _check_int("num_readers", num_readers, 1)
         _check_int("seed", seed, 0)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}; check the launcher's ranks")
+            raise ConfigError(
+                f"rank must be in [0, world_size={world_size}), got {rank}; "
+                "check the launcher's ranks"
+            )
         if len(dataset) == 0 or dataset.num_tokens == 0:
-            raise PipelineError(f"dataset {dataset.path} holds no tokens; build it from non-empty inputs")
+            raise PipelineError(
+                f"dataset {dataset.path} holds no tokens; build it from non-empty inputs"
+            )
         self.dataset = dataset
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.seed, self.packing, self.drop_last = seed, packing, drop_last
-        self.num_readers = num_readers
         self._epoch = 0
         self._consumed_rows = 0
+        self._moves = 0  # bumped when the position is set from outside: a pass in progress ends
         self._index: EpochIndex | None = None
         # Capacity: a packing batch of B*L stream positions touches at most B*L+1 documents.
-        self._scratch = _Scratch(batch_size * seq_len + 2, dataset.token_dtype)
+        self._scratch = _Scratch(batch_size * seq_len + 2)
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -95,7 +127,9 @@ class Loader:
 
     def _epoch_index(self, epoch: int) -> EpochIndex:
         if self._index is None or self._index.epoch != epoch:
-            self._index = EpochIndex.build(self.dataset.doc_starts, self.seed, epoch, self.seq_len, self.packing)
+            self._index = EpochIndex.build(
+                self.dataset.doc_starts, self.seed, epoch, self.seq_len, self.packing
+            )
         return self._index
 
     def _steps_in(self, index: EpochIndex) -> int:
@@ -103,26 +137,30 @@ class Loader:
         return full if self.drop_last else full + (partial > 0)
 
     def __len__(self) -> int:
-        """Global steps in one full epoch."""
+        """Global steps in one full epoch (the same in every epoch)."""
         return self._steps_in(self._epoch_index(self._epoch))
 
     def steps_remaining(self) -> int:
-        """Global steps left in the current epoch from the current position."""
-        index = self._epoch_index(self._epoch)
-        return max(0, self._steps_in(index) - -(-self._consumed_rows // self.rows_per_step))
+        """Steps the next pass yields, or the pass in progress still yields."""
+        return len(self) - -(-self._consumed_rows // self.rows_per_step)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to the start of epoch `epoch`. A no-op when the position is already in that epoch,
+        so a resumed mid-epoch position survives `set_epoch(e)` at the top of an epoch loop."""
+        _check_int("epoch", epoch, 0)
+        if epoch != self._epoch:
+            self._epoch, self._consumed_rows = epoch, 0
+            self._moves += 1
 
     # -- iteration --------------------------------------------------------------------------
     def tasks(self) -> Iterator[BatchTask]:
         """The remaining steps of the current epoch, as this rank sees them."""
-        if self.steps_remaining() == 0:  # the state sits at the very end of an epoch: start the next
-            self._epoch, self._consumed_rows = self._epoch + 1, 0
         epoch, consumed = self._epoch, self._consumed_rows
         index = self._epoch_index(epoch)
         end_rows = self._steps_in(index) * self.rows_per_step
         first_step = -(-consumed // self.rows_per_step)
         for step_start in range(consumed, end_rows, self.rows_per_step):
             next_rows = step_start + self.rows_per_step
-            last = next_rows >= end_rows
             r0 = min(step_start + self.rank * self.batch_size, index.total_rows)
             r1 = min(r0 + self.batch_size, index.total_rows)
             yield BatchTask(
@@ -130,7 +168,7 @@ class Loader:
                 step=first_step + (step_start - consumed) // self.rows_per_step,
                 row_start=r0,
                 row_end=r1,
-                state_after=(epoch + 1, 0) if last else (epoch, next_rows),
+                state_after=(epoch + 1, 0) if next_rows >= end_rows else (epoch, next_rows),
             )
 
     def new_buffers(self, pin_memory: bool = False) -> dict[str, torch.Tensor]:
@@ -138,69 +176,54 @@ class Loader:
         shape = (self.batch_size, self.seq_len)
         return {k: torch.empty(shape, dtype=torch.int64, pin_memory=pin_memory) for k in BATCH_KEYS}
 
-    def fill(self, task: BatchTask, buffers: dict[str, torch.Tensor]) -> int:
-        """Write `task`'s batch into `buffers`; return its useful (label != -100) token count.
+    def fill(self, task: BatchTask, buffers: dict[str, torch.Tensor]) -> Batch:
+        """Write `task`'s batch into `buffers`; return them as a Batch with its token counts.
 
         Safe to call from several threads at once; the kernels release the GIL.
         """
-        ids = buffers["input_ids"].numpy().reshape(-1)
+        ids = buffers["input_ids"].numpy().reshape(-1)  # (B*L,) views of the [B, L] buffers
         labels = buffers["labels"].numpy().reshape(-1)
         pos = buffers["position_ids"].numpy().reshape(-1)
-        seg = self._scratch.seg
-        src, n, dst, doc0, eos = seg[0], seg[1], seg[2], seg[3], seg[4]
-        index, L = task.index, self.seq_len
-        ds = self.dataset
+        segs = self._scratch.segs
+        index, L, ds = task.index, self.seq_len, self.dataset
         if self.packing:
             s0 = task.row_start * L
             s1 = min(task.row_end * L, index.total_stream_tokens)
-            nseg = collate.packing_segments(index.perm, index.cum, ds.doc_starts, s0, s1, src, n, dst, doc0, eos) if s1 > s0 else 0
+            count = 0
+            if s1 > s0:
+                count = collate.packing_segments(
+                    index.perm, index.cum, ds.doc_starts, s0, s1, *segs
+                )
             valid_end = max(s1 - s0, 0)
         else:
-            nseg = collate.padding_segments(index.perm, index.cum, ds.doc_starts, task.row_start, task.row_end, L, src, n, dst, doc0, eos)
+            count = collate.padding_segments(
+                index.perm, index.cum, ds.doc_starts, task.row_start, task.row_end, L, *segs
+            )
             valid_end = 0
-        if nseg:
-            self._emit_tokens(nseg, ids, labels, pos)
-        return int(collate.finish_rows(ids, labels, pos, L, n, dst, doc0, eos, nseg, ds.eos_id, ds.pad_id, not self.packing, valid_end))
-
-    def _emit_tokens(self, nseg: int, ids, labels, pos) -> None:
-        ds = self.dataset
-        src, n, dst, doc0 = (self._scratch.seg[k] for k in range(4))
-        first_tokens = ds.chunk_first_token
-        if len(ds.chunks) == 1:
-            touched = [0]
-        else:
-            live = n[:nseg] > 0  # EOS-only segments read nothing (and may point one past their chunk)
-            touched = np.unique(np.searchsorted(first_tokens, src[:nseg][live], side="right") - 1).tolist()
-        staging = self._scratch.staging
-        for c in touched:
-            chunk = ds.chunks[c]
-            lo, hi = int(first_tokens[c]), int(first_tokens[c + 1])
-            if not ds.ultra_low_mem:
-                collate.emit_tokens(chunk.values, chunk.first_token, False, lo, hi, src, n, dst, doc0, nseg,
-                                    self.seq_len, ids, labels, pos)
-                continue
-            nbytes = collate.pread_tokens(ds.fd_of(chunk), chunk.values_file_offset, ds.token_dtype.itemsize,
-                                          chunk.first_token, lo, hi, src, n, dst, nseg, staging)
-            if nbytes < 0:
-                raise PipelineError(f"short read from {chunk.path} (file changed or truncated while open); rebuild the dataset")
-            ds.account_read(nbytes)
-        if ds.ultra_low_mem:
-            collate.emit_tokens(staging, 0, True, 0, ds.num_tokens, src, n, dst, doc0, nseg, self.seq_len, ids, labels, pos)
+        if count:
+            ds.read_segments(segs, count, L, ids, labels, pos)
+        num_tokens = int(
+            collate.finish_rows(
+                ids, labels, pos, L, segs.n, segs.dst, segs.doc0, segs.eos, count,
+                ds.eos_id, ds.pad_id, not self.packing, valid_end
+            )
+        )
+        # A row's first label is nobody's target: (labels[:, 1:] != -100) counts the rest.
+        row_heads = int(np.count_nonzero(labels[::L] != IGNORE_INDEX))
+        return Batch(buffers, num_tokens, num_tokens - row_heads)
 
     def commit(self, task: BatchTask) -> None:
         """Record that the consumer has taken `task`'s batch."""
         self._epoch, self._consumed_rows = task.state_after
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        def produce(task: BatchTask):
-            buffers = self.new_buffers()
-            self.fill(task, buffers)
-            return task, buffers
-
-        produced = map(produce, self.tasks()) if self.num_readers == 1 else ordered_map(produce, self.tasks(), self.num_readers)
-        for task, buffers in produced:
+    def __iter__(self) -> Iterator[Batch]:
+        moves = self._moves
+        for task in self.tasks():
+            if self._moves != moves:  # load_state_dict / set_epoch during the pass: it ends
+                return
+            batch = self.fill(task, self.new_buffers())
             self.commit(task)
-            yield buffers
+            yield batch
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -218,26 +241,47 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`'s global position; world size and batch size may differ."""
-        missing = [k for k in ("epoch", "consumed_rows", "seed", "seq_len", "packing", "fingerprint") if k not in state]
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"loader state must be the dict state_dict() returned, got "
+                f"{type(state).__name__}; pass a saved state or start without one"
+            )
+        if "version" in state and state["version"] != STATE_VERSION:
+            raise CheckpointError(
+                f"loader state version {state['version']!r} is not {STATE_VERSION}, the version "
+                "this Loader reads; resume with the release that wrote it, or start a new run"
+            )
+        missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
-            raise CheckpointError(f"loader state lacks {', '.join(missing)}; it was not written by this Loader")
+            raise CheckpointError(
+                f"loader state lacks {', '.join(missing)}; it was not written by this Loader"
+            )
         mismatched = [
             f"{key}: state has {state[key]!r}, loader has {mine!r}"
-            for key, mine in (("fingerprint", self.dataset.fingerprint), ("seed", self.seed),
-                              ("seq_len", self.seq_len), ("packing", self.packing))
+            for key, mine in (
+                ("fingerprint", self.dataset.fingerprint),
+                ("seed", self.seed),
+                ("seq_len", self.seq_len),
+                ("packing", self.packing),
+            )
             if state[key] != mine
         ]
         if mismatched:
             raise CheckpointError(
-                "loader state does not match this data order (" + "; ".join(mismatched) +
-                "); resume with the same dataset, seed, seq_len and packing, or start a new run"
+                "loader state does not match this data order (" + "; ".join(mismatched) + "); "
+                "resume with the same dataset, seed, seq_len and packing, or start a new run"
             )
-        index = self._epoch_index(int(state["epoch"]))
-        if not 0 <= int(state["consumed_rows"]) <= index.total_rows:
+        epoch, consumed = int(state["epoch"]), int(state["consumed_rows"])
+        index = self._epoch_index(max(epoch, 0))
+        if epoch < 0 or not 0 <= consumed <= index.total_rows:
             raise CheckpointError(
-                f"loader state consumed_rows={state['consumed_rows']} is outside the epoch's {index.total_rows} rows"
+                f"loader state epoch={epoch}, consumed_rows={consumed} is outside the epoch's "
+                f"{index.total_rows} rows; it was not written for this dataset"
             )
-        self._epoch, self._consumed_rows = int(state["epoch"]), int(state["consumed_rows"])
+        if consumed >= self._steps_in(index) * self.rows_per_step:
+            epoch, consumed = epoch + 1, 0  # nothing of that epoch is left for this loader
+        self._epoch, self._consumed_rows = epoch, consumed
+        self._moves += 1
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -1,34 +1,23 @@
-"""`Prefetcher`: the loader's batches filled ahead of the consumer into a fixed pool of (pinned) buffers.
+"""`Prefetcher`: the loader's batches filled ahead of the consumer into a fixed buffer pool.
 
-One pass of `for batch in prefetcher` is one pass of the loader (an epoch from its current
-position), yielding the same batches in the same order. Behind it:
+It owns the data path's threads: a feeder hands free buffer sets, in step order, to reader
+threads (`pipeline.workers.ordered_map`) that run `loader.fill` (the numba kernels release the
+GIL), at most `depth` steps ahead. The pool holds `depth + 1` (pinned) host buffer sets,
+allocated once and counted in `lowmem_core.memory.PINNED_BYTES`. With a CUDA device, `depth + 1`
+device sets too: the feeder copies each filled host set on a side stream and records an event
+the compute stream waits on; a host set is refilled only after its copy completed, a device set
+overwritten only after the consumer asked for a later batch and an event recorded on the compute
+stream at that moment completed.
 
-- a pool of `depth + 1` host buffer sets from `loader.new_buffers(pin_memory=...)`, allocated
-  once and reused round-robin: no allocation per batch, and the pinned bytes are counted in
-  `lowmem_core.memory.PINNED_BYTES` and never exceed `pinned_pool_bytes`;
-- a feeder thread that hands free buffer sets, in step order, to the reader threads of
-  `pipeline.workers.ordered_map`, which run `loader.fill(task, buffers)` (the numba kernels
-  release the GIL), at most `depth` steps ahead of the consumer;
-- with a CUDA device, `depth + 1` device buffer sets and a side stream: the feeder copies each
-  filled host set into a free device set with `non_blocking=True` and records a copy event.
-  The consumer's (compute) stream waits on that event before the batch is used, so compute never
-  reads a buffer early. A host set is refilled only after its copy event has completed; a device
-  set is overwritten only after the consumer has asked for a later batch *and* an event recorded
-  on the compute stream at that moment has completed (the side stream waits on it).
-
-Without CUDA the yielded batch is the host buffer set itself. Either way a yielded batch stays
-valid until the next one is requested. `state_dict()` is the loader's state after the last batch
-handed to the consumer (`loader.commit` runs at hand-out), so batches sitting in the pool are
-not counted as seen. `last_wait_s` / `wait_s_total` measure how long the consumer waited.
-
-Deadlock freedom: buffer sets are acquired in step order by one thread, and at most `depth`
-fills are outstanding, so with `depth + 1` sets one is always free or about to be freed by the
-consumer (or, with CUDA, by a copy that needs nothing from the feeder to complete).
+Deadlock freedom: buffer sets are acquired in step order by one thread and at most `depth` fills
+are outstanding, so with `depth + 1` sets one is always free or about to be freed by the consumer
+(or, with CUDA, by a copy that needs nothing from the feeder to complete).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,11 +29,15 @@ import torch
 
 from lowmem_core.errors import ConfigError
 from lowmem_core.memory import PINNED_BYTES, PinnedBytesCounter, format_bytes
+from lowmem_core.stateful import Stateful
+from pipeline.loader import Batch
 from pipeline.workers import ordered_map
 
 log = logging.getLogger(__name__)
 
 Buffers = dict[str, torch.Tensor]
+POISON = -0xDEADBEEF  # what a released buffer set holds with poison_released: no valid id or label
+POISON_ENV = "LOWMEM_DEBUG_POISON"
 
 
 class _Stop(Exception):
@@ -95,7 +88,8 @@ class _Pass:
                 device_set["release"] = torch.cuda.Event()
                 device_set["release"].record(compute)
                 self.free_device.put(device_set)
-        self.ready: queue.Queue = queue.Queue()  # (task, host set, device set | None, copy event | None)
+        # (task, host set, its Batch, device set | None, copy event | None)
+        self.ready: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._feed, name="lowmem-prefetch-feeder", daemon=True)
         self.thread.start()
@@ -122,8 +116,7 @@ class _Pass:
 
     def _fill(self, job) -> tuple:
         task, host_set = job
-        self.owner.loader.fill(task, host_set)
-        return task, host_set
+        return task, host_set, self.owner.loader.fill(task, host_set)
 
     def _copy(self, host_set: Buffers) -> tuple[dict, torch.cuda.Event]:
         device_set = self.free_device.get()
@@ -145,14 +138,14 @@ class _Pass:
             torch.cuda.set_device(owner._device)
         filled = ordered_map(self._fill, self._jobs(), owner.num_readers, max_in_flight=owner.depth)
         try:
-            for task, host_set in filled:
+            for task, host_set, batch in filled:
                 if self.stopping.is_set():
                     return
                 if self.cuda:
                     device_set, copied = self._copy(host_set)
-                    self.ready.put((task, host_set, device_set, copied))
+                    self.ready.put((task, host_set, batch, device_set, copied))
                 else:
-                    self.ready.put((task, host_set, None, None))
+                    self.ready.put((task, host_set, batch, None, None))
             self.ready.put(_END)
         except _Stop:
             return
@@ -167,6 +160,8 @@ class _Pass:
 
     def release(self, host_set: Buffers, device_set: dict | None) -> None:
         """The consumer has moved past this batch."""
+        if self.owner.poison_released:
+            _poison(host_set if device_set is None else device_set["buffers"])
         if device_set is not None:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.owner._device))
@@ -188,17 +183,29 @@ class _Pass:
             self.owner._copy_stream.synchronize()  # no copy may still write into the pool
 
 
-class Prefetcher:
-    """Iterate a `pipeline.Loader` with batches prepared ahead into a fixed buffer pool (see module docstring).
+class Prefetcher(Stateful):
+    """Iterate a `pipeline.Loader` with batches prepared ahead into a fixed buffer pool.
+
+    A yielded Batch is valid until the next one is requested: its tensors are the pool's
+    buffers, refilled with later batches. To keep batches across requests (micro-batches of one
+    optimizer step, a list for later), pass `copy=True` (each batch is cloned: 3 x B x L int64)
+    or clone them yourself. `poison_released=True`, or LOWMEM_DEBUG_POISON=1 in the environment,
+    fills every released buffer set with POISON (negative ids and labels), so a batch kept past
+    its life fails loudly instead of silently turning into a later batch.
 
     `device`: a CUDA device to copy batches to on a side stream, or None / "cpu" for host batches.
     `depth`: batches prepared ahead of the consumer; the pool holds `depth + 1` buffer sets.
     `pinned_pool_bytes`: cap on the pinned pool; a smaller cap lowers the depth (logged and kept
     in `depth_note`), and a cap below two buffer sets raises ConfigError.
     `num_readers`: threads filling buffers; at most `depth` fills run at once, so readers beyond
-    the depth add nothing (the sizer plans depth >= readers).
+    the depth add nothing.
     `pin_memory`: defaults to True exactly when copying to CUDA.
     `pinned_counter`: where pinned bytes are counted; the process-wide PINNED_BYTES by default.
+
+    As the loader: one pass is one epoch from the current position, `len()` is the global steps
+    of a full epoch, `steps_remaining()`, `set_epoch(e)`; `state_dict()` is the loader's state
+    after the last batch handed to the consumer (batches waiting in the pool are not counted).
+    `last_wait_s` / `wait_s_total`: how long the consumer waited for batches.
     """
 
     def __init__(
@@ -210,36 +217,28 @@ class Prefetcher:
         num_readers: int = 1,
         *,
         pin_memory: bool | None = None,
+        copy: bool = False,
+        poison_released: bool = False,
         pinned_counter: PinnedBytesCounter = PINNED_BYTES,
     ):
-        if isinstance(num_readers, bool) or not isinstance(num_readers, int) or num_readers < 1:
-            raise ConfigError(f"num_readers must be an integer >= 1, got {num_readers!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ConfigError(f"prefetch depth must be an integer >= 1, got {depth!r}")
+        _check_int("num_readers", num_readers, 1)
+        _check_int("prefetch depth", depth, 1)
         if pinned_pool_bytes is not None and pinned_pool_bytes < 0:
             raise ConfigError(f"pinned_pool_bytes must be >= 0, got {pinned_pool_bytes}")
-        device = None if device is None else torch.device(device)
-        if device is not None and device.type == "cpu":
-            device = None
-        if device is not None:
-            if device.type != "cuda":
-                raise ConfigError(f"the prefetcher copies to CUDA devices or none, got {device}")
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {device} was asked for but CUDA is not available; pass device=None")
-            if device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
         self.loader = loader
         self.num_readers = num_readers
-        self.pin_memory = device is not None if pin_memory is None else bool(pin_memory)
+        self._device = _cuda_device_or_none(device)
+        self.pin_memory = self._device is not None if pin_memory is None else bool(pin_memory)
+        self.copy = bool(copy)
+        self.poison_released = bool(poison_released) or os.environ.get(POISON_ENV) == "1"
         self.pinned_pool_bytes = pinned_pool_bytes
-        self._device = device
         self._counter = pinned_counter
         probe = loader.new_buffers(pin_memory=False)
         self.set_bytes = sum(t.nbytes for t in probe.values())
         del probe
-        self.depth, self.depth_note = (
-            pool_depth_for_cap(depth, self.set_bytes, pinned_pool_bytes) if self.pin_memory else (depth, None)
-        )
+        self.depth, self.depth_note = depth, None
+        if self.pin_memory:
+            self.depth, self.depth_note = pool_depth_for_cap(depth, self.set_bytes, pinned_pool_bytes)
         if self.depth_note:
             log.warning(self.depth_note)
         self._host_sets: list[Buffers] = []
@@ -247,7 +246,6 @@ class Prefetcher:
         self._pinned_held_bytes = 0
         self._copy_stream = None
         self._pass_ref = None
-        self._len_at_start: int | None = None
         self.last_wait_s = 0.0
         self.wait_s_total = 0.0
         self.steps = 0
@@ -255,15 +253,16 @@ class Prefetcher:
 
     # -- the pool ---------------------------------------------------------------------------
     def _allocate(self) -> None:
-        sets = self.depth + 1
-        for _ in range(sets):
+        for _ in range(self.depth + 1):
             try:
                 buffers = self.loader.new_buffers(pin_memory=self.pin_memory)
             except RuntimeError as exc:
                 if not self.pin_memory:
                     raise
                 self._free_pool()
-                raise ConfigError(f"cannot allocate pinned host buffers ({exc}); pass pin_memory=False") from exc
+                raise ConfigError(
+                    f"cannot allocate pinned host buffers ({exc}); pass pin_memory=False"
+                ) from exc
             if self.pin_memory:
                 self._counter.add(self.set_bytes)
                 self._pinned_held_bytes += self.set_bytes
@@ -271,10 +270,8 @@ class Prefetcher:
         if self._device is not None:
             self._copy_stream = torch.cuda.Stream(self._device)
             for host_set in self._host_sets:
-                self._device_sets.append(
-                    {"buffers": {k: torch.empty_like(t, device=self._device) for k, t in host_set.items()},
-                     "release": None}
-                )
+                device_buffers = {k: torch.empty_like(t, device=self._device) for k, t in host_set.items()}
+                self._device_sets.append({"buffers": device_buffers, "release": None})
 
     def _free_pool(self) -> None:
         self._host_sets.clear()
@@ -291,27 +288,29 @@ class Prefetcher:
 
     # -- iteration --------------------------------------------------------------------------
     def __len__(self) -> int:
-        """Batches of the current pass (fixed at its start), or of the next pass when none runs."""
-        if self._active_pass() is not None and self._len_at_start is not None:
-            return self._len_at_start
-        return self.loader.steps_remaining() or len(self.loader)
+        """Global steps in one full epoch."""
+        return len(self.loader)
 
-    def _active_pass(self) -> _Pass | None:
-        run = self._pass_ref() if self._pass_ref is not None else None
-        return None if run is None or run.stopping.is_set() else run
+    def steps_remaining(self) -> int:
+        """Steps the next pass yields, or the pass in progress still yields."""
+        return self.loader.steps_remaining()
 
-    def __iter__(self) -> Iterator[Buffers]:
+    def set_epoch(self, epoch: int) -> None:
+        """Go to the start of epoch `epoch` (a no-op within it); a pass in progress is stopped."""
+        self._close_pass()
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
         self._close_pass()
         if not self._host_sets:
             self._allocate()
-        self._len_at_start = self.loader.steps_remaining() or len(self.loader)
         run = _Pass(self)
         # The pass is referenced only by this generator, so a `break` (which drops the
         # generator) closes it at once; the weak reference lets close() reach it too.
         self._pass_ref = weakref.ref(run)
         return self._iterate(run)
 
-    def _iterate(self, run: _Pass) -> Iterator[Buffers]:
+    def _iterate(self, run: _Pass) -> Iterator[Batch]:
         held = None
         try:
             while not run.stopping.is_set():
@@ -325,16 +324,23 @@ class Prefetcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                task, host_set, device_set, copied = item
+                task, host_set, batch, device_set, copied = item
                 if device_set is not None:
                     torch.cuda.current_stream(self._device).wait_event(copied)
+                    batch = Batch(device_set["buffers"], batch.num_tokens, batch.num_loss_tokens)
                 self.loader.commit(task)
                 self.last_wait_s = waited
                 self.wait_s_total += waited
                 self.steps += 1
                 held = (host_set, device_set)
-                yield host_set if device_set is None else device_set["buffers"]
+                if self.copy:
+                    batch = batch.clone()
+                    run.release(*held)
+                    held = None
+                yield batch
         finally:
+            if held is not None and self.poison_released:
+                _poison(held[0] if held[1] is None else held[1]["buffers"])
             run.close()
 
     def _close_pass(self) -> None:
@@ -365,7 +371,7 @@ class Prefetcher:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; a pass in progress is stopped first (its prepared batches are dropped)."""
+        """Continue from `state`; a pass in progress is stopped (its prepared batches dropped)."""
         self._close_pass()
         self.loader.load_state_dict(state)
 
@@ -384,3 +390,28 @@ class Prefetcher:
             "set_bytes": self.set_bytes,
             "depth_note": self.depth_note,
         }
+
+
+def _poison(buffers: Buffers) -> None:
+    """Overwrite a released buffer set (a device set on the current, compute, stream)."""
+    for tensor in buffers.values():
+        tensor.fill_(POISON)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _cuda_device_or_none(device) -> torch.device | None:
+    """The CUDA device (with its index) batches go to, or None for host batches."""
+    device = None if device is None else torch.device(device)
+    if device is None or device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"the prefetcher copies to CUDA devices or none, got {device}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device} was asked for but CUDA is not available; pass device=None"
+        )
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())

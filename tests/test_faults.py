@@ -542,7 +542,7 @@ def test_sigterm_saves_the_state_and_exits_143(fault_world, reference_losses, tm
     assert f"received SIGTERM: saving the state at step {last_step} and exiting with code 143" in output
     assert "Traceback" not in output
     assert complete_states(out) == {"train_latest_state": last_step}
-    assert not (out / "model.safetensors").exists()  # final weights only when the run completes
+    assert not (out / "final").exists()  # final weights only when the run completes
     code, _ = check_resume(fault_world, out, reference_losses, ("train_latest_state", last_step))
     assert code == 0
 
@@ -630,7 +630,7 @@ def test_host_ram_guard_shrinks_switches_then_saves_and_stops_before_the_limit(f
     stop_step = int(re.search(r"\(stop threshold 95%\) at step (\d+)", guard[-1]).group(1))
     # The state of the stop step is saved and complete, no final weights, and it resumes exactly.
     assert complete_states(out) == {"train_latest_state": stop_step}
-    assert not (out / "model.safetensors").exists()
+    assert not (out / "final").exists()
     plan = json.loads((out / "train_latest_state" / "manifest.json").read_text())["plan"]
     assert plan["prefetch_depth"] == 1 and plan["ultra_low_mem"] is True
     code, _ = check_resume(fault_world, out, reference_losses, ("train_latest_state", stop_step))
@@ -752,3 +752,55 @@ def test_state_of_another_dataset_is_refused_with_the_field_diff(fault_world, fi
     saved = open_dataset(fault_world / "tokens").fingerprint
     now = open_dataset(tmp_path / "other").fingerprint
     assert f"(dataset_fingerprint: saved '{saved}', now '{now}')" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_divergence_skips_steps_then_stops_keeping_the_last_good_state(fault_world, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    proc = run_train(train_cmd(fault_world, out, "--lr", "1e4", max_steps=40, driver=False))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 4, output
+    assert "Traceback" not in output
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "training diverged: 3 consecutive steps" in errors[0], output
+    assert "was skipped (no update)" in output
+    states = complete_states(out)
+    assert list(states) == [STATE], states
+    tensors = load_file(str(out / STATE / "model.safetensors"))
+    assert all(t.isfinite().all() for t in tensors.values())  # never a non-finite weight saved
+    assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigint_then_sigterm_still_saves_and_stops(fault_world, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(fault_world, out, driver=False), env=train_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = _wait_for_line(proc, re.compile(r"^step: 5/", re.M))
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)  # what a launcher under `timeout` forwards next
+    rest, _ = proc.communicate(timeout=TRAIN_TIMEOUT_S)
+    output = seen + rest
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+    last_step = max(losses_by_step(output))
+    assert complete_states(out) == {STATE: last_step}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("extra, max_steps, message", [
+    ((), 5, f"the resumed state is at step {REFERENCE_STEPS} but this run stops at step 5"),
+    (("--lr", "0.5"), REFERENCE_STEPS + 1, r"resume keeps the saved optimizer settings but got --lr 0.5"),
+])
+def test_misleading_resume_flags_are_one_line(fault_world, finished_run, tmp_path, extra, max_steps, message):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run / STATE, out / STATE)
+    before = _snapshot(out)
+    line = _refused(run_train(train_cmd(fault_world, out, *extra, max_steps=max_steps, resume=True, driver=False)))
+    assert re.search(message, line), line
+    assert _snapshot(out) == before

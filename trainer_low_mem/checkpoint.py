@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,42 +35,20 @@ from lowmem_core.durable import file_sha256, fsync_path
 from lowmem_core.errors import CheckpointError, ConfigError
 from lowmem_core.memory import format_bytes
 from trainer_low_mem.distributed import RankContext
+from trainer_low_mem.state_files import (
+    FORMAT,
+    MANIFEST_NAME,
+    TRAINING_STATE_NAME,
+    TrainingState,
+    _verifies,
+    check_compatible,
+    read_training_state,
+    verify_state_dir,
+)
 
 STATE_DIR_NAME = "train_latest_state"
-MANIFEST_NAME = "manifest.json"
-TRAINING_STATE_NAME = "training_state.json"
 MODEL_NAME = "model.safetensors"  # accelerate's name for the first model's weights
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's tag for the first DeepSpeed engine
-FORMAT = "lowmem-train-state/2"
-FINAL_CONFIG_NAME = "config.json"
-
-
-@dataclass
-class TrainingState:
-    """The readable record of a checkpoint (stored as training_state.json).
-
-    `compat` holds what must be equal to resume (model architecture, vocabulary, sequence
-    length, packing, seed, global batch, dataset fingerprint); `plan` and `config` are the run's
-    as saved, for the record.
-    """
-
-    step: int
-    total_steps: int
-    tokens_seen: int
-    loader_state: dict[str, Any]
-    world_size: int
-    compat: dict[str, Any]
-    plan: dict[str, Any]
-    config: dict[str, Any]
-    config_hash: str
-    watchdog: dict[str, Any]  # HostRamWatchdog.state_dict(): the actions taken so far
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainingState:
-        return cls(**d)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -96,68 +73,6 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def verify_state_dir(path: Path) -> dict[str, Any]:
-    """The manifest of a complete, intact state directory; else CheckpointError saying what is
-    wrong."""
-    manifest_path = path / MANIFEST_NAME
-    if not path.is_dir():
-        raise CheckpointError(f"{path} does not exist")
-    if not manifest_path.is_file():
-        raise CheckpointError(
-            f"{path} has no {MANIFEST_NAME}: the save did not finish (incomplete state)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path} is not valid JSON ({exc}): corrupt state") from exc
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}"
-        )
-    for entry in manifest["files"]:
-        file_path = path / entry["name"]
-        if not file_path.is_file():
-            raise CheckpointError(
-                f"{path} lacks {entry['name']} listed in its manifest: incomplete state"
-            )
-        size = file_path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(
-                f"{file_path} has {size} bytes, the manifest says {entry['bytes']}: truncated state"
-            )
-        if file_sha256(file_path) != entry["sha256"]:
-            raise CheckpointError(
-                f"{file_path} does not match its sha256 in the manifest: corrupt state"
-            )
-    return manifest
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Raise CheckpointError listing every field where the saved run and this run differ."""
-    a, b = _flatten(saved), _flatten(current)
-    diffs = [
-        f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"{where} was saved with other model, data or batch settings ({'; '.join(diffs)}); "
-            "resume with the saved settings, or start a new run in another --output_dir"
-        )
-
-
 class Checkpointer:
     """Saves and loads `OUTPUT_DIR/train_latest_state` for one job (see the module docstring).
 
@@ -169,6 +84,9 @@ class Checkpointer:
         self.output_dir = Path(output_dir)
         self.ctx = ctx
         self.accelerator = accelerator
+        # True when train_latest_state is known complete (saved or resumed by this run): only
+        # then may it become .prev and the older .prev go; otherwise .prev is the state to keep.
+        self._latest_good = False
         if accelerator is not None:
             accelerator.register_save_state_pre_hook(self._save_weights_hook)
             accelerator.register_load_state_pre_hook(self._load_weights_hook)
@@ -196,7 +114,8 @@ class Checkpointer:
             if ctx.is_main:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 for stale in self.output_dir.glob(f"{STATE_DIR_NAME}.tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
+                    if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # never a live run's
+                        shutil.rmtree(stale, ignore_errors=True)
                 tmp.mkdir()
         failure = None
         try:
@@ -219,6 +138,7 @@ class Checkpointer:
             except OSError as exc:
                 failure = exc
         self._raise_if_any_failed(failure, tmp)
+        self._latest_good = True
         return self.latest_dir
 
     def _save_weights_hook(self, models: list, weights: list, output_dir: str) -> None:
@@ -305,10 +225,16 @@ class Checkpointer:
         fsync_path(tmp)
         latest, prev = self.latest_dir, self.prev_dir
         if latest.exists():
-            # latest came from a completed rename, so it is the state to keep until the new one
-            # lands; a .prev still present then is older and goes.
-            shutil.rmtree(prev, ignore_errors=True)
-            os.rename(latest, prev)
+            if self._latest_good or not prev.exists() or _verifies(latest):
+                # latest is complete: it is the state to keep until the new one lands; a .prev
+                # still present then is older and goes.
+                shutil.rmtree(prev, ignore_errors=True)
+                os.rename(latest, prev)
+            else:
+                # latest is damaged and .prev is the last good state: keep .prev until the new
+                # state is in place, drop the damaged one.
+                shutil.rmtree(latest)
+                fsync_path(self.output_dir)
         os.rename(tmp, latest)
         fsync_path(self.output_dir)
         shutil.rmtree(prev, ignore_errors=True)
@@ -343,6 +269,7 @@ class Checkpointer:
                 f"rank 0 found no usable training state in {self.output_dir} (see its message)"
             )
         path = (self.latest_dir, self.prev_dir)[choice]
+        self._latest_good = choice == 0
         if manifest is None:
             manifest = json.loads((path / MANIFEST_NAME).read_text())
         return path, manifest
@@ -375,7 +302,7 @@ class Checkpointer:
         `compat`, or when ZeRO shards would have to be re-sharded for another world size.
         """
         ctx = self.ctx
-        state = TrainingState.from_dict(json.loads((path / TRAINING_STATE_NAME).read_text()))
+        state = read_training_state(path)
         check_compatible(state.compat, compat, path)
         saved_deepspeed = bool(manifest.get("deepspeed"))
         if saved_deepspeed != ctx.uses_deepspeed:
@@ -413,20 +340,22 @@ class Checkpointer:
         return state
 
 
+LOCK_NAME = ".train.lock"
+
+
+def _pid_alive(text: str) -> bool:
+    """Whether the process whose pid is `text` still runs (a non-number counts as gone)."""
+    try:
+        pid = int(text)
+        if pid == os.getpid():  # this run's own leftover
+            return False
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _weights_name(index: int) -> str:
     return MODEL_NAME if index == 0 else MODEL_NAME.replace(".", f"_{index}.")
-
-
-def save_final_weights(
-    output_dir: Path, model: torch.nn.Module, model_config: dict[str, Any]
-) -> Path:
-    """Write OUTPUT_DIR/model.safetensors and config.json atomically (rank 0 only calls this)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    weights = output_dir / MODEL_NAME
-    tmp = output_dir / f".{MODEL_NAME}.tmp-{os.getpid()}"
-    save_weights(model, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, weights)
-    _write_json_atomic(output_dir / FINAL_CONFIG_NAME, model_config)
-    fsync_path(output_dir)
-    return weights

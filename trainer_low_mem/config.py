@@ -53,6 +53,9 @@ class DataConfig:
     num_readers: int | None = None
     """Reader threads that fill batches; default: chosen by the sizer (or 1 without --auto_plan)."""
 
+    no_verify: bool = False
+    """Skip the shard checksum check at the start of training (it is cached per dataset)."""
+
     def __post_init__(self) -> None:
         _require_positive("max_seq_len", self.max_seq_len, allow_none=False)
         _require_positive("num_readers", self.num_readers)
@@ -144,8 +147,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
+    max_bad_steps: int = 3
+    """Stop with an error after this many consecutive steps with a non-finite loss or gradient
+    norm (each one is skipped: no update, no schedule step)."""
+
     def __post_init__(self) -> None:
         _require_positive("lr", self.lr, allow_none=False)
+        _require_positive("max_bad_steps", self.max_bad_steps, allow_none=False)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:

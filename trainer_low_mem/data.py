@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
-from lowmem_core.errors import PipelineError
+from lowmem_core.errors import LowMemError, PipelineError
+from lowmem_core.format import INDEX_NAME
 from pipeline import open_dataset
 from pipeline.loader import Loader
 from pipeline.prefetch import Prefetcher
+from trainer_low_mem.distributed import RankContext
 
 
 class TrainData:
@@ -56,7 +58,6 @@ class TrainData:
             world_size=self.world_size,
             seed=self.seed,
             packing=self.packing,
-            num_readers=plan.num_readers,
         )
 
     @property
@@ -122,3 +123,35 @@ class TrainData:
                 raise PipelineError(
                     "the loader produced an empty epoch; check the dataset and --max_seq_len"
                 )
+
+
+def verify_dataset(path: Path, ctx: RankContext) -> None:
+    """Collective: rank 0 checks the shards' sha256 (cached per shard by mtime and size)."""
+    from pipeline.manifest import read_manifest, verify_checksums
+
+    failure = None
+    if ctx.is_main and (Path(path) / INDEX_NAME).is_file():
+        try:
+            verify_checksums(path, read_manifest(path))
+        except LowMemError as exc:
+            failure = exc
+    if ctx.all_reduce_max(int(failure is not None)) if ctx.world_size > 1 else failure:
+        raise failure or PipelineError(f"--data {path} failed its checksum check on rank 0")
+
+
+def check_shard_sizes(path: Path) -> None:
+    """Before each save: a shard truncated or replaced under a running job is one clear error
+    (reading a truncated mapped shard would end in SIGBUS), not a state built on it."""
+    from pipeline.manifest import read_manifest
+
+    if not (Path(path) / INDEX_NAME).is_file():
+        return
+    for entry in read_manifest(path).files:
+        shard = Path(path) / entry.name
+        size = shard.stat().st_size if shard.is_file() else -1
+        if size != entry.bytes:
+            raise PipelineError(
+                f"{shard} changed during training ({size} bytes, {INDEX_NAME} says "
+                f"{entry.bytes}); the last saved state is intact: restore or rebuild the "
+                "dataset, then resume with --is_keep_training=True"
+            )

@@ -23,6 +23,7 @@ from lowmem_core.durable import fsync_path
 from lowmem_core.errors import CheckpointError, ConfigError, require_extra
 from trainer_low_mem.model import ROPE_BASE, DecoderLM
 
+EXPORT_DIR_NAME = "final"
 BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
 

@@ -17,31 +17,35 @@ SIGINT set a flag; at the next step boundary every rank saves the state and the 
 
 from __future__ import annotations
 
-import math
 import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from lowmem_core.errors import ConfigError, MemoryLimitError, require_extra
+from lowmem_core.errors import (
+    ConfigError,
+    MemoryLimitError,
+    require_extra,
+)
 from lowmem_core.memory import effective_host_limit_bytes
+from pipeline import open_dataset
+from pipeline.loader import Loader
 from trainer_low_mem import oom, sanity
 from trainer_low_mem.checkpoint import (
-    MODEL_NAME,
     Checkpointer,
     TrainingState,
-    save_final_weights,
 )
 from trainer_low_mem.config import JobConfig, config_hash
-from trainer_low_mem.data import TrainData
+from trainer_low_mem.data import TrainData, check_shard_sizes, verify_dataset
 from trainer_low_mem.distributed import RankContext, create_accelerator, deepspeed_requested
+from trainer_low_mem.evaluate import evaluate
+from trainer_low_mem.export import EXPORT_DIR_NAME, export_model
 from trainer_low_mem.metrics import Metrics
-from trainer_low_mem.model import build_model, resolve_preset
+from trainer_low_mem.model import resolve_preset
+from trainer_low_mem.model_setup import build_job_model, data_facts, model_identity
 from trainer_low_mem.optim import (
     build_optimizer,
     build_scheduler,
@@ -50,85 +54,17 @@ from trainer_low_mem.optim import (
     zero_settings,
 )
 from trainer_low_mem.planner import Plan, plan_for_job
+from trainer_low_mem.progress import RunProgress, TrainResult, check_resume_settings, total_steps
+from trainer_low_mem.run_lock import lock_output_dir
+from trainer_low_mem.signals import EXIT_CODES, StopSignals
 from trainer_low_mem.step import StepOutcome, Stepper
 from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, job_memory_bytes
-
-EXIT_CODE_SIGINT = 130  # 128 + SIGINT, the shell's convention
-EXIT_CODE_SIGTERM = 143  # 128 + SIGTERM
-_EXIT_CODES = {signal.SIGINT: EXIT_CODE_SIGINT, signal.SIGTERM: EXIT_CODE_SIGTERM}
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or signalled) run reports."""
-
-    final_step: int
-    total_steps: int
-    losses: list[float]  # global token-mean loss of each optimizer step this process ran
-    tokens_seen: int  # counted target tokens over the whole run, resumed part included
-    loader_state: dict[str, Any]  # data position after the last completed optimizer step
-    plan: dict[str, Any]
-    world_size: int
-    state_dir: Path | None
-    weights_path: Path | None
-    exit_code: int = 0
-    backoffs: list[str] = field(default_factory=list)  # one reason per OOM backoff
-
-
-@dataclass
-class RunProgress:
-    """What a resume continues from (registered for checkpointing): optimizer steps done, counted
-    target tokens, and the data position after the last completed step."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    loader_state: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.loader_state = state["loader_state"]
-
-
-class _StopSignals:
-    """SIGTERM/SIGINT record the signal; a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in _EXIT_CODES:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def _total_steps(config: JobConfig, rows_per_epoch: int, global_batch: int) -> int:
-    """--max_steps, or ceil(epochs * rows per epoch / global batch), whichever is smaller."""
-    t = config.training
-    epochs = t.epochs if t.epochs is not None else (None if t.max_steps is not None else 1.0)
-    candidates = [t.max_steps] if t.max_steps is not None else []
-    if epochs is not None:
-        candidates.append(max(1, math.ceil(epochs * rows_per_epoch / global_batch)))
-    return min(candidates)
 
 
 class _Run:
     """One training job on this rank; `train()` builds it and calls `run()`."""
 
-    def __init__(self, config: JobConfig, accelerator, ctx: RankContext, stop: _StopSignals):
+    def __init__(self, config: JobConfig, accelerator, ctx: RankContext, stop: StopSignals):
         self.config, self.accelerator, self.ctx, self.stop = config, accelerator, ctx, stop
         self.checkpointer = Checkpointer(config.checkpoint.output_dir, ctx, accelerator)
         resume = self.checkpointer.locate_resume(config.checkpoint.is_keep_training)
@@ -142,9 +78,18 @@ class _Run:
             world_size=ctx.world_size,
             device=ctx.device,
         )
+        if not d.no_verify:
+            verify_dataset(d.data, ctx)
         self.preset = resolve_preset(config.model.model_preset, self.data.dataset.vocab_size)
         torch.manual_seed(t.seed)
-        self.module = build_model(self.preset, grad_checkpointing=config.model.grad_checkpointing)
+        self.job_model = build_job_model(config.model, data_facts(d.data, self.data.dataset))
+        self.module = self.job_model.model
+        jm = self.job_model
+        self._print(f"model: {jm.description}")
+        self._print(
+            f"trainable parameters: {jm.trainable_params:,} of {jm.total_params:,} "
+            f"({100.0 * jm.trainable_params / max(jm.total_params, 1):.2f}%)"
+        )
         self.global_batch = config.resolve_global_batch(ctx.world_size)
         self.plan = self._make_plan()
         # The watchdog guards the job's own limit (no planning margin): --host_ram_limit, else the
@@ -154,9 +99,9 @@ class _Run:
             read_used_bytes=lambda: job_memory_bytes(ctx.gather, self.plan.ranks_per_node),
         )
         self.data.configure(self.plan)
-        self.total_steps = _total_steps(config, self.data.rows_per_epoch, self.global_batch)
+        self.total_steps = total_steps(config, self.data.rows_per_epoch, self.global_batch)
         self.compat = {
-            "model": {"preset": config.model.model_preset, **self.preset.__dict__},
+            "model": model_identity(config, self.preset),
             "dataset_fingerprint": self.data.dataset.fingerprint,
             "max_seq_len": d.max_seq_len,
             "packing": d.packing,
@@ -179,7 +124,13 @@ class _Run:
             )
         model, optimizer = accelerator.prepare(self.module, optimizer)
         self.stepper = Stepper(
-            accelerator, ctx, model, optimizer, self.scheduler, max_grad_norm=o.max_grad_norm
+            accelerator,
+            ctx,
+            model,
+            optimizer,
+            self.scheduler,
+            max_grad_norm=o.max_grad_norm,
+            max_bad_steps=o.max_bad_steps,
         )
         self._apply_plan_sizes()
 
@@ -191,6 +142,8 @@ class _Run:
         self.data.start(self.progress.loader_state)
         self.progress.loader_state = self.data.state_dict()
         self.backoffs: list[str] = []
+        e = config.eval
+        self.eval_dataset = open_dataset(e.eval_data) if e.eval_data is not None else None
         self.metrics = Metrics(
             ctx,
             accelerator,
@@ -235,6 +188,7 @@ class _Run:
                 "ranks: the data position and global batch carry over"
             )
         p = self.progress
+        check_resume_settings(record.config, self.config.to_dict(), p.step, self.total_steps)
         self._print(
             f"resumed from {path} at step {p.step} (epoch {p.loader_state['epoch']}, "
             f"row {p.loader_state['consumed_rows']} of the epoch)"
@@ -246,6 +200,7 @@ class _Run:
             tqdm.write(line)
 
     def _save(self) -> Path:
+        check_shard_sizes(self.config.data.data)
         p = self.progress
         record = TrainingState(
             step=p.step,
@@ -307,7 +262,7 @@ class _Run:
         signum = ctx.all_reduce_max(self.stop.signum) if ctx.world_size > 1 else self.stop.signum
         if not signum:
             return 0
-        code = _EXIT_CODES.get(signum, 128 + signum)
+        code = EXIT_CODES.get(signum, 128 + signum)
         self._print(
             f"received {signal.Signals(signum).name}: saving the state at step "
             f"{self.progress.step} and exiting with code {code}"
@@ -332,7 +287,10 @@ class _Run:
             disable=not (ctx.is_main and c.log.progress_bar),
         )
         exit_code = 0
+        last_eval = -1
         try:
+            if p.step == 0 and self.eval_dataset is not None:
+                last_eval = self._evaluate()
             while p.step < self.total_steps:
                 exit_code = self._signalled_exit_code()
                 if exit_code:
@@ -343,6 +301,11 @@ class _Run:
                     self._back_off(outcome)
                     continue
                 loss_sum, global_tokens, forward_s = outcome
+                if self.stepper.skipped:
+                    self._print(
+                        f"warning: step {p.step + 1} had a non-finite loss or gradient norm and "
+                        "was skipped (no update)"
+                    )
                 p.step += 1
                 p.tokens_seen += global_tokens
                 p.loader_state = self.data.state_dict()
@@ -358,17 +321,25 @@ class _Run:
                     )
                     if line is not None:
                         self._print(line)
+                every = c.eval.eval_every
+                if self.eval_dataset is not None and (done or (every and p.step % every == 0)):
+                    last_eval = self._evaluate()
                 if self._apply_watchdog():
                     exit_code = MemoryLimitError.exit_code
                     break
                 if c.checkpoint.save_every and p.step % c.checkpoint.save_every == 0 and not done:
                     self._save()
+                export_every = c.checkpoint.export_every
+                if export_every and p.step % export_every == 0 and not done:
+                    self._export()
         finally:
             bar.close()
             self.data.close()  # joins the reader threads, also when a step raised
+        if self.eval_dataset is not None and exit_code == 0 and last_eval != p.step:
+            self._evaluate()
         self.metrics.flush_losses()
         state_dir = self._save()
-        weights_path = self._save_final_weights(state_dir) if exit_code == 0 else None
+        export_dir = self._export() if exit_code == 0 else None
         self.metrics.end_trackers()
         return TrainResult(
             final_step=p.step,
@@ -379,26 +350,59 @@ class _Run:
             plan=self.plan.to_dict(),
             world_size=ctx.world_size,
             state_dir=state_dir,
-            weights_path=weights_path,
+            export_dir=export_dir,
             exit_code=exit_code,
             backoffs=self.backoffs,
         )
 
-    def _save_final_weights(self, state_dir: Path) -> Path:
-        """Collective: rank 0 writes OUTPUT_DIR/model.safetensors and config.json."""
-        c = self.config
-        weights_path = c.checkpoint.output_dir / MODEL_NAME
+    def _evaluate(self) -> int:
+        """Collective: score the eval set once (document masking on), log it; returns the step."""
+        c, ctx, step = self.config, self.ctx, self.progress.step
+        loader = Loader(
+            self.eval_dataset,
+            self.plan.micro_batch_per_rank,
+            c.data.max_seq_len,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=c.training.seed,
+            packing=c.data.packing,
+            drop_last=False,
+        )
+        inner = self.accelerator.unwrap_model(self.stepper.model)
+        had = getattr(inner, "document_masking", None)
+        if had is not None:
+            inner.document_masking = True
+        try:
+            result = evaluate(
+                self.stepper.model, loader, device=ctx.device, sum_over_ranks=ctx.sum_over_ranks
+            )
+        finally:
+            if had is not None:
+                inner.document_masking = had
+        self._print(f"step: {step}/{self.total_steps}, eval_loss: {result.loss:.4f}")
+        if c.log.log_with is not None:
+            self.accelerator.log(result.to_dict(), step=step)
+        return step
+
+    def _export(self) -> Path:
+        """Collective: rank 0 writes OUTPUT_DIR/final, a folder transformers loads."""
+        out = self.config.checkpoint.output_dir / EXPORT_DIR_NAME
         if self.ctx.is_main:
-            model_config = {
-                "preset": c.model.model_preset,
-                **self.preset.__dict__,
-                "tokenizer_id": self.data.dataset.tokenizer_id,
-                "step": self.progress.step,
-            }
-            weights_path = save_final_weights(c.checkpoint.output_dir, self.module, model_config)
-            self._print(f"saved {state_dir} and final weights {weights_path}")
+            facts = data_facts(self.config.data.data, self.data.dataset)
+            export_model(
+                self.module,
+                out,
+                special_ids={
+                    "bos_id": facts.bos_id,
+                    "eos_id": facts.eos_id,
+                    "pad_id": facts.pad_id,
+                },
+                tokenizer_dir=facts.tokenizer_dir,
+                adapter_only=self.config.checkpoint.export_adapter_only,
+            )
+            self._print(f"exported step {self.progress.step} to {out}")
         self.ctx.barrier()
-        return weights_path
+        return out
 
 
 def train(config: JobConfig) -> TrainResult:
@@ -429,5 +433,10 @@ def train(config: JobConfig) -> TrainResult:
             "it; check that deepspeed is installed and the config's "
             "deepspeed_config_file exists"
         )
-    with _StopSignals() as stop:
-        return _Run(config, accelerator, ctx, stop).run()
+    lock = lock_output_dir(config.checkpoint.output_dir, ctx)
+    try:
+        with StopSignals() as stop:
+            return _Run(config, accelerator, ctx, stop).run()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -25,6 +25,7 @@ class _Window:
     step_s: float = 0.0
     forward_s: float = 0.0
     tokens: int = 0
+    wait_started: float | None = None  # data-wait is timed from here (after the warm-up step)
 
 
 class Metrics:
@@ -44,6 +45,8 @@ class Metrics:
         self.losses: list[float] = []  # global token-mean loss of each step of this process
         self._pending: list[tuple[torch.Tensor, int]] = []  # (local loss sum, global tokens)
         self._window = _Window(wait_at_start=wait_s_total())
+        self._run_started = time.perf_counter()
+        self._steps_done = 0  # steps this process ran (a resumed run counts from its start)
 
     def start_trackers(self, config: dict[str, Any]) -> None:
         if self.use_trackers:
@@ -63,6 +66,10 @@ class Metrics:
         w.forward_s += forward_s
         w.tokens += global_tokens
         self._pending.append((loss_sum, global_tokens))
+        if self._steps_done == 0 and w.steps == 1:
+            # The first step includes warm-up (first batches, allocations): keep it out of the
+            # data-wait fraction, which should point at a steady-state bottleneck.
+            w.wait_at_start, w.wait_started = self._wait_s_total(), time.perf_counter()
 
     def flush_losses(self) -> list[float]:
         """Collective: the global loss of each step since the last flush."""
@@ -80,10 +87,16 @@ class Metrics:
         w, now = self._window, time.perf_counter()
         wall_s = max(now - w.started, 1e-9)
         steps = max(w.steps, 1)
-        wait_frac = (self._wait_s_total() - w.wait_at_start) / wall_s
+        wait_wall_s = wall_s
+        if w.wait_started is not None and w.steps > 1:
+            wait_wall_s = max(now - w.wait_started, 1e-9)
+        wait_frac = (self._wait_s_total() - w.wait_at_start) / wait_wall_s
         mine = (w.step_s / steps, w.forward_s / steps, wait_frac, process_memory().uss_bytes)
         per_rank = self.ctx.gather(mine)
         self._window = _Window(wait_at_start=self._wait_s_total())
+        self._steps_done += w.steps
+        elapsed_s = now - self._run_started
+        eta_s = elapsed_s / max(self._steps_done, 1) * max(total_steps - step, 0)
         if not self.ctx.is_main or not losses:
             return None
         step_s = [r[0] for r in per_rank]
@@ -95,7 +108,8 @@ class Metrics:
         mean_step_s = sum(step_s) / len(step_s)
         spread = (max(step_s) - min(step_s)) / mean_step_s if min(step_s) > 0 else 0.0
         line = (
-            f"step: {step}/{total_steps}, loss: {loss:.4f}, tokens/s: {tokens_per_s:,.0f}, "
+            f"step: {step}/{total_steps}, loss: {loss:.4f}, lr: {lr:.3g}, "
+            f"elapsed: {_clock(elapsed_s)}, eta: {_clock(eta_s)}, tokens/s: {tokens_per_s:,.0f}, "
             f"data-wait: {100 * wait_frac:.1f}%, {_device_memory(self.ctx.device)}, "
             f"host RAM: {format_bytes(job_uss_bytes)} job USS "
             f"(limit {format_bytes(host_limit_bytes)})"
@@ -119,6 +133,11 @@ class Metrics:
                 step=step,
             )
         return line
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _device_memory(device: torch.device) -> str:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from lowmem_core.errors import ConfigError
-from trainer_low_mem.config import ModelConfig
+from trainer_low_mem.config import JobConfig, ModelConfig
 from trainer_low_mem.export import llama_state_dict_to_decoder
 from trainer_low_mem.hf_model import check_dataset_matches_model, load_model_folder
 from trainer_low_mem.lora import LoraSettings, apply_lora, trainable_parameter_count
 from trainer_low_mem.model import DecoderLM, build_model, resolve_preset
+
 
 @dataclass(frozen=True)
 class DataFacts:
@@ -57,7 +59,10 @@ def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
             load_in_4bit=cfg.load_in_4bit,
         )
         check_dataset_matches_model(
-            vocab_size=data.vocab_size, eos_id=data.eos_id, bos_id=data.bos_id, model=model,
+            vocab_size=data.vocab_size,
+            eos_id=data.eos_id,
+            bos_id=data.bos_id,
+            model=model,
             data=data.path,
         )
         source = "random init from its config" if cfg.from_scratch else "its weights"
@@ -73,7 +78,9 @@ def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
         load_initial_weights(model, cfg.init_from)
         what += f", weights from {cfg.init_from}"
     if cfg.lora_rank is not None:
-        settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        settings = LoraSettings(
+            cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules
+        )
         apply_lora(model, settings)
         what += f", LoRA rank {cfg.lora_rank}"
     trainable, total = trainable_parameter_count(model)
@@ -84,8 +91,10 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
     """Copy the weights in `source` into `model` (same architecture), or one ConfigError."""
     source = Path(source)
     if not source.is_dir():
-        raise ConfigError(f"--init_from {source} is not a folder; give an export (OUTPUT_DIR/final) "
-                          "or a training state (OUTPUT_DIR/train_latest_state)")
+        raise ConfigError(
+            f"--init_from {source} is not a folder; give an export (OUTPUT_DIR/final) "
+            "or a training state (OUTPUT_DIR/train_latest_state)"
+        )
     files = sorted(source.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"--init_from {source} holds no .safetensors weights")
@@ -134,3 +143,44 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str
         )
     result = module.load_state_dict(tensors, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _tokenizer_dir(dataset) -> Path | None:
+    """The dataset's tokenizer folder when it was built from one (exported beside the model)."""
+    folder = getattr(dataset, "tokenizer_dir", None)
+    if folder is None:
+        tid = str(getattr(dataset, "tokenizer_id", "") or "")
+        folder = tid if tid and Path(tid).is_dir() else None
+    return Path(folder) if folder is not None else None
+
+
+def data_facts(path: Path, dataset) -> DataFacts:
+    return DataFacts(
+        path=path,
+        vocab_size=dataset.vocab_size,
+        bos_id=dataset.bos_id,
+        eos_id=dataset.eos_id,
+        pad_id=dataset.pad_id,
+        is_sft=bool(getattr(dataset, "is_sft", False)),
+        tokenizer_dir=_tokenizer_dir(dataset),
+    )
+
+
+def model_identity(config: JobConfig, preset) -> dict[str, Any]:
+    """What resume compares so a state is never loaded into another model."""
+    m = config.model
+    lora = None
+    if m.lora_rank is not None:
+        lora = {
+            "rank": m.lora_rank,
+            "alpha": m.lora_alpha,
+            "dropout": m.lora_dropout,
+            "targets": str(m.lora_target_modules),
+        }
+    if m.model is None:
+        return {"preset": m.model_preset, **preset.__dict__, "lora": lora}
+    try:
+        hf_config = json.loads((Path(m.model) / "config.json").read_text())
+    except (OSError, ValueError):
+        hf_config = None
+    return {"folder_config": hf_config, "lora": lora}

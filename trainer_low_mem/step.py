@@ -7,17 +7,23 @@ mean over every counted target token of the step, on all ranks and micro-batches
 micro-batch's summed loss is scaled by `accumulation * world_size / tokens_in_step` before
 backward, which cancels the `1/accumulation` of accelerate (or DeepSpeed) and the `1/world_size`
 of the gradient all-reduce, so neither depends on how the global batch is split.
+
+Divergence guard: a step whose loss or global gradient norm is not finite (on any rank) is
+skipped, as DeepSpeed and AMP skip fp16 overflows: gradients dropped, no optimizer or schedule
+step, so no non-finite weight is ever saved. `max_bad_steps` consecutive skips stop the run with
+a DivergenceError; the last saved state stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import weakref
 
 import torch
 
-from lowmem_core.errors import MemoryLimitError
+from lowmem_core.errors import LowMemError, MemoryLimitError
 from trainer_low_mem import oom
 from trainer_low_mem.distributed import RankContext
 from trainer_low_mem.model import IGNORE_INDEX, shift_labels
@@ -25,16 +31,33 @@ from trainer_low_mem.model import IGNORE_INDEX, shift_labels
 StepOutcome = tuple[torch.Tensor, int, float]  # (local loss sum, global tokens, forward seconds)
 
 
+class DivergenceError(LowMemError):
+    """Training diverged: too many consecutive steps with a non-finite loss or gradient norm."""
+
+    exit_code = 4
+
+
 class Stepper:
     """Runs optimizer steps on the prepared model and optimizer (replaced after a DDP rewrap)."""
 
     def __init__(
-        self, accelerator, ctx: RankContext, model, optimizer, scheduler, *, max_grad_norm: float
+        self,
+        accelerator,
+        ctx: RankContext,
+        model,
+        optimizer,
+        scheduler,
+        *,
+        max_grad_norm: float,
+        max_bad_steps: int = 3,
     ):
         self.accelerator, self.ctx = accelerator, ctx
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.engine = model if ctx.uses_deepspeed else None  # the DeepSpeed engine
         self.max_grad_norm = max_grad_norm
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0  # consecutive skipped (non-finite) steps
+        self.skipped = False  # whether the last step was skipped
         self.injector = oom.OomInjector(ctx.rank)
 
     def set_sizes(self, micro_batch: int, accumulation: int, global_batch: int) -> None:
@@ -79,7 +102,7 @@ class Stepper:
                 elif detail is not None:
                     raise oom.fatal_in_collective(ctx.rank, f"micro-batch {i} backward", detail)
                 loss_sum += token_loss_sum.detach()
-        self._optimizer_step()
+        self._optimizer_step(loss_sum, step)
         return loss_sum, global_tokens, forward_s
 
     def reset_after_oom(self) -> None:
@@ -116,12 +139,35 @@ class Stepper:
         else:
             self.accelerator.backward(loss)
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, loss_sum: torch.Tensor, step: int) -> None:
+        finite = math.isfinite(float(loss_sum))
+        grad_norm = float("nan")
+        if self.engine is None and finite:
+            # The gradients are reduced already: every rank sees the same global norm.
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
+            finite = math.isfinite(grad_norm)
+        bad = int(not finite)
+        if self.ctx.world_size > 1:
+            bad = self.ctx.all_reduce_max(bad)  # a skip is agreed: every rank skips or none
+        self.skipped = bool(bad)
+        if self.skipped:
+            if self.engine is not None:
+                self.engine.zero_grad()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= self.max_bad_steps:
+                raise DivergenceError(
+                    f"training diverged: {self.bad_steps} consecutive steps up to step {step} had "
+                    f"a non-finite loss or gradient norm (last loss sum {float(loss_sum)}, grad "
+                    f"norm {grad_norm}) and were skipped; the last saved state is unchanged: "
+                    "resume it with a lower --lr (or --max_grad_norm), or raise --max_bad_steps"
+                )
+            return
+        self.bad_steps = 0
         if self.engine is not None:
             self.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
         else:
-            if self.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not self.optimizer.step_was_skipped:

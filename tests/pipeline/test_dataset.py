@@ -4,7 +4,9 @@ clear error for every way a dataset on disk can be broken."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,12 +27,25 @@ def test_documents_read_back_exactly_in_both_modes(make_dataset, synthetic_token
         mmap[120]
 
 
-def test_mmap_reads_are_views_and_ultra_low_mem_holds_no_mapping(sample_dataset_dir):
-    mmap = open_dataset(sample_dataset_dir)
+def test_mmap_reads_are_views_and_ultra_low_mem_holds_no_mapping(make_dataset):
+    path = make_dataset(num_docs=60, seed=3, median_len=20)
+    shards = [str(f) for f in path.iterdir() if f.suffix == ".arrow"]
+
+    def mapped() -> bool:
+        maps = Path(f"/proc/{os.getpid()}/maps").read_text()
+        return any(shard in maps for shard in shards)
+
+    ultra = open_dataset(path, ultra_low_mem=True)
+    assert shards and not mapped()
+    assert ultra[3].flags.writeable  # a fresh array read from the file, not a view
+    mmap = open_dataset(path)
+    assert mapped()
     assert not mmap[3].flags.owndata and not mmap[3].flags.writeable
-    ultra = open_dataset(sample_dataset_dir, ultra_low_mem=True)
-    assert all(chunk.values is None for chunk in ultra.chunks)
     assert np.array_equal(ultra[3], mmap[3])
+    mmap.close()
+    ultra.close()
+    with pytest.raises(PipelineError, match="is closed; reopen it"):
+        mmap[3]
 
 
 def test_datasets_folder_with_token_column_opens_directly(tmp_path, synthetic_token_docs):
@@ -66,12 +81,12 @@ def _shard(path):
     [
         (lambda p: shutil.rmtree(p), "does not exist; build it"),
         (lambda p: (p / "index.json").unlink(), "is not a dataset"),
-        (lambda p: (p / "index.json").write_text("{not json"), "index.json is not valid JSON"),
+        (lambda p: (p / "index.json").write_text("{not json"), "index.json: is not valid JSON"),
         (lambda p: _shard(p).unlink(), "lists shard-00000.arrow but it is missing"),
         (lambda p: _shard(p).write_bytes(_shard(p).read_bytes()[:-100]), "truncated or replaced"),
         (lambda p: _shard(p).write_bytes(b"\0" * _shard(p).stat().st_size), "is not a valid Arrow file"),
-        (lambda p: _edit_index(p, dtype="float32"), "expected uint16 or uint32"),
-        (lambda p: _edit_index(p, num_documents=5), "says 5 /"),
+        (lambda p: _edit_index(p, dtype="float32"), "dtype must be uint16 or uint32"),
+        (lambda p: _edit_index(p, num_documents=5), "not the 5 it states"),
         (lambda p: _edit_index(p, vocab_size=100_000), "does not fit dtype uint16"),
     ],
 )

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline import CheckpointError, ConfigError, Loader, open_dataset
+from pipeline import CheckpointError, ConfigError, Loader, Prefetcher, open_dataset
 from pipeline.sampler import epoch_permutation
 
 NUM_DOCS, SEED, MEDIAN = 300, 7, 40
@@ -120,7 +120,7 @@ def test_break_mid_epoch_then_next_pass_finishes_that_epoch(docs_and_dir):
 
 def test_state_counts_only_batches_handed_out(docs_and_dir):
     _, path = docs_and_dir
-    loader = Loader(open_dataset(path), 2, 16, num_readers=2)
+    loader = Loader(open_dataset(path), 2, 16)
     it = iter(loader)
     next(it)
     next(it)
@@ -159,7 +159,8 @@ def test_ultra_low_mem_and_readers_give_identical_batches(make_dataset, packing)
     path = make_dataset(num_docs=200, seed=3, median_len=50)
     mmap = [ {k: v.clone() for k, v in b.items()} for b in Loader(open_dataset(path), 3, 40, packing=packing)]
     ultra_ds = open_dataset(path, ultra_low_mem=True)
-    ultra = list(Loader(ultra_ds, 3, 40, packing=packing, num_readers=3))
+    ultra_loader = Loader(ultra_ds, 3, 40, packing=packing)
+    ultra = [b.clone() for b in Prefetcher(ultra_loader, depth=3, num_readers=3)]
     assert len(mmap) == len(ultra)
     for a, b in zip(mmap, ultra):
         for key in a:
@@ -189,7 +190,6 @@ def test_padding_rows_reproduce_documents_exactly(docs_and_dir):
         ({"seq_len": 1}, "seq_len must be an integer >= 2"),
         ({"rank": 3, "world_size": 3}, "rank must be in [0, world_size=3)"),
         ({"world_size": 0}, "world_size must be an integer >= 1"),
-        ({"num_readers": 0}, "num_readers must be an integer >= 1"),
     ],
 )
 def test_impossible_loader_settings_are_refused(sample_dataset_dir, kwargs, message):
@@ -205,3 +205,13 @@ def test_state_from_another_data_order_is_refused(docs_and_dir, sample_dataset_d
         Loader(open_dataset(path), 2, 16, seed=2).load_state_dict(state)
     with pytest.raises(CheckpointError, match="fingerprint"):
         Loader(open_dataset(sample_dataset_dir), 2, 16, seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("state, named", [(None, "got NoneType"), ([], "got list"),
+                                           ({"version": 99}, "version 99")])
+def test_loading_something_that_is_not_a_loader_state_is_one_checkpoint_error(
+    sample_dataset_dir, state, named
+):
+    loader = Loader(open_dataset(sample_dataset_dir), batch_size=2, seq_len=64)
+    with pytest.raises(CheckpointError, match=named):
+        loader.load_state_dict(state)

@@ -103,7 +103,8 @@ def test_state_after_k_batches_resumes_at_batch_k_despite_prefetching(dataset):
 
     resumed = Prefetcher(new_loader(dataset), depth=3, num_readers=2)
     resumed.load_state_dict(state)
-    assert len(resumed) == len(expected) - k
+    assert len(resumed) == len(expected)  # len: a full epoch; steps_remaining: from here
+    assert resumed.steps_remaining() == len(expected) - k
     assert_same_batches(copies(resumed), expected[k:])
 
 

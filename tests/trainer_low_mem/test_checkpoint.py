@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lowmem_core.errors import CheckpointError
+from lowmem_core.errors import CheckpointError, ConfigError
 from trainer_low_mem.checkpoint import (
     MANIFEST_NAME,
     MODEL_NAME,
@@ -20,7 +24,6 @@ from trainer_low_mem.checkpoint import (
     Checkpointer,
     TrainingState,
     check_compatible,
-    save_final_weights,
     verify_state_dir,
 )
 from trainer_low_mem.distributed import RankContext, create_accelerator
@@ -233,11 +236,228 @@ def test_load_refuses_a_state_whose_registered_objects_differ(tmp_path):
         _Run(tmp_path).ckpt.load(path, manifest, compat=COMPAT)
 
 
-def test_final_weights_are_safetensors_with_config(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    path = save_final_weights(tmp_path, model, {"preset": "tiny", "d_model": 64})
-    tensors = load_file(str(path))
-    assert torch.equal(tensors["embed.weight"], model.embed.weight.detach())
-    assert json.loads((tmp_path / "config.json").read_text()) == {"preset": "tiny", "d_model": 64}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+def _rewrite_listed(state_dir, name: str, data: bytes) -> None:
+    """Replace a file and update its manifest entry, as a manifest-consistent bad writer would."""
+    from lowmem_core.durable import file_sha256
+
+    (state_dir / name).write_bytes(data)
+    manifest = json.loads((state_dir / MANIFEST_NAME).read_text())
+    for entry in manifest["files"]:
+        if entry["name"] == name:
+            entry["bytes"], entry["sha256"] = len(data), file_sha256(state_dir / name)
+    (state_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _latest_and_prev(tmp_path):
+    run = _Run(tmp_path)
+    run.save(1)
+    step1 = tmp_path / "step1"
+    shutil.copytree(tmp_path / STATE_DIR_NAME, step1)
+    run.save(2)
+    step1.rename(run.ckpt.prev_dir)
+    return run
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"format": "lowmem-train-state/2", "files": "x", "step": 2},
+        {"format": "lowmem-train-state/2"},
+        {"format": "lowmem-train-state/2", "step": 2, "files": [{"name": 3}]},
+        [],
+    ],
+)
+def test_malformed_manifest_falls_back_to_prev(tmp_path, manifest):
+    run = _latest_and_prev(tmp_path)
+    (run.ckpt.latest_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    path, found = run.ckpt.find_resumable()
+    assert path == run.ckpt.prev_dir and found["step"] == 1
+    with pytest.raises(CheckpointError, match="corrupt state|format"):
+        verify_state_dir(run.ckpt.latest_dir)
+
+
+@pytest.mark.parametrize("payload", [b"[]", b"{not json", b'{"step": 2}'])
+def test_malformed_training_state_falls_back_to_prev(tmp_path, payload):
+    run = _latest_and_prev(tmp_path)
+    _rewrite_listed(run.ckpt.latest_dir, "training_state.json", payload)
+    path, found = run.ckpt.find_resumable()
+    assert path == run.ckpt.prev_dir and found["step"] == 1
+
+
+def test_save_after_resuming_from_prev_keeps_prev_until_the_new_state_lands(tmp_path, monkeypatch):
+    import trainer_low_mem.checkpoint as checkpoint
+
+    run = _latest_and_prev(tmp_path)
+    weights = run.ckpt.latest_dir / MODEL_NAME
+    weights.write_bytes(weights.read_bytes()[:100])  # latest damaged: resume from .prev
+    path, _ = run.ckpt.locate_resume(keep_training=True)
+    assert path == run.ckpt.prev_dir
+    real_rename = os.rename
+
+    def crash_before_the_new_state_lands(src, dst):
+        if ".tmp-" in str(src):
+            raise KeyboardInterrupt  # killed between "old state out" and "new state in"
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", crash_before_the_new_state_lands)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(3)
+    path, found = run.ckpt.find_resumable()
+    assert path == run.ckpt.prev_dir and found["step"] == 1  # the good state survived
+    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    run.save(3)
+    assert run.ckpt.find_resumable()[1]["step"] == 3
+
+
+def test_save_never_deletes_a_live_runs_temp_dir(tmp_path):
+    run = _Run(tmp_path)
+    live = tmp_path / f"{STATE_DIR_NAME}.tmp-{os.getppid()}"  # a running process's pid
+    live.mkdir()
+    (live / "optimizer.bin").write_bytes(b"being written")
+    run.save(1)
+    assert (live / "optimizer.bin").read_bytes() == b"being written"
+
+
+def test_output_dir_lock_refuses_a_second_run_and_dies_with_kill_9(tmp_path):
+    from trainer_low_mem.run_lock import lock_output_dir
+
+    out = tmp_path / "out"
+    lock = lock_output_dir(out, RankContext.single())
+    with pytest.raises(ConfigError, match=f"--output_dir {out} is in use by another process"):
+        lock_output_dir(out, RankContext.single())
+    lock.release()
+    assert not out.exists()  # created by the lock and left empty: removed again
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK.format(out=str(out))], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match="in use by another process"):
+        lock_output_dir(out, RankContext.single())
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock_output_dir(out, RankContext.single()).release()  # no stale lock after kill -9
+
+
+_HOLD_LOCK = """
+import time
+from trainer_low_mem.run_lock import lock_output_dir
+from trainer_low_mem.distributed import RankContext
+lock_output_dir({out!r}, RankContext.single())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_output_dir_that_is_a_file_or_read_only_fails_at_start(tmp_path):
+    from trainer_low_mem.run_lock import lock_output_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="--output_dir .* is a file"):
+        lock_output_dir(tmp_path / "f", RankContext.single())
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="is not writable"):
+            lock_output_dir(tmp_path / "ro", RankContext.single())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    from trainer_low_mem.step import DivergenceError, Stepper
+
+    run = _Run(tmp_path)
+    stepper = Stepper(
+        run.accelerator,
+        RankContext.single(),
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        max_grad_norm=1.0,
+        max_bad_steps=3,
+    )
+    ids = torch.randint(0, 259, (2, 16))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}
+    stepper.run([batch], 1)
+    assert not stepper.skipped
+    before = [p.detach().clone() for p in run.model.parameters()]
+    lr_before = run.scheduler.get_last_lr()
+    good_forward = stepper._forward
+    stepper._forward = lambda mb, step, i: good_forward(mb, step, i) * float("nan")
+    for step in (2, 3):
+        stepper.run([batch], step)
+        assert stepper.skipped and stepper.bad_steps == step - 1
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+    assert run.scheduler.get_last_lr() == lr_before  # no schedule step for a skipped step
+    assert all(p.grad is None for p in run.model.parameters())
+    with pytest.raises(DivergenceError, match="3 consecutive steps up to step 4"):
+        stepper.run([batch], 4)
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_resume_settings_refuse_other_optimizer_flags_and_a_used_up_budget():
+    from trainer_low_mem.progress import check_resume_settings
+
+    saved = {"optim": {"lr": 0.001, "weight_decay": 0.1}}
+    check_resume_settings(saved, {"optim": {"lr": 0.001, "weight_decay": 0.1}}, 12, 12)
+    with pytest.raises(ConfigError, match=r"got --lr 0.5 \(saved 0.001\); drop those flags"):
+        check_resume_settings(saved, {"optim": {"lr": 0.5, "weight_decay": 0.1}}, 3, 12)
+    with pytest.raises(ConfigError, match="at step 12 but this run stops at step 5"):
+        check_resume_settings(saved, saved, 12, 5)
+
+
+def test_second_stop_signal_does_not_abort_the_save_a_third_does():
+    from trainer_low_mem.signals import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # launchers forward SIGINT then SIGTERM
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_shard_truncated_during_training_is_one_clear_error(tmp_path):
+    from lowmem_core.errors import PipelineError
+    from pipeline.build import build_dataset
+    from pipeline.config import BuildConfig
+    from trainer_low_mem.data import check_shard_sizes
+
+    (tmp_path / "in.txt").write_text("hello world\n\nsecond document here\n")
+    build_dataset(BuildConfig(inputs=[tmp_path / "in.txt"], out=tmp_path / "ds"), progress=False)
+    check_shard_sizes(tmp_path / "ds")
+    shard = next((tmp_path / "ds").glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(PipelineError, match="changed during training .* the last saved state"):
+        check_shard_sizes(tmp_path / "ds")
+
+
+def test_a_flipped_token_bit_is_found_before_training(tmp_path, capsys):
+    from pipeline.build import build_dataset
+    from pipeline.config import BuildConfig
+    from trainer_low_mem.cli import main
+
+    (tmp_path / "in.txt").write_text("hello world\n\nsecond document here\n")
+    build_dataset(BuildConfig(inputs=[tmp_path / "in.txt"], out=tmp_path / "ds"), progress=False)
+    shard = next((tmp_path / "ds").glob("shard-*"))
+    from pipeline import open_dataset
+
+    with open_dataset(tmp_path / "ds") as ds:
+        tokens = np.asarray(ds[1]).astype(ds.token_dtype).tobytes()
+    data = bytearray(shard.read_bytes())
+    data[data.index(tokens) + 2] ^= 0x01  # a token id, same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    argv = [
+        "train",
+        "--data",
+        str(tmp_path / "ds"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_preset",
+        "tiny",
+        "--max_seq_len",
+        "16",
+        "--max_steps",
+        "1",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: .*{shard.name}.*sha256", err, re.M), err
+    assert not (tmp_path / "out").exists()  # refused before any step; nothing written

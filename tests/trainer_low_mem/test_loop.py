@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lowmem_core.errors import CheckpointError, ConfigError, MemoryLimitError
 from lowmem_core.memory import effective_host_limit_bytes
-from trainer_low_mem import loop, oom
+from trainer_low_mem import loop, oom, signals
 from trainer_low_mem.checkpoint import Checkpointer, verify_state_dir
 from trainer_low_mem.cli import parse_job_config
 from trainer_low_mem.distributed import RankContext
@@ -80,8 +80,8 @@ def test_resume_after_a_signal_is_bit_exact(tmp_path, sample_dataset_dir, monkey
     with monkeypatch.context() as patch:
         _stop_after(patch, 4)
         first = loop.train(_config(sample_dataset_dir, tmp_path / "resumed", steps=10))
-    assert first.exit_code == loop.EXIT_CODE_SIGTERM and first.final_step == 4
-    assert first.weights_path is None  # a signalled run saves its state, not final weights
+    assert first.exit_code == signals.EXIT_CODE_SIGTERM and first.final_step == 4
+    assert first.export_dir is None  # a signalled run saves its state, not final weights
     resumed = loop.train(
         _config(sample_dataset_dir, tmp_path / "resumed", "--is_keep_training=True", steps=10)
     )
@@ -89,15 +89,15 @@ def test_resume_after_a_signal_is_bit_exact(tmp_path, sample_dataset_dir, monkey
     assert first.losses + resumed.losses == straight.losses  # exact float equality
     assert resumed.loader_state == straight.loader_state
     assert resumed.tokens_seen == straight.tokens_seen
-    a = load_file(str(straight.weights_path))
-    b = load_file(str(resumed.weights_path))
+    a = load_file(str(straight.export_dir / "model.safetensors"))
+    b = load_file(str(resumed.export_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigint_exit_code(tmp_path, sample_dataset_dir, monkeypatch):
     _stop_after(monkeypatch, 2, signal.SIGINT)
     result = loop.train(_config(sample_dataset_dir, tmp_path / "run", steps=6))
-    assert (result.exit_code, result.final_step) == (loop.EXIT_CODE_SIGINT, 2)
+    assert (result.exit_code, result.final_step) == (signals.EXIT_CODE_SIGINT, 2)
     assert verify_state_dir(result.state_dir)["step"] == 2
 
 
@@ -134,7 +134,7 @@ def test_loss_and_weights_do_not_depend_on_the_split(tmp_path, sample_dataset_di
     assert one.loader_state == four.loader_state
     for x, y in zip(one.losses, four.losses, strict=True):
         assert math.isclose(x, y, rel_tol=1e-5)
-    a, b = load_file(str(one.weights_path)), load_file(str(four.weights_path))
+    a, b = load_file(str(one.export_dir / "model.safetensors")), load_file(str(four.export_dir / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # Adam amplifies rounding
 
@@ -171,7 +171,7 @@ def test_host_ram_watchdog_shrinks_prefetch_then_goes_ultra_low_mem_then_saves_a
     result = loop.train(_config(sample_dataset_dir, tmp_path / "run", steps=16))
     assert (result.exit_code, result.final_step) == (MemoryLimitError.exit_code, 13)
     assert result.plan["prefetch_depth"] == 1 and result.plan["ultra_low_mem"] is True
-    assert result.weights_path is None
+    assert result.export_dir is None
     # Rebuilding the data path twice lost and repeated nothing: the same losses, bit for bit.
     assert result.losses == straight.losses[:13]
     state = (
@@ -281,8 +281,8 @@ def test_sigterm_in_a_subprocess_saves_and_exits_143(tmp_path, sample_dataset_di
         assert time.monotonic() < deadline, "".join(lines)
     rest, _ = proc.communicate(timeout=120)
     log = "".join(lines) + rest
-    assert proc.returncode == loop.EXIT_CODE_SIGTERM, log
+    assert proc.returncode == signals.EXIT_CODE_SIGTERM, log
     assert "received SIGTERM" in log and "exiting with code 143" in log
     path, manifest = Checkpointer(out, RankContext.single()).find_resumable()
     assert manifest["step"] >= 3
-    assert not (out / "model.safetensors").exists()
+    assert not (out / "final").exists()

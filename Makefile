@@ -17,7 +17,7 @@ else
 PYTEST_MARKS := -m "not slow"
 endif
 
-.PHONY: venv demo test test-all lint fmt clean
+.PHONY: venv demo demo-finetune test test-all lint fmt clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -41,6 +41,23 @@ demo: venv
 	CUDA_VISIBLE_DEVICES= $(PY) $(TRAIN_DEMO) --max_steps 30
 	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu_3proc.yaml \
 		$(TRAIN_DEMO) --max_steps 45 --is_keep_training=True
+
+FT_DIR := $(DEMO_DIR)/finetune
+
+# Fine-tune "your own" model: a tiny Llama-style folder and prompt/response records made from the
+# sample corpus, built with the model's tokenizer, LoRA-tuned as a 3-rank CPU job with eval, and
+# the export loaded back with transformers to answer one held-out prompt.
+demo-finetune: venv
+	rm -rf $(FT_DIR)
+	$(PY) -m trainer_low_mem.sample_model $(FT_DIR)
+	$(PY) -m pipeline build $(FT_DIR)/train.jsonl --out $(FT_DIR)/train --tokenizer $(FT_DIR)/model --sft
+	$(PY) -m pipeline build $(FT_DIR)/eval.jsonl --out $(FT_DIR)/eval --tokenizer $(FT_DIR)/model --sft
+	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu_3proc.yaml \
+		train_low_mem.py train --model $(FT_DIR)/model --data $(FT_DIR)/train \
+		--eval_data $(FT_DIR)/eval --eval_every 20 --lora_rank 16 --lr 3e-3 --warmup_steps 5 \
+		--global_batch 24 --max_seq_len 256 --max_steps 60 --log_every 10 \
+		--output_dir $(FT_DIR)/model_save
+	$(PY) -m trainer_low_mem.sample_model $(FT_DIR) --generate $(FT_DIR)/model_save/final
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_MARKS)

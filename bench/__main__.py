@@ -1,27 +1,42 @@
-"""`bench throughput|plan ...` (also `python -m bench ...`): parse the flags and delegate."""
+"""`bench throughput|plan|build|sft ...` (also `python -m bench`): parse the flags and delegate."""
 
 from __future__ import annotations
 
 import sys
 
 from lowmem_core.errors import run_cli
+from lowmem_core.flags import parse_flags
 
 
 def _main(argv: list[str]) -> int:
     import tyro
 
-    from bench.config import BuildSpeedConfig, PlanCheckConfig, ThroughputConfig
+    from bench.config import BuildSpeedConfig, PlanCheckConfig, SftSpeedConfig, ThroughputConfig
 
-    cfg = tyro.extras.subcommand_cli_from_dict(
-        {"throughput": ThroughputConfig, "plan": PlanCheckConfig, "build": BuildSpeedConfig},
-        args=argv, prog="bench",
-        description="Measure this project's data path against its baselines, and check the "
-        "planner's memory trace against real steps.",
+    cfg = parse_flags(
+        lambda: tyro.extras.subcommand_cli_from_dict(
+            {
+                "throughput": ThroughputConfig,
+                "plan": PlanCheckConfig,
+                "build": BuildSpeedConfig,
+                "sft": SftSpeedConfig,
+            },
+            args=argv,
+            prog="bench",
+            description="Measure this project's data path against its baselines, and check the "
+            "planner's memory trace against real steps.",
+        ),
+        argv,
+        "bench",
     )
     if isinstance(cfg, BuildSpeedConfig):
         from bench.build_speed import run_and_report as run_build_bench
 
         return run_build_bench(cfg)
+    if isinstance(cfg, SftSpeedConfig):
+        from bench.sft_speed import run_and_report as run_sft_bench
+
+        return run_sft_bench(cfg)
     if isinstance(cfg, PlanCheckConfig):
         from bench.plan_check import run_plan_check
 

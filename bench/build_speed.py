@@ -142,7 +142,7 @@ def _corpus(cache: Path, size_mb: float, seed: int) -> Path:
 # ----------------------------------------------------------------------------- running a side
 
 
-class _TreeSampler:
+class TreeSampler:
     """Peak PSS and RSS summed over a process and its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, every_s: float = 0.05):
@@ -175,6 +175,49 @@ class _TreeSampler:
         self._thread.join()
 
 
+@dataclass(frozen=True)
+class PinnedRun:
+    outcome: dict  # the JSON object the command printed on its last stdout line
+    process_seconds: float  # the whole process, interpreter start and imports included
+    cpu_seconds: float  # user + system CPU time of the whole process tree
+    peak_pss_bytes: int  # largest PSS sum over the process tree
+    peak_rss_bytes: int  # largest RSS sum over the process tree
+
+
+def run_pinned(python_args: list[str], cores: list[int], what: str) -> PinnedRun:
+    """`python PYTHON_ARGS` in a fresh interpreter pinned to `cores`, offline, with this repo
+    importable; its tree's memory is sampled every 50 ms. `what` names it in the error."""
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, *python_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
+    sampler = TreeSampler(proc.pid)
+    stdout, stderr = proc.communicate()
+    sampler.stop()
+    process_s = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"{what} failed ({last}); run it alone to see why")
+    outcome = json.loads(stdout.strip().splitlines()[-1])
+    return PinnedRun(outcome, process_s, cpu_s, sampler.peak_pss, sampler.peak_rss)
+
+
 def _run_side(
     side: str, corpus: Path, tokenizer: Path, cfg: BuildSpeedConfig, work: Path
 ) -> SideResult:
@@ -189,46 +232,19 @@ def _run_side(
         "cache": str(cache),
     }
     cores = sorted(os.sched_getaffinity(0))[: cfg.num_proc]
-    env = {
-        **os.environ,
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
     script = textwrap.dedent(_OURS if side == SIDES[0] else _HF)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        preexec_fn=lambda: os.sched_setaffinity(0, cores),
-    )
-    sampler = _TreeSampler(proc.pid)
-    stdout, stderr = proc.communicate()
-    sampler.stop()
-    process_s = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode != 0:
-        last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"bench build: the {side} run failed ({last}); run it alone to see why")
-    outcome = json.loads(stdout.strip().splitlines()[-1])
+    run = run_pinned(["-c", script, json.dumps(args)], cores, f"bench build: the {side} run")
     shutil.rmtree(work, ignore_errors=True)
     return SideResult(
         side,
         corpus.stat().st_size / 1e6,
-        outcome["work_s"],
-        process_s,
-        cpu_s,
-        outcome["tokens"],
-        outcome["documents"],
-        sampler.peak_pss,
-        sampler.peak_rss,
+        run.outcome["work_s"],
+        run.process_seconds,
+        run.cpu_seconds,
+        run.outcome["tokens"],
+        run.outcome["documents"],
+        run.peak_pss_bytes,
+        run.peak_rss_bytes,
     )
 
 

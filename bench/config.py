@@ -23,7 +23,9 @@ def _parse_counts(args: list[str]) -> tuple[int, ...]:
     try:
         counts = tuple(int(part) for part in args[0].split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"--readers takes comma-separated integers such as 1,2,4; got {args[0]!r}") from None
+        raise ConfigError(
+            f"--readers takes comma-separated integers such as 1,2,4; got {args[0]!r}"
+        ) from None
     return counts
 
 
@@ -45,9 +47,11 @@ class ThroughputConfig:
     """Measure this project's loader, prefetcher and training step against their baselines."""
 
     data: Path | None = None
-    """A dataset built by `pipeline build`, or a `datasets` save_to_disk folder with a token-id list column."""
+    """A dataset built by `pipeline build`, or a `datasets` save_to_disk folder with a token-id
+    list column."""
     synthetic: int | None = None
-    """Instead of --data: build a deterministic corpus of this many documents (lognormal lengths)."""
+    """Instead of --data: build a deterministic corpus of this many documents (lognormal
+    lengths)."""
     synthetic_median_tokens: int = 200
     """Median document length of the --synthetic corpus, in tokens."""
     seed: int = 0
@@ -63,7 +67,8 @@ class ThroughputConfig:
     repeats: int = 3
     """Timed repeats per case; the median is reported."""
     ultra_reference_seconds: float = 2.0
-    """Time per repeat for the reference implementation's re-read-the-whole-file mode (seconds per item)."""
+    """Time per repeat for the reference implementation's re-read-the-whole-file mode (seconds per
+    item)."""
     readers: ReaderCounts = (1, 2, 4)
     """Reader-thread counts to measure, e.g. 1,2,4."""
     workers: int = 2
@@ -77,11 +82,13 @@ class ThroughputConfig:
     memory_steps: int = 200
     """Batches read by each fixed-length memory case (readers 1 vs 4, prefetcher)."""
     consumer_step_ms: float = 20.0
-    """Memory stage: simulated compute time per step behind the CPU prefetcher (GIL released, like a GPU step)."""
+    """Memory stage: simulated compute time per step behind the CPU prefetcher (GIL released, like
+    a GPU step)."""
     model_preset: str = "tiny"
     """Step stage: trainer model preset (trainer_low_mem.model.build_model)."""
     step_batch_size: int | None = None
-    """Step stage rows per batch; default --batch-size (lower it on CPU, a full step is slow there)."""
+    """Step stage rows per batch; default --batch-size (lower it on CPU, a full step is slow
+    there)."""
     step_count: int = 20
     """Step stage: timed training steps per feeding method (after 2 warm-up steps)."""
     cache_dir: Path = Path(".bench")
@@ -99,10 +106,12 @@ class ThroughputConfig:
         if self.synthetic is not None and self.synthetic < 1:
             raise ConfigError(f"--synthetic must be >= 1 documents, got {self.synthetic}")
         if self.seq_len < 2:
-            raise ConfigError(f"--seq-len must be >= 2 (inputs and shifted targets), got {self.seq_len}")
+            raise ConfigError(
+                f"--seq-len must be >= 2 (inputs and shifted targets), got {self.seq_len}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.seconds <= 0 or self.repeats < 1 or self.warmup_seconds < 0:
+        if not self.seconds > 0 or self.repeats < 1 or not self.warmup_seconds >= 0:  # nan too
             raise ConfigError(
                 f"--seconds must be > 0, --repeats >= 1 and --warmup-seconds >= 0; got "
                 f"{self.seconds}, {self.repeats}, {self.warmup_seconds}"
@@ -111,9 +120,9 @@ class ThroughputConfig:
             raise ConfigError(f"--readers needs counts >= 1, e.g. 1,2,4; got {self.readers}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.memory_corpus_gb <= 0 or self.memory_steps < 2:
+        if not self.memory_corpus_gb > 0 or self.memory_steps < 2:
             raise ConfigError("--memory-corpus-gb must be > 0 and --memory-steps >= 2")
-        if self.consumer_step_ms <= 0:
+        if not self.consumer_step_ms > 0:
             raise ConfigError(f"--consumer-step-ms must be > 0, got {self.consumer_step_ms}")
         if self.step_count < 1:
             raise ConfigError(f"--step-count must be >= 1, got {self.step_count}")
@@ -121,7 +130,8 @@ class ThroughputConfig:
             self._apply_quick()
 
     def _apply_quick(self) -> None:
-        # Sizes chosen so that every stage still runs each of its cases, on a 2-core machine in < 60 s.
+        # Sizes chosen so that every stage still runs each of its cases, on a 2-core machine in
+        # under 60 s.
         self.seconds = min(self.seconds, 0.2)
         self.warmup_seconds = min(self.warmup_seconds, 0.1)
         self.repeats = min(self.repeats, 3)
@@ -145,7 +155,11 @@ class ThroughputConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+            out[f.name] = (
+                str(value)
+                if isinstance(value, Path)
+                else (list(value) if isinstance(value, tuple) else value)
+            )
         return out
 
 
@@ -163,7 +177,9 @@ def _parse_sizes(args: list[str]) -> tuple[float, ...]:
     try:
         sizes = tuple(float(part) for part in args[0].split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"--sizes-mb takes comma-separated numbers such as 30,300; got {args[0]!r}") from None
+        raise ConfigError(
+            f"--sizes-mb takes comma-separated numbers such as 30,300; got {args[0]!r}"
+        ) from None
     return sizes
 
 
@@ -205,7 +221,68 @@ class BuildSpeedConfig:
         if self.num_proc < 1:
             raise ConfigError(f"--num-proc must be >= 1, got {self.num_proc}")
         if self.vocab_size < 300:
-            raise ConfigError(f"--vocab-size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+            raise ConfigError(
+                f"--vocab-size must be >= 300 (256 bytes + merges), got {self.vocab_size}"
+            )
         if self.quick:
             self.sizes_mb = (1.0, 3.0)
             self.vocab_size = min(self.vocab_size, 1000)
+
+
+@dataclass(kw_only=True)
+class SftSpeedConfig:
+    """Fine-tune a local Hugging Face model on prompt/response records through our data path and
+    through `datasets` + a torch DataLoader, side by side (bench/sft_speed.py)."""
+
+    num_records: int = 2000
+    """Prompt/response records generated from the sample corpus (train.jsonl)."""
+    model_hidden: int = 64
+    """Hidden size of the generated Llama model (2 layers, a 512-token BPE vocabulary)."""
+    seq_len: int = 256
+    """Tokens per row: ours packs whole samples into rows of this length; the HF side truncates
+    samples to it and pads each batch to its longest sample."""
+    batch_size: int = 8
+    """Rows per training step on both sides (a row is one sample on the HF side)."""
+    steps: int = 30
+    """Timed AdamW training steps per side, after the warm-up steps."""
+    warmup_steps: int = 2
+    """Untimed steps first (thread and worker start-up, numba JIT, allocator warm-up)."""
+    workers: int = 2
+    """Reader threads of our Prefetcher, DataLoader num_workers, and processes of both data
+    preparations (`pipeline build --num-proc`, `map(num_proc=...)`)."""
+    torch_threads: int = 1
+    """Intra-op threads of the training step on both sides (1 leaves a core to the data path, and
+    keeps steps steady on a shared machine where spinning OpenMP threads stall)."""
+    seed: int = 0
+    """Seed of the records, the model weights and both shuffles."""
+    quick: bool = False
+    """200 records, 5 timed steps after 1 warm-up step (well under a minute); used by tests."""
+    cache_dir: Path = Path(".bench")
+    """Generated model and records are cached here between runs."""
+    json_path: Annotated[Path | None, tyro.conf.arg(name="json")] = None
+    """Write the results as JSON here."""
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.num_records = min(self.num_records, 200)
+            self.steps = min(self.steps, 5)
+            self.warmup_steps = min(self.warmup_steps, 1)
+        if self.num_records < 1 or self.steps < 1 or self.warmup_steps < 0:
+            raise ConfigError(
+                f"--num-records and --steps must be >= 1 and --warmup-steps >= 0; got "
+                f"{self.num_records}, {self.steps}, {self.warmup_steps}"
+            )
+        if self.model_hidden < 8 or self.model_hidden % 8:
+            raise ConfigError(
+                f"--model-hidden must be a multiple of 8 (4 attention heads of an even size), got "
+                f"{self.model_hidden}"
+            )
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len must be >= 2 (inputs and targets), got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers < 1 or self.torch_threads < 1:
+            raise ConfigError(
+                f"--workers and --torch-threads must be >= 1, got {self.workers}, "
+                f"{self.torch_threads}"
+            )

@@ -11,7 +11,16 @@ from importlib import metadata
 
 import psutil
 
-_VERSIONED = ("torch", "numpy", "numba", "pyarrow", "datasets", "accelerate", "deepspeed", "lowmem-pipeline")
+_VERSIONED = (
+    "torch",
+    "numpy",
+    "numba",
+    "pyarrow",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "lowmem-pipeline",
+)
 
 
 def _version(dist: str) -> str | None:
@@ -37,7 +46,9 @@ def machine_facts() -> dict:
     from lowmem_core import memory
 
     host = memory.host_memory()
-    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable_cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
     gpus = memory.gpu_memory()
     return {
         "hostname": platform.node(),
@@ -49,8 +60,15 @@ def machine_facts() -> dict:
         "ram_total_bytes": host.total_bytes,
         "ram_available_bytes": host.available_bytes,
         "cgroup_limit_bytes": host.cgroup_limit_bytes,
-        "gpus": [{"index": g.index, "name": g.name, "total_bytes": g.total_bytes, "free_bytes": g.free_bytes}
-                 for g in gpus],
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "total_bytes": g.total_bytes,
+                "free_bytes": g.free_bytes,
+            }
+            for g in gpus
+        ],
         "gpu_summary": memory.gpu_summary(),
         "versions": {name: _version(name) for name in _VERSIONED},
     }
@@ -59,7 +77,13 @@ def machine_facts() -> dict:
 def describe(facts: dict) -> str:
     """One line for the console and docs, e.g. '2 cores (AMD EPYC ...), 23.5 GiB RAM, no GPU'."""
     gpus = facts["gpus"]
-    gpu_text = ", ".join(f"{g['name']} ({g['total_bytes'] / 2**30:.0f} GiB)" for g in gpus) if gpus else "no GPU"
-    return (f"{facts['usable_cores']} cores ({facts['cpu_model']}), "
-            f"{facts['ram_total_bytes'] / 2**30:.1f} GiB RAM, {gpu_text}; "
-            f"torch {facts['versions']['torch']}, python {facts['python']}")
+    gpu_text = (
+        ", ".join(f"{g['name']} ({g['total_bytes'] / 2**30:.0f} GiB)" for g in gpus)
+        if gpus
+        else "no GPU"
+    )
+    return (
+        f"{facts['usable_cores']} cores ({facts['cpu_model']}), "
+        f"{facts['ram_total_bytes'] / 2**30:.1f} GiB RAM, {gpu_text}; "
+        f"torch {facts['versions']['torch']}, python {facts['python']}"
+    )

@@ -3,9 +3,10 @@
 USS counts pages only this process maps, which includes *clean file pages* of a memory-mapped
 dataset that no other process maps: they are page cache, reclaimable, not a leak. So every
 reading also carries the private dirty part (heap, buffers, thread stacks: written memory) and
-PSS, and the report shows them apart. Each case runs in its own spawned interpreter so that what one case leaves in the
-allocator does not count against the next; growth is measured from a baseline taken after the
-dataset is open and the first batch (numba compilation, first buffers) is done.
+PSS, and the report shows them apart. Each case runs in its own spawned interpreter so that
+what one case leaves in the allocator does not count against the next; growth is measured from a
+baseline taken after the dataset is open and the first batch (numba compilation, first buffers)
+is done.
 
 Cases and their targets:
 - `ultra_read_all`: read a large corpus end to end in ultra_low_mem mode (USS growth <= 32 MB).
@@ -20,15 +21,16 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import psutil
 
 from lowmem_core.format import IGNORE_INDEX
+
 _SAMPLE_INTERVAL_S = 0.05
 
 
@@ -57,7 +59,8 @@ def _private_dirty_bytes(pid: int) -> int:
 
 
 def read_memory(include_children: bool = True) -> MemoryReading:
-    """USS/PSS/RSS (lowmem_core.memory) plus private dirty bytes of this process and, if asked, its children."""
+    """USS/PSS/RSS (lowmem_core.memory) plus private dirty bytes of this process and, if asked, its
+    children."""
     from lowmem_core.memory import process_memory
 
     totals = process_memory(include_children=include_children)
@@ -138,18 +141,30 @@ def read_all_case(path: str, ultra_low_mem: bool, batch_size: int, seq_len: int,
     seconds = time.perf_counter() - started
     end = read_memory(include_children=False)
     peak = sampler.stop()
-    return {"tokens": tokens, "steps": steps, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "dataset_token_bytes": ds.token_bytes, **_growth(peak, base, end)}
+    return {
+        "tokens": tokens,
+        "steps": steps,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "dataset_token_bytes": ds.token_bytes,
+        **_growth(peak, base, end),
+    }
 
 
-def loader_steps_case(path: str, num_readers: int, steps: int, batch_size: int, seq_len: int, seed: int) -> dict:
+def loader_steps_case(
+    path: str, num_readers: int, steps: int, batch_size: int, seq_len: int, seed: int
+) -> dict:
     """`steps` batches in mmap mode with `num_readers` reader threads (the Loader alone for one,
     the Prefetcher's host-buffer readers for more)."""
     from pipeline import Loader, Prefetcher, open_dataset
 
     ds = open_dataset(path, ultra_low_mem=False)
     loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)
-    feed = loader if num_readers == 1 else Prefetcher(loader, depth=num_readers, num_readers=num_readers)
+    feed = (
+        loader
+        if num_readers == 1
+        else Prefetcher(loader, depth=num_readers, num_readers=num_readers)
+    )
     batches = iter(feed)
     next(batches)
     base = read_memory(include_children=False)
@@ -165,7 +180,13 @@ def loader_steps_case(path: str, num_readers: int, steps: int, batch_size: int, 
 
 
 def prefetch_steps_case(
-    path: str, num_readers: int, steps: int, batch_size: int, seq_len: int, seed: int, consumer_step_s: float
+    path: str,
+    num_readers: int,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    consumer_step_s: float,
 ) -> dict:
     """`steps` batches through the CPU Prefetcher; USS growth it adds, and the consumer's data wait.
 
@@ -179,7 +200,8 @@ def prefetch_steps_case(
     # One batch through a throwaway loader compiles the kernels before the baseline is taken.
     next(iter(Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)))
     loader = Loader(ds, batch_size=batch_size, seq_len=seq_len, seed=seed, packing=True)
-    len(loader)  # builds the epoch index (O(documents) bytes) now: it belongs to the loader, not the prefetcher
+    # Build the epoch index (O(documents) bytes) now: it belongs to the loader, not the prefetcher.
+    len(loader)
     base = read_memory(include_children=False)
     sampler = PeakMemory(include_children=False)
     prefetcher = Prefetcher(loader, device=None, depth=2, num_readers=num_readers)
@@ -207,7 +229,9 @@ def prefetch_steps_case(
 
 def run_isolated(fn: Callable[..., dict], *args) -> dict:
     """Run `fn(*args)` in a freshly spawned interpreter and return its result."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         return pool.submit(fn, *args).result()
 
 
@@ -230,10 +254,15 @@ def memory_cases(large_corpus: Path, cfg) -> list[MemoryCase]:
         # The same read in mmap mode shows the page-cache effect: USS grows by the file pages read.
         cases.append(MemoryCase("mmap read-all", read_all_case, (path, False, B, L, seed)))
     for k in sorted({1, 4, max(cfg.readers)}):
-        cases.append(MemoryCase(f"mmap {k} reader(s)", loader_steps_case, (path, k, steps, B, L, seed)))
+        cases.append(
+            MemoryCase(f"mmap {k} reader(s)", loader_steps_case, (path, k, steps, B, L, seed))
+        )
     for k in sorted({1, max(2, *cfg.readers)}):
-        cases.append(MemoryCase(
-            f"prefetch {k} reader(s)", prefetch_steps_case,
-            (path, k, steps, B, L, seed, cfg.consumer_step_ms / 1000.0),
-        ))
+        cases.append(
+            MemoryCase(
+                f"prefetch {k} reader(s)",
+                prefetch_steps_case,
+                (path, k, steps, B, L, seed, cfg.consumer_step_ms / 1000.0),
+            )
+        )
     return cases

@@ -59,8 +59,18 @@ def table(outcome: RunOutcome) -> str:
     by_name = {r.name: r for r in outcome.results}
     hf = by_name[HF_BASELINE].tokens_per_s if HF_BASELINE in by_name else None
     bound = by_name[MEMCPY_BOUND].tokens_per_s if MEMCPY_BOUND in by_name else None
-    header = ("case", "stage", "tokens/s", "batches/s", "vs HF", "vs memcpy", "peak USS MB", "USS growth MB",
-              "data wait", "other")
+    header = (
+        "case",
+        "stage",
+        "tokens/s",
+        "batches/s",
+        "vs HF",
+        "vs memcpy",
+        "peak USS MB",
+        "USS growth MB",
+        "data wait",
+        "other",
+    )
     rows = []
     for r in outcome.results:
         other = []
@@ -76,19 +86,29 @@ def table(outcome: RunOutcome) -> str:
             other.append(f"rank spread {r.extra['rank_step_spread_s'] * 1e3:.1f} ms")
         if r.note:
             other.append(r.note)
-        rows.append((
-            r.name, r.stage, _fmt_rate(r.tokens_per_s), _fmt_rate(r.batches_per_s),
-            _fmt_ratio(r.tokens_per_s, hf) if r.stage == "loader" else "-",
-            _fmt_ratio(r.tokens_per_s, bound) if r.stage == "loader" else "-",
-            _fmt_mb(r.peak_uss_bytes),
-            "-" if r.uss_growth_bytes is None else f"{r.uss_growth_bytes / 2**20:+.1f}",
-            "-" if r.data_wait_frac is None else f"{100 * r.data_wait_frac:.2f}%",
-            "; ".join(other),
-        ))
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
+        rows.append(
+            (
+                r.name,
+                r.stage,
+                _fmt_rate(r.tokens_per_s),
+                _fmt_rate(r.batches_per_s),
+                _fmt_ratio(r.tokens_per_s, hf) if r.stage == "loader" else "-",
+                _fmt_ratio(r.tokens_per_s, bound) if r.stage == "loader" else "-",
+                _fmt_mb(r.peak_uss_bytes),
+                "-" if r.uss_growth_bytes is None else f"{r.uss_growth_bytes / 2**20:+.1f}",
+                "-" if r.data_wait_frac is None else f"{100 * r.data_wait_frac:.2f}%",
+                "; ".join(other),
+            )
+        )
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -97,7 +117,8 @@ def check_lines(outcome: RunOutcome) -> list[str]:
 
 
 def plot(outcome: RunOutcome, path: Path, title: str) -> None:
-    """Horizontal bars of tokens/s per case (log axis); ours, baselines and the bound in distinct colours."""
+    """Horizontal bars of tokens/s per case (log axis); ours, baselines and the bound in distinct
+    colours."""
     matplotlib = require_extra("matplotlib", "plot", "bench --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,7 +130,9 @@ def plot(outcome: RunOutcome, path: Path, title: str) -> None:
     for r in rows:
         if r.name == MEMCPY_BOUND:
             colours.append("#7f7f7f")
-        elif r.name.startswith("ours") or "our prefetcher" in r.name or r.name == "prefetcher to GPU":
+        elif (
+            r.name.startswith("ours") or "our prefetcher" in r.name or r.name == "prefetcher to GPU"
+        ):
             colours.append("#1f77b4")
         else:
             colours.append("#ff7f0e")
@@ -121,7 +144,7 @@ def plot(outcome: RunOutcome, path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("useful tokens/s (log scale)")
     ax.set_title(title, fontsize=9)
-    for pos, r in zip(positions, rows):
+    for pos, r in zip(positions, rows, strict=True):
         ax.text(r.tokens_per_s, pos, f" {_fmt_rate(r.tokens_per_s)}", va="center", fontsize=7)
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
@@ -137,11 +160,11 @@ def _is_main_rank() -> bool:
 
 
 def run_and_report(cfg: ThroughputConfig) -> int:
-    """Run the benchmark `cfg` describes; print the table and checks; write JSON and plot if asked."""
+    """Run the benchmark `cfg` describes; print the table and checks; write JSON and plot if
+    asked."""
     from bench import machine, throughput
-    from pipeline import open_dataset
-
     from lowmem_core.locks import check_output_file
+    from pipeline import open_dataset
 
     # Fail now, not after the whole run: the report paths can be written.
     if cfg.json_path is not None:
@@ -153,11 +176,19 @@ def run_and_report(cfg: ThroughputConfig) -> int:
     if not _is_main_rank():
         return 0
     with open_dataset(outcome.dataset) as ds:
-        dataset = {"path": str(outcome.dataset), "num_documents": len(ds), "num_tokens": ds.num_tokens,
-                   "token_dtype": ds.token_dtype.name, "fingerprint": ds.fingerprint}
+        dataset = {
+            "path": str(outcome.dataset),
+            "num_documents": len(ds),
+            "num_tokens": ds.num_tokens,
+            "token_dtype": ds.token_dtype.name,
+            "fingerprint": ds.fingerprint,
+        }
     print(f"machine: {machine.describe(facts)}")
-    print(f"dataset: {dataset['path']} ({dataset['num_documents']} documents, {dataset['num_tokens']} tokens); "
-          f"B={cfg.batch_size}, L={cfg.seq_len}, {cfg.repeats} x {cfg.seconds:g} s per case, median")
+    print(
+        f"dataset: {dataset['path']} ({dataset['num_documents']} documents, "
+        f"{dataset['num_tokens']} tokens); B={cfg.batch_size}, L={cfg.seq_len}, {cfg.repeats} x "
+        f"{cfg.seconds:g} s per case, median"
+    )
     print(table(outcome))
     for line in check_lines(outcome):
         print(line)
@@ -167,8 +198,10 @@ def run_and_report(cfg: ThroughputConfig) -> int:
         write_json(to_json(outcome, facts, cfg.to_dict(), dataset), cfg.json_path)
         print(f"wrote {cfg.json_path}")
     if cfg.plot_path is not None:
-        title = (f"B={cfg.batch_size}, L={cfg.seq_len}, {dataset['num_documents']} docs; "
-                 f"{machine.describe(facts).split(';')[0]}")
+        title = (
+            f"B={cfg.batch_size}, L={cfg.seq_len}, {dataset['num_documents']} docs; "
+            f"{machine.describe(facts).split(';')[0]}"
+        )
         plot(outcome, cfg.plot_path, title)
         print(f"wrote {cfg.plot_path}")
     print(f"total {outcome.seconds:.1f} s")

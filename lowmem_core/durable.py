@@ -17,7 +17,8 @@ def file_sha256(path: Path) -> str:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (through a read-only descriptor, which flushes its dirty pages too)."""
+    """fsync a file or a folder (through a read-only descriptor, which flushes its dirty pages
+    too)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -105,4 +105,6 @@ def check_output_file(path: Path, flag: str) -> None:
         if not existed:
             path.unlink()
     except OSError as exc:
-        raise ConfigError(f"{flag} {path} cannot be written ({exc.strerror}); choose another path") from None
+        raise ConfigError(
+            f"{flag} {path} cannot be written ({exc.strerror}); choose another path"
+        ) from None

@@ -131,8 +131,8 @@ def read_cgroup_memory(cgroup_dir: Path | str | None = None) -> CgroupMemory | N
             candidates = [(1, folder)]
         else:
             raise ConfigError(
-                f"{folder} holds neither memory.max (cgroup v2) nor memory.limit_in_bytes (cgroup v1); "
-                "point at a cgroup folder with a memory controller"
+                f"{folder} holds neither memory.max (cgroup v2) nor memory.limit_in_bytes (cgroup "
+                "v1); point at a cgroup folder with a memory controller"
             )
     else:
         candidates = own_cgroup_dirs()
@@ -157,7 +157,8 @@ def read_cgroup_memory(cgroup_dir: Path | str | None = None) -> CgroupMemory | N
 
 
 def host_memory(cgroup_dir: Path | str | None = None) -> HostMemory:
-    """Host RAM totals from psutil, and the cgroup's limit/usage/page cache (see read_cgroup_memory)."""
+    """Host RAM totals from psutil, and the cgroup's limit/usage/page cache (see
+    read_cgroup_memory)."""
     vm = psutil.virtual_memory()
     cgroup = read_cgroup_memory(cgroup_dir)
     page_cache = cgroup.page_cache_bytes if cgroup is not None else None
@@ -256,7 +257,9 @@ class PinnedBytesCounter:
     def release(self, nbytes: int) -> None:
         with self._lock:
             if not 0 <= nbytes <= self._current_bytes:
-                raise ValueError(f"cannot release {nbytes} pinned bytes, {self._current_bytes} are held")
+                raise ValueError(
+                    f"cannot release {nbytes} pinned bytes, {self._current_bytes} are held"
+                )
             self._current_bytes -= nbytes
 
     def current(self) -> int:
@@ -356,8 +359,8 @@ def gpu_summary() -> str:
     if reason is not None:
         return reason
     return "\n".join(
-        f"GPU {g.index} {g.name}: {format_bytes(g.used_bytes)} used, {format_bytes(g.free_bytes)} free "
-        f"of {format_bytes(g.total_bytes)}"
+        f"GPU {g.index} {g.name}: {format_bytes(g.used_bytes)} used, {format_bytes(g.free_bytes)} "
+        f"free of {format_bytes(g.total_bytes)}"
         for g in gpus
     )
 
@@ -374,7 +377,8 @@ class TorchCudaMemory:
 
 
 def torch_cuda_memory(device=None) -> TorchCudaMemory | None:
-    """torch allocated/reserved/peak bytes of `device` (default: current); None without CUDA or for a CPU device."""
+    """torch allocated/reserved/peak bytes of `device` (default: current); None without CUDA or for
+    a CPU device."""
     import torch
 
     if not torch.cuda.is_available():

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import tyro
 
-from pipeline.config import BuildConfig, DemoConfig
 from lowmem_core.errors import run_cli
+from lowmem_core.flags import parse_flags
+from pipeline.config import BuildConfig, DemoConfig
 
 
 def build(cfg: BuildConfig) -> None:
@@ -17,8 +18,11 @@ def build(cfg: BuildConfig) -> None:
     report = build_dataset(cfg)
     for line in report.notes(cfg.text_field):
         print(line)
-    print(f"built {report.out_dir}: {report.num_documents} documents, {report.num_tokens} tokens, "
-          f"{report.num_shards} shard(s) in {report.seconds:.2f} s ({report.tokens_per_s / 1e6:.2f} M tokens/s)")
+    print(
+        f"built {report.out_dir}: {report.num_documents} documents, {report.num_tokens} tokens, "
+        f"{report.num_shards} shard(s) in {report.seconds:.2f} s ({report.tokens_per_s / 1e6:.2f} "
+        "M tokens/s)"
+    )
 
 
 def demo(cfg: DemoConfig) -> None:
@@ -36,10 +40,16 @@ def _main(argv: list[str]) -> int:
         from trainer_low_mem.cli import plan_main
 
         return plan_main(argv[1:], prog="python -m pipeline plan")
-    cfg = tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (cls, _) in SUBCOMMANDS.items()}, prog="python -m pipeline", args=argv,
-        description="build: tokenise inputs; demo: the quick start; plan: size a run "
-        "(`python -m pipeline plan --help`)",
+    cfg = parse_flags(
+        lambda: tyro.extras.subcommand_cli_from_dict(
+            {name: cls for name, (cls, _) in SUBCOMMANDS.items()},
+            prog="python -m pipeline",
+            args=argv,
+            description="build: tokenise inputs; demo: the quick start; plan: size a run "
+            "(`python -m pipeline plan --help`)",
+        ),
+        argv,
+        "python -m pipeline",
     )
     handler = next(fn for cls, fn in SUBCOMMANDS.values() if isinstance(cfg, cls))
     handler(cfg)

@@ -2,24 +2,19 @@
 
 Inputs are read in chunks of documents (pipeline/sources.py), tokenised a chunk at a time
 (vectorised: an Arrow cast for bytes, `encode_batch` for a Hugging Face tokenizer, both
-releasing the GIL) by `num_proc` threads, and the tokens are appended to a raw file in a
-temporary folder beside the output. Each shard is then written as an uncompressed Arrow IPC file
-whose values come straight from a memory map of that raw file, so the build's memory stays at a
-few chunks whatever the corpus or document size. The temporary folder replaces the output only
-when every file and `index.json` are complete and fsynced, under a lock on the output, and only
-if the output is missing, empty, or a dataset this project built (never a folder of other
-files, a training output, or one holding an input or the current folder).
+releasing the GIL) by `num_proc` threads, and handed to the shard writer (pipeline/shards.py)
+in a temporary folder beside the output, which replaces the output only when every file and
+`index.json` are complete and fsynced (pipeline/output.py). With `--sft`, each prompt/response
+record becomes one document and its prompt length (pipeline/sft.py), and index.json says
+"kind": "sft".
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
-import mmap
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,20 +25,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 from tqdm import tqdm
 
-from lowmem_core.durable import file_sha256, fsync_path
+from lowmem_core.durable import fsync_path
 from lowmem_core.errors import PipelineError
-from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
+from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME, KIND_SFT, KIND_TEXT
 from lowmem_core.locks import FolderLock
-from pipeline import sources
+from pipeline import output, sources
 from pipeline.config import BuildConfig
+from pipeline.output import check_out
+from pipeline.sft import LazyChat, SftFields, encode_pairs, split_records
+from pipeline.shards import ShardWriter
 from pipeline.sources import (
     Chunk,
     ReadOptions,
+    RecordChunk,
     Source,
     clean,
+    read_records,
     read_source,
     resolve_inputs,
     safe_cut,
@@ -52,8 +51,6 @@ from pipeline.tokenizer import Encoded, load_tokenizer, token_dtype_for, with_pr
 from pipeline.workers import ordered_map
 
 log = logging.getLogger(__name__)
-
-_TRAINING_MARKERS = ("train_latest_state", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -97,6 +94,7 @@ class _EncodedChunk:
     skipped_empty: int
     skipped_null: int
     documents_in_pieces: int
+    prompt_lengths: np.ndarray | None = None  # (num_docs,) int64, for prompt/response records
 
 
 def _encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> _EncodedChunk:
@@ -174,311 +172,25 @@ def _token_lists(docs: pa.Array, tokenizer, path: Path) -> Encoded:
     return Encoded(values=values, lengths=np.diff(offsets).astype(np.int64))
 
 
+def _encode_records(
+    chunk: RecordChunk, tokenizer, dtype: np.dtype, fields: SftFields, chat: LazyChat | None
+) -> _EncodedChunk:
+    """Prompt/response records -> one document each (prompt then response) + prompt lengths."""
+    prompts, responses = split_records(
+        chunk.records, fields, str(chunk.source.path), chat, chunk.first, chunk.unit
+    )
+    pairs = encode_pairs(tokenizer, prompts, responses, tokenizer.prefix, tokenizer.eos_id)
+    _check_ids(pairs.values, tokenizer, f"the tokenizer {tokenizer.id} produced")
+    encoded = Encoded(pairs.values.astype(dtype, copy=False), pairs.lengths)
+    return _EncodedChunk(encoded, False, chunk.source, 0, 0, 0, pairs.prompt_lengths)
+
+
 def _check_ids(values: np.ndarray, tokenizer, what: str) -> None:
     if values.size and int(values.max()) >= tokenizer.vocab_size:
         raise PipelineError(
             f"{what} token id {int(values.max())} but its vocabulary has {tokenizer.vocab_size} "
             "ids; fix the tokenizer's added tokens or pass another --tokenizer"
         )
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-class _ShardWriter:
-    """Appends tokens to raw files in the temp folder; finishes each shard as an Arrow file.
-
-    A document that arrives in pieces (a chunk's last document continues in the next chunk)
-    stays open until its last piece, and shards switch only at document boundaries.
-    """
-
-    def __init__(self, tmp_dir: Path, dtype: np.dtype, max_shard_tokens: int):
-        self.tmp_dir, self.dtype, self.max_shard_tokens = tmp_dir, dtype, max_shard_tokens
-        self.shards: list[dict] = []
-        self._open_tokens: int | None = None  # tokens so far of a document still arriving
-        self._open_raw()
-
-    def _open_raw(self) -> None:
-        self._raw_tokens = (self.tmp_dir / f"tokens-{len(self.shards):05d}.raw").open("wb")
-        self._raw_lengths = (self.tmp_dir / f"lengths-{len(self.shards):05d}.raw").open("wb")
-        self._shard_tokens = 0
-        self._shard_docs = 0
-
-    def append(self, encoded: Encoded, tail_continues: bool) -> None:
-        values, lengths = encoded.values, encoded.lengths
-        if self._open_tokens is not None:  # lengths[0] continues the open document
-            n = int(lengths[0])
-            self._write(values[:n])
-            self._open_tokens += n
-            values, lengths = values[n:], lengths[1:]
-            if tail_continues and lengths.size == 0:
-                return
-            self._end_open()
-        if tail_continues:
-            whole = int(lengths[:-1].sum())
-            self._append_documents(values[:whole], lengths[:-1])
-            if self._shard_docs and self._shard_tokens >= self.max_shard_tokens:
-                self._next_shard()
-            self._write(values[whole:])
-            self._open_tokens = int(lengths[-1])
-        else:
-            self._append_documents(values, lengths)
-
-    def _write(self, values: np.ndarray) -> None:
-        self._raw_tokens.write(values.tobytes())
-        self._shard_tokens += int(values.size)
-
-    def _end_open(self) -> None:
-        self._raw_lengths.write(np.int64(self._open_tokens).tobytes())
-        self._shard_docs += 1
-        self._open_tokens = None
-
-    def _append_documents(self, values: np.ndarray, lengths: np.ndarray) -> None:
-        """Append whole documents, starting a new shard at a document boundary when full."""
-        while lengths.size:
-            ends = np.cumsum(lengths)
-            fit = int(
-                np.searchsorted(ends, self.max_shard_tokens - self._shard_tokens, side="right")
-            )
-            if fit == 0 and self._shard_docs:
-                self._next_shard()
-                continue
-            fit = max(fit, 1)  # a document longer than a shard gets a shard of its own
-            n_tokens = int(ends[fit - 1])
-            self._write(values[:n_tokens])
-            self._raw_lengths.write(lengths[:fit].astype(np.int64, copy=False).tobytes())
-            self._shard_docs += fit
-            values, lengths = values[n_tokens:], lengths[fit:]
-
-    def _next_shard(self) -> None:
-        self._finish_shard()
-        self._open_raw()
-
-    def close(self) -> list[dict]:
-        if self._open_tokens is not None:
-            self._end_open()
-        if self._shard_docs or not self.shards:
-            self._finish_shard()
-        else:
-            for fh in (self._raw_tokens, self._raw_lengths):
-                fh.close()
-                Path(fh.name).unlink()
-        return self.shards
-
-    def _finish_shard(self) -> None:
-        """Write the shard's Arrow file, one record batch per BATCH_TOKENS tokens (at document
-        boundaries), from a map of the raw file whose pages are dropped batch by batch."""
-        self._raw_tokens.close()
-        self._raw_lengths.close()
-        tokens_path, lengths_path = Path(self._raw_tokens.name), Path(self._raw_lengths.name)
-        value_type = pa.from_numpy_dtype(self.dtype)
-        large = self._shard_tokens >= 1 << 31
-        list_array = pa.LargeListArray if large else pa.ListArray
-        schema = pa.schema(
-            [pa.field(COLUMN, (pa.large_list if large else pa.list_)(value_type), nullable=False)]
-        )
-        name = f"shard-{len(self.shards):05d}.arrow"
-        path = self.tmp_dir / name
-        num_docs = 0
-        with (
-            _TokenMap(tokens_path, self.dtype) as tokens,
-            lengths_path.open("rb") as lengths_file,
-            pa.OSFile(str(path), "wb") as sink,
-            ipc.new_file(sink, schema) as writer,
-        ):
-            start = 0
-            for lengths in _batch_lengths(lengths_file):
-                offsets = np.zeros(lengths.size + 1, dtype=np.int64 if large else np.int32)
-                np.cumsum(lengths, out=offsets[1:])
-                end = start + int(offsets[-1])
-                values = pa.py_buffer(tokens.values[start:end]) if end > start else None
-                column = list_array.from_arrays(
-                    pa.array(offsets),
-                    pa.Array.from_buffers(value_type, end - start, [None, values]),
-                )
-                writer.write_batch(pa.record_batch([column], schema=schema))
-                del column, values
-                tokens.drop_until(end)
-                start, num_docs = end, num_docs + lengths.size
-            if num_docs == 0:
-                writer.write_batch(pa.record_batch([pa.array([], schema.field(0).type)], schema))
-        fsync_path(path)
-        tokens_path.unlink()
-        lengths_path.unlink()
-        self.shards.append(
-            {
-                "name": name,
-                "num_documents": num_docs,
-                "num_tokens": int(self._shard_tokens),
-                "bytes": path.stat().st_size,
-                "sha256": file_sha256(path),
-            }
-        )
-
-
-BATCH_TOKENS = 1 << 24  # tokens per record batch of a shard: what the writer holds mapped at once
-_BATCH_DOCS = 1 << 20  # and at most this many documents (their lengths are read in windows)
-
-
-def _batch_lengths(lengths_file) -> Iterator[np.ndarray]:
-    """The document lengths of each record batch: at most BATCH_TOKENS tokens and _BATCH_DOCS
-    documents (a longer document gets a batch of its own)."""
-    pending, exhausted = np.zeros(0, np.int64), False
-    while not exhausted or pending.size:
-        if not exhausted:
-            more = np.fromfile(lengths_file, dtype=np.int64, count=_BATCH_DOCS)
-            exhausted = more.size < _BATCH_DOCS
-            pending = np.concatenate([pending, more])
-        ends = np.cumsum(pending)
-        while pending.size and (exhausted or ends[-1] > BATCH_TOKENS or pending.size > _BATCH_DOCS):
-            k = int(np.searchsorted(ends, BATCH_TOKENS, side="right"))
-            k = min(max(k, 1), _BATCH_DOCS)
-            yield pending[:k]
-            pending, ends = pending[k:], ends[k:] - ends[k - 1]
-
-
-class _TokenMap:
-    """A read-only map of a raw token file whose pages can be dropped from this process once
-    written out (they stay in the page cache), so the writer's resident memory stays at a batch."""
-
-    def __init__(self, path: Path, dtype: np.dtype):
-        self._file = path.open("rb")
-        size = path.stat().st_size
-        self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ) if size else None
-        self.values = np.frombuffer(self._map, dtype=dtype) if size else np.zeros(0, dtype)
-        self._itemsize = np.dtype(dtype).itemsize
-
-    def drop_until(self, end: int) -> None:
-        length = end * self._itemsize // mmap.PAGESIZE * mmap.PAGESIZE
-        if self._map is not None and length:
-            self._map.madvise(mmap.MADV_DONTNEED, 0, length)
-
-    def __enter__(self) -> _TokenMap:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        del self.values
-        if self._map is not None:
-            # An error may leave an Arrow view alive: the map then goes when the view does.
-            with contextlib.suppress(BufferError):
-                self._map.close()
-        self._file.close()
-
-
-# ----------------------------------------------------------------------------- the output folder
-
-
-def _aside(out: Path, kind: str, pid: int | None = None) -> Path:
-    """A name beside `out` for this build's temp folder, a moved-aside old dataset, or the lock:
-    `.NAME.lowmem-KIND[-PID]`, which no user file is likely to carry."""
-    suffix = f"-{os.getpid() if pid is None else pid}" if kind != "lock" else ""
-    return out.parent / f".{out.name}.lowmem-{kind}{suffix}"
-
-
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def check_out(out: Path, overwrite: bool, sources: list[Source]) -> None:
-    """Refuse an --out that this build must not write to or replace (one line each)."""
-    resolved, cwd = out.resolve(), Path.cwd().resolve()
-    if _within(cwd, resolved):
-        raise PipelineError(
-            f"--out {out} is the current folder or holds it; give a new folder, e.g. --out "
-            f"{out / 'tokens'}"
-        )
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise PipelineError(f"output {out} is a file; give --out a folder path")
-    names = sorted(p.name for p in out.iterdir())
-    if not names:
-        return
-    inside = next((s.path for s in sources if _within(s.path.resolve(), resolved)), None)
-    if inside is not None:
-        raise PipelineError(f"output {out} holds the input {inside}; choose another --out")
-    marker = next((m for m in _TRAINING_MARKERS if (out / m).exists()), None)
-    if marker is not None:
-        raise PipelineError(
-            f"output {out} is a training output folder (it holds {marker}); choose another --out"
-        )
-    if INDEX_NAME not in names:
-        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        raise PipelineError(
-            f"output {out} already exists and is not a dataset built by `pipeline build` (it "
-            f"holds {shown}); choose another --out"
-        )
-    from pipeline.manifest import read_manifest
-
-    try:
-        read_manifest(out)
-    except PipelineError as exc:
-        raise PipelineError(
-            f"output {out} holds an index.json that does not validate, so it is not replaced "
-            f"({str(exc).split(';')[0]}); remove the folder yourself or choose another --out"
-        ) from None
-    if not overwrite:
-        raise PipelineError(
-            f"output {out} already exists; pass --overwrite to replace it or choose another --out"
-        )
-
-
-def _make_parent(out: Path) -> list[Path]:
-    """Create the output's parent folders; return those created (to remove on failure)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    missing = [p for p in (parent, *parent.parents) if not p.exists()][::-1]
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(
-            f"cannot create the output's parent folder {parent} ({exc.strerror}); "
-            "choose another --out"
-        ) from None
-    if not os.access(parent, os.W_OK):
-        raise PipelineError(f"output folder {parent} is not writable; choose another --out")
-    return missing
-
-
-def _recover_interrupted(out: Path) -> None:
-    """Clean up after builds of `out` that were killed (the caller holds the lock, so no build
-    of `out` is alive): remove their temp folders, and put back a dataset that a killed
-    --overwrite build had moved aside but not yet replaced. Touches only this build's names."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.lowmem-(tmp|old)-\d+")
-    for leftover in sorted(out.parent.iterdir()):
-        match = pattern.fullmatch(leftover.name)
-        if match is None:
-            continue
-        if match.group(1) == "old" and not out.exists():
-            os.rename(leftover, out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _commit_out(tmp: Path, out: Path) -> None:
-    fsync_path(tmp)
-    old = None
-    if out.exists():
-        old = _aside(out, "old")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _disk_full(exc: BaseException) -> bool:
-    if not isinstance(exc, OSError):
-        return False
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return True
-    return any(s in str(exc) for s in ("No space left", "Disk quota exceeded", "File too large"))
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-# ----------------------------------------------------------------------------- the build
 
 
 def build_dataset(cfg: BuildConfig, progress: bool = True) -> BuildReport:
@@ -488,20 +200,20 @@ def build_dataset(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     out = Path(cfg.out)
     check_out(out, cfg.overwrite, sources)
-    created = _make_parent(out)
+    created = output.make_parent(out)
     try:
-        with FolderLock(_aside(out, "lock"), f"output {out}", remove_on_release=True):
-            _recover_interrupted(out)
+        with FolderLock(output.aside(out, "lock"), f"output {out}", remove_on_release=True):
+            output.recover_interrupted(out)
             check_out(out, cfg.overwrite, sources)  # again: another build may have finished
-            tmp = _aside(out, "tmp")
+            tmp = output.aside(out, "tmp")
             tmp.mkdir()
             try:
                 report = _write(cfg, sources, tokenizer, tmp, progress)
-                _commit_out(tmp, out)
+                output.commit_out(tmp, out)
             except BaseException as exc:
-                written = _folder_bytes(tmp) if tmp.is_dir() else 0
+                written = output.folder_bytes(tmp) if tmp.is_dir() else 0
                 shutil.rmtree(tmp, ignore_errors=True)
-                if _disk_full(exc):
+                if output.disk_full(exc):
                     raise PipelineError(
                         f"the disk holding {out.parent} filled up after {written / 2**20:.1f} MiB "
                         f"of the dataset ({exc.strerror or str(exc).splitlines()[0]}); nothing "
@@ -547,10 +259,19 @@ def _write(
     cfg: BuildConfig, sources: list[Source], tokenizer, tmp: Path, progress: bool
 ) -> BuildReport:
     dtype = token_dtype_for(tokenizer.vocab_size)
-    options = ReadOptions(text_field=cfg.text_field, split=cfg.split)
-    chunks = (chunk for source in sources for chunk in read_source(source, options))
-    encode = partial(_encode_chunk, tokenizer=tokenizer, dtype=dtype, strip=cfg.strip)
-    writer = _ShardWriter(tmp, dtype, cfg.max_shard_tokens)
+    if cfg.sft:
+        fields = SftFields(cfg.prompt_field, cfg.response_field, cfg.messages_field)
+        names = (fields.prompt, fields.response, fields.messages)
+        chunks = (chunk for source in sources for chunk in read_records(source, names))
+        chat = LazyChat(Path(cfg.tokenizer)) if Path(cfg.tokenizer).is_dir() else None
+        encode = partial(
+            _encode_records, tokenizer=tokenizer, dtype=dtype, fields=fields, chat=chat
+        )
+    else:
+        options = ReadOptions(text_field=cfg.text_field, split=cfg.split)
+        chunks = (chunk for source in sources for chunk in read_source(source, options))
+        encode = partial(_encode_chunk, tokenizer=tokenizer, dtype=dtype, strip=cfg.strip)
+    writer = ShardWriter(tmp, dtype, cfg.max_shard_tokens, prompt_lengths=cfg.sft)
     skipped: dict[str, list[int]] = {}
     in_pieces = 0
     # A with-block closes the bar on errors too, so the error line starts a line of its own.
@@ -559,7 +280,7 @@ def _write(
         _one_core_per_thread(),
     ):
         for result in ordered_map(encode, chunks, cfg.num_proc):
-            writer.append(result.encoded, result.tail_continues)
+            writer.append(result.encoded, result.tail_continues, result.prompt_lengths)
             if result.skipped_empty or result.skipped_null:
                 counts = skipped.setdefault(str(result.source.path), [0, 0])
                 counts[0] += result.skipped_empty
@@ -570,12 +291,14 @@ def _write(
     num_docs = sum(s["num_documents"] for s in shards)
     num_tokens = sum(s["num_tokens"] for s in shards)
     if num_docs == 0 or num_tokens == 0:
+        fix = "--prompt-field/--response-field" if cfg.sft else "--text-field"
         raise PipelineError(
             f"no documents with text found in {', '.join(str(s.path) for s in sources)}; "
-            "check --text-field and the input files"
+            f"check {fix} and the input files"
         )
     index = {
         "format": FORMAT,
+        "kind": KIND_SFT if cfg.sft else KIND_TEXT,
         "num_documents": num_docs,
         "num_tokens": num_tokens,
         "dtype": dtype.name,
@@ -599,6 +322,12 @@ def _write(
             "documents_in_pieces": in_pieces,
         },
     }
+    if cfg.sft:
+        index["build"]["fields"] = {
+            "prompt": cfg.prompt_field,
+            "response": cfg.response_field,
+            "messages": cfg.messages_field,
+        }
     index_path = tmp / INDEX_NAME
     index_path.write_text(json.dumps(index, indent=1))
     fsync_path(index_path)

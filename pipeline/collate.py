@@ -4,11 +4,13 @@ Small pure functions over numpy arrays, compiled with `nogil=True` so reader thr
 parallel. A batch is described by *segments*: runs of consecutive tokens of one document, each
 with where it comes from (`seg_src`, a global token index), how many tokens (`seg_n`), where it
 lands in the flat B*L output (`seg_dst`), where its document started in output coordinates
-(`seg_doc0`, may be negative: positions restart at document starts), and where the document's EOS
-lands (`seg_eos`, -1 if outside this batch).
+(`seg_doc0`, may be negative: positions restart at document starts), where the document's EOS
+lands (`seg_eos`, -1 if outside this batch), and how many of its first tokens are prompt tokens
+(`seg_prompt`: label -100, no loss; prompt/response datasets only).
+Labels are unshifted (the label at a position is the token there; the model shifts them).
 Filling a batch: segments -> `emit_tokens` (tokens, labels and positions in one pass) ->
-`finish_rows` (EOS and padding). Every kernel is tested against a plain numpy reference in
-tests/pipeline/test_collate.py.
+`finish_rows` (EOS, prompt masking, padding). `sample_starts` lays out whole-sample packing.
+Every kernel is tested against a plain numpy reference in tests/pipeline/test_collate.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _pread.restype = ctypes.c_ssize_t
 
 
 class Segments(NamedTuple):
-    """Scratch for one batch's segments: five (capacity,) int64 arrays (see the module docstring).
+    """Scratch for one batch's segments: six (capacity,) int64 arrays (see the module docstring).
 
     A reader thread keeps one and reuses it; a call fills the first `count` entries of each.
     """
@@ -39,18 +41,59 @@ class Segments(NamedTuple):
     dst: np.ndarray
     doc0: np.ndarray
     eos: np.ndarray
+    prompt: np.ndarray
 
     @classmethod
     def empty(cls, capacity: int) -> Segments:
-        return cls(*np.empty((5, capacity), dtype=np.int64))
+        return cls(*np.empty((6, capacity), dtype=np.int64))
 
 
 @numba.njit(nogil=True, cache=True)
-def packing_segments(perm, cum, doc_starts, s0, s1, seg_src, seg_n, seg_dst, seg_doc0, seg_eos):
-    """Segments of stream positions [s0, s1): permuted documents back to back, EOS after each.
+def sample_starts(lengths, seq_len, starts):
+    """Whole-sample packing of samples (tokens then EOS) of `lengths`, in order, into rows of
+    seq_len: starts[k] = flat position (row * seq_len + column) where sample k begins, starts[N] =
+    one past the last EOS. A sample that does not fit in what is left of the current row starts
+    on the next row; only a sample longer than a row (lengths[k] + 1 > seq_len) spans rows.
+    """
+    x = 0
+    for k in range(lengths.shape[0]):
+        size = lengths[k] + 1
+        used = x % seq_len
+        if used > 0 and size > seq_len - used:
+            x += seq_len - used
+        starts[k] = x
+        x += size
+    starts[lengths.shape[0]] = x
 
-    perm: (N,) permuted document ids; cum: (N+1,) stream start of each permuted document.
-    Returns the number of segments written.
+
+@numba.njit(nogil=True, cache=True)
+def _masked(prompt_lengths, doc, lo, hi):
+    """How many of a document's tokens [lo, hi) are prompt tokens (all at the segment's start)."""
+    if prompt_lengths.shape[0] == 0:
+        return 0
+    return max(min(hi, prompt_lengths[doc]) - lo, 0)
+
+
+@numba.njit(nogil=True, cache=True)
+def packing_segments(
+    perm,
+    cum,
+    doc_starts,
+    prompt_lengths,
+    s0,
+    s1,
+    seg_src,
+    seg_n,
+    seg_dst,
+    seg_doc0,
+    seg_eos,
+    seg_prompt,
+):
+    """Segments of flat positions [s0, s1): permuted document k at cum[k], its EOS right after.
+
+    perm: (N,) permuted document ids; cum: (N+1,) flat start of each permuted document (back to
+    back in stream packing, with padding gaps in whole-sample packing). prompt_lengths: (N,)
+    prompt tokens per document, or empty when no token is masked. Returns the segments written.
     """
     num_docs = perm.shape[0]
     k = np.searchsorted(cum, s0, side="right") - 1
@@ -59,7 +102,7 @@ def packing_segments(perm, cum, doc_starts, s0, s1, seg_src, seg_n, seg_dst, seg
         doc = perm[k]
         start = doc_starts[doc]
         length = doc_starts[doc + 1] - start
-        lo = max(s0 - cum[k], 0)
+        lo = min(max(s0 - cum[k], 0), length)
         hi = min(length, s1 - cum[k])
         seg_src[nseg] = start + lo
         seg_n[nseg] = max(hi - lo, 0)
@@ -67,14 +110,30 @@ def packing_segments(perm, cum, doc_starts, s0, s1, seg_src, seg_n, seg_dst, seg
         seg_doc0[nseg] = cum[k] - s0
         eos_at = cum[k] + length
         seg_eos[nseg] = eos_at - s0 if s0 <= eos_at < s1 else -1
+        seg_prompt[nseg] = _masked(prompt_lengths, doc, lo, hi)
         nseg += 1
         k += 1
     return nseg
 
 
 @numba.njit(nogil=True, cache=True)
-def padding_segments(perm, row_cum, doc_starts, r0, r1, seq_len, seg_src, seg_n, seg_dst, seg_doc0, seg_eos):
-    """One segment per global row in [r0, r1): piece `r - row_cum[k]` of permuted document k."""
+def padding_segments(
+    perm,
+    row_cum,
+    doc_starts,
+    prompt_lengths,
+    r0,
+    r1,
+    seq_len,
+    seg_src,
+    seg_n,
+    seg_dst,
+    seg_doc0,
+    seg_eos,
+    seg_prompt,
+):
+    """One segment per global row in [r0, r1): piece `r - row_cum[k]` of permuted document k,
+    which has ceil((len+1)/seq_len) pieces; its EOS ends the last (possibly token-less) piece."""
     k = np.searchsorted(row_cum, r0, side="right") - 1
     nseg = 0
     for r in range(r0, r1):
@@ -84,18 +143,36 @@ def padding_segments(perm, row_cum, doc_starts, r0, r1, seq_len, seg_src, seg_n,
         start = doc_starts[doc]
         length = doc_starts[doc + 1] - start
         offset = (r - row_cum[k]) * seq_len
+        n = min(seq_len, length - offset)
+        dst = (r - r0) * seq_len
         seg_src[nseg] = start + offset
-        seg_n[nseg] = min(seq_len, length - offset)
-        seg_dst[nseg] = (r - r0) * seq_len
-        seg_doc0[nseg] = seg_dst[nseg]
-        seg_eos[nseg] = -1
+        seg_n[nseg] = n
+        seg_dst[nseg] = dst
+        seg_doc0[nseg] = dst
+        seg_eos[nseg] = dst + n if r == row_cum[k + 1] - 1 else -1
+        seg_prompt[nseg] = _masked(prompt_lengths, doc, offset, offset + n)
         nseg += 1
     return nseg
 
 
 @numba.njit(nogil=True, cache=True)
-def emit_tokens(source, src_base, src_is_dst, lo, hi, seg_src, seg_n, seg_dst, seg_doc0, nseg, seq_len, ids, labels, pos):
-    """Copy the tokens of segments whose source lies in [lo, hi) into ids and labels, with positions.
+def emit_tokens(
+    source,
+    src_base,
+    src_is_dst,
+    lo,
+    hi,
+    seg_src,
+    seg_n,
+    seg_dst,
+    seg_doc0,
+    nseg,
+    seq_len,
+    ids,
+    labels,
+    pos,
+):
+    """Copy the tokens of segments whose source lies in [lo, hi) to ids and labels, with positions.
 
     Token j of a segment comes from source[seg_src - src_base + j] (a chunk's values), or, when
     src_is_dst, from source[seg_dst + j] (the ultra-low-mem staging buffer, laid out like the
@@ -147,30 +224,48 @@ def pread_tokens(fd, file_offset, itemsize, base, lo, hi, seg_src, seg_n, seg_ds
 
 
 @numba.njit(nogil=True, cache=True)
-def finish_rows(ids, labels, pos, seq_len, seg_n, seg_dst, seg_doc0, seg_eos, nseg, eos_id, pad_id, one_row_per_segment, valid_end):
-    """Write EOS tokens and padding after `emit_tokens`; return the number of useful tokens.
-
-    Padding (id pad_id, label -100, position 0): in packing mode everything from valid_end on;
-    in padding mode the tail of each row after its segment, and the rows after the last segment.
+def finish_rows(
+    ids,
+    labels,
+    pos,
+    seq_len,
+    seg_n,
+    seg_dst,
+    seg_doc0,
+    seg_eos,
+    seg_prompt,
+    nseg,
+    eos_id,
+    pad_id,
+):
+    """After `emit_tokens`: write the EOS tokens, give each segment's first seg_prompt tokens
+    label -100, and pad every position no segment covers (id pad_id, label -100, position 0).
+    Segments must be in output order. Returns the positions whose label is not -100.
     """
     useful = 0
-    total = ids.shape[0]
+    end = 0  # one past the last position written so far
     for i in range(nseg):
-        useful += seg_n[i]
+        d = seg_dst[i]
+        n = seg_n[i]
+        _pad(ids, labels, pos, end, d, pad_id)
+        for x in range(d, d + seg_prompt[i]):
+            labels[x] = IGNORE_INDEX
+        useful += n - seg_prompt[i]
+        end = max(end, d + n)
         e = seg_eos[i]
         if e >= 0:
             ids[e] = eos_id
             labels[e] = eos_id
             pos[e] = e - max((e // seq_len) * seq_len, seg_doc0[i])
             useful += 1
-        if one_row_per_segment:
-            for x in range(seg_dst[i] + seg_n[i], seg_dst[i] + seq_len):
-                ids[x] = pad_id
-                labels[x] = IGNORE_INDEX
-                pos[x] = 0
-    tail = nseg * seq_len if one_row_per_segment else valid_end
-    for x in range(tail, total):
+            end = e + 1
+    _pad(ids, labels, pos, end, ids.shape[0], pad_id)
+    return useful
+
+
+@numba.njit(nogil=True, cache=True)
+def _pad(ids, labels, pos, lo, hi, pad_id):
+    for x in range(lo, hi):
         ids[x] = pad_id
         labels[x] = IGNORE_INDEX
         pos[x] = 0
-    return useful

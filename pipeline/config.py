@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Annotated, Literal
 
 import tyro
@@ -33,20 +32,33 @@ class BuildConfig:
     eos_token: str | None = None
     """End-of-text token put between documents (default: the tokenizer's own eos_token)."""
     text_field: str = "text"
-    """Field holding the text in JSON/Parquet/`datasets` inputs (a list-of-ints field is taken as token ids)."""
+    """Field holding the text in JSON/Parquet/`datasets` inputs (a list-of-ints field is taken as
+    token ids)."""
+    sft: bool = False
+    """Prompt/response records: each record becomes one document (prompt tokens, then response
+    tokens) plus its prompt length, so training puts loss on the response only."""
+    prompt_field: str = "prompt"
+    """With --sft: the field holding the prompt text (may be empty)."""
+    response_field: str = "response"
+    """With --sft: the field holding the response text."""
+    messages_field: str = "messages"
+    """With --sft: the field holding a chat ([{role, content}, ...], the last one the
+    assistant's), rendered with the --tokenizer folder's chat template instead of the two above."""
     split: Literal["blank_lines", "lines"] = "blank_lines"
     """.txt documents: blocks separated by blank lines, or one document per line."""
     one_doc_per_line: bool = False
     """Same as --split lines."""
     strip: bool = False
-    """Trim Unicode whitespace at both ends of each document (default: keep text exactly as written)."""
+    """Trim Unicode whitespace at both ends of each document (default: keep text exactly as
+    written)."""
     num_proc: int | None = None
     """Threads tokenising chunks of the inputs in parallel, one core each (the tokenizers release
     the GIL); default: the cores this process may use."""
     max_shard_tokens: int = 1 << 30
     """Tokens per Arrow shard file; a new shard starts past this many."""
     overwrite: bool = False
-    """Replace --out if it is a dataset built by this command (removed only after the new one is complete)."""
+    """Replace --out if it is a dataset built by this command (removed only after the new one is
+    complete)."""
 
     def __post_init__(self) -> None:
         if self.num_proc is None:
@@ -59,6 +71,18 @@ class BuildConfig:
             self.split = "lines"
         if self.eos_token == "":
             raise ConfigError("--eos-token must name a token, got an empty string")
+        if self.sft and (self.strip or self.text_field != "text"):
+            flag = "--strip" if self.strip else "--text-field"
+            raise ConfigError(
+                f"{flag} applies to text builds; with --sft records are kept as written and "
+                f"named with --prompt-field/--response-field/--messages-field: drop {flag}"
+            )
+        fields = (self.prompt_field, self.response_field, self.messages_field)
+        if not self.sft and fields != ("prompt", "response", "messages"):
+            raise ConfigError(
+                "--prompt-field/--response-field/--messages-field apply to prompt/response "
+                "builds; add --sft, or name the text field with --text-field"
+            )
 
 
 @dataclass

@@ -6,7 +6,11 @@ offsets (8 bytes per document). Nothing is held per document in Python, so threa
 processes share the mapped pages instead of copying them. How the token values are read (mmap
 views or ultra-low-mem `pread`) is decided once at open, in pipeline/storage.py.
 
-Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild.
+A prompt/response dataset (index.json "kind": "sft") also holds each document's prompt length,
+read at open into one int64 array (8 bytes per document, like the starts) in either mode.
+
+Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild
+(and as "sft" when a `prompt_lengths` integer column sits beside it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ import pyarrow.ipc as ipc
 
 from lowmem_core.durable import file_sha256
 from lowmem_core.errors import PipelineError
-from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
+from lowmem_core.format import (
+    COLUMN,
+    INDEX_NAME,
+    KIND_SFT,
+    KIND_TEXT,
+    PROMPT_LENGTHS_COLUMN,
+)
 from pipeline import storage
 from pipeline.collate import Segments
 from pipeline.manifest import read_manifest
@@ -43,11 +53,14 @@ class _Layout:
     doc_starts: np.ndarray  # (num_docs + 1,) int64 global token offsets
     token_dtype: np.dtype
     meta: dict  # vocab_size, bos_id, eos_id, pad_id, tokenizer_id, fingerprint, source
+    prompt_lengths: np.ndarray | None = None  # (num_docs,) int64, for a prompt/response dataset
 
 
 class TokenDataset:
     """Documents of token ids: `ds[i]`, `len(ds)`, `doc_starts`, and `read_segments` for the
-    loader. `ultra_low_mem` says which reader serves the reads (see pipeline/storage.py)."""
+    loader. `ultra_low_mem` says which reader serves the reads (see pipeline/storage.py).
+    `kind` is "text" or "sft"; an "sft" dataset's `prompt_lengths` (num_docs,) int64 gives the
+    prompt tokens at the start of each document (None for "text")."""
 
     def __init__(
         self,
@@ -76,6 +89,8 @@ class TokenDataset:
         self.fingerprint: str = meta["fingerprint"]
         self.token_dtype: np.dtype = layout.token_dtype
         self.doc_starts: np.ndarray = layout.doc_starts
+        self.prompt_lengths: np.ndarray | None = layout.prompt_lengths
+        self.kind: str = KIND_TEXT if layout.prompt_lengths is None else KIND_SFT
 
     # -- sizes ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -155,8 +170,9 @@ class TokenDataset:
 # ----------------------------------------------------------------------------- opening
 
 
-def open_dataset(path, ultra_low_mem: bool = False, verify: bool = False,
-                 page_cache_budget_bytes: int = 64 << 20) -> TokenDataset:
+def open_dataset(
+    path, ultra_low_mem: bool = False, verify: bool = False, page_cache_budget_bytes: int = 64 << 20
+) -> TokenDataset:
     """Open a dataset built by `pipeline build`, or a `datasets` folder with a token-id list column.
 
     verify=True also checks every shard's sha256 against index.json (reads the whole dataset once).
@@ -164,7 +180,10 @@ def open_dataset(path, ultra_low_mem: bool = False, verify: bool = False,
     """
     path = Path(path)
     if not path.exists():
-        raise PipelineError(f"dataset {path} does not exist; build it with `python -m pipeline build INPUT... --out {path}`")
+        raise PipelineError(
+            f"dataset {path} does not exist; build it with "
+            f"`python -m pipeline build INPUT... --out {path}`"
+        )
     if (path / INDEX_NAME).is_file():
         layout, maps = _open_built(path, verify)
     elif (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
@@ -177,52 +196,37 @@ def open_dataset(path, ultra_low_mem: bool = False, verify: bool = False,
     return TokenDataset(path, layout, maps, ultra_low_mem, page_cache_budget_bytes)
 
 
-def _read_index(path: Path) -> dict:
-    read_manifest(path)  # schema check first: types, ranges, ids below the vocabulary
-    index_path = path / INDEX_NAME
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{index_path} is not valid JSON ({exc}); {_REBUILD}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise PipelineError(f"{index_path} is not a {FORMAT} index (format={index.get('format') if isinstance(index, dict) else None!r}); {_REBUILD}")
-    missing = [k for k in ("num_documents", "num_tokens", "dtype", "vocab_size", "tokenizer", "files") if k not in index]
-    if missing:
-        raise PipelineError(f"{index_path} lacks {', '.join(missing)}; {_REBUILD}")
-    return index
-
-
 def _open_built(path: Path, verify: bool) -> tuple[_Layout, list]:
-    index = _read_index(path)
-    try:
-        token_dtype = np.dtype(index["dtype"])
-    except TypeError:
-        raise PipelineError(f"{path / INDEX_NAME} names an unknown dtype {index['dtype']!r}; {_REBUILD}") from None
-    if token_dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise PipelineError(f"{path / INDEX_NAME} says dtype {token_dtype}, expected uint16 or uint32; {_REBUILD}")
-    if index["vocab_size"] > np.iinfo(token_dtype).max + 1:
-        raise PipelineError(
-            f"{path / INDEX_NAME}: vocabulary of {index['vocab_size']} ids does not fit dtype {token_dtype}; {_REBUILD}"
-        )
-    chunks, starts, maps = [], [np.zeros(1, np.int64)], []
+    # The schema is checked first (types, ranges, ids below the vocabulary, the kind).
+    manifest = read_manifest(path)
+    index, token_dtype = manifest.raw, manifest.dtype
+    sft = manifest.kind == KIND_SFT
+    chunks, starts, maps, prompts = [], [np.zeros(1, np.int64)], [], []
     first_doc = first_token = 0
     for entry in index["files"]:
         file_path = path / entry["name"]
         if not file_path.is_file():
-            raise PipelineError(f"{path / INDEX_NAME} lists {entry['name']} but it is missing; {_REBUILD}")
+            raise PipelineError(
+                f"{path / INDEX_NAME} lists {entry['name']} but it is missing; {_REBUILD}"
+            )
         size = file_path.stat().st_size
         if size != entry["bytes"]:
             raise PipelineError(
-                f"{file_path} has {size} bytes but {INDEX_NAME} says {entry['bytes']} (truncated or replaced); {_REBUILD}"
+                f"{file_path} has {size} bytes but {INDEX_NAME} says {entry['bytes']} (truncated "
+                f"or replaced); {_REBUILD}"
             )
         if verify and file_sha256(file_path) != entry["sha256"]:
             raise PipelineError(f"{file_path} fails its sha256 check (corrupt); {_REBUILD}")
         mm, reader = _map_arrow(file_path, stream=False)
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         for batch in batches:
-            chunk, doc_offsets = _chunk_from_batch(file_path, mm, batch, COLUMN, token_dtype, first_doc, first_token)
+            chunk, doc_offsets = _chunk_from_batch(
+                file_path, mm, batch, COLUMN, token_dtype, first_doc, first_token
+            )
             chunks.append(chunk)
             starts.append(doc_offsets[1:] + first_token)
+            if sft:
+                prompts.append(_prompt_lengths(file_path, batch, np.diff(doc_offsets), _REBUILD))
             first_doc += batch.num_rows
             first_token += chunk.num_tokens
         maps.append(mm)
@@ -233,13 +237,45 @@ def _open_built(path: Path, verify: bool) -> tuple[_Layout, list]:
         )
     tok = index["tokenizer"]
     fingerprint = hashlib.sha256(
-        json.dumps([tok.get("id"), index["num_tokens"], [f.get("sha256") for f in index["files"]]]).encode()
+        json.dumps(
+            [tok.get("id"), index["num_tokens"], [f.get("sha256") for f in index["files"]]]
+        ).encode()
     ).hexdigest()[:16]
     meta = {
-        "vocab_size": int(index["vocab_size"]), "bos_id": tok.get("bos_id"), "eos_id": int(tok["eos_id"]),
-        "pad_id": int(tok.get("pad_id", tok["eos_id"])), "tokenizer_id": str(tok.get("id")), "fingerprint": fingerprint,
+        "vocab_size": int(index["vocab_size"]),
+        "bos_id": tok.get("bos_id"),
+        "eos_id": int(tok["eos_id"]),
+        "pad_id": int(tok.get("pad_id", tok["eos_id"])),
+        "tokenizer_id": str(tok.get("id")),
+        "fingerprint": fingerprint,
     }
-    return _Layout(chunks, np.concatenate(starts), token_dtype, meta), maps
+    prompt_lengths = np.concatenate(prompts) if sft else None
+    return _Layout(chunks, np.concatenate(starts), token_dtype, meta, prompt_lengths), maps
+
+
+def _prompt_lengths(file_path: Path, batch, doc_lengths: np.ndarray, fix: str) -> np.ndarray:
+    """(rows,) int64 prompt lengths of a record batch, each within its document's length."""
+    names = batch.schema.names
+    if PROMPT_LENGTHS_COLUMN not in names:
+        raise PipelineError(
+            f"{file_path} has no {PROMPT_LENGTHS_COLUMN!r} column (columns: {', '.join(names)}) "
+            f"but its dataset is a prompt/response one; {fix}"
+        )
+    column = batch.column(PROMPT_LENGTHS_COLUMN)
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise PipelineError(
+            f"column {PROMPT_LENGTHS_COLUMN!r} in {file_path} is {column.type} with "
+            f"{column.null_count} nulls, expected integers; {fix}"
+        )
+    lengths = column.to_numpy().astype(np.int64)
+    bad = np.flatnonzero((lengths < 0) | (lengths > doc_lengths))
+    if bad.size:
+        i = int(bad[0])
+        raise PipelineError(
+            f"{file_path}: row {i} has a prompt of {lengths[i]} tokens but a document of "
+            f"{doc_lengths[i]}; {fix}"
+        )
+    return lengths
 
 
 def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
@@ -247,41 +283,69 @@ def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
         state = json.loads((path / "state.json").read_text())
         files = [path / f["filename"] for f in state["_data_files"]]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{path / 'state.json'} is not a `datasets` state file ({exc}); re-save the dataset") from None
-    chunks, starts, maps = [], [np.zeros(1, np.int64)], []
+        raise PipelineError(
+            f"{path / 'state.json'} is not a `datasets` state file ({exc}); re-save the dataset"
+        ) from None
+    chunks, starts, maps, prompts = [], [np.zeros(1, np.int64)], [], []
     first_doc = first_token = 0
     column = token_dtype = None
+    sft = False
     max_id = -1
     for file_path in files:
         if not file_path.is_file():
-            raise PipelineError(f"{path / 'state.json'} lists {file_path.name} but it is missing; re-save the dataset")
+            raise PipelineError(
+                f"{path / 'state.json'} lists {file_path.name} but it is missing; re-save the "
+                "dataset"
+            )
         mm, reader = _map_arrow(file_path, stream=True)
         for batch in reader:
             if column is None:
                 column, token_dtype = _token_column(path, batch.schema)
-            chunk, doc_offsets = _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token)
+                sft = PROMPT_LENGTHS_COLUMN in batch.schema.names
+            chunk, doc_offsets = _chunk_from_batch(
+                file_path, mm, batch, column, token_dtype, first_doc, first_token
+            )
             if chunk.num_tokens:
                 max_id = max(max_id, int(chunk.values.max()))
                 if chunk.values.min() < 0:
-                    raise PipelineError(f"column {column!r} in {file_path} holds negative token ids; fix the dataset")
+                    raise PipelineError(
+                        f"column {column!r} in {file_path} holds negative token ids; fix the "
+                        "dataset"
+                    )
             chunks.append(chunk)
             starts.append(doc_offsets[1:] + first_token)
+            if sft:
+                fix = f"fix or drop the dataset's {PROMPT_LENGTHS_COLUMN!r} column"
+                prompts.append(_prompt_lengths(file_path, batch, np.diff(doc_offsets), fix))
             first_doc += batch.num_rows
             first_token += chunk.num_tokens
         maps.append(mm)
     if first_doc == 0:
         raise PipelineError(f"{path} holds no rows; nothing to train on")
-    # A `datasets` folder carries no tokenizer specials: EOS (also used as PAD) is a new id past the largest.
+    # A `datasets` folder carries no tokenizer specials: EOS (also used as PAD) is a new id past
+    # the largest.
     eos_id = max_id + 1
-    fingerprint = hashlib.sha256(json.dumps([state.get("_fingerprint"), column, first_token]).encode()).hexdigest()[:16]
-    meta = {"vocab_size": eos_id + 1, "bos_id": None, "eos_id": eos_id, "pad_id": eos_id,
-            "tokenizer_id": f"datasets:{column}", "fingerprint": fingerprint}
-    return _Layout(chunks, np.concatenate(starts), np.dtype(token_dtype), meta), maps
+    fingerprint = hashlib.sha256(
+        json.dumps([state.get("_fingerprint"), column, first_token]).encode()
+    ).hexdigest()[:16]
+    meta = {
+        "vocab_size": eos_id + 1,
+        "bos_id": None,
+        "eos_id": eos_id,
+        "pad_id": eos_id,
+        "tokenizer_id": f"datasets:{column}",
+        "fingerprint": fingerprint,
+    }
+    prompt_lengths = np.concatenate(prompts) if sft else None
+    layout = _Layout(chunks, np.concatenate(starts), np.dtype(token_dtype), meta, prompt_lengths)
+    return layout, maps
 
 
 def _token_column(path: Path, schema: pa.Schema) -> tuple[str, np.dtype]:
     def is_token_list(t: pa.DataType) -> bool:
-        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(
+            t.value_type
+        )
 
     names = ([COLUMN] if COLUMN in schema.names else []) + [n for n in schema.names if n != COLUMN]
     for name in names:
@@ -301,19 +365,33 @@ def _map_arrow(file_path: Path, stream: bool):
         mm.seek(0)
         reader = ipc.open_stream(mm) if stream else ipc.open_file(mm)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise PipelineError(f"{file_path} is not a valid Arrow file ({str(exc).splitlines()[0]}); {_REBUILD}") from None
+        raise PipelineError(
+            f"{file_path} is not a valid Arrow file ({str(exc).splitlines()[0]}); {_REBUILD}"
+        ) from None
     return _Mapping(mm, base_address), reader
 
 
-def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token) -> tuple[Chunk, np.ndarray]:
+def _chunk_from_batch(
+    file_path, mm, batch, column, token_dtype, first_doc, first_token
+) -> tuple[Chunk, np.ndarray]:
     if column not in batch.schema.names:
-        raise PipelineError(f"{file_path} has no {column!r} column (columns: {', '.join(batch.schema.names)}); {_REBUILD}")
+        raise PipelineError(
+            f"{file_path} has no {column!r} column (columns: {', '.join(batch.schema.names)}); "
+            f"{_REBUILD}"
+        )
     arr = batch.column(column)
     kind = arr.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or np.dtype(kind.value_type.to_pandas_dtype()) != token_dtype:
-        raise PipelineError(f"column {column!r} in {file_path} is {kind}, expected list<{token_dtype}>; {_REBUILD}")
+    if (
+        not (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+        or np.dtype(kind.value_type.to_pandas_dtype()) != token_dtype
+    ):
+        raise PipelineError(
+            f"column {column!r} in {file_path} is {kind}, expected list<{token_dtype}>; {_REBUILD}"
+        )
     offset_dtype = np.int32 if pa.types.is_list(kind) else np.int64
-    raw_offsets = np.frombuffer(arr.buffers()[1], dtype=offset_dtype)[arr.offset : arr.offset + len(arr) + 1]
+    raw_offsets = np.frombuffer(arr.buffers()[1], dtype=offset_dtype)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
     child_offset = arr.values.offset
     doc_offsets = raw_offsets.astype(np.int64) - int(raw_offsets[0])
     num_tokens = int(doc_offsets[-1])
@@ -329,7 +407,10 @@ def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, firs
         # Where the tokens sit in the file: the buffer address relative to the start of the mapping.
         file_offset = values_buf.address - mm.base_address + element0 * itemsize
         if not 0 <= file_offset <= mm.file.size():
-            raise PipelineError(f"{file_path}: token buffer is not inside the file (not a plain Arrow file); {_REBUILD}")
+            raise PipelineError(
+                f"{file_path}: token buffer is not inside the file (not a plain Arrow file); "
+                f"{_REBUILD}"
+            )
     if np.any(np.diff(doc_offsets) < 0):
         raise PipelineError(f"{file_path} has decreasing list offsets (corrupt); {_REBUILD}")
     chunk = Chunk(file_path, file_offset, first_doc, first_token, num_tokens, values)

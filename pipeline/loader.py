@@ -8,6 +8,11 @@ epoch every token is delivered exactly once across all ranks. The last step of a
 partial; the rows it lacks are padding (labels -100) so every rank still gets [B, L] and no rank
 waits on a collective the others skipped.
 
+Prompt/response datasets (`dataset.prompt_lengths` is not None): prompt tokens get label -100 in
+every layout, so the labelled tokens of an epoch are the response tokens plus one EOS per sample,
+and packing places whole samples in rows (see pipeline/sampler.py); `split_samples` counts the
+samples too long for one row.
+
 The Loader is a single-threaded batch source: one pass of `for batch in loader` is one epoch
 (from the current position), the next pass the next epoch. The Prefetcher runs its lower-level
 `tasks()` / `fill()` / `commit()` in reader threads to fill a pool of (pinned) buffers ahead.
@@ -29,7 +34,7 @@ from pipeline import collate
 from pipeline.dataset import TokenDataset
 from pipeline.sampler import EpochIndex
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: padding rows end each document with EOS
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 _STATE_KEYS = ("version", "epoch", "consumed_rows", "seed", "seq_len", "packing", "fingerprint")
 
@@ -38,7 +43,8 @@ class Batch(dict):
     """`input_ids`, `labels`, `position_ids`: int64 [B, L] tensors (a plain dict, so
     `model(**batch)` works), with two counts made by the fill:
 
-    - `num_tokens`: positions whose label is not -100 (tokens and EOS; padding excluded);
+    - `num_tokens`: positions whose label is not -100 (tokens and EOS; prompt tokens and
+      padding excluded);
     - `num_loss_tokens`: positions with a next-token target, `(labels[:, 1:] != -100).sum()`.
     """
 
@@ -79,6 +85,7 @@ class Loader(Stateful):
     the pass in progress) still yields. `set_epoch(e)`: go to the start of epoch e.
     `state_dict()` / `load_state_dict()`: the position, resumable with another world size or
     batch size. Batches from `for batch in loader` are freshly allocated: the caller may keep them.
+    `split_samples`: documents of the current epoch's layout spread over more than one row.
     """
 
     def __init__(
@@ -105,7 +112,18 @@ class Loader(Stateful):
             raise PipelineError(
                 f"dataset {dataset.path} holds no tokens; build it from non-empty inputs"
             )
+        prompt_lengths = getattr(dataset, "prompt_lengths", None)
+        if prompt_lengths is not None and np.shape(prompt_lengths) != (len(dataset),):
+            raise PipelineError(
+                f"dataset {dataset.path} has prompt lengths of shape {np.shape(prompt_lengths)} "
+                f"for {len(dataset)} documents; rebuild it with `python -m pipeline build --sft`"
+            )
         self.dataset = dataset
+        # (num_docs,) int64 prompt tokens per document; empty when nothing is masked.
+        self._prompt_lengths = np.ascontiguousarray(
+            prompt_lengths if prompt_lengths is not None else (), dtype=np.int64
+        )
+        self._whole_samples = packing and prompt_lengths is not None
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.seed, self.packing, self.drop_last = seed, packing, drop_last
@@ -128,13 +146,24 @@ class Loader(Stateful):
     def _epoch_index(self, epoch: int) -> EpochIndex:
         if self._index is None or self._index.epoch != epoch:
             self._index = EpochIndex.build(
-                self.dataset.doc_starts, self.seed, epoch, self.seq_len, self.packing
+                self.dataset.doc_starts,
+                self.seed,
+                epoch,
+                self.seq_len,
+                self.packing,
+                whole_samples=self._whole_samples,
             )
         return self._index
 
     def _steps_in(self, index: EpochIndex) -> int:
         full, partial = divmod(index.total_rows, self.rows_per_step)
         return full if self.drop_last else full + (partial > 0)
+
+    @property
+    def split_samples(self) -> int:
+        """Documents of the current epoch spread over more than one row (for sft datasets in
+        both layouts: the samples whose tokens plus EOS exceed seq_len)."""
+        return self._epoch_index(self._epoch).split_samples
 
     def __len__(self) -> int:
         """Global steps in one full epoch (the same in every epoch)."""
@@ -185,27 +214,42 @@ class Loader(Stateful):
         labels = buffers["labels"].numpy().reshape(-1)
         pos = buffers["position_ids"].numpy().reshape(-1)
         segs = self._scratch.segs
-        index, L, ds = task.index, self.seq_len, self.dataset
+        index, L, ds, prompts = task.index, self.seq_len, self.dataset, self._prompt_lengths
         if self.packing:
             s0 = task.row_start * L
-            s1 = min(task.row_end * L, index.total_stream_tokens)
+            s1 = min(task.row_end * L, index.stream_end)
             count = 0
             if s1 > s0:
                 count = collate.packing_segments(
-                    index.perm, index.cum, ds.doc_starts, s0, s1, *segs
+                    index.perm, index.cum, ds.doc_starts, prompts, s0, s1, *segs
                 )
-            valid_end = max(s1 - s0, 0)
         else:
             count = collate.padding_segments(
-                index.perm, index.cum, ds.doc_starts, task.row_start, task.row_end, L, *segs
+                index.perm,
+                index.cum,
+                ds.doc_starts,
+                prompts,
+                task.row_start,
+                task.row_end,
+                L,
+                *segs,
             )
-            valid_end = 0
         if count:
             ds.read_segments(segs, count, L, ids, labels, pos)
         num_tokens = int(
             collate.finish_rows(
-                ids, labels, pos, L, segs.n, segs.dst, segs.doc0, segs.eos, count,
-                ds.eos_id, ds.pad_id, not self.packing, valid_end
+                ids,
+                labels,
+                pos,
+                L,
+                segs.n,
+                segs.dst,
+                segs.doc0,
+                segs.eos,
+                segs.prompt,
+                count,
+                ds.eos_id,
+                ds.pad_id,
             )
         )
         # A row's first label is nobody's target: (labels[:, 1:] != -100) counts the rest.
@@ -246,7 +290,10 @@ class Loader(Stateful):
                 f"loader state must be the dict state_dict() returned, got "
                 f"{type(state).__name__}; pass a saved state or start without one"
             )
-        if "version" in state and state["version"] != STATE_VERSION:
+        # Version 1 text packing lays rows out as version 2 does: those states still resume.
+        same_layout = state.get("version") == 1 and state.get("packing") is True
+        same_layout = same_layout and getattr(self.dataset, "prompt_lengths", None) is None
+        if "version" in state and state["version"] != STATE_VERSION and not same_layout:
             raise CheckpointError(
                 f"loader state version {state['version']!r} is not {STATE_VERSION}, the version "
                 "this Loader reads; resume with the release that wrote it, or start a new run"

@@ -1,11 +1,13 @@
 """A dataset's index.json: its schema, checked at open, and its shards' checksums.
 
 `read_manifest(DIR)` validates every field the readers rely on (types, ranges, special ids
-inside the vocabulary, per-shard sums equal to the totals, shard names that stay inside DIR) and
-raises one PipelineError naming the key and the fix, instead of a KeyError or IndexError in the
-middle of a run. `verify_checksums(DIR, manifest)` hashes each shard once (and checks its largest token id against
-the vocabulary) and remembers the result by (size, mtime) in a small JSON file, beside the dataset or, when the dataset folder is
-read-only, in the user's cache; a later run re-hashes only shards that changed.
+inside the vocabulary, per-shard sums equal to the totals, shard names that stay inside DIR, the
+dataset's kind: "text", or "sft" for prompt/response samples; an index without "kind", written
+before SFT builds existed, is "text") and raises one PipelineError naming the key and the fix,
+instead of a KeyError or IndexError in the middle of a run. `verify_checksums(DIR, manifest)`
+hashes each shard once (and checks its largest token id against the vocabulary) and remembers
+the result by (size, mtime) in a small JSON file, beside the dataset or, when the dataset folder
+is read-only, in the user's cache; a later run re-hashes only shards that changed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pyarrow.ipc as ipc
 
 from lowmem_core.durable import file_sha256
 from lowmem_core.errors import PipelineError
-from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME
+from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME, KIND_SFT, KIND_TEXT
 
 REBUILD = "rebuild it with `python -m pipeline build INPUT... --out DIR --overwrite`"
 VERIFIED_NAME = ".verified.json"
@@ -51,6 +53,7 @@ class Manifest:
     pad_id: int
     tokenizer: dict
     files: list[ShardEntry]
+    kind: str  # KIND_TEXT, or KIND_SFT: shards also hold PROMPT_LENGTHS_COLUMN
     raw: dict = field(repr=False)  # the whole index, fields added by newer builds included
 
 
@@ -102,18 +105,38 @@ def read_manifest(dataset_dir: Path | str) -> Manifest:
     eos_id = _token_id(where, tok, "eos_id", vocab_size, optional=False)
     bos_id = _token_id(where, tok, "bos_id", vocab_size, optional=True)
     pad_id = _token_id(where, tok, "pad_id", vocab_size, optional=True)
+    kind = raw.get("kind", KIND_TEXT)
+    if kind not in (KIND_TEXT, KIND_SFT):
+        raise _fail(where, f"kind must be {KIND_TEXT!r} or {KIND_SFT!r}, found {kind!r}")
     files = raw.get("files")
     if not isinstance(files, list) or not files:
         raise _fail(where, "lists no shard files")
     entries = [_shard_entry(where, i, f) for i, f in enumerate(files)]
     if sum(e.num_documents for e in entries) != num_documents:
-        raise _fail(where, f"its shards hold {sum(e.num_documents for e in entries)} documents, "
-                           f"not the {num_documents} it states")
+        raise _fail(
+            where,
+            f"its shards hold {sum(e.num_documents for e in entries)} documents, "
+            f"not the {num_documents} it states",
+        )
     if sum(e.num_tokens for e in entries) != num_tokens:
-        raise _fail(where, f"its shards hold {sum(e.num_tokens for e in entries)} tokens, "
-                           f"not the {num_tokens} it states")
-    return Manifest(num_documents, num_tokens, dtype, vocab_size, bos_id, eos_id,
-                    eos_id if pad_id is None else pad_id, tok, entries, raw)
+        raise _fail(
+            where,
+            f"its shards hold {sum(e.num_tokens for e in entries)} tokens, "
+            f"not the {num_tokens} it states",
+        )
+    return Manifest(
+        num_documents,
+        num_tokens,
+        dtype,
+        vocab_size,
+        bos_id,
+        eos_id,
+        eos_id if pad_id is None else pad_id,
+        tok,
+        entries,
+        kind,
+        raw,
+    )
 
 
 def _shard_entry(where: Path, i: int, entry) -> ShardEntry:
@@ -121,7 +144,9 @@ def _shard_entry(where: Path, i: int, entry) -> ShardEntry:
         raise _fail(where, f"files[{i}] is not an object")
     name = entry.get("name")
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-        raise _fail(where, f"files[{i}].name must be a file name inside the dataset, found {name!r}")
+        raise _fail(
+            where, f"files[{i}].name must be a file name inside the dataset, found {name!r}"
+        )
     sha = entry.get("sha256")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise _fail(where, f"files[{i}].sha256 must be 64 hex digits, found {sha!r}")
@@ -182,7 +207,8 @@ def verify_checksums(dataset_dir: Path | str, manifest: Manifest) -> list[str]:
             )
         if file_sha256(path) != entry.sha256:
             raise PipelineError(
-                f"{path} fails its sha256 check (corrupt: a flipped bit or a partial copy); {REBUILD}"
+                f"{path} fails its sha256 check (corrupt: a flipped bit or a partial copy); "
+                f"{REBUILD}"
             )
         largest = _largest_token_id(path)
         if largest >= manifest.vocab_size:

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -47,7 +47,9 @@ class _Stop(Exception):
 _END = object()
 
 
-def pool_depth_for_cap(depth: int, set_bytes: int, pinned_pool_bytes: int | None) -> tuple[int, str | None]:
+def pool_depth_for_cap(
+    depth: int, set_bytes: int, pinned_pool_bytes: int | None
+) -> tuple[int, str | None]:
     """The prefetch depth whose depth + 1 pinned buffer sets fit the cap, and a note when lowered.
 
     Raises ConfigError when not even two sets (depth 1) fit.
@@ -64,8 +66,8 @@ def pool_depth_for_cap(depth: int, set_bytes: int, pinned_pool_bytes: int | None
             f">= {2 * set_bytes} bytes or lower the batch size"
         )
     note = (
-        f"prefetch depth lowered from {depth} to {sets - 1}: pinned_pool_bytes {format_bytes(pinned_pool_bytes)} "
-        f"holds {sets} buffer sets of {format_bytes(set_bytes)}"
+        f"prefetch depth lowered from {depth} to {sets - 1}: pinned_pool_bytes "
+        f"{format_bytes(pinned_pool_bytes)} holds {sets} buffer sets of {format_bytes(set_bytes)}"
     )
     return sets - 1, note
 
@@ -84,14 +86,17 @@ class _Pass:
         if self.cuda:
             compute = torch.cuda.current_stream(owner._device)
             for device_set in owner._device_sets:
-                # Whatever the previous pass left in flight on these buffers is ordered before this event.
+                # Whatever the previous pass left in flight on these buffers is ordered before this
+                # event.
                 device_set["release"] = torch.cuda.Event()
                 device_set["release"].record(compute)
                 self.free_device.put(device_set)
         # (task, host set, its Batch, device set | None, copy event | None)
         self.ready: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._feed, name="lowmem-prefetch-feeder", daemon=True)
+        self.thread = threading.Thread(
+            target=self._feed, name="lowmem-prefetch-feeder", daemon=True
+        )
         self.thread.start()
 
     # -- feeder thread ----------------------------------------------------------------------
@@ -238,7 +243,9 @@ class Prefetcher(Stateful):
         del probe
         self.depth, self.depth_note = depth, None
         if self.pin_memory:
-            self.depth, self.depth_note = pool_depth_for_cap(depth, self.set_bytes, pinned_pool_bytes)
+            self.depth, self.depth_note = pool_depth_for_cap(
+                depth, self.set_bytes, pinned_pool_bytes
+            )
         if self.depth_note:
             log.warning(self.depth_note)
         self._host_sets: list[Buffers] = []
@@ -270,7 +277,9 @@ class Prefetcher(Stateful):
         if self._device is not None:
             self._copy_stream = torch.cuda.Stream(self._device)
             for host_set in self._host_sets:
-                device_buffers = {k: torch.empty_like(t, device=self._device) for k, t in host_set.items()}
+                device_buffers = {
+                    k: torch.empty_like(t, device=self._device) for k, t in host_set.items()
+                }
                 self._device_sets.append({"buffers": device_buffers, "release": None})
 
     def _free_pool(self) -> None:

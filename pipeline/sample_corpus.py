@@ -14,13 +14,71 @@ from pathlib import Path
 
 import numpy as np
 
-_SYLLABLES = ["ka", "lo", "ri", "ven", "dal", "mor", "sa", "thi", "bru", "en", "ost", "vel", "ar", "gu", "ni", "za"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "ri",
+    "ven",
+    "dal",
+    "mor",
+    "sa",
+    "thi",
+    "bru",
+    "en",
+    "ost",
+    "vel",
+    "ar",
+    "gu",
+    "ni",
+    "za",
+]
 _KINDS = ["town", "river", "valley", "harbour", "village", "mountain", "lake", "forest"]
-_REGIONS = ["the northern coast", "the eastern plains", "the old highlands", "the southern marshes", "the western isles"]
-_TRADES = ["fishing", "weaving", "salt mining", "glass making", "sheep farming", "boat building", "bee keeping"]
-_ADJECTIVES = ["quiet", "busy", "ancient", "windy", "green", "narrow", "famous", "remote", "cold", "sunny"]
-_FOODS = ["smoked trout", "barley bread", "honey cake", "goat cheese", "plum wine", "crème brûlée", "pickled herring"]
-_PEOPLE = ["a poet", "a cartographer", "a merchant", "an astronomer", "a shipwright", "a composer", "a botanist"]
+_REGIONS = [
+    "the northern coast",
+    "the eastern plains",
+    "the old highlands",
+    "the southern marshes",
+    "the western isles",
+]
+_TRADES = [
+    "fishing",
+    "weaving",
+    "salt mining",
+    "glass making",
+    "sheep farming",
+    "boat building",
+    "bee keeping",
+]
+_ADJECTIVES = [
+    "quiet",
+    "busy",
+    "ancient",
+    "windy",
+    "green",
+    "narrow",
+    "famous",
+    "remote",
+    "cold",
+    "sunny",
+]
+_FOODS = [
+    "smoked trout",
+    "barley bread",
+    "honey cake",
+    "goat cheese",
+    "plum wine",
+    "crème brûlée",
+    "pickled herring",
+]
+_PEOPLE = [
+    "a poet",
+    "a cartographer",
+    "a merchant",
+    "an astronomer",
+    "a shipwright",
+    "a composer",
+    "a botanist",
+]
 _MONTHS = ["January", "March", "May", "July", "September", "November"]
 
 
@@ -39,7 +97,10 @@ def _sentence(rng: np.random.Generator, place: str, kind: str) -> str:
         year = int(rng.integers(1100, 1990))
         return f"In {year}, {rng.choice(_PEOPLE)} named {_name(rng)} settled near the {kind}."
     if pick == 3:
-        return f"The local dish is {rng.choice(_FOODS)}, served every {rng.choice(_MONTHS)} at the market."
+        return (
+            f"The local dish is {rng.choice(_FOODS)}, served every {rng.choice(_MONTHS)} "
+            "at the market."
+        )
     if pick == 4:
         km = int(rng.integers(2, 400))
         return f"It lies {km} km from {_name(rng)}, the nearest {rng.choice(_KINDS)}."
@@ -47,8 +108,14 @@ def _sentence(rng: np.random.Generator, place: str, kind: str) -> str:
         people = int(rng.integers(40, 90000))
         return f"About {people} people lived in {place} at the last count."
     if pick == 6:
-        return f"Visitors describe the {kind} as {rng.choice(_ADJECTIVES)} and {rng.choice(_ADJECTIVES)}."
-    return f"The name {place} comes from an old word for a {rng.choice(_ADJECTIVES)} {rng.choice(_KINDS)}."
+        return (
+            f"Visitors describe the {kind} as {rng.choice(_ADJECTIVES)} "
+            f"and {rng.choice(_ADJECTIVES)}."
+        )
+    return (
+        f"The name {place} comes from an old word for a {rng.choice(_ADJECTIVES)} "
+        f"{rng.choice(_KINDS)}."
+    )
 
 
 def generate_documents(num_docs: int = 6000, seed: int = 1234) -> list[str]:
@@ -57,7 +124,8 @@ def generate_documents(num_docs: int = 6000, seed: int = 1234) -> list[str]:
     docs = []
     for _ in range(num_docs):
         place, kind = _name(rng), str(rng.choice(_KINDS))
-        # Paragraph and sentence counts drawn so document lengths are heavy-tailed, like real corpora.
+        # Paragraph and sentence counts drawn so document lengths are heavy-tailed, like real
+        # corpora.
         n_paragraphs = 1 + min(int(rng.lognormal(0.0, 0.7)), 6)
         paragraphs = []
         for _ in range(n_paragraphs):
@@ -68,7 +136,8 @@ def generate_documents(num_docs: int = 6000, seed: int = 1234) -> list[str]:
 
 
 def write_sample_corpus(out_dir: Path, num_docs: int = 6000, seed: int = 1234) -> dict[str, Path]:
-    """Write the corpus as `sample.txt` (blank-line separated) and `sample.jsonl`; return both paths."""
+    """Write the corpus as `sample.txt` (blank-line separated) and `sample.jsonl`; return both
+    paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     docs = generate_documents(num_docs, seed)
@@ -79,3 +148,23 @@ def write_sample_corpus(out_dir: Path, num_docs: int = 6000, seed: int = 1234) -
         for i, doc in enumerate(docs):
             fh.write(json.dumps({"id": i, "text": doc}, ensure_ascii=False) + "\n")
     return {"txt": txt, "jsonl": jsonl}
+
+
+def write_sample_sft(
+    out_dir: Path, num_train: int = 2000, num_eval: int = 100, seed: int = 1234
+) -> dict[str, Path]:
+    """Prompt/response records made from the sample corpus: the prompt asks about a place, the
+    response is its article's first paragraph. Writes `train.jsonl` and `eval.jsonl` (disjoint
+    documents); returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = generate_documents(num_train + num_eval, seed)
+    paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
+    splits = {"train": docs[:num_train], "eval": docs[num_train:]}
+    for split, path in paths.items():
+        with path.open("w", encoding="utf-8") as fh:
+            for doc in splits[split]:
+                title, _, body = doc.partition("\n")
+                record = {"prompt": f"Tell me about {title}.\n", "response": body.split("\n")[0]}
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return paths

@@ -11,6 +11,7 @@ plus its prompt length, so exactly-once, resume and packing work as for plain te
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from lowmem_core.errors import PipelineError, require_extra
+from pipeline.tokenizer import Encoded, with_prefix
 
 
 @dataclass(frozen=True)
@@ -48,69 +50,145 @@ class ChatTemplate:
 
     def render(self, messages: list[dict]) -> tuple[str, str]:
         """(prompt text, response text) of a conversation ending with an assistant message."""
-        prompt = self._tok.apply_chat_template(
-            messages[:-1], tokenize=False, add_generation_prompt=True
-        )
-        full = self._tok.apply_chat_template(messages, tokenize=False)
+        try:
+            prompt = self._tok.apply_chat_template(
+                messages[:-1], tokenize=False, add_generation_prompt=True
+            )
+            full = self._tok.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # a template raises jinja2 errors, TypeError or KeyError alike
+            raise PipelineError(
+                f"the chat template fails on these messages ({exc}); give each message a role "
+                "and a text content"
+            ) from None
         if not full.startswith(prompt):
             raise PipelineError(
-                "the chat template renders the conversation without its prompt as a prefix, so the "
-                "response cannot be separated; use prompt/response records instead"
+                "the chat template renders the conversation without its prompt as a prefix, so "
+                "the response cannot be separated; use prompt/response records instead"
             )
         return prompt, full[len(prompt) :]
 
 
+class LazyChat:
+    """The chat template of a tokenizer folder, loaded when the first record with messages
+    needs it (so prompt/response builds never import `transformers`); thread-safe."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._chat: ChatTemplate | None = None
+        self._lock = threading.Lock()
+
+    def render(self, messages: list[dict]) -> tuple[str, str]:
+        with self._lock:
+            if self._chat is None:
+                self._chat = ChatTemplate(self.folder)
+        return self._chat.render(messages)
+
+
 def split_records(
-    records: list[dict], fields: SftFields, where: str, chat: ChatTemplate | None, first_line: int
+    records: list,
+    fields: SftFields,
+    where: str,
+    chat: ChatTemplate | LazyChat | None,
+    first: int,
+    unit: str = "record",
 ) -> tuple[list[str], list[str]]:
-    """(prompts, responses) of `records`; a record without them is one error naming its line."""
+    """(prompts, responses) of `records`, the first of which is `unit` ("line" or "record")
+    `first` of the file `where`; a bad record is one error naming its place and the fix.
+
+    An empty prompt is allowed (a response-only sample); an empty response is not."""
     prompts, responses = [], []
     for i, record in enumerate(records):
-        line = first_line + i
+        at = f"{where} {unit} {first + i}"
         if isinstance(record, dict) and record.get(fields.messages) is not None:
-            prompt, response = _from_messages(record[fields.messages], where, line, chat)
+            prompt, response = _from_messages(record[fields.messages], at, chat)
         elif isinstance(record, dict):
-            prompt, response = record.get(fields.prompt), record.get(fields.response)
-            missing = [f for f, v in ((fields.prompt, prompt), (fields.response, response))
-                       if not isinstance(v, str)]
-            if missing:
-                raise PipelineError(
-                    f"{where} record {line} has no text field {' or '.join(map(repr, missing))} "
-                    f"(keys: {', '.join(map(str, record)) or 'none'}); name the fields with "
-                    "--prompt-field/--response-field or give messages"
-                )
+            _check_texts(record, fields, at)
+            prompt, response = record[fields.prompt], record[fields.response]
         else:
-            raise PipelineError(f"{where} record {line} is a {type(record).__name__}, not an object")
+            raise PipelineError(
+                f"{at} is a {type(record).__name__}, not an object with {fields.prompt!r} and "
+                f"{fields.response!r} (or {fields.messages!r}); fix the record"
+            )
         if not response.strip():
             raise PipelineError(
-                f"{where} record {line} has an empty response: nothing to learn from; drop the record"
+                f"{at} has an empty response: nothing to learn from; drop the record or fill it"
             )
         prompts.append(prompt)
         responses.append(response)
     return prompts, responses
 
 
-def _from_messages(messages, where: str, line: int, chat: ChatTemplate | None) -> tuple[str, str]:
+def _check_texts(record: dict, fields: SftFields, at: str) -> None:
+    names = (fields.prompt, fields.response)
+    missing = [n for n in names if record.get(n) is None]
+    if missing:
+        raise PipelineError(
+            f"{at} has no text field {' or '.join(map(repr, missing))} (keys: "
+            f"{', '.join(map(str, record)) or 'none'}); name the fields with "
+            f"--prompt-field/--response-field or give {fields.messages!r}"
+        )
+    wrong = next((n for n in names if not isinstance(record[n], str)), None)
+    if wrong is not None:
+        raise PipelineError(
+            f"{at} has {wrong!r} = {type(record[wrong]).__name__}, expected text; write it as a "
+            "string or name another field with --prompt-field/--response-field"
+        )
+
+
+def _from_messages(messages, at: str, chat: ChatTemplate | LazyChat | None) -> tuple[str, str]:
     if not isinstance(messages, list) or not messages:
-        raise PipelineError(f"{where} record {line}: messages must be a non-empty list")
+        raise PipelineError(f"{at}: messages must be a non-empty list of {{role, content}}")
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "assistant":
         raise PipelineError(
-            f"{where} record {line}: the last message must be the assistant's (the response), "
-            f"found role {last.get('role') if isinstance(last, dict) else None!r}"
+            f"{at}: the last message must be the assistant's (the response), "
+            f"found role {last.get('role') if isinstance(last, dict) else None!r}; fix the record"
+        )
+    content = last.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise PipelineError(
+            f"{at} has an empty response (the last message's content): nothing to learn from; "
+            "drop the record or fill it"
         )
     if chat is None:
         raise PipelineError(
-            f"{where} record {line} has messages but the tokenizer has no chat template; pass "
+            f"{at} has messages but the tokenizer has no chat template; pass "
             "--tokenizer MODEL_DIR whose tokenizer_config.json holds one"
         )
-    return chat.render(messages)
+    try:
+        return chat.render(messages)
+    except PipelineError as exc:
+        raise PipelineError(f"{at}: {exc}") from None
 
 
-def encode_pairs(tokenizer, prompts: list[str], responses: list[str]) -> SftEncoded:
-    """Tokenise prompts and responses separately and lay each pair out back to back."""
+def encode_pairs(
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    prefix: tuple[int, ...] = (),
+    eos_id: int | None = None,
+) -> SftEncoded:
+    """Tokenise prompts and responses separately and lay each pair out back to back.
+
+    `prefix` (the BOS the tokenizer puts before a text) starts each prompt that does not
+    already start with it (a chat template may write it); an `eos_id` ending a response is
+    dropped, since the loader puts EOS after every sample.
+    """
     p = tokenizer.encode_arrow(pa.array(prompts, type=pa.large_string()))
     r = tokenizer.encode_arrow(pa.array(responses, type=pa.large_string()))
+    if prefix:
+        p_starts = np.concatenate(([0], np.cumsum(p.lengths)[:-1])).astype(np.int64)
+        has = p.lengths >= len(prefix)
+        for j, token in enumerate(prefix):
+            idx = np.minimum(p_starts + j, max(p.values.size - 1, 0))
+            has &= (p.values[idx] == token) if p.values.size else False
+        p = with_prefix(p, prefix, ~has)
+    if eos_id is not None and r.values.size:
+        last = np.cumsum(r.lengths) - 1
+        ends_eos = (r.lengths > 0) & (r.values[np.maximum(last, 0)] == eos_id)
+        keep = np.ones(r.values.size, dtype=bool)
+        keep[last[ends_eos]] = False
+        r = Encoded(r.values[keep], r.lengths - ends_eos)
     lengths = p.lengths + r.lengths
     starts = np.zeros(lengths.size, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -119,5 +197,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str]) -> SftEnco
     values = np.empty(int(lengths.sum()), dtype=np.uint32)
     # Token k of prompt i lands at starts[i] + (k - p_starts[i]); responses follow their prompt.
     values[np.arange(p.values.size) + np.repeat(starts - p_starts, p.lengths)] = p.values
-    values[np.arange(r.values.size) + np.repeat(starts + p.lengths - r_starts, r.lengths)] = r.values
+    values[np.arange(r.values.size) + np.repeat(starts + p.lengths - r_starts, r.lengths)] = (
+        r.values
+    )
     return SftEncoded(values=values, lengths=lengths, prompt_lengths=p.lengths.astype(np.int64))

@@ -3,8 +3,10 @@
 Inputs: .txt/.md text (documents separated by blank lines, or one per line), JSON Lines, a JSON
 array of records (Alpaca style), Parquet files or a folder of Parquet shards, and a `datasets`
 save_to_disk folder; text and JSON may be compressed (.gz, .bz2, .zst), decompressed while read.
-Every reader yields `Chunk`s of a bounded size in input order: an Arrow array of texts (or of
-token-id lists), with nulls where a record has no text.
+This module resolves inputs, reads .txt files and cleans chunks; the record formats are read in
+pipeline/records.py. Every reader yields `Chunk`s of a bounded size in input order: an Arrow
+array of texts (or of token-id lists), with nulls where a record has no text; `--sft` builds
+read whole records instead (`read_records`).
 
 Documents are kept as written: no whitespace is stripped (`--strip` trims Unicode whitespace at
 both ends). A document with no text (empty, whitespace only, null, or a record without the text
@@ -26,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
-from lowmem_core.errors import PipelineError, require_extra
+from lowmem_core.errors import PipelineError
 from lowmem_core.format import INDEX_NAME
+from pipeline import records
+from pipeline.inputs import Chunk, ReadOptions, RecordChunk, Source, read_blocks
 
 CHUNK_BYTES = 256 << 10  # text per chunk: amortises a tokenizer call; its encodings stay small
 PIECE_CHARS = 512 << 10  # a longer document is read and tokenised in pieces of about this size
@@ -41,36 +43,6 @@ _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 # (whitespace only); the next document's leading whitespace is kept.
 _BLANK_RUN = re.compile(r"\r?\n(?:[^\S\n]*\n)+")
 _SPLIT_SHARD = re.compile(r"(.+?)-\d+-of-\d+\.parquet$")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file or `datasets` folder and how to read it."""
-
-    path: Path
-    kind: str  # "txt", "json" (JSON Lines or a JSON array), "parquet" or "datasets"
-    compression: str | None = None  # "gzip", "bz2" or "zstd"
-
-    @property
-    def counts_skipped(self) -> bool:
-        """Whether a document without text is a skipped record (not so for .txt separators)."""
-        return self.kind != "txt"
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Documents read from `source`, in order: texts (large_string) or token ids (list of ints)."""
-
-    docs: pa.Array
-    source: Source
-    head_continues: bool = False  # docs[0] continues the previous chunk's last document
-    tail_continues: bool = False  # docs[-1] continues in the next chunk
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    text_field: str = "text"
-    split: str = "blank_lines"  # .txt documents: "blank_lines" or "lines"
 
 
 # ----------------------------------------------------------------------------- resolving inputs
@@ -161,41 +133,24 @@ def read_source(source: Source, options: ReadOptions) -> Iterator[Chunk]:
     """The documents of `source` in chunks of about CHUNK_BYTES, in order."""
     if source.kind == "txt":
         return _read_txt(source, options.split)
-    if source.kind == "json":
-        return _read_json(source, options.text_field)
-    if source.kind == "parquet":
-        return _read_parquet(source, options.text_field)
-    return _read_datasets_folder(source, options.text_field)
+    return records.text_chunks(source, options.text_field, CHUNK_BYTES)
 
 
-def _open(source: Source) -> pa.NativeFile:
-    return pa.input_stream(str(source.path), compression=source.compression)
-
-
-def _decode_error(source: Source, exc: Exception) -> PipelineError:
-    what = {"gzip": "gzip", "bz2": "bzip2", "zstd": "zstd"}[source.compression or "gzip"]
-    return PipelineError(
-        f"{source.path} is not a valid {what} file ({str(exc).splitlines()[0]}); re-compress it "
-        "or pass the uncompressed file"
-    )
-
-
-def _read_blocks(source: Source, size: int | None = None) -> Iterator[bytes]:
-    with _open(source) as stream:
-        while True:
-            try:
-                block = stream.read(size or CHUNK_BYTES)
-            except OSError as exc:  # a damaged compressed stream
-                raise _decode_error(source, exc) from None
-            if not block:
-                return
-            yield block
+def read_records(source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+    """The records of `source` (prompt/response builds) in chunks of about CHUNK_BYTES, with
+    only `fields` where the format stores columns (Parquet, `datasets`)."""
+    if source.kind == "txt":
+        raise PipelineError(
+            f"{source.path} is plain text, but --sft needs records with a prompt and a response; "
+            "pass .jsonl, .json or .parquet records"
+        )
+    return records.record_chunks(source, fields, CHUNK_BYTES)
 
 
 def _read_txt(source: Source, split: str) -> Iterator[Chunk]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     carry, consumed, open_doc = "", 0, False  # open_doc: the last chunk's last document goes on
-    blocks = _read_blocks(source)
+    blocks = read_blocks(source, CHUNK_BYTES)
     while True:
         block = next(blocks, b"")
         try:
@@ -255,253 +210,6 @@ def safe_cut(text: str, limit: int) -> int:
         if text[i].isspace() and not text[i - 1].isspace():
             return i
     return limit
-
-
-def _first_byte(source: Source) -> bytes:
-    for block in _read_blocks(source):
-        stripped = block.lstrip()
-        if stripped:
-            return stripped[:1]
-    return b""
-
-
-def _read_json(source: Source, field: str) -> Iterator[Chunk]:
-    first = _first_byte(source)
-    if first == b"[":
-        return _read_json_array(source, field)
-    if first != b"{":
-        raise PipelineError(
-            f"{source.path} is neither JSON Lines nor a JSON array of records (it starts with "
-            f"{first!r}); pass one record per line or a [...] of records"
-        )
-    return _read_jsonl(source, field)
-
-
-def _check_field(path: Path, schema: pa.Schema, field: str) -> pa.DataType:
-    if field not in schema.names:
-        raise PipelineError(
-            f"{path} has no field {field!r} (fields: {', '.join(schema.names) or 'none'}); "
-            "pass --text-field NAME"
-        )
-    kind = schema.field(field).type
-    is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
-    is_tokens = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(
-        kind.value_type
-    )
-    if not (is_text or is_tokens):
-        raise PipelineError(
-            f"field {field!r} in {path} holds {kind}, expected text (string) or token ids (list "
-            "of integers); pass --text-field naming the text column"
-        )
-    return pa.large_string() if is_text else kind
-
-
-def _read_jsonl(source: Source, field: str) -> Iterator[Chunk]:
-    """JSON Lines, parsed a block of whole lines at a time (a line longer than a block waits
-    for its end), the text field alone after the first block has shown its type."""
-    kind, parse, pending = None, None, []
-    for block in _read_blocks(source, _JSON_BLOCK_BYTES):
-        end = block.rfind(b"\n") + 1
-        if end == 0:
-            pending.append(block)
-            continue
-        lines = b"".join([*pending, block[:end]])
-        pending = [block[end:]]
-        column, kind, parse = _parse_lines(source, field, lines, kind, parse)
-        yield from _bounded(column, source)
-    rest = b"".join(pending)
-    if rest.strip():
-        column, kind, parse = _parse_lines(source, field, rest, kind, parse)
-        yield from _bounded(column, source)
-
-
-_JSON_BLOCK_BYTES = 4 << 20  # JSON Lines parsed per Arrow call (then encoded in chunks)
-
-
-def _parse_lines(source: Source, field: str, lines: bytes, kind, parse):
-    options = pajson.ReadOptions(block_size=len(lines) + 1, use_threads=False)
-    try:
-        if parse is None:
-            table = pajson.read_json(pa.BufferReader(lines), read_options=options)
-            kind = _check_field(source.path, table.schema, field)
-            parse = pajson.ParseOptions(
-                explicit_schema=pa.schema([(field, kind)]), unexpected_field_behavior="ignore"
-            )
-            column = table.column(field).cast(kind)
-        else:
-            column = pajson.read_json(
-                pa.BufferReader(lines), read_options=options, parse_options=parse
-            ).column(0)
-    except pa.ArrowInvalid as exc:
-        raise _jsonl_error(source, exc) from None
-    return column.combine_chunks(), kind, parse
-
-
-def _bounded(column: pa.Array, source: Source) -> Iterator[Chunk]:
-    """`column` in chunks of about CHUNK_BYTES of text (or token ids)."""
-    if pa.types.is_large_string(column.type):
-        sizes = pc.binary_length(column)
-    else:
-        sizes = pc.multiply(pc.list_value_length(column), 8)
-    ends = np.cumsum(pc.fill_null(sizes, 0).to_numpy(zero_copy_only=False))
-    start = 0
-    while start < len(column):
-        before = int(ends[start - 1]) if start else 0
-        stop = max(start + 1, int(np.searchsorted(ends, before + CHUNK_BYTES, side="right")))
-        yield Chunk(column.slice(start, stop - start), source)
-        start = stop
-
-
-def _jsonl_error(source: Source, exc: Exception) -> PipelineError:
-    message = str(exc).splitlines()[0]
-    if "changed from" in message:
-        return PipelineError(
-            f"{source.path}: a field holds one type in some records and another in others "
-            f"({message}); give every record's text field the same type"
-        )
-    return PipelineError(
-        f"{source.path} is not valid JSON Lines ({message}); fix or remove the bad line"
-    )
-
-
-def _read_json_array(source: Source, field: str) -> Iterator[Chunk]:
-    """A JSON array of records, parsed one record at a time (memory: about one chunk)."""
-    decoder = json.JSONDecoder()
-    text, pos, index, done = "", 0, 0, False
-    blocks = _read_blocks(source)
-    values: list = []
-    size = 0
-    utf8 = codecs.getincrementaldecoder("utf-8")("strict")
-
-    def more() -> bool:
-        nonlocal text, pos, done
-        block = next(blocks, b"")
-        try:
-            text = text[pos:] + utf8.decode(block, final=not block)
-        except UnicodeDecodeError:
-            raise PipelineError(f"{source.path} is not UTF-8; convert it to UTF-8") from None
-        pos, done = 0, not block
-        return bool(block)
-
-    def skip_space() -> str:
-        nonlocal pos
-        while True:
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            if pos < len(text) or not more():
-                return text[pos] if pos < len(text) else ""
-
-    def bad(found: str) -> PipelineError:
-        return PipelineError(
-            f"{source.path} is not a valid JSON array of records (after record {index}: "
-            f"found {found[:20]!r}); fix the file"
-        )
-
-    if skip_space() != "[":
-        raise bad(text[pos : pos + 20])
-    pos += 1
-    kind = None
-    while True:
-        head = skip_space()
-        if head == "]" and index == 0:
-            break
-        while True:
-            try:
-                record, end = decoder.raw_decode(text, pos)
-                break
-            except json.JSONDecodeError:
-                if done or not more():
-                    raise bad(text[pos : pos + 20]) from None
-        pos = end
-        if not isinstance(record, dict):
-            raise PipelineError(
-                f"{source.path}: element {index} of the JSON array is a "
-                f"{type(record).__name__}, not a record with a {field!r} field; fix the file"
-            )
-        if index == 0 and field not in record:
-            raise PipelineError(
-                f"{source.path} has no field {field!r} in its first record (fields: "
-                f"{', '.join(map(str, record)) or 'none'}); pass --text-field NAME"
-            )
-        value = record.get(field)
-        kind = _record_kind(source, field, index, value, kind)
-        values.append(value)
-        size += len(value) if value is not None else 0
-        index += 1
-        if size >= CHUNK_BYTES:
-            yield Chunk(_records_array(values, kind), source)
-            values, size = [], 0
-        sep = skip_space()
-        if sep == "]":
-            break
-        if sep != ",":
-            raise bad(text[pos : pos + 20])
-        pos += 1
-    if values:
-        yield Chunk(_records_array(values, kind), source)
-
-
-def _record_kind(source: Source, field: str, index: int, value, kind: str | None) -> str | None:
-    if value is None:
-        return kind
-    found = "text" if isinstance(value, str) else None
-    if isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        found = "tokens"
-    if found is None or (kind is not None and found != kind):
-        raise PipelineError(
-            f"{source.path}: record {index} has {field!r} = {type(value).__name__}, expected "
-            f"{'text' if kind != 'tokens' else 'token ids'} like the records before it; pass "
-            "--text-field naming the text field"
-        )
-    return found
-
-
-def _records_array(values: list, kind: str | None) -> pa.Array:
-    if kind == "tokens":
-        return pa.array(values, type=pa.large_list(pa.int64()))
-    return pa.array(values, type=pa.large_string())
-
-
-def _read_parquet(source: Source, field: str) -> Iterator[Chunk]:
-    try:
-        pfile = pq.ParquetFile(source.path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise PipelineError(
-            f"{source.path} is not a readable Parquet file ({exc}); rewrite it or pass another "
-            "input"
-        ) from None
-    kind = _check_field(source.path, pfile.schema_arrow, field)
-    meta = pfile.metadata
-    column = pfile.schema_arrow.get_field_index(field)
-    nbytes = sum(
-        meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups)
-    )
-    rows = _rows_per_chunk(nbytes, meta.num_rows)
-    for batch in pfile.iter_batches(batch_size=rows, columns=[field]):
-        yield Chunk(batch.column(0).cast(kind), source)
-
-
-def _rows_per_chunk(nbytes: int, num_rows: int) -> int:
-    """Rows of about CHUNK_BYTES, from a table's size."""
-    return max(1, min(1 << 16, CHUNK_BYTES * max(num_rows, 1) // max(nbytes, 1)))
-
-
-def _read_datasets_folder(source: Source, field: str) -> Iterator[Chunk]:
-    datasets = require_extra("datasets", "hf", "reading a `datasets` save_to_disk folder")
-
-    try:
-        ds = datasets.load_from_disk(str(source.path))
-    except Exception as exc:  # datasets raises several unrelated types for unreadable folders
-        raise PipelineError(
-            f"{source.path} is not a readable `datasets` save_to_disk folder ({exc}); re-save it"
-        ) from None
-    table = ds.data.table.select([field]) if field in ds.column_names else ds.data.table
-    kind = _check_field(source.path, table.schema, field)
-    rows = _rows_per_chunk(table.nbytes, table.num_rows)
-    for batch in table.to_batches(max_chunksize=rows):
-        yield Chunk(batch.column(0).cast(kind), source)
 
 
 # ----------------------------------------------------------------------------- cleaning

@@ -14,6 +14,7 @@ branches on the mode or sees a file descriptor, a chunk or a file offset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -109,8 +110,20 @@ class _MmapReader(_Reader):
         for c in self._touched(segs, count):
             chunk = self._chunks[c]
             collate.emit_tokens(
-                chunk.values, chunk.first_token, False, first[c], first[c + 1],
-                segs.src, segs.n, segs.dst, segs.doc0, count, seq_len, ids, labels, pos
+                chunk.values,
+                chunk.first_token,
+                False,
+                first[c],
+                first[c + 1],
+                segs.src,
+                segs.n,
+                segs.dst,
+                segs.doc0,
+                count,
+                seq_len,
+                ids,
+                labels,
+                pos,
             )
 
     def close(self) -> None:
@@ -156,15 +169,36 @@ class _PreadReader(_Reader):
         for c in self._touched(segs, count):
             chunk = self._chunks[c]
             nbytes = collate.pread_tokens(
-                self._fds[chunk.path], chunk.values_file_offset, itemsize, chunk.first_token,
-                first[c], first[c + 1], segs.src, segs.n, segs.dst, count, staging
+                self._fds[chunk.path],
+                chunk.values_file_offset,
+                itemsize,
+                chunk.first_token,
+                first[c],
+                first[c + 1],
+                segs.src,
+                segs.n,
+                segs.dst,
+                count,
+                staging,
             )
             if nbytes < 0:
                 raise _short_read(chunk)
             self._account(nbytes)
         collate.emit_tokens(
-            staging, 0, True, 0, first[-1],
-            segs.src, segs.n, segs.dst, segs.doc0, count, seq_len, ids, labels, pos
+            staging,
+            0,
+            True,
+            0,
+            first[-1],
+            segs.src,
+            segs.n,
+            segs.dst,
+            segs.doc0,
+            count,
+            seq_len,
+            ids,
+            labels,
+            pos,
         )
 
     def _account(self, nbytes: int) -> None:
@@ -184,10 +218,8 @@ class _PreadReader(_Reader):
 
 def _close_all(fds: dict, close=os.close) -> None:
     for fd in fds.values():
-        try:
+        with contextlib.suppress(OSError):
             close(fd)
-        except OSError:
-            pass
     fds.clear()
 
 
@@ -200,7 +232,9 @@ def _short_read(chunk: Chunk) -> PipelineError:
 class _ClosedReader:
     def __init__(self, path: Path, ultra_low_mem: bool):
         mode = ", ultra_low_mem=True" if ultra_low_mem else ""
-        self._message = f"dataset {path} is closed; reopen it with open_dataset({str(path)!r}{mode})"
+        self._message = (
+            f"dataset {path} is closed; reopen it with open_dataset({str(path)!r}{mode})"
+        )
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         raise PipelineError(self._message)

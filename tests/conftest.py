@@ -52,7 +52,9 @@ def make_dataset(tmp_path):
     folder."""
     counter = iter(range(1_000_000))
 
-    def make(num_docs: int = 500, seed: int = 0, median_len: int = 60, vocab_size: int = 256) -> Path:
+    def make(
+        num_docs: int = 500, seed: int = 0, median_len: int = 60, vocab_size: int = 256
+    ) -> Path:
         i = next(counter)
         docs = _synthetic_token_docs(num_docs, seed, median_len, vocab_size)
         src = tmp_path / f"synthetic-{i}.jsonl"

@@ -1,4 +1,4 @@
-"""Fault injection with real processes: kill -9, SIGTERM, disk full, damaged states, a host-RAM leak.
+"""Fault injection with real processes: kill -9, SIGTERM, disk full, damaged states, host-RAM leak.
 
 What must hold whatever goes wrong:
 - a killed `pipeline build` never leaves a folder that opens as a dataset unless it is complete;
@@ -19,6 +19,7 @@ runs the trainer's real CLI. Every test is bounded by a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import open_dataset
 from lowmem_core.errors import PipelineError
+from pipeline import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -53,10 +54,8 @@ def kill_tree(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=30)
 
 
@@ -76,14 +75,20 @@ def _kill_at(cmd: list[str], delay_s: float, cwd: Path) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_kill_9_during_build_never_leaves_a_dataset_that_opens_half_built(tmp_path, sample_corpus_files):
+def test_kill_9_during_build_never_leaves_a_dataset_that_opens_half_built(
+    tmp_path, sample_corpus_files
+):
     """10 builds of an 8 MB corpus into 16 shards, each killed at a random moment."""
     inputs = [str(sample_corpus_files["txt"])] * 4
     common = ["--max-shard-tokens", "500000", "--num-proc", "2"]
     reference = tmp_path / "reference"
     started = time.perf_counter()
-    subprocess.run([PY, "-m", "pipeline", "build", *inputs, "--out", str(reference), *common],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [PY, "-m", "pipeline", "build", *inputs, "--out", str(reference), *common],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     full_build_s = time.perf_counter() - started
     expected = open_dataset(reference, verify=True)
 
@@ -97,7 +102,9 @@ def test_kill_9_during_build_never_leaves_a_dataset_that_opens_half_built(tmp_pa
         overwrite = trial % 2 == 1
         if overwrite:
             shutil.copytree(reference, out)
-        cmd = [PY, "-m", "pipeline", "build", *inputs, "--out", str(out), *common] + (["--overwrite"] if overwrite else [])
+        cmd = [PY, "-m", "pipeline", "build", *inputs, "--out", str(out), *common] + (
+            ["--overwrite"] if overwrite else []
+        )
         code = _kill_at(cmd, rng.uniform(0.0, full_build_s), work)
         if code is not None:
             assert code == 0
@@ -109,18 +116,35 @@ def test_kill_9_during_build_never_leaves_a_dataset_that_opens_half_built(tmp_pa
                 ds = open_dataset(folder)
             except PipelineError:
                 continue
-            assert (len(ds), ds.num_tokens, ds.fingerprint) == (len(expected), expected.num_tokens, expected.fingerprint)
+            assert (len(ds), ds.num_tokens, ds.fingerprint) == (
+                len(expected),
+                expected.num_tokens,
+                expected.fingerprint,
+            )
             open_dataset(folder, verify=True)
             opened.append(folder.name)
         if overwrite:
             # The old dataset stays complete until the new one replaces it.
-            assert "tokens" in opened or any(n.startswith(".tokens.lowmem-old-") for n in opened), opened
+            assert "tokens" in opened or any(n.startswith(".tokens.lowmem-old-") for n in opened), (
+                opened
+            )
         kind = "overwrite" if overwrite else "new"
-        left = "finished" if code is not None else "complete at --out" if "tokens" in opened else "nothing at --out"
+        left = (
+            "finished"
+            if code is not None
+            else "complete at --out"
+            if "tokens" in opened
+            else "nothing at --out"
+        )
         outcomes[f"{kind}: {left}"] = outcomes.get(f"{kind}: {left}", 0) + 1
         # A new build over the debris succeeds and verifies.
-        subprocess.run([PY, "-m", "pipeline", "build", *inputs, "--out", str(out), *common, "--overwrite"],
-                       check=True, capture_output=True, timeout=120, cwd=work)
+        subprocess.run(
+            [PY, "-m", "pipeline", "build", *inputs, "--out", str(out), *common, "--overwrite"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            cwd=work,
+        )
         assert open_dataset(out, verify=True).fingerprint == expected.fingerprint
     assert sum(outcomes.values()) == 10
     # At least some kills must have landed inside builds for the test to mean anything.
@@ -131,7 +155,7 @@ def test_kill_9_during_build_never_leaves_a_dataset_that_opens_half_built(tmp_pa
 # ----------------------------------------------------------------------------- trainer
 
 FAULT_DRIVER = r'''
-"""Run `train_low_mem.py` with faults injected into its checkpoint writes (see tests/test_faults.py).
+"""Run `train_low_mem.py` with faults injected into its checkpoint writes (tests/test_faults.py).
 
 Only public functions are wrapped (Checkpointer.save, torch.save, os.rename, os.replace,
 os.fsync), so the faults land where any implementation of the save must pass.
@@ -253,7 +277,9 @@ sys.exit(main())
 '''
 
 STEP_LINE = re.compile(r"^step: (\d+)/(\d+), loss: ([0-9.]+)", re.M)
-RESUMED_LINE = re.compile(r"resumed from (\S+) at step (\d+) \(epoch (\d+), row (\d+) of the epoch\)")
+RESUMED_LINE = re.compile(
+    r"resumed from (\S+) at step (\d+) \(epoch (\d+), row (\d+) of the epoch\)"
+)
 TRAIN_TIMEOUT_S = 240
 
 
@@ -282,8 +308,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train_cmd(world: Path, output_dir: Path, *extra: str, max_steps: int = REFERENCE_STEPS, resume: bool = False,
-              driver: bool = True, ranks: int = 1) -> list[str]:
+def train_cmd(
+    world: Path,
+    output_dir: Path,
+    *extra: str,
+    max_steps: int = REFERENCE_STEPS,
+    resume: bool = False,
+    driver: bool = True,
+    ranks: int = 1,
+) -> list[str]:
     """The tiny model, a state saved at every step, a loss line at every step; global batch 4 rows.
 
     --min_lr_ratio 1 keeps the learning rate constant after warm-up, so a resumed run may stop at
@@ -293,14 +326,51 @@ def train_cmd(world: Path, output_dir: Path, *extra: str, max_steps: int = REFER
     entry = str(world / "fault_driver.py") if driver else str(REPO / "train_low_mem.py")
     launch = [PY]
     if ranks > 1:
-        launch = [str(Path(PY).parent / "accelerate"), "launch", "--config_file",
-                  str(REPO / "accelerate_configs" / "cpu_3proc.yaml"), "--num_processes", str(ranks),
-                  "--main_process_port", str(_free_port())]
-    return [*launch, entry, "train", "--data", str(world / "tokens"), "--model_preset", "tiny", "--max_seq_len", "64",
-            "--global_batch", "4", "--auto_plan", "False", "--batch_size_per_gpu", str(4 // ranks),
-            "--gradient_accumulation_steps", "1", "--warmup_steps", "2", "--min_lr_ratio", "1.0",
-            "--max_steps", str(max_steps), "--save_every", "1", "--log_every", "1", "--progress_bar", "False",
-            "--output_dir", str(output_dir), f"--is_keep_training={resume}", *extra]
+        launch = [
+            str(Path(PY).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / "cpu_3proc.yaml"),
+            "--num_processes",
+            str(ranks),
+            "--main_process_port",
+            str(_free_port()),
+        ]
+    return [
+        *launch,
+        entry,
+        "train",
+        "--data",
+        str(world / "tokens"),
+        "--model_preset",
+        "tiny",
+        "--max_seq_len",
+        "64",
+        "--global_batch",
+        "4",
+        "--auto_plan",
+        "False",
+        "--batch_size_per_gpu",
+        str(4 // ranks),
+        "--gradient_accumulation_steps",
+        "1",
+        "--warmup_steps",
+        "2",
+        "--min_lr_ratio",
+        "1.0",
+        "--max_steps",
+        str(max_steps),
+        "--save_every",
+        "1",
+        "--log_every",
+        "1",
+        "--progress_bar",
+        "False",
+        "--output_dir",
+        str(output_dir),
+        f"--is_keep_training={resume}",
+        *extra,
+    ]
 
 
 def train_env(**faults: str | int | float) -> dict[str, str]:
@@ -313,7 +383,9 @@ def train_env(**faults: str | int | float) -> dict[str, str]:
 
 
 def run_train(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env or train_env(), capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    return subprocess.run(
+        cmd, env=env or train_env(), capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S
+    )
 
 
 def losses_by_step(output: str) -> dict[int, str]:
@@ -350,10 +422,17 @@ def reference_losses(fault_world) -> dict[int, str]:
     return losses
 
 
-def check_resume(world: Path, output_dir: Path, reference: dict[int, str] | None, expect: tuple[str, int],
-                 max_steps: int | None = None, env: dict[str, str] | None = None,
-                 kill_after_s: float | None = None, ranks: int = 1) -> tuple[int | None, str]:
-    """Resume output_dir and check it starts from `expect` (state name, step) at that state's data position.
+def check_resume(
+    world: Path,
+    output_dir: Path,
+    reference: dict[int, str] | None,
+    expect: tuple[str, int],
+    max_steps: int | None = None,
+    env: dict[str, str] | None = None,
+    kill_after_s: float | None = None,
+    ranks: int = 1,
+) -> tuple[int | None, str]:
+    """Resume output_dir; check it starts from `expect` (state name, step) at that state's data row.
 
     Without kill_after_s the resumed run trains to max_steps (default: 2 more steps); with it the
     run is killed that long after it resumed (the next trial). With a reference, the losses after
@@ -365,22 +444,33 @@ def check_resume(world: Path, output_dir: Path, reference: dict[int, str] | None
     # One epoch is far longer than the run, so the saved position is exactly step x global batch.
     assert (loader_state["epoch"], consumed_rows) == (0, step * 4)
     cmd = train_cmd(world, output_dir, max_steps=max_steps or step + 2, resume=True, ranks=ranks)
-    proc = subprocess.Popen(cmd, env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     output, code = _read_until_resumed_then(proc, kill_after_s)
     match = RESUMED_LINE.search(output)
     assert match, f"no 'resumed from' line:\n{output}"
-    assert (Path(match.group(1)).name, int(match.group(2)), int(match.group(3)), int(match.group(4))) == (
-        name, step, 0, consumed_rows), output
-    # Same weights, same data position: every step after the resume has the uninterrupted run's loss.
+    assert (
+        Path(match.group(1)).name,
+        int(match.group(2)),
+        int(match.group(3)),
+        int(match.group(4)),
+    ) == (name, step, 0, consumed_rows), output
+    # Same weights, same data position: every step after the resume has the uninterrupted run's
+    # loss.
     resumed = losses_by_step(output)
     if code is not None or resumed:
         assert resumed and min(resumed) == step + 1, output
         for s, loss in resumed.items() if reference is not None else ():
-            assert loss == reference[s], f"step {s}: resumed loss {loss}, uninterrupted {reference[s]}\n{output}"
+            assert loss == reference[s], (
+                f"step {s}: resumed loss {loss}, uninterrupted {reference[s]}\n{output}"
+            )
     return code, output
 
 
-def _read_until_resumed_then(proc: subprocess.Popen, kill_after_s: float | None) -> tuple[str, int | None]:
+def _read_until_resumed_then(
+    proc: subprocess.Popen, kill_after_s: float | None
+) -> tuple[str, int | None]:
     """Collect the output; with kill_after_s, SIGKILL the process that long after 'resumed from'."""
     import selectors
 
@@ -393,7 +483,9 @@ def _read_until_resumed_then(proc: subprocess.Popen, kill_after_s: float | None)
         now = time.monotonic()
         if now > deadline:
             kill_tree(proc.pid)
-            raise AssertionError("trainer did not finish in time:\n" + data.decode(errors="replace"))
+            raise AssertionError(
+                "trainer did not finish in time:\n" + data.decode(errors="replace")
+            )
         if kill_at is not None and now >= kill_at:
             kill_tree(proc.pid)
             proc.wait(timeout=30)
@@ -413,14 +505,21 @@ def _read_until_resumed_then(proc: subprocess.Popen, kill_after_s: float | None)
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("phase", ["files_written", "before_manifest", "between_renames", "after_rename"])
-def test_kill_9_inside_a_save_resumes_from_the_newest_complete_state(fault_world, reference_losses, tmp_path, phase):
+@pytest.mark.parametrize(
+    "phase", ["files_written", "before_manifest", "between_renames", "after_rename"]
+)
+def test_kill_9_inside_a_save_resumes_from_the_newest_complete_state(
+    fault_world, reference_losses, tmp_path, phase
+):
     """Kill -9 at an exact moment of the 3rd save (step 3) and resume."""
     out = tmp_path / "run"
     marker = tmp_path / "paused"
-    proc = subprocess.Popen(train_cmd(fault_world, out), env=train_env(
-        FAULT_PAUSE_AT=phase, FAULT_ON_SAVE=3, FAULT_MARKER=marker),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(fault_world, out),
+        env=train_env(FAULT_PAUSE_AT=phase, FAULT_ON_SAVE=3, FAULT_MARKER=marker),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     while not marker.exists():
         assert proc.poll() is None, f"trainer exited with {proc.returncode} before reaching {phase}"
@@ -451,7 +550,9 @@ RANDOM_KILLS = 20
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_kill_9_at_random_moments_always_resumes_from_a_complete_state(fault_world, reference_losses, tmp_path):
+def test_kill_9_at_random_moments_always_resumes_from_a_complete_state(
+    fault_world, reference_losses, tmp_path
+):
     """20 kills at random moments of one run that keeps resuming; fsync is slowed so that saves
     (a state at every step) take most of the time and many kills land inside one."""
     rng = random.Random(2026)
@@ -459,9 +560,16 @@ def test_kill_9_at_random_moments_always_resumes_from_a_complete_state(fault_wor
     env = train_env(FAULT_SLOW_FSYNC_S=0.01)
     kills = resumes = kills_inside_a_save = 0
     debris_seen: set[int] = set()
-    first = subprocess.Popen(train_cmd(fault_world, out), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    _wait_for_line(first, re.compile(r"^step: 2/", re.M))  # printed after the first state is complete
+    first = subprocess.Popen(
+        train_cmd(fault_world, out),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for_line(
+        first, re.compile(r"^step: 2/", re.M)
+    )  # printed after the first state is complete
     time.sleep(rng.uniform(0.0, 1.0))
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
@@ -469,36 +577,57 @@ def test_kill_9_at_random_moments_always_resumes_from_a_complete_state(fault_wor
         kills += 1
         # A save was cut off when a temp dir or a renamed previous state is there that was not
         # there after the last kill (inode numbers tell new folders from old ones).
-        debris = {p.stat().st_ino for p in out.iterdir() if ".tmp-" in p.name or p.name.endswith(".prev")}
+        debris = {
+            p.stat().st_ino for p in out.iterdir() if ".tmp-" in p.name or p.name.endswith(".prev")
+        }
         kills_inside_a_save += bool(debris - debris_seen)
         debris_seen = debris
         states = complete_states(out)
-        assert states, f"kill {kills}: no complete state left in {sorted(p.name for p in out.iterdir())}"
+        assert states, (
+            f"kill {kills}: no complete state left in {sorted(p.name for p in out.iterdir())}"
+        )
         newest = max(states.items(), key=lambda kv: kv[1])
         if kills == RANDOM_KILLS:
             break
-        code, output = check_resume(fault_world, out, reference_losses, newest, max_steps=REFERENCE_STEPS, env=env,
-                                    kill_after_s=rng.uniform(0.0, 1.0))
+        code, output = check_resume(
+            fault_world,
+            out,
+            reference_losses,
+            newest,
+            max_steps=REFERENCE_STEPS,
+            env=env,
+            kill_after_s=rng.uniform(0.0, 1.0),
+        )
         resumes += 1
-        assert code is None, f"the run finished before kill {kills + 1}; lengthen REFERENCE_STEPS\n{output}"
+        assert code is None, (
+            f"the run finished before kill {kills + 1}; lengthen REFERENCE_STEPS\n{output}"
+        )
     code, _ = check_resume(fault_world, out, reference_losses, newest, env=env)
     resumes += 1
     assert code == 0
     # The random moments must cover saves, or this test would not test what it says.
     assert kills_inside_a_save >= 3, kills_inside_a_save
-    print(f"random kill -9: {kills} kills ({kills_inside_a_save} inside a save), "
-          f"{resumes}/{resumes} resumes from the newest complete state at its data position")
+    print(
+        f"random kill -9: {kills} kills ({kills_inside_a_save} inside a save), "
+        f"{resumes}/{resumes} resumes from the newest complete state at its data position"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_9_of_a_two_rank_job_resumes_with_two_ranks_then_one(fault_world, tmp_path):
-    """A 2-rank gloo job killed whole (launcher and ranks) 4 times, then resumed by a single rank."""
+    """A 2-rank gloo job killed whole (launcher and ranks) 4 times, then resumed by a single
+    rank."""
     rng = random.Random(5)
     out = tmp_path / "run"
     env = train_env(FAULT_SLOW_FSYNC_S=0.01)
-    first = subprocess.Popen(train_cmd(fault_world, out, ranks=2), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        train_cmd(fault_world, out, ranks=2),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_line(first, re.compile(r"^step: 2/", re.M))
     time.sleep(rng.uniform(0.0, 1.0))
     kill_tree(first.pid)
@@ -506,14 +635,25 @@ def test_kill_9_of_a_two_rank_job_resumes_with_two_ranks_then_one(fault_world, t
     for _ in range(3):
         states = complete_states(out)
         newest = max(states.items(), key=lambda kv: kv[1])
-        code, output = check_resume(fault_world, out, None, newest, max_steps=REFERENCE_STEPS, env=env,
-                                    kill_after_s=rng.uniform(0.0, 1.0), ranks=2)
+        code, output = check_resume(
+            fault_world,
+            out,
+            None,
+            newest,
+            max_steps=REFERENCE_STEPS,
+            env=env,
+            kill_after_s=rng.uniform(0.0, 1.0),
+            ranks=2,
+        )
         assert code is None, output
     states = complete_states(out)
     newest = max(states.items(), key=lambda kv: kv[1])
     code, output = check_resume(fault_world, out, None, newest, ranks=1)
     assert code == 0, output
-    assert "resuming a 2-rank state with 1 ranks: the data position and global batch carry over" in output
+    assert (
+        "resuming a 2-rank state with 1 ranks: the data position and global batch carry over"
+        in output
+    )
 
 
 def _wait_for_line(proc: subprocess.Popen, pattern: re.Pattern) -> str:
@@ -524,22 +664,32 @@ def _wait_for_line(proc: subprocess.Popen, pattern: re.Pattern) -> str:
         if pattern.search(line):
             return "".join(seen)
         assert time.monotonic() < deadline, "".join(seen)
-    raise AssertionError(f"exited with {proc.wait()} before printing /{pattern.pattern}/:\n{''.join(seen)}")
+    raise AssertionError(
+        f"exited with {proc.wait()} before printing /{pattern.pattern}/:\n{''.join(seen)}"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_saves_the_state_and_exits_143(fault_world, reference_losses, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(fault_world, out, driver=False), env=train_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(fault_world, out, driver=False),
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = _wait_for_line(proc, re.compile(r"^step: 5/", re.M))
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     output = seen + rest
     assert proc.returncode == 143, output
     last_step = max(losses_by_step(output))
-    assert f"received SIGTERM: saving the state at step {last_step} and exiting with code 143" in output
+    assert (
+        f"received SIGTERM: saving the state at step {last_step} and exiting with code 143"
+        in output
+    )
     assert "Traceback" not in output
     assert complete_states(out) == {"train_latest_state": last_step}
     assert not (out / "final").exists()  # final weights only when the run completes
@@ -549,18 +699,24 @@ def test_sigterm_saves_the_state_and_exits_143(fault_world, reference_losses, tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_disk_full_during_a_save_is_one_clear_error_and_keeps_the_previous_state(fault_world, reference_losses,
-                                                                                 tmp_path):
+def test_disk_full_during_a_save_is_one_clear_error_and_keeps_the_previous_state(
+    fault_world, reference_losses, tmp_path
+):
     out = tmp_path / "run"
     proc = run_train(train_cmd(fault_world, out), env=train_env(FAULT_ENOSPC_ON_SAVE=3))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, proc.stderr
-    assert re.search(r"cannot write the training state: \S*train_latest_state\.tmp-\d+/optimizer\.bin "
-                     r"\(No space left on device; [0-9.]+ [KMGT]?i?B free on that disk\)", error_lines[0]), error_lines[0]
-    assert re.search(rf"the previous state {out / 'train_latest_state'} \(step 2\) is intact; free disk space",
-                     error_lines[0]), error_lines[0]
+    assert re.search(
+        r"cannot write the training state: \S*train_latest_state\.tmp-\d+/optimizer\.bin "
+        r"\(No space left on device; [0-9.]+ [KMGT]?i?B free on that disk\)",
+        error_lines[0],
+    ), error_lines[0]
+    assert re.search(
+        rf"the previous state {out / 'train_latest_state'} \(step 2\) is intact; free disk space",
+        error_lines[0],
+    ), error_lines[0]
     # Nothing half-written is left, and the previous state verifies and resumes at its position.
     assert sorted(p.name for p in out.iterdir()) == ["train_latest_state"]
     assert complete_states(out) == {"train_latest_state": 2}
@@ -570,21 +726,29 @@ def test_disk_full_during_a_save_is_one_clear_error_and_keeps_the_previous_state
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs: room for one state of the tiny model (1.4 MB) but not for a second beside it."""
+    """A 2 MiB tmpfs: room for one state of the tiny model (1.4 MB) but not for a second beside
+    it."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the injected-ENOSPC test covers the path")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the injected-ENOSPC test "
+            "covers the path"
+        )
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_really_full_disk_during_a_save_keeps_the_previous_state(fault_world, reference_losses, small_disk,
-                                                                   tmp_path):
+def test_a_really_full_disk_during_a_save_keeps_the_previous_state(
+    fault_world, reference_losses, small_disk, tmp_path
+):
     out = small_disk / "run"
     proc = run_train(train_cmd(fault_world, out, driver=False))
     output = proc.stdout + proc.stderr
@@ -592,10 +756,17 @@ def test_a_really_full_disk_during_a_save_keeps_the_previous_state(fault_world, 
     assert "Traceback" not in output
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, proc.stderr
-    assert re.search(r"cannot write the training state: \S*train_latest_state\.tmp-\d+\S* \(.+; "
-                     r"[0-9.]+ [KMGT]?i?B free on that disk\)", error_lines[0]), error_lines[0]
-    assert re.search(rf"the previous state {out / 'train_latest_state'} \(step 1\) is intact", error_lines[0])
-    assert sorted(p.name for p in out.iterdir()) == ["train_latest_state"]  # the partial temp dir is gone
+    assert re.search(
+        r"cannot write the training state: \S*train_latest_state\.tmp-\d+\S* \(.+; "
+        r"[0-9.]+ [KMGT]?i?B free on that disk\)",
+        error_lines[0],
+    ), error_lines[0]
+    assert re.search(
+        rf"the previous state {out / 'train_latest_state'} \(step 1\) is intact", error_lines[0]
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "train_latest_state"
+    ]  # the partial temp dir is gone
     assert complete_states(out) == {"train_latest_state": 1}
     # The remedy the message gives: move the state to a larger disk and resume there.
     moved = tmp_path / "moved"
@@ -606,12 +777,16 @@ def test_a_really_full_disk_during_a_save_keeps_the_previous_state(fault_world, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_host_ram_guard_shrinks_switches_then_saves_and_stops_before_the_limit(fault_world, reference_losses,
-                                                                             tmp_path):
-    """A 10 MiB-per-step leak against --host_ram_limit 1.5GiB: the job must stop cleanly below it."""
+def test_host_ram_guard_shrinks_switches_then_saves_and_stops_before_the_limit(
+    fault_world, reference_losses, tmp_path
+):
+    """A 10 MiB-per-step leak against --host_ram_limit 1.5GiB: the job must stop cleanly below
+    it."""
     out = tmp_path / "run"
-    proc = run_train(train_cmd(fault_world, out, "--host_ram_limit", "1.5GiB"),
-                     env=train_env(FAULT_LEAK_MIB_PER_STEP=10))
+    proc = run_train(
+        train_cmd(fault_world, out, "--host_ram_limit", "1.5GiB"),
+        env=train_env(FAULT_LEAK_MIB_PER_STEP=10),
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output
     assert "Traceback" not in output
@@ -620,11 +795,23 @@ def test_host_ram_guard_shrinks_switches_then_saves_and_stops_before_the_limit(f
     guard = [line for line in output.splitlines() if line.startswith("host-RAM watchdog: ")]
     # Escalation in order: prefetch depth halved down to 1 (as often as the plan's depth needs),
     # ultra-low-mem readers, then the stop.
-    kinds = ["shrink" if "prefetch depth" in g and "-> " in g and "saving" not in g else
-             "ultra" if "switching the dataset readers to ultra-low-mem mode" in g else
-             "stop" if "saving the state and stopping" in g else "?" for g in guard]
+    kinds = [
+        "shrink"
+        if "prefetch depth" in g and "-> " in g and "saving" not in g
+        else "ultra"
+        if "switching the dataset readers to ultra-low-mem mode" in g
+        else "stop"
+        if "saving the state and stopping" in g
+        else "?"
+        for g in guard
+    ]
     assert kinds[-2:] == ["ultra", "stop"] and set(kinds[:-2]) <= {"shrink"}, guard
-    usage = [float(m) for m in re.findall(r"host RAM [0-9.]+ \w+ is ([0-9.]+)% of the 1.50 GiB limit", "\n".join(guard))]
+    usage = [
+        float(m)
+        for m in re.findall(
+            r"host RAM [0-9.]+ \w+ is ([0-9.]+)% of the 1.50 GiB limit", "\n".join(guard)
+        )
+    ]
     assert len(usage) == len(guard)
     assert all(85.0 <= u < 95.0 for u in usage[:-1]) and 95.0 <= usage[-1] < 100.0, usage
     stop_step = int(re.search(r"\(stop threshold 95%\) at step (\d+)", guard[-1]).group(1))
@@ -650,16 +837,29 @@ def _truncate(path: Path) -> None:
 
 STATE = "train_latest_state"
 DAMAGES = {
-    "truncated-weights": (lambda s: _truncate(s / "model.safetensors"),
-                          r"train_latest_state/model\.safetensors has \d+ bytes, the manifest says \d+: truncated state"),
-    "corrupt-optimizer": (lambda s: _flip_byte(s / "optimizer.bin"),
-                          r"train_latest_state/optimizer\.bin does not match its sha256 in the manifest: corrupt state"),
-    "missing-scheduler": (lambda s: (s / "custom_checkpoint_0.pkl").unlink(),  # first registered
-                          r"train_latest_state lacks custom_checkpoint_0\.pkl listed in its manifest: incomplete state"),
-    "missing-manifest": (lambda s: (s / "manifest.json").unlink(),
-                         r"train_latest_state has no manifest\.json: the save did not finish \(incomplete state\)"),
-    "garbage-manifest": (lambda s: (s / "manifest.json").write_text("{not json"),
-                         r"train_latest_state/manifest\.json is not valid JSON"),
+    "truncated-weights": (
+        lambda s: _truncate(s / "model.safetensors"),
+        r"train_latest_state/model\.safetensors has \d+ bytes, the manifest says \d+: truncated "
+        r"state",
+    ),
+    "corrupt-optimizer": (
+        lambda s: _flip_byte(s / "optimizer.bin"),
+        r"train_latest_state/optimizer\.bin does not match its sha256 in the manifest: corrupt "
+        r"state",
+    ),
+    "missing-scheduler": (
+        lambda s: (s / "custom_checkpoint_0.pkl").unlink(),  # first registered
+        r"train_latest_state lacks custom_checkpoint_0\.pkl listed in its manifest: incomplete "
+        r"state",
+    ),
+    "missing-manifest": (
+        lambda s: (s / "manifest.json").unlink(),
+        r"train_latest_state has no manifest\.json: the save did not finish \(incomplete state\)",
+    ),
+    "garbage-manifest": (
+        lambda s: (s / "manifest.json").write_text("{not json"),
+        r"train_latest_state/manifest\.json is not valid JSON",
+    ),
 }
 
 
@@ -670,7 +870,9 @@ def finished_run(fault_world, reference_losses) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _refused(proc: subprocess.CompletedProcess) -> str:
@@ -691,7 +893,11 @@ def test_damaged_state_is_refused_naming_the_file(fault_world, finished_run, tmp
     apply, message = DAMAGES[damage]
     apply(out / STATE)
     before = _snapshot(out)
-    line = _refused(run_train(train_cmd(fault_world, out, max_steps=REFERENCE_STEPS + 1, resume=True, driver=False)))
+    line = _refused(
+        run_train(
+            train_cmd(fault_world, out, max_steps=REFERENCE_STEPS + 1, resume=True, driver=False)
+        )
+    )
     assert line.startswith(f"error: no usable training state in {out}: "), line
     assert re.search(message, line), line
     assert _snapshot(out) == before  # a refused resume deletes and rewrites nothing
@@ -699,29 +905,49 @@ def test_damaged_state_is_refused_naming_the_file(fault_world, finished_run, tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_damaged_latest_falls_back_to_an_intact_previous_state(fault_world, finished_run, reference_losses,
-                                                                tmp_path):
+def test_damaged_latest_falls_back_to_an_intact_previous_state(
+    fault_world, finished_run, reference_losses, tmp_path
+):
     out = tmp_path / "run"
     shutil.copytree(finished_run / STATE, out / STATE)
     shutil.copytree(finished_run / STATE, out / (STATE + ".prev"))
     _flip_byte(out / STATE / "model.safetensors", offset=-10)
-    proc = run_train(train_cmd(fault_world, out, max_steps=REFERENCE_STEPS + 1, resume=True, driver=False))
+    proc = run_train(
+        train_cmd(fault_world, out, max_steps=REFERENCE_STEPS + 1, resume=True, driver=False)
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    assert f"warning: {out / STATE} is incomplete or corrupt; resuming from {out / (STATE + '.prev')}" in output
-    assert f"resumed from {out / (STATE + '.prev')} at step {REFERENCE_STEPS} (epoch 0, row {4 * REFERENCE_STEPS} of the epoch)" in output
+    assert (
+        f"warning: {out / STATE} is incomplete or corrupt; resuming from {out / (STATE + '.prev')}"
+        in output
+    )
+    assert (
+        f"resumed from {out / (STATE + '.prev')} at step {REFERENCE_STEPS} (epoch 0, row "
+        f"{4 * REFERENCE_STEPS} of the epoch)" in output
+    )
     assert complete_states(out) == {STATE: REFERENCE_STEPS + 1}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("flag, value, diffs", [
-    ("--max_seq_len", "32", ["max_seq_len: saved 64, now 32"]),
-    ("--model_preset", "small", ["model.d_model: saved 64, now 512", "model.n_layers: saved 2, now 6",
-                                 "model.preset: saved 'tiny', now 'small'"]),
-])
-def test_state_of_another_model_config_is_refused_with_the_field_diff(fault_world, finished_run, tmp_path, flag,
-                                                                      value, diffs):
+@pytest.mark.parametrize(
+    "flag, value, diffs",
+    [
+        ("--max_seq_len", "32", ["max_seq_len: saved 64, now 32"]),
+        (
+            "--model_preset",
+            "small",
+            [
+                "model.d_model: saved 64, now 512",
+                "model.n_layers: saved 2, now 6",
+                "model.preset: saved 'tiny', now 'small'",
+            ],
+        ),
+    ],
+)
+def test_state_of_another_model_config_is_refused_with_the_field_diff(
+    fault_world, finished_run, tmp_path, flag, value, diffs
+):
     out = tmp_path / "run"
     shutil.copytree(finished_run / STATE, out / STATE)
     before = _snapshot(out)
@@ -737,7 +963,9 @@ def test_state_of_another_model_config_is_refused_with_the_field_diff(fault_worl
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_state_of_another_dataset_is_refused_with_the_field_diff(fault_world, finished_run, tmp_path):
+def test_state_of_another_dataset_is_refused_with_the_field_diff(
+    fault_world, finished_run, tmp_path
+):
     from pipeline.build import build_dataset
     from pipeline.config import BuildConfig
     from pipeline.sample_corpus import write_sample_corpus
@@ -778,8 +1006,13 @@ def test_divergence_skips_steps_then_stops_keeping_the_last_good_state(fault_wor
 @pytest.mark.timeout(600)
 def test_sigint_then_sigterm_still_saves_and_stops(fault_world, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(fault_world, out, driver=False), env=train_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(fault_world, out, driver=False),
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = _wait_for_line(proc, re.compile(r"^step: 5/", re.M))
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGTERM)  # what a launcher under `timeout` forwards next
@@ -793,14 +1026,27 @@ def test_sigint_then_sigterm_still_saves_and_stops(fault_world, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("extra, max_steps, message", [
-    ((), 5, f"the resumed state is at step {REFERENCE_STEPS} but this run stops at step 5"),
-    (("--lr", "0.5"), REFERENCE_STEPS + 1, r"resume keeps the saved optimizer settings but got --lr 0.5"),
-])
-def test_misleading_resume_flags_are_one_line(fault_world, finished_run, tmp_path, extra, max_steps, message):
+@pytest.mark.parametrize(
+    "extra, max_steps, message",
+    [
+        ((), 5, f"the resumed state is at step {REFERENCE_STEPS} but this run stops at step 5"),
+        (
+            ("--lr", "0.5"),
+            REFERENCE_STEPS + 1,
+            r"resume keeps the saved optimizer settings but got --lr 0.5",
+        ),
+    ],
+)
+def test_misleading_resume_flags_are_one_line(
+    fault_world, finished_run, tmp_path, extra, max_steps, message
+):
     out = tmp_path / "run"
     shutil.copytree(finished_run / STATE, out / STATE)
     before = _snapshot(out)
-    line = _refused(run_train(train_cmd(fault_world, out, *extra, max_steps=max_steps, resume=True, driver=False)))
+    line = _refused(
+        run_train(
+            train_cmd(fault_world, out, *extra, max_steps=max_steps, resume=True, driver=False)
+        )
+    )
     assert re.search(message, line), line
     assert _snapshot(out) == before

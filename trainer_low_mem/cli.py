@@ -1,19 +1,23 @@
 """Command line of the trainer: `train` runs the loop, `plan` prints the plan a run would use.
 
 `train_low_mem.py` and the `train-low-mem` console script both call `main`; `python -m pipeline
-plan` delegates to `plan_main`. Flags are generated from `trainer_low_mem.config` by tyro: flat
-names with underscores, booleans given as values (`--is_keep_training=True`, `--auto_plan
-False`), as the seed's users type them; `plan` takes the same names as `train`.
+plan` delegates to `plan_main`, which plans the model `train` would build (a preset or `--model
+DIR`, LoRA included) and says which memory estimate it used. Flags are generated from
+`trainer_low_mem.config` by tyro: flat names with underscores, booleans given as values
+(`--is_keep_training=True`, `--auto_plan False`), as the seed's users type them; `plan` takes the
+same names as `train`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import tyro
 
-from lowmem_core.errors import ConfigError, run_cli
+from lowmem_core.errors import ConfigError, LowMemError, run_cli
+from lowmem_core.flags import parse_flags
 from trainer_low_mem.config import JobConfig, PlanConfig
 
 PROG = "train_low_mem.py"
@@ -23,66 +27,82 @@ _TYRO_MARKERS = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
 
 def parse_job_config(argv: list[str]) -> JobConfig:
     """Parse the flags of the `train` subcommand (without the word `train`) into a JobConfig."""
-    return tyro.cli(
-        JobConfig,
-        args=argv,
-        prog=f"{PROG} train",
-        use_underscores=True,
-        config=_TYRO_MARKERS,
-        description=JobConfig.__doc__,
+    return parse_flags(
+        lambda: tyro.cli(
+            JobConfig,
+            args=argv,
+            prog=f"{PROG} train",
+            use_underscores=True,
+            config=_TYRO_MARKERS,
+            description=JobConfig.__doc__,
+        ),
+        argv,
+        f"{PROG} train",
     )
 
 
 def parse_plan_config(argv: list[str], prog: str = f"{PROG} plan") -> PlanConfig:
     """Parse the flags of the `plan` subcommand (without the word `plan`) into a PlanConfig."""
-    return tyro.cli(
-        PlanConfig,
-        args=argv,
-        prog=prog,
-        use_underscores=True,
-        config=_TYRO_MARKERS,
-        description=PlanConfig.__doc__,
+    return parse_flags(
+        lambda: tyro.cli(
+            PlanConfig,
+            args=argv,
+            prog=prog,
+            use_underscores=True,
+            config=_TYRO_MARKERS,
+            description=PlanConfig.__doc__,
+        ),
+        argv,
+        prog,
     )
 
 
 def plan_from_config(cfg: PlanConfig):
-    """The plan of the run `cfg` describes, for a built-in preset with the analytic count."""
+    """The plan of the run `cfg` describes: a built-in preset or a Hugging Face folder, with or
+    without LoRA, its memory traced on fake tensors (analytic count when the trace fails)."""
+    import torch
+
     from pipeline.dataset import open_dataset
     from trainer_low_mem.model import resolve_preset
+    from trainer_low_mem.model_setup import job_model_factory
     from trainer_low_mem.planner import plan_for_job
 
     m = cfg.model
-    unsupported = [
-        flag
-        for flag, given in (
-            ("--model", m.model is not None),
-            ("--lora_rank", m.lora_rank is not None),
-            ("--load_in_4bit", m.load_in_4bit),
-        )
-        if given
-    ]
-    if unsupported:
-        raise ConfigError(
-            f"`plan` counts the memory of built-in presets only, not {', '.join(unsupported)}; "
-            "plan with --model_preset, or start `train`, which prints its plan first"
-        )
-    vocab_size, dataset_bytes = cfg.vocab_size, None
+    vocab_size, dataset_bytes, is_sft = cfg.vocab_size, None, False
     if cfg.data.data is not None:
         with open_dataset(cfg.data.data, ultra_low_mem=True) as ds:
             vocab_size, dataset_bytes = vocab_size or ds.vocab_size, ds.token_bytes
-    preset = resolve_preset(m.model_preset, vocab_size)
-    if cfg.data.max_seq_len > preset.max_seq_len:
+            is_sft = bool(getattr(ds, "is_sft", False))
+    if m.model is None:
+        shape = resolve_preset(m.model_preset, vocab_size)
+        what, vocab_size = f"preset {m.model_preset!r}", shape.vocab_size
+    else:
+        # The folder's dimensions and parameter counts (LoRA included), from a meta-device build.
+        what = f"--model {m.model}"
+        try:
+            with torch.device("meta"):
+                shape = job_model_factory(dataclasses.replace(m, load_in_4bit=False), 1)()
+        except LowMemError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the architecture's own code; one line)
+            raise ConfigError(
+                f"{what} cannot be built from its config.json on the meta device "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); plan on a "
+                "machine where `train` builds it, or check the folder's config"
+            ) from exc
+    if cfg.data.max_seq_len > shape.max_seq_len:
         raise ConfigError(
-            f"--max_seq_len {cfg.data.max_seq_len} exceeds preset {m.model_preset!r}'s "
-            f"max_seq_len {preset.max_seq_len}; lower --max_seq_len"
+            f"--max_seq_len {cfg.data.max_seq_len} exceeds {what}'s max_seq_len "
+            f"{shape.max_seq_len}; lower --max_seq_len"
         )
     launch = cfg.launch
     return plan_for_job(
         cfg,
-        preset,
+        shape,
         world_size=launch.world_size,
         zero_stage=launch.zero_stage,
         offload_optimizer=launch.offload_optimizer,
+        model_factory=job_model_factory(m, vocab_size, document_masking=is_sft),
         dataset_bytes=dataset_bytes,
         ranks_per_node=launch.ranks_per_node,
         num_cores=launch.num_cores,

@@ -11,7 +11,6 @@ field, what was found and what to use instead.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from lowmem_core.errors import ConfigError
 from lowmem_core.units import parse_byte_size
 
 DEFAULT_GLOBAL_BATCH_ROWS = 32
+
 
 def _require_positive(name: str, value: int | float | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
@@ -48,7 +48,8 @@ class DataConfig:
     """Tokens per row (sequence length); must not exceed the model preset's context length."""
 
     packing: bool = True
-    """True: concatenate documents (EOS-separated) into full rows; False: one document per row, padded."""
+    """True: concatenate documents (EOS-separated) into full rows; False: one document per row,
+    padded."""
 
     num_readers: int | None = None
     """Reader threads that fill batches; default: chosen by the sizer (or 1 without --auto_plan)."""
@@ -67,7 +68,8 @@ class ModelConfig:
     """Which model to train: a built-in preset or your own Hugging Face folder, optionally LoRA."""
 
     model_preset: str = "small"
-    """Built-in decoder preset name (see trainer_low_mem/model.py MODEL_PRESETS), e.g. tiny or small."""
+    """Built-in decoder preset name (see trainer_low_mem/model.py MODEL_PRESETS), e.g. tiny or
+    small."""
 
     model: Path | None = None
     """A local Hugging Face model folder (config.json, weights, tokenizer files); replaces
@@ -118,7 +120,8 @@ class ModelConfig:
                 raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.load_in_4bit and (self.model is None or self.lora_rank is None):
             raise ConfigError(
-                "--load_in_4bit (QLoRA) needs --model DIR and --lora_rank R: 4-bit weights are frozen"
+                "--load_in_4bit (QLoRA) needs --model DIR and --lora_rank R: 4-bit weights are "
+                "frozen"
             )
 
 
@@ -166,7 +169,9 @@ class OptimConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_grad_norm < 0:
-            raise ConfigError(f"--max_grad_norm must be 0 (off) or greater, got {self.max_grad_norm}")
+            raise ConfigError(
+                f"--max_grad_norm must be 0 (off) or greater, got {self.max_grad_norm}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -175,8 +180,8 @@ class TrainingConfig:
 
     global_batch: int | None = None
     """Rows per optimizer step over all ranks and accumulation (tokens = rows * max_seq_len); kept
-    fixed whatever the micro-batch. Default: batch_size_per_gpu * gradient_accumulation_steps * world
-    size when both are given, else 32."""
+    fixed whatever the micro-batch. Default: batch_size_per_gpu * gradient_accumulation_steps *
+    world size when both are given, else 32."""
 
     batch_size_per_gpu: int | None = None
     """Micro-batch rows per rank; with --auto_plan the sizer chooses it when not given."""
@@ -188,7 +193,8 @@ class TrainingConfig:
     """Stop after this many optimizer steps (the smaller of this and --epochs wins)."""
 
     epochs: float | None = None
-    """Stop after this many passes over the data (fractions allowed); default 1 when --max_steps is unset."""
+    """Stop after this many passes over the data (fractions allowed); default 1 when --max_steps is
+    unset."""
 
     seed: int = 0
     """Seeds the data order and the model initialisation; resume keeps the saved seed."""
@@ -198,8 +204,13 @@ class TrainingConfig:
     DeepSpeed config decides."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch", "batch_size_per_gpu", "gradient_accumulation_steps",
-                     "max_steps", "epochs"):
+        for name in (
+            "global_batch",
+            "batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "epochs",
+        ):
             _require_positive(name, getattr(self, name))
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
@@ -210,14 +221,15 @@ class CheckpointConfig:
     """Where the run's state and final weights go, and when they are written."""
 
     output_dir: Path = Path("model_save")
-    """Holds train_latest_state/ (resumable state) and model.safetensors + config.json (final weights)."""
+    """Holds train_latest_state/ (resumable state) and model.safetensors + config.json (final
+    weights)."""
 
     is_keep_training: Annotated[bool, tyro.conf.arg(aliases=("--resume",))] = False
     """Resume from OUTPUT_DIR/train_latest_state: same data position, optimizer and schedule."""
 
     save_every: int = 1000
-    """Write train_latest_state every this many optimizer steps (also at the end and on SIGTERM/SIGINT);
-    0 saves only then."""
+    """Write train_latest_state every this many optimizer steps (also at the end and on
+    SIGTERM/SIGINT); 0 saves only then."""
 
     export_every: int = 0
     """Also write OUTPUT_DIR/final (a folder transformers loads) every this many optimizer steps;
@@ -269,8 +281,9 @@ class MemoryConfig:
     free memory over the visible GPUs, or without a GPU this rank's share of host RAM."""
 
     auto_plan: bool = True
-    """Let the sizer choose micro-batch, accumulation, readers, prefetch depth and pinning (the global
-    batch stays fixed); False uses --batch_size_per_gpu and --gradient_accumulation_steps as given."""
+    """Let the sizer choose micro-batch, accumulation, readers, prefetch depth and pinning (the
+    global batch stays fixed); False uses --batch_size_per_gpu and --gradient_accumulation_steps as
+    given."""
 
     def __post_init__(self) -> None:
         if self.host_ram_limit is not None:
@@ -298,7 +311,8 @@ class LogConfig:
     """What is printed and tracked."""
 
     log_every: int = 10
-    """Print the step line (loss, tokens/s, data wait, GPU and host memory) every this many optimizer steps."""
+    """Print the step line (loss, tokens/s, data wait, GPU and host memory) every this many
+    optimizer steps."""
 
     log_with: Literal["tensorboard"] | None = None
     """Also send the metrics to an accelerate tracker (tensorboard writes under OUTPUT_DIR/runs)."""
@@ -327,15 +341,16 @@ class JobConfig:
         t = self.training
         if not self.memory.auto_plan and t.batch_size_per_gpu is None:
             raise ConfigError(
-                "--auto_plan=False needs --batch_size_per_gpu (and --gradient_accumulation_steps or "
-                "--global_batch); or keep --auto_plan=True to let the sizer choose")
+                "--auto_plan=False needs --batch_size_per_gpu (and --gradient_accumulation_steps "
+                "or --global_batch); or keep --auto_plan=True to let the sizer choose"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (paths as strings)."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
         """Inverse of `to_dict`; unknown keys raise ConfigError."""
         parts = {}
         for f in dataclasses.fields(cls):
@@ -362,7 +377,6 @@ class JobConfig:
         if not self.memory.auto_plan and t.batch_size_per_gpu is not None:
             return t.batch_size_per_gpu * world_size
         return DEFAULT_GLOBAL_BATCH_ROWS
-
 
 
 @dataclass(kw_only=True)
@@ -405,7 +419,8 @@ class LaunchConfig:
             _require_positive(name, getattr(self, name), allow_none=name != "world_size")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(
-                f"--zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 is not supported)")
+                f"--zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 is not supported)"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("--offload_optimizer=True needs --zero_stage 1 or 2")
 
@@ -433,9 +448,3 @@ class PlanConfig:
     def resolve_global_batch(self, world_size: int) -> int:
         """The global batch in rows, by the job's rule (see --global_batch)."""
         return JobConfig.resolve_global_batch(self, world_size)  # type: ignore[arg-type]
-
-
-def config_hash(d: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-ready dict (sorted keys)."""
-    blob = json.dumps(d, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

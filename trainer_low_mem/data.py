@@ -65,6 +65,17 @@ class TrainData:
         """Rows (sequences of seq_len) in one epoch; the same in every epoch."""
         return self.loader.state_dict()["total_rows"]
 
+    def sft_summary(self) -> str | None:
+        """One line on a prompt/response dataset's layout (None for plain text)."""
+        if self.dataset.prompt_lengths is None:
+            return None
+        layout = "whole samples packed into rows" if self.packing else "one sample per row"
+        return (
+            f"data: {len(self.dataset):,} prompt/response samples, {layout}, loss on the "
+            f"responses; {self.loader.split_samples:,} longer than --max_seq_len "
+            f"{self.seq_len} continue across rows"
+        )
+
     def start(self, loader_state: dict[str, Any] | None) -> None:
         """Start the prefetcher at `loader_state` (None: the beginning of the first epoch)."""
         plan = self._plan

@@ -35,7 +35,9 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             if hasattr(sub, "get_delta_weight") and hasattr(sub, "get_base_layer"):
                 base = sub.get_base_layer()
                 delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
-                merged[f"{name}.weight"] = (base.weight + delta.to(base.weight.dtype)).detach().cpu()
+                merged[f"{name}.weight"] = (
+                    (base.weight + delta.to(base.weight.dtype)).detach().cpu()
+                )
         out = {}
         for key, value in module.state_dict().items():
             if "lora_" in key:
@@ -48,7 +50,10 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def _llama_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
     src = merged_state_dict(model)
     d = model.preset.d_model
-    out = {"model.embed_tokens.weight": src["embed.weight"], "model.norm.weight": src["norm.weight"]}
+    out = {
+        "model.embed_tokens.weight": src["embed.weight"],
+        "model.norm.weight": src["norm.weight"],
+    }
     for i in range(model.preset.n_layers):
         b, t = f"blocks.{i}.", f"model.layers.{i}."
         qkv = src[b + "attn.qkv.weight"]  # rows: q heads, then k heads, then v heads
@@ -75,7 +80,10 @@ def llama_state_dict_to_decoder(
 
 
 def _decoder_names(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    out = {"embed.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    out = {
+        "embed.weight": tensors["model.embed_tokens.weight"],
+        "norm.weight": tensors["model.norm.weight"],
+    }
     for i in range(n_layers):
         b, t = f"blocks.{i}.", f"model.layers.{i}."
         qkv = [tensors[t + f"self_attn.{x}_proj.weight"] for x in "qkv"]
@@ -162,7 +170,7 @@ def export_model(
         _write_weights(model, tmp, special_ids, adapter_only)
         if tokenizer_dir is not None:
             for item in Path(tokenizer_dir).iterdir():
-                if item.is_file():
+                if item.is_file() and _is_tokenizer_file(item.name):
                     shutil.copy2(item, tmp / item.name)
         elif getattr(model, "hf_model", None) is None:
             byte_tokenizer_folder(tmp)
@@ -173,8 +181,10 @@ def export_model(
         _replace(tmp, out_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write the export to {out_dir} ({exc}); free space or fix the "
-                              "folder's permissions, the training state is intact") from None
+        raise CheckpointError(
+            f"cannot write the export to {out_dir} ({exc}); free space or fix the "
+            "folder's permissions, the training state is intact"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -196,7 +206,9 @@ def _write_weights(model: nn.Module, tmp: Path, special_ids: dict, adapter_only:
         hf_model.save_pretrained(tmp, state_dict=merged_state_dict(hf_model))
         return
     if not isinstance(model, DecoderLM):
-        raise ConfigError(f"cannot export a {type(model).__name__}; expected DecoderLM or HFCausalLM")
+        raise ConfigError(
+            f"cannot export a {type(model).__name__}; expected DecoderLM or HFCausalLM"
+        )
     llama_config(model, special_ids).save_pretrained(tmp)
     save_file(_llama_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
 
@@ -208,3 +220,23 @@ def _replace(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
     fsync_path(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# What a Hugging Face tokenizer folder holds; a model folder's weights and config never travel
+# with its tokenizer (they would overwrite the trained model's).
+_TOKENIZER_FILES = frozenset(
+    {
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "spiece.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in _TOKENIZER_FILES

@@ -1,4 +1,4 @@
-"""The user's own Hugging Face causal LM, from a local folder, behind the trainer's forward contract.
+"""The user's Hugging Face causal LM, from a local folder, behind the trainer's forward contract.
 
 `load_model_folder(PATH)` builds any `AutoModelForCausalLM` architecture that `transformers`
 builds offline: from the folder's weights, or from its config alone (`from_scratch`, or a folder
@@ -25,12 +25,8 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
-from trainer_low_mem.model import (
-    ModelOutput,
-    chunked_cross_entropy,
-    document_causal_mask,
-    shift_labels,
-)
+from trainer_low_mem.loss import chunked_cross_entropy, shift_labels
+from trainer_low_mem.model import ModelOutput, document_causal_mask
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +93,22 @@ def load_model_folder(
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).splitlines()[0]
-        raise ConfigError(f"{folder / 'config.json'} cannot be read by transformers ({first})") from None
+        raise ConfigError(
+            f"{folder / 'config.json'} cannot be read by transformers ({first})"
+        ) from None
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(
-            f"--model {folder} is an encoder-decoder ({config.model_type}); this trainer's causal-LM "
-            "path needs a decoder-only model"
+            f"--model {folder} is an encoder-decoder ({config.model_type}); this trainer's "
+            "causal-LM path needs a decoder-only model"
         )
     quantization = None
     if load_in_4bit:
         quantization = _four_bit_config(transformers)
     if from_scratch or not has_weights(folder):
         if load_in_4bit:
-            raise ConfigError("--load_in_4bit quantises existing weights; it cannot start from scratch")
+            raise ConfigError(
+                "--load_in_4bit quantises existing weights; it cannot start from scratch"
+            )
         hf_model = transformers.AutoModelForCausalLM.from_config(config)
         log.info("%s: random initialisation from config.json", folder)
     else:
@@ -123,7 +123,9 @@ def load_model_folder(
             first = str(exc).splitlines()[0]
             raise ConfigError(f"cannot load the weights in {folder} ({first})") from None
     if grad_checkpointing:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     hf_model.config.use_cache = False
     return HFCausalLM(
         hf_model, document_masking=document_masking, loss_chunk_tokens=loss_chunk_tokens
@@ -215,7 +217,9 @@ class HFCausalLM(nn.Module):
         head, backbone = self._head_and_backbone()
         if head is None:
             return "logits", "the output layer is not one bias-free linear layer"
-        scaled = [a for a in _LOGIT_POSTPROCESSING if getattr(self.config, a, None) not in (None, 1.0)]
+        scaled = [
+            a for a in _LOGIT_POSTPROCESSING if getattr(self.config, a, None) not in (None, 1.0)
+        ]
         if scaled:
             return "logits", f"the model post-processes its logits ({', '.join(scaled)})"
         if any(p.is_meta for p in self.hf_model.parameters()):
@@ -231,8 +235,8 @@ class HFCausalLM(nn.Module):
             self.hf_model.train(was_training)
         if not torch.allclose(chunked, full, rtol=1e-4, atol=1e-4):
             return "logits", (
-                f"hidden states x output embedding gave loss {chunked.item():.6f} but the model's own "
-                f"logits {full.item():.6f}"
+                f"hidden states x output embedding gave loss {chunked.item():.6f} but the model's "
+                f"own logits {full.item():.6f}"
             )
         return "chunked", "hidden states x output embedding, a chunk of tokens at a time"
 
@@ -250,7 +254,9 @@ class HFCausalLM(nn.Module):
             if not dtype.is_floating_point:
                 dtype = torch.float32
             # An additive mask: eager and SDPA implementations both take it as it is.
-            kwargs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
+            kwargs["attention_mask"] = torch.zeros(
+                allowed.shape, dtype=dtype, device=input_ids.device
+            )
             kwargs["attention_mask"].masked_fill_(~allowed, torch.finfo(dtype).min)
         return kwargs
 
@@ -286,7 +292,9 @@ class HFCausalLM(nn.Module):
         """Run the wrapped model; loss when labels are given, logits otherwise."""
         if labels is None:
             logits = self.hf_model(
-                input_ids=input_ids, use_cache=False, **self._attention_kwargs(input_ids, position_ids)
+                input_ids=input_ids,
+                use_cache=False,
+                **self._attention_kwargs(input_ids, position_ids),
             ).logits
             return ModelOutput(loss=None, n_loss_tokens=None, logits=logits)
         if self.loss_path == "chunked":
@@ -311,7 +319,7 @@ def check_dataset_matches_model(
     eos_ids = model_eos if isinstance(model_eos, list) else [model_eos]
     if model_eos is not None and eos_id not in eos_ids:
         raise ConfigError(
-            f"dataset {data} ends documents with token {eos_id} but the model's EOS is {model_eos}; "
-            "rebuild the dataset with the model's tokenizer (`--tokenizer MODEL_DIR`) or pass "
-            "--eos-token to the build"
+            f"dataset {data} ends documents with token {eos_id} but the model's EOS is "
+            f"{model_eos}; rebuild the dataset with the model's tokenizer "
+            "(`--tokenizer MODEL_DIR`) or pass --eos-token to the build"
         )

@@ -38,14 +38,19 @@ from trainer_low_mem.checkpoint import (
     Checkpointer,
     TrainingState,
 )
-from trainer_low_mem.config import JobConfig, config_hash
+from trainer_low_mem.config import JobConfig
 from trainer_low_mem.data import TrainData, check_shard_sizes, verify_dataset
 from trainer_low_mem.distributed import RankContext, create_accelerator, deepspeed_requested
 from trainer_low_mem.evaluate import evaluate
 from trainer_low_mem.export import EXPORT_DIR_NAME, export_model
 from trainer_low_mem.metrics import Metrics
 from trainer_low_mem.model import resolve_preset
-from trainer_low_mem.model_setup import build_job_model, data_facts, model_identity
+from trainer_low_mem.model_setup import (
+    build_job_model,
+    data_facts,
+    model_identity,
+    tokenizer_folder,
+)
 from trainer_low_mem.optim import (
     build_optimizer,
     build_scheduler,
@@ -57,6 +62,7 @@ from trainer_low_mem.planner import Plan, plan_for_job
 from trainer_low_mem.progress import RunProgress, TrainResult, check_resume_settings, total_steps
 from trainer_low_mem.run_lock import lock_output_dir
 from trainer_low_mem.signals import EXIT_CODES, StopSignals
+from trainer_low_mem.state_files import config_hash
 from trainer_low_mem.step import StepOutcome, Stepper
 from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, job_memory_bytes
 
@@ -100,6 +106,7 @@ class _Run:
         )
         self.data.configure(self.plan)
         self.total_steps = total_steps(config, self.data.rows_per_epoch, self.global_batch)
+        self._print(self.data.sft_summary() or "data: plain text, loss on every token")
         self.compat = {
             "model": model_identity(config, self.preset),
             "dataset_fingerprint": self.data.dataset.fingerprint,
@@ -155,9 +162,11 @@ class _Run:
     def _make_plan(self) -> Plan:
         ctx = self.ctx
         zero_stage, offload = zero_settings(self.accelerator)
+        # A model folder describes its own shape; a preset's shape is the preset.
+        from_folder = self.config.model.model is not None and hasattr(self.module, "n_layers")
         plan = plan_for_job(
             self.config,
-            self.preset,
+            self.module if from_folder else self.preset,
             world_size=ctx.world_size,
             device=ctx.device.type,
             zero_stage=zero_stage,
@@ -397,7 +406,7 @@ class _Run:
                     "eos_id": facts.eos_id,
                     "pad_id": facts.pad_id,
                 },
-                tokenizer_dir=facts.tokenizer_dir,
+                tokenizer_dir=tokenizer_folder(self.config.model.model, self.config.data.data),
                 adapter_only=self.config.checkpoint.export_adapter_only,
             )
             self._print(f"exported step {self.progress.step} to {out}")

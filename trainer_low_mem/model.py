@@ -1,7 +1,7 @@
 """The model: a decoder-only transformer in plain torch, its presets, and its FLOPs count.
 
-Read top to bottom: presets, building blocks (RMSNorm, rotary positions, attention, MLP),
-the chunked language-model loss, the model, then the optional Hugging Face adapter.
+Read top to bottom: presets, building blocks (RMSNorm, rotary positions, attention, MLP), then
+the model; its loss is trainer_low_mem/loss.py.
 
 Forward contract, shared by `DecoderLM` and the Hugging Face adapter:
 
@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_core.errors import ConfigError
-from lowmem_core.format import IGNORE_INDEX
+from trainer_low_mem.loss import chunked_cross_entropy, shift_labels
 
 ROPE_BASE = 10_000.0
 
@@ -50,7 +50,8 @@ ROPE_BASE = 10_000.0
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """The shape of a `DecoderLM`. Embeddings are tied to the LM head; linear layers have no bias."""
+    """The shape of a `DecoderLM`. Embeddings are tied to the LM head; linear layers have no
+    bias."""
 
     vocab_size: int
     d_model: int
@@ -71,8 +72,8 @@ class ModelPreset:
             )
         if self.head_dim % 2 != 0:
             raise ConfigError(
-                f"head size d_model/n_heads = {self.head_dim} is odd but rotary positions need it even; "
-                "change d_model or n_heads"
+                f"head size d_model/n_heads = {self.head_dim} is odd but rotary positions need it "
+                "even; change d_model or n_heads"
             )
 
     @property
@@ -102,24 +103,35 @@ class ModelPreset:
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
     # Tests and CPU demos; the vocabulary fits the built-in byte tokenizer.
-    "tiny": ModelPreset(vocab_size=259, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=512),
+    "tiny": ModelPreset(
+        vocab_size=259, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=512
+    ),
     # The reference size (about 42M parameters with a 32k vocabulary).
-    "small": ModelPreset(vocab_size=32000, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=2048),
+    "small": ModelPreset(
+        vocab_size=32000, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=2048
+    ),
     # About 341M parameters (d_ff about 2/3 of 4 d_model, as gated MLPs use).
-    "medium": ModelPreset(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, d_ff=2816, max_seq_len=2048),
+    "medium": ModelPreset(
+        vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, d_ff=2816, max_seq_len=2048
+    ),
     # About 0.99B parameters.
-    "large": ModelPreset(vocab_size=32000, d_model=2048, n_layers=18, n_heads=16, d_ff=5632, max_seq_len=2048),
+    "large": ModelPreset(
+        vocab_size=32000, d_model=2048, n_layers=18, n_heads=16, d_ff=5632, max_seq_len=2048
+    ),
 }
 
 
-def resolve_preset(preset_name_or_preset: str | ModelPreset, vocab_size: int | None = None) -> ModelPreset:
+def resolve_preset(
+    preset_name_or_preset: str | ModelPreset, vocab_size: int | None = None
+) -> ModelPreset:
     """A preset by name (or as given), with its vocabulary replaced when `vocab_size` is set."""
     if isinstance(preset_name_or_preset, ModelPreset):
         preset = preset_name_or_preset
     else:
         if preset_name_or_preset not in MODEL_PRESETS:
             raise ConfigError(
-                f"unknown model preset {preset_name_or_preset!r}; choose one of {', '.join(MODEL_PRESETS)}"
+                f"unknown model preset {preset_name_or_preset!r}; choose one of "
+                f"{', '.join(MODEL_PRESETS)}"
             )
         preset = MODEL_PRESETS[preset_name_or_preset]
     return preset if vocab_size is None else preset.with_vocab(vocab_size)
@@ -162,7 +174,10 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int) -> tuple[torch.Ten
     a cached table: a table held as a buffer would be rounded to bf16 when the model is cast.
     """
     inv_freq = 1.0 / (
-        ROPE_BASE ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+        ROPE_BASE
+        ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        )
     )
     angles = position_ids[:, None, :, None].float() * inv_freq  # [B, 1, L, head_dim // 2]
     return angles.cos(), angles.sin()
@@ -243,97 +258,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Chunked LM loss: never materialises [B, L, vocab] fp32 logits
-# ----------------------------------------------------------------------------------------------
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Targets aligned with positions: targets[:, t] = labels[:, t + 1]; the last column is ignored.
-
-    Shifting the labels (not the hidden states) keeps the hidden states contiguous, so they are
-    flattened without a copy.
-    """
-    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
-    return torch.cat((labels[:, 1:], pad), dim=1)
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against targets, one chunk of rows at a time.
-
-    The gradients are computed in the forward pass, chunk by chunk, while each chunk's logits
-    exist; only d(loss)/d(hidden) [N, d] and d(loss)/d(weight) [V, d] are kept for backward, which
-    scales them by the incoming gradient. Peak extra memory is one chunk's logits instead of all
-    N x V of them, and no logits are recomputed in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens):  # noqa: D102 (documented on the class)
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-        )
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start : start + chunk_tokens]  # (C, d)
-            t = targets[start : start + chunk_tokens]  # (C,)
-            logits = F.linear(h, weight)  # (C, V) in the compute dtype (bf16 under autocast)
-            compute_dtype = logits.dtype
-            counted = t != IGNORE_INDEX
-            safe_t = torch.where(counted, t, 0)
-            logits = logits.float()
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (C,)
-            # log-sum-exp by hand, in place, so one (C, V) fp32 buffer is all this chunk allocates.
-            row_max = logits.amax(dim=-1)
-            exp_shifted = logits.sub_(row_max[:, None]).exp_()
-            sum_exp = exp_shifted.sum(dim=-1)
-            log_norm = row_max + sum_exp.log()
-            loss_sum += ((log_norm - target_logit) * counted).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(sum CE)/d(logits) = softmax - one_hot(target), zero on ignored rows; built in place.
-            grad_logits = exp_shifted.div_(sum_exp[:, None])
-            rows = torch.arange(t.shape[0], device=t.device)
-            grad_logits[rows, safe_t] -= 1.0
-            grad_logits.mul_(counted[:, None])
-            # Back to the dtype of the forward matmul, as autograd would do; under autocast the
-            # matmuls below cast `weight` and `h` the same way the forward one did.
-            grad_logits = grad_logits.to(compute_dtype)
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss_sum):  # noqa: D102 (documented on the class)
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss_sum.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss_sum).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, counted targets) of the LM head `weight` [V, d] over hidden [..., d].
-
-    targets [...] are already aligned with the hidden positions; IGNORE_INDEX rows are not
-    counted. The mean is over counted targets, and 0 when there are none (a rank whose share of a
-    partial last step is all padding contributes nothing instead of NaN).
-    """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    n_loss_tokens = (targets != IGNORE_INDEX).sum()
-    loss_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
-    return loss_sum / n_loss_tokens.clamp(min=1), n_loss_tokens
-
-
-# ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 
@@ -376,7 +300,7 @@ class DecoderLM(nn.Module):
         return self.preset.max_seq_len
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        """GPT-2 style init: N(0, 0.02), residual out-projections scaled by 1/sqrt(2 n_layers)."""
         residual_std = 0.02 / math.sqrt(2 * self.preset.n_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -396,8 +320,9 @@ class DecoderLM(nn.Module):
         batch, seq_len = input_ids.shape
         if seq_len > self.preset.max_seq_len:
             raise ConfigError(
-                f"rows of {seq_len} tokens exceed the model's max_seq_len {self.preset.max_seq_len}; "
-                f"lower --max_seq_len to at most {self.preset.max_seq_len}"
+                f"rows of {seq_len} tokens exceed the model's max_seq_len "
+                f"{self.preset.max_seq_len}; lower --max_seq_len to at most "
+                f"{self.preset.max_seq_len}"
             )
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
@@ -412,7 +337,9 @@ class DecoderLM(nn.Module):
                 x = block(x, cos, sin, mask)
         hidden = self.norm(x)
         if labels is None:
-            return ModelOutput(loss=None, n_loss_tokens=None, logits=F.linear(hidden, self.embed.weight))
+            return ModelOutput(
+                loss=None, n_loss_tokens=None, logits=F.linear(hidden, self.embed.weight)
+            )
         loss, n_loss_tokens = chunked_cross_entropy(
             hidden, self.embed.weight, shift_labels(labels), self.loss_chunk_tokens
         )

@@ -4,11 +4,13 @@ One call, `build_job_model(ModelConfig, DataFacts)`, used by the loop: a built-i
 the dataset's vocabulary, or the user's Hugging Face folder (decoder-only) checked against the
 dataset's vocabulary and EOS; `--init_from` weights (an export, any Hugging Face folder of the
 same architecture, or a training state); LoRA adapters last, so only they train.
+`job_model_factory` builds the same model without weights, for the planner's trace.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowmem_core.errors import ConfigError
+from lowmem_core.format import INDEX_NAME
 from trainer_low_mem.config import JobConfig, ModelConfig
 from trainer_low_mem.export import llama_state_dict_to_decoder
-from trainer_low_mem.hf_model import check_dataset_matches_model, load_model_folder
+from trainer_low_mem.hf_model import HFCausalLM, check_dataset_matches_model, load_model_folder
 from trainer_low_mem.lora import LoraSettings, apply_lora, trainable_parameter_count
 from trainer_low_mem.model import DecoderLM, build_model, resolve_preset
 
@@ -50,14 +53,8 @@ class JobModel:
 def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
     """Build (seed torch first for reproducible weights) the model `cfg` describes."""
     masking = cfg.document_masking if cfg.document_masking is not None else data.is_sft
-    if cfg.model is not None:
-        model = load_model_folder(
-            cfg.model,
-            from_scratch=cfg.from_scratch,
-            grad_checkpointing=cfg.grad_checkpointing,
-            document_masking=masking,
-            load_in_4bit=cfg.load_in_4bit,
-        )
+    model = _architecture(cfg, data.vocab_size, masking, from_scratch=cfg.from_scratch)
+    if isinstance(model, HFCausalLM):
         check_dataset_matches_model(
             vocab_size=data.vocab_size,
             eos_id=data.eos_id,
@@ -68,23 +65,66 @@ def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
         source = "random init from its config" if cfg.from_scratch else "its weights"
         what = f"{cfg.model} ({model.config.model_type}, {source}; loss: {model.loss_path_reason})"
     else:
-        model = build_model(
-            resolve_preset(cfg.model_preset, data.vocab_size),
-            grad_checkpointing=cfg.grad_checkpointing,
-            document_masking=masking,
-        )
         what = f"built-in preset {cfg.model_preset} (vocabulary {data.vocab_size})"
     if cfg.init_from is not None:
         load_initial_weights(model, cfg.init_from)
         what += f", weights from {cfg.init_from}"
     if cfg.lora_rank is not None:
-        settings = LoraSettings(
-            cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules
-        )
-        apply_lora(model, settings)
+        _add_lora(model, cfg)
         what += f", LoRA rank {cfg.lora_rank}"
     trainable, total = trainable_parameter_count(model)
     return JobModel(model, what, masking, trainable, total)
+
+
+def job_model_factory(
+    cfg: ModelConfig, vocab_size: int, document_masking: bool = False
+) -> Callable[[], nn.Module]:
+    """Builds the model `cfg` describes without its weights (from a folder's config.json), LoRA
+    included: the planner calls it under the meta device to trace a training step.
+
+    `vocab_size` sizes a preset (a folder keeps its own); `document_masking` applies when
+    `cfg.document_masking` is None (on for prompt/response datasets).
+    """
+    masking = cfg.document_masking if cfg.document_masking is not None else document_masking
+
+    def build() -> nn.Module:
+        if cfg.load_in_4bit:
+            raise ConfigError(
+                "4-bit (QLoRA) weights are quantised from real weights, which a trace on fake "
+                "tensors does not have; the plan counts them analytically"
+            )
+        model = _architecture(cfg, vocab_size, masking, from_scratch=True)
+        if cfg.lora_rank is not None:
+            _add_lora(model, cfg)
+        return model
+
+    return build
+
+
+def _architecture(
+    cfg: ModelConfig, vocab_size: int, masking: bool, from_scratch: bool
+) -> nn.Module:
+    """A preset sized to the vocabulary, or the folder's model (its weights unless from_scratch)."""
+    if cfg.model is not None:
+        return load_model_folder(
+            cfg.model,
+            from_scratch=from_scratch,
+            grad_checkpointing=cfg.grad_checkpointing,
+            document_masking=masking,
+            load_in_4bit=cfg.load_in_4bit,
+        )
+    return build_model(
+        resolve_preset(cfg.model_preset, vocab_size),
+        grad_checkpointing=cfg.grad_checkpointing,
+        document_masking=masking,
+    )
+
+
+def _add_lora(model: nn.Module, cfg: ModelConfig) -> None:
+    settings = LoraSettings(
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules
+    )
+    apply_lora(model, settings)
 
 
 def load_initial_weights(model: nn.Module, source: Path) -> None:
@@ -120,8 +160,8 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
         shown = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
         raise ConfigError(
             f"--init_from {source} does not fit this model ({len(set(missing) - tied)} missing, "
-            f"{len(unexpected)} unexpected tensors, e.g. {', '.join(shown)}); it must come from the "
-            "same architecture and size"
+            f"{len(unexpected)} unexpected tensors, e.g. {', '.join(shown)}); it must come from "
+            "the same architecture and size"
         )
 
 
@@ -145,13 +185,26 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
-def _tokenizer_dir(dataset) -> Path | None:
-    """The dataset's tokenizer folder when it was built from one (exported beside the model)."""
-    folder = getattr(dataset, "tokenizer_dir", None)
-    if folder is None:
-        tid = str(getattr(dataset, "tokenizer_id", "") or "")
-        folder = tid if tid and Path(tid).is_dir() else None
-    return Path(folder) if folder is not None else None
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_folder(model_dir: Path | None, data_path: Path) -> Path | None:
+    """The tokenizer files exported beside the model: the model folder's own when it has them,
+    else the folder the dataset was built with (index.json's tokenizer source), when it still
+    exists; None for the byte tokenizer (the export writes its own)."""
+    candidates = [model_dir] if model_dir is not None else []
+    index = Path(data_path) / INDEX_NAME
+    try:
+        source = json.loads(index.read_text()).get("tokenizer", {}).get("source")
+    except (OSError, ValueError):
+        source = None
+    if source:
+        source = Path(source)
+        candidates.append(source if source.is_dir() else source.parent)
+    for folder in candidates:
+        if any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+            return Path(folder)
+    return None
 
 
 def data_facts(path: Path, dataset) -> DataFacts:
@@ -162,7 +215,7 @@ def data_facts(path: Path, dataset) -> DataFacts:
         eos_id=dataset.eos_id,
         pad_id=dataset.pad_id,
         is_sft=bool(getattr(dataset, "is_sft", False)),
-        tokenizer_dir=_tokenizer_dir(dataset),
+        tokenizer_dir=tokenizer_folder(None, path),
     )
 
 

@@ -48,7 +48,8 @@ class LaunchFacts:
     """The `deepspeed` extra is installed: deepspeed, and transformers (accelerate's DeepSpeed
     integration imports it)."""
     device_map: str | Mapping[str, object] | None
-    """How the model is placed when loaded (transformers' device_map); None for the usual one device per rank."""
+    """How the model is placed when loaded (transformers' device_map); None for the usual one
+    device per rank."""
     global_batch: int | None
     """Rows per optimizer step over all ranks; None when it is derived from the other two."""
     micro_batch_per_gpu: int
@@ -70,7 +71,8 @@ class LaunchFacts:
 
 
 def check_launch(facts: LaunchFacts) -> None:
-    """Raise ConfigError for the first problem found in `facts`; return None when the launch is sane."""
+    """Raise ConfigError for the first problem found in `facts`; return None when the launch is
+    sane."""
     world = facts.world_size
     if world < 1 or not 0 <= facts.rank < world:
         raise ConfigError(
@@ -80,8 +82,9 @@ def check_launch(facts: LaunchFacts) -> None:
         )
     if facts.local_world_size < 1 or not 0 <= facts.local_rank < facts.local_world_size:
         raise ConfigError(
-            f"LOCAL_RANK={facts.local_rank} with LOCAL_WORLD_SIZE={facts.local_world_size}: a local "
-            "rank must be in [0, LOCAL_WORLD_SIZE); start the job with `accelerate launch` or torchrun"
+            f"LOCAL_RANK={facts.local_rank} with LOCAL_WORLD_SIZE={facts.local_world_size}: a "
+            "local rank must be in [0, LOCAL_WORLD_SIZE); start the job with `accelerate launch` "
+            "or torchrun"
         )
     if facts.zero_stage is not None and facts.zero_stage not in ZERO_STAGES:
         raise ConfigError(
@@ -96,39 +99,43 @@ def check_launch(facts: LaunchFacts) -> None:
         )
     if facts.offload_optimizer and facts.zero_stage == 0:
         raise ConfigError(
-            "the DeepSpeed config offloads the optimizer but zero_optimization.stage is 0, and offload needs "
-            "ZeRO stage 1, 2 or 3; set the stage to 2 as in accelerate_configs/ds_zero2_offload.json"
+            "the DeepSpeed config offloads the optimizer but zero_optimization.stage is 0, and "
+            "offload needs ZeRO stage 1, 2 or 3; set the stage to 2 as in "
+            "accelerate_configs/ds_zero2_offload.json"
         )
     requested = facts.num_processes if facts.num_processes is not None else world
     if facts.distributed_type == "MULTI_GPU" and requested == 1:
         n_hint = facts.cuda_device_count if facts.cuda_device_count > 1 else "N"
         raise ConfigError(
-            f"accelerate config says MULTI_GPU but num_processes is 1, so one of {facts.cuda_device_count} "
-            f"visible GPUs trains and the rest idle; launch with --num_processes {n_hint} "
-            "(one per GPU) or use accelerate_configs/single_gpu.yaml"
+            "accelerate config says MULTI_GPU but num_processes is 1, so one of "
+            f"{facts.cuda_device_count} visible GPUs trains and the rest idle; launch with "
+            f"--num_processes {n_hint} (one per GPU) or use accelerate_configs/single_gpu.yaml"
         )
     if facts.num_processes is not None and facts.num_processes != world:
         raise ConfigError(
-            f"the accelerate config asks for {facts.num_processes} processes but {world} are running; "
-            "start the job with `accelerate launch --config_file CONFIG train_low_mem.py train ...`, "
+            f"the accelerate config asks for {facts.num_processes} processes but {world} are "
+            "running; start the job with "
+            "`accelerate launch --config_file CONFIG train_low_mem.py train ...`, "
             "not with plain python"
         )
     if facts.cuda_device_count > 0 and facts.local_world_size > facts.cuda_device_count:
         raise ConfigError(
-            f"{facts.local_world_size} processes on this node but only {facts.cuda_device_count} CUDA devices "
-            "are visible, so several model copies would share a GPU; launch with "
-            f"--num_processes {facts.cuda_device_count} per node or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+            f"{facts.local_world_size} processes on this node but only {facts.cuda_device_count} "
+            "CUDA devices are visible, so several model copies would share a GPU; launch with "
+            f"--num_processes {facts.cuda_device_count} per node or make more GPUs visible "
+            "(CUDA_VISIBLE_DEVICES)"
         )
     if world > 1 and _spreads_over_devices(facts.device_map):
         raise ConfigError(
-            f"the model is placed with device_map={facts.device_map!r} under {world}-process data parallelism: "
-            "one model split over all GPUs while each rank also holds a copy; drop device_map so each rank "
-            "trains one full copy on its own GPU"
+            f"the model is placed with device_map={facts.device_map!r} under {world}-process data "
+            "parallelism: one model split over all GPUs while each rank also holds a copy; drop "
+            "device_map so each rank trains one full copy on its own GPU"
         )
     if facts.seq_len > facts.model_max_seq_len:
         raise ConfigError(
             f"seq_len {facts.seq_len} exceeds the model's max_seq_len {facts.model_max_seq_len}; "
-            f"lower --max_seq_len to at most {facts.model_max_seq_len} or choose a model with longer context"
+            f"lower --max_seq_len to at most {facts.model_max_seq_len} or choose a model with "
+            "longer context"
         )
     _check_batch(facts)
 
@@ -158,7 +165,9 @@ def _check_batch(facts: LaunchFacts) -> None:
         return
     rows_per_micro_step = world * micro
     if global_batch % rows_per_micro_step != 0:
-        nearest = max(rows_per_micro_step, round(global_batch / rows_per_micro_step) * rows_per_micro_step)
+        nearest = max(
+            rows_per_micro_step, round(global_batch / rows_per_micro_step) * rows_per_micro_step
+        )
         raise ConfigError(
             f"global batch {global_batch} is not divisible by processes x batch_size_per_gpu = "
             f"{world} x {micro} = {rows_per_micro_step}; set --global_batch to a multiple of "
@@ -166,9 +175,9 @@ def _check_batch(facts: LaunchFacts) -> None:
         )
     if accum is not None and rows_per_micro_step * accum != global_batch:
         raise ConfigError(
-            f"batch_size_per_gpu x gradient_accumulation_steps x processes = {micro} x {accum} x {world} = "
-            f"{rows_per_micro_step * accum} but global_batch is {global_batch}; give only two of the three "
-            "(the third is derived) or make them agree"
+            f"batch_size_per_gpu x gradient_accumulation_steps x processes = {micro} x {accum} x "
+            f"{world} = {rows_per_micro_step * accum} but global_batch is {global_batch}; give "
+            "only two of the three (the third is derived) or make them agree"
         )
 
 
@@ -215,7 +224,11 @@ def launch_facts_from_env(
     local_rank = _env_int(env, "LOCAL_RANK", 0) if "LOCAL_WORLD_SIZE" in env else 0
     uses_deepspeed = _env_true(env, "ACCELERATE_USE_DEEPSPEED")
     ds_config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env else None
+    zero_stage = (
+        int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+        if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env
+        else None
+    )
     offload_device = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
 
     num_processes: int | None = None
@@ -271,7 +284,9 @@ def load_accelerate_config(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"accelerate config {path} does not exist; pass one of the files in accelerate_configs/")
+        raise ConfigError(
+            f"accelerate config {path} does not exist; pass one of the files in accelerate_configs/"
+        )
     try:
         return load_config_from_file(str(path))
     except (TypeError, ValueError, KeyError) as exc:
@@ -289,17 +304,22 @@ def read_deepspeed_zero_settings(path: str | Path) -> tuple[int | None, str | No
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"DeepSpeed config {path} does not exist (relative paths are resolved from the working directory "
-            f"{Path.cwd()}); launch from the project root or make deepspeed_config_file an absolute path"
+            f"DeepSpeed config {path} does not exist (relative paths are resolved from the working "
+            f"directory {Path.cwd()}); launch from the project root or make deepspeed_config_file "
+            "an absolute path"
         )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({exc}); fix the file") from None
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON ({exc}); fix the file"
+        ) from None
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage")
     offload_device = (zero.get("offload_optimizer") or {}).get("device")
-    return (int(stage) if stage is not None else None), (str(offload_device) if offload_device else None)
+    return (int(stage) if stage is not None else None), (
+        str(offload_device) if offload_device else None
+    )
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -321,7 +341,7 @@ def _env_true(env: Mapping[str, str], name: str) -> bool:
 
 
 def set_cuda_alloc_conf(env: MutableMapping[str, str] | None = None) -> bool:
-    """Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user configured the allocator.
+    """Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set up the allocator.
 
     Expandable segments let the caching allocator grow blocks in place instead of fragmenting
     reserved memory, which matters when the micro-batch changes after an OOM backoff. The
@@ -335,7 +355,9 @@ def set_cuda_alloc_conf(env: MutableMapping[str, str] | None = None) -> bool:
     return True
 
 
-def detect_cpu_multiprocess(env: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> bool:
+def detect_cpu_multiprocess(
+    env: Mapping[str, str] | None = None, cuda_available: bool | None = None
+) -> bool:
     """True when several processes were launched (WORLD_SIZE > 1) on a machine without CUDA.
 
     Then the trainer must create `Accelerator(cpu=True)` so the processes join one gloo process

@@ -23,7 +23,8 @@ from torch import nn
 from lowmem_core.errors import ConfigError
 from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem.hf_model import _transformers, check_model_folder, has_weights
-from trainer_low_mem.model import ModelOutput, chunked_cross_entropy
+from trainer_low_mem.loss import chunked_cross_entropy
+from trainer_low_mem.model import ModelOutput
 
 # Models that scale the decoder output by d_model ** -0.5 before a tied head.
 _SCALED_TIED_HEAD = ("t5", "mt5", "umt5")
@@ -60,7 +61,11 @@ def packed_pair_masks(
 
 
 def load_seq2seq_folder(
-    path, *, from_scratch: bool = False, grad_checkpointing: bool = False, loss_chunk_tokens: int = 4096
+    path,
+    *,
+    from_scratch: bool = False,
+    grad_checkpointing: bool = False,
+    loss_chunk_tokens: int = 4096,
 ) -> Seq2SeqLM:
     """The encoder-decoder model in `path`, fp32, wrapped in `Seq2SeqLM`."""
     folder = check_model_folder(path)
@@ -75,7 +80,9 @@ def load_seq2seq_folder(
             folder, local_files_only=True, dtype=torch.float32
         )
     if grad_checkpointing:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     hf_model.config.use_cache = False
     return Seq2SeqLM(hf_model, loss_chunk_tokens=loss_chunk_tokens)
 
@@ -129,7 +136,9 @@ class Seq2SeqLM(nn.Module):
         decoder_position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        hidden = self.decoder_hidden(input_ids, position_ids, decoder_input_ids, decoder_position_ids)
+        hidden = self.decoder_hidden(
+            input_ids, position_ids, decoder_input_ids, decoder_position_ids
+        )
         hidden = hidden * self.head_scale if self.head_scale != 1.0 else hidden
         head = self.hf_model.get_output_embeddings()
         if labels is None:

@@ -3,6 +3,7 @@ sizes, sha256) and training_state.json (what must match to resume), and their ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,3 +141,9 @@ def _verifies(path: Path) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def config_hash(d: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-ready dict (sorted keys)."""
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -24,9 +24,10 @@ import weakref
 import torch
 
 from lowmem_core.errors import LowMemError, MemoryLimitError
+from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem import oom
 from trainer_low_mem.distributed import RankContext
-from trainer_low_mem.model import IGNORE_INDEX, shift_labels
+from trainer_low_mem.loss import shift_labels
 
 StepOutcome = tuple[torch.Tensor, int, float]  # (local loss sum, global tokens, forward seconds)
 

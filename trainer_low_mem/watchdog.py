@@ -23,8 +23,9 @@ step. The limit is the job's: `--host_ram_limit`, else the cgroup limit, else th
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lowmem_core.errors import ConfigError
 from lowmem_core.memory import format_bytes, process_memory, read_cgroup_memory
@@ -59,7 +60,7 @@ class WatchdogDecision:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WatchdogDecision":
+    def from_dict(cls, d: dict[str, Any]) -> WatchdogDecision:
         return cls(**{**d, "action": WatchdogAction(d["action"])})
 
 
@@ -75,7 +76,9 @@ def cgroup_unreclaimable_bytes() -> int:
     return max(0, cgroup.current_bytes - (cgroup.page_cache_bytes or 0))
 
 
-def job_memory_bytes(gather: Callable[[float], list[float]] | None = None, ranks_per_node: int = 1) -> int:
+def job_memory_bytes(
+    gather: Callable[[float], list[float]] | None = None, ranks_per_node: int = 1
+) -> int:
     """The job's host memory on its busiest node, in bytes.
 
     Each rank counts the private memory (USS) of its process and their children: what would be
@@ -88,7 +91,9 @@ def job_memory_bytes(gather: Callable[[float], list[float]] | None = None, ranks
     used = float(process_memory().uss_bytes)
     if gather is not None:
         per_rank = gather(used)
-        used = max(sum(per_rank[i:i + ranks_per_node]) for i in range(0, len(per_rank), ranks_per_node))
+        used = max(
+            sum(per_rank[i : i + ranks_per_node]) for i in range(0, len(per_rank), ranks_per_node)
+        )
     return int(max(used, cgroup_unreclaimable_bytes()))
 
 
@@ -99,17 +104,32 @@ class HostRamWatchdog:
     sums the ranks' readings, tests pass their own.
     """
 
-    def __init__(self, host_ram_limit_bytes: int, check_every_steps: int = 10, *,
-                 soft_frac: float = 0.85, hard_frac: float = 0.95,
-                 read_used_bytes: Callable[[], int] = job_memory_bytes, min_prefetch_depth: int = 1):
+    def __init__(
+        self,
+        host_ram_limit_bytes: int,
+        check_every_steps: int = 10,
+        *,
+        soft_frac: float = 0.85,
+        hard_frac: float = 0.95,
+        read_used_bytes: Callable[[], int] = job_memory_bytes,
+        min_prefetch_depth: int = 1,
+    ):
         if host_ram_limit_bytes <= 0:
-            raise ConfigError(f"the host-RAM limit must be greater than 0 bytes, got {host_ram_limit_bytes}")
+            raise ConfigError(
+                f"the host-RAM limit must be greater than 0 bytes, got {host_ram_limit_bytes}"
+            )
         if check_every_steps < 1:
-            raise ConfigError(f"the watchdog's check interval must be at least 1 step, got {check_every_steps}")
+            raise ConfigError(
+                f"the watchdog's check interval must be at least 1 step, got {check_every_steps}"
+            )
         if not 0.0 < soft_frac < hard_frac < 1.0:
-            raise ConfigError(f"watchdog thresholds must satisfy 0 < soft ({soft_frac}) < hard ({hard_frac}) < 1")
+            raise ConfigError(
+                f"watchdog thresholds must satisfy 0 < soft ({soft_frac}) < hard ({hard_frac}) < 1"
+            )
         if min_prefetch_depth < 1:
-            raise ConfigError(f"the minimum prefetch depth must be at least 1, got {min_prefetch_depth}")
+            raise ConfigError(
+                f"the minimum prefetch depth must be at least 1, got {min_prefetch_depth}"
+            )
         self.host_ram_limit_bytes = int(host_ram_limit_bytes)
         self.check_every_steps = check_every_steps
         self.soft_frac = soft_frac
@@ -133,7 +153,9 @@ class HostRamWatchdog:
         """True when `check(step, ...)` will take a reading."""
         return self._alert or step % self.check_every_steps == 0
 
-    def check(self, step: int, *, prefetch_depth: int, ultra_low_mem: bool) -> WatchdogDecision | None:
+    def check(
+        self, step: int, *, prefetch_depth: int, ultra_low_mem: bool
+    ) -> WatchdogDecision | None:
         """Read the job's memory when due and return the action the trainer must take, if any.
 
         `prefetch_depth` and `ultra_low_mem` describe the data path as it runs now, so the
@@ -146,27 +168,45 @@ class HostRamWatchdog:
         self.peak_used_bytes = max(self.peak_used_bytes, used)
         self._alert = used >= self.soft_limit_bytes
         limit = self.host_ram_limit_bytes
-        reading = f"host RAM {format_bytes(used)} is {100 * used / limit:.1f}% of the {format_bytes(limit)} limit"
+        reading = (
+            f"host RAM {format_bytes(used)} is {100 * used / limit:.1f}% of the "
+            f"{format_bytes(limit)} limit"
+        )
         if used >= self.hard_limit_bytes:
             decision = WatchdogDecision(
-                WatchdogAction.SAVE_AND_STOP, step, used, limit, None,
+                WatchdogAction.SAVE_AND_STOP,
+                step,
+                used,
+                limit,
+                None,
                 f"{reading} (stop threshold {100 * self.hard_frac:.0f}%) at step {step} after "
-                f"{self._tried()}: saving the state and stopping before the host runs out of memory; "
-                "raise --host_ram_limit, lower --num_readers, or free host memory, then resume with "
-                "--is_keep_training=True")
+                f"{self._tried()}: saving the state and stopping before the host runs out of "
+                "memory; raise --host_ram_limit, lower --num_readers, or free host memory, then "
+                "resume with --is_keep_training=True",
+            )
         elif not self._alert:
             return None
         elif prefetch_depth > self.min_prefetch_depth:
             new_depth = max(self.min_prefetch_depth, prefetch_depth // 2)
             decision = WatchdogDecision(
-                WatchdogAction.SHRINK_PREFETCH, step, used, limit, new_depth,
-                f"{reading} (soft threshold {100 * self.soft_frac:.0f}%) at step {step}: prefetch depth "
-                f"{prefetch_depth} -> {new_depth}")
+                WatchdogAction.SHRINK_PREFETCH,
+                step,
+                used,
+                limit,
+                new_depth,
+                f"{reading} (soft threshold {100 * self.soft_frac:.0f}%) at step {step}: prefetch "
+                f"depth {prefetch_depth} -> {new_depth}",
+            )
         elif not ultra_low_mem:
             decision = WatchdogDecision(
-                WatchdogAction.ULTRA_LOW_MEM, step, used, limit, None,
-                f"{reading} (soft threshold {100 * self.soft_frac:.0f}%) at step {step}: switching the "
-                "dataset readers to ultra-low-mem mode")
+                WatchdogAction.ULTRA_LOW_MEM,
+                step,
+                used,
+                limit,
+                None,
+                f"{reading} (soft threshold {100 * self.soft_frac:.0f}%) at step {step}: switching "
+                "the dataset readers to ultra-low-mem mode",
+            )
         else:
             # Nothing cheaper is left; keep reading every step and stop at the hard threshold.
             return None
@@ -179,17 +219,24 @@ class HostRamWatchdog:
             return "no earlier action (the usage crossed the stop threshold between two checks)"
         parts = []
         for d in done:
-            what = (f"prefetch depth -> {d.prefetch_depth}" if d.action is WatchdogAction.SHRINK_PREFETCH
-                    else "ultra-low-mem readers")
+            what = (
+                f"prefetch depth -> {d.prefetch_depth}"
+                if d.action is WatchdogAction.SHRINK_PREFETCH
+                else "ultra-low-mem readers"
+            )
             parts.append(f"{what} at step {d.step} ({100 * d.used_frac:.1f}%)")
         return "trying " + ", ".join(parts)
 
     # -- Stateful ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"host_ram_limit_bytes": self.host_ram_limit_bytes, "peak_used_bytes": self.peak_used_bytes,
-                "history": [d.to_dict() for d in self.history]}
+        return {
+            "host_ram_limit_bytes": self.host_ram_limit_bytes,
+            "peak_used_bytes": self.peak_used_bytes,
+            "history": [d.to_dict() for d in self.history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the actions taken so far (the limit in force is this run's, not the saved one)."""
+        """Restore the actions taken so far (the limit in force is this run's, not the saved
+        one)."""
         self.peak_used_bytes = int(state["peak_used_bytes"])
         self.history = [WatchdogDecision.from_dict(d) for d in state["history"]]

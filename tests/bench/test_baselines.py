@@ -11,7 +11,7 @@ import torch
 from bench import baselines
 from pipeline import Loader, open_dataset
 
-SEQ_LEN = 1024  # longer than every test document, so the padding collate truncates nothing
+SEQ_LEN = 1024  # longer than every test document + EOS, so the padding collate truncates nothing
 
 
 def useful_token_counts(batches, vocab_size: int) -> np.ndarray:
@@ -27,7 +27,7 @@ def useful_token_counts(batches, vocab_size: int) -> np.ndarray:
 def corpus(make_dataset, tmp_path):
     path = make_dataset(num_docs=300, seed=3, median_len=60)
     ds = open_dataset(path)
-    assert int(ds.doc_lengths.max()) <= SEQ_LEN
+    assert int(ds.doc_lengths.max()) < SEQ_LEN
     files = baselines.write_baseline_files(ds, tmp_path / "baselines")
     yield ds, files
     ds.close()
@@ -48,16 +48,23 @@ def test_baseline_files_hold_the_same_documents(corpus):
 def test_hf_dataloader_delivers_the_loader_s_tokens(corpus):
     ds, files = corpus
     ours = Loader(ds, batch_size=8, seq_len=SEQ_LEN, seed=0, packing=False)
-    hf = baselines.hf_dataloader(files, batch_size=8, seq_len=SEQ_LEN, num_workers=0, pin_memory=False, seed=0)
+    hf = baselines.hf_dataloader(
+        files, batch_size=8, seq_len=SEQ_LEN, num_workers=0, pin_memory=False, seed=0
+    )
     expected = useful_token_counts(ours, ds.vocab_size)
-    assert expected.sum() == ds.num_tokens
+    assert expected.sum() == ds.num_tokens + len(ds)  # every document and its EOS
     np.testing.assert_array_equal(useful_token_counts(hf, ds.vocab_size), expected)
 
 
 def test_hf_dataloader_batches_have_the_loader_s_layout(corpus):
     ds, files = corpus
-    batch = next(iter(baselines.hf_dataloader(files, batch_size=4, seq_len=SEQ_LEN, num_workers=0,
-                                              pin_memory=False, seed=0)))
+    batch = next(
+        iter(
+            baselines.hf_dataloader(
+                files, batch_size=4, seq_len=SEQ_LEN, num_workers=0, pin_memory=False, seed=0
+            )
+        )
+    )
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     for tensor in batch.values():
         assert tensor.shape == (4, SEQ_LEN) and tensor.dtype == torch.int64
@@ -70,7 +77,9 @@ def test_reference_dataloader_delivers_the_loader_s_tokens(corpus):
     ds, files = corpus
     ours = Loader(ds, batch_size=8, seq_len=SEQ_LEN, seed=0, packing=False)
     reference = baselines.reference_dataloader(files, batch_size=8, seq_len=SEQ_LEN, seed=0)
-    np.testing.assert_array_equal(useful_token_counts(reference, ds.vocab_size), useful_token_counts(ours, ds.vocab_size))
+    np.testing.assert_array_equal(
+        useful_token_counts(reference, ds.vocab_size), useful_token_counts(ours, ds.vocab_size)
+    )
 
 
 def test_reference_reread_items_are_the_documents(corpus):
@@ -81,11 +90,13 @@ def test_reference_reread_items_are_the_documents(corpus):
         assert dataset[index].tolist() == ds[index].astype(np.int64).tolist()
 
 
-def test_pad_collate_truncates_pads_and_masks():
-    collate = baselines.PadCollate(seq_len=4, pad_id=9)
-    batch = collate([{"input_ids": torch.tensor([1, 2])}, {"input_ids": torch.tensor([3, 4, 5, 6, 7])}])
-    assert batch["input_ids"].tolist() == [[1, 2, 9, 9], [3, 4, 5, 6]]
-    assert batch["labels"].tolist() == [[1, 2, -100, -100], [3, 4, 5, 6]]
+def test_pad_collate_truncates_ends_with_eos_pads_and_masks():
+    collate = baselines.PadCollate(seq_len=4, pad_id=9, eos_id=8)
+    batch = collate(
+        [{"input_ids": torch.tensor([1, 2])}, {"input_ids": torch.tensor([3, 4, 5, 6, 7])}]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 8, 9], [3, 4, 5, 8]]
+    assert batch["labels"].tolist() == [[1, 2, 8, -100], [3, 4, 5, 8]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 

@@ -22,8 +22,9 @@ time.sleep(60)
 
 
 def _hold_in_child(lock_path) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(lock_path)], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_path)], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "held"
     return child
 

@@ -30,7 +30,8 @@ def test_sizes_read_in_bytes(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "lots", "24 parsecs", "GB", "-5GB", "0", 0, -1, "0GB", "nanGB", "infGiB", True, 2.5]
+    "text",
+    ["", "lots", "24 parsecs", "GB", "-5GB", "0", 0, -1, "0GB", "nanGB", "infGiB", True, 2.5],
 )
 def test_anything_but_a_positive_finite_size_is_refused(text):
     with pytest.raises(ConfigError) as info:

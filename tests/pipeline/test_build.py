@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lowmem_core.locks import FolderLock
-from pipeline import ConfigError, PipelineError, open_dataset, sources
+from pipeline import ConfigError, PipelineError, open_dataset, shards, sources
 from pipeline import build as build_module
 from pipeline.build import build_dataset
 from pipeline.config import BuildConfig
@@ -178,8 +178,8 @@ def test_a_huge_document_is_one_document_built_in_bounded_pieces(tmp_path, monke
 def test_shards_are_written_in_bounded_record_batches(tmp_path, monkeypatch):
     import pyarrow.ipc as ipc
 
-    monkeypatch.setattr(build_module, "BATCH_TOKENS", 100)
-    monkeypatch.setattr(build_module, "_BATCH_DOCS", 7)
+    monkeypatch.setattr(shards, "BATCH_TOKENS", 100)
+    monkeypatch.setattr(shards, "_BATCH_DOCS", 7)
     docs = [f"doc {i} " * (i % 9 + 1) for i in range(200)] + ["x" * 500]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     build([tmp_path / "a.jsonl"], tmp_path / "out", max_shard_tokens=3000)

@@ -52,7 +52,9 @@ def test_datasets_folder_with_token_column_opens_directly(tmp_path, synthetic_to
     import datasets
 
     docs = synthetic_token_docs(50, 4, 20, 256)
-    datasets.Dataset.from_dict({"input_ids": [d.tolist() for d in docs], "id": list(range(50))}).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_dict(
+        {"input_ids": [d.tolist() for d in docs], "id": list(range(50))}
+    ).save_to_disk(str(tmp_path / "hf"))
     for ultra in (False, True):
         ds = open_dataset(tmp_path / "hf", ultra_low_mem=ultra)
         assert len(ds) == 50 and ds.eos_id == max(int(d.max()) for d in docs) + 1
@@ -84,7 +86,10 @@ def _shard(path):
         (lambda p: (p / "index.json").write_text("{not json"), "index.json: is not valid JSON"),
         (lambda p: _shard(p).unlink(), "lists shard-00000.arrow but it is missing"),
         (lambda p: _shard(p).write_bytes(_shard(p).read_bytes()[:-100]), "truncated or replaced"),
-        (lambda p: _shard(p).write_bytes(b"\0" * _shard(p).stat().st_size), "is not a valid Arrow file"),
+        (
+            lambda p: _shard(p).write_bytes(b"\0" * _shard(p).stat().st_size),
+            "is not a valid Arrow file",
+        ),
         (lambda p: _edit_index(p, dtype="float32"), "dtype must be uint16 or uint32"),
         (lambda p: _edit_index(p, num_documents=5), "not the 5 it states"),
         (lambda p: _edit_index(p, vocab_size=100_000), "does not fit dtype uint16"),

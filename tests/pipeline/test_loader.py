@@ -1,5 +1,6 @@
 """The loader's contract: exactly-once rows per epoch across ranks, resumable at any global row
-with another world size or batch size, deterministic in (seed, epoch), identical in both read modes."""
+with another world size or batch size, deterministic in (seed, epoch), identical in both read
+modes."""
 
 from __future__ import annotations
 
@@ -27,17 +28,21 @@ def useful_tokens(batches) -> Counter:
     return counts
 
 
-def corpus_tokens(docs, eos_id=None) -> Counter:
+def corpus_tokens(docs, eos_id) -> Counter:
+    """The tokens of one epoch in either layout: every document's tokens and one EOS each."""
     counts = Counter(np.concatenate(docs).tolist())
-    if eos_id is not None:
-        counts[eos_id] += len(docs)
+    counts[eos_id] += len(docs)
     return counts
 
 
-def run_ranks(ds, world_size, batch_size, seq_len, packing=True, states=None, max_steps=None, seed=0):
+def run_ranks(
+    ds, world_size, batch_size, seq_len, packing=True, states=None, max_steps=None, seed=0
+):
     """Step all ranks in lockstep like a real job; return (batches of all ranks, final states)."""
-    loaders = [Loader(ds, batch_size, seq_len, rank=r, world_size=world_size, packing=packing, seed=seed)
-               for r in range(world_size)]
+    loaders = [
+        Loader(ds, batch_size, seq_len, rank=r, world_size=world_size, packing=packing, seed=seed)
+        for r in range(world_size)
+    ]
     if states is not None:
         for loader in loaders:
             loader.load_state_dict(states)
@@ -59,7 +64,7 @@ def test_every_token_once_per_epoch_across_three_ranks(docs_and_dir, packing):
     docs, path = docs_and_dir
     ds = open_dataset(path)
     batches, state = run_ranks(ds, world_size=3, batch_size=4, seq_len=32, packing=packing)
-    assert useful_tokens(batches) == corpus_tokens(docs, ds.eos_id if packing else None)
+    assert useful_tokens(batches) == corpus_tokens(docs, ds.eos_id)
     assert state["epoch"] == 1 and state["consumed_rows"] == 0
 
 
@@ -67,10 +72,14 @@ def test_every_token_once_per_epoch_across_three_ranks(docs_and_dir, packing):
 def test_resume_with_other_world_size_and_batch_size_is_exactly_once(docs_and_dir, packing):
     docs, path = docs_and_dir
     ds = open_dataset(path)
-    first, state = run_ranks(ds, world_size=3, batch_size=4, seq_len=32, packing=packing, max_steps=5)
+    first, state = run_ranks(
+        ds, world_size=3, batch_size=4, seq_len=32, packing=packing, max_steps=5
+    )
     assert state["consumed_rows"] == 5 * 3 * 4
-    rest, end_state = run_ranks(ds, world_size=2, batch_size=3, seq_len=32, packing=packing, states=state)
-    assert useful_tokens(first + rest) == corpus_tokens(docs, ds.eos_id if packing else None)
+    rest, end_state = run_ranks(
+        ds, world_size=2, batch_size=3, seq_len=32, packing=packing, states=state
+    )
+    assert useful_tokens(first + rest) == corpus_tokens(docs, ds.eos_id)
     assert end_state["epoch"] == 1
 
 
@@ -83,7 +92,9 @@ def test_rows_depend_only_on_seed_and_epoch(docs_and_dir):
         per_step = []
         # Reassemble global row order: within a step, rank r's rows follow rank r-1's.
         for i in range(0, len(batches), world_size):
-            per_step.append(np.concatenate([b["input_ids"].numpy() for b in batches[i:i + world_size]]))
+            per_step.append(
+                np.concatenate([b["input_ids"].numpy() for b in batches[i : i + world_size]])
+            )
         rows = np.concatenate(per_step)
         return rows[(rows != ds.pad_id).any(axis=1)]
 
@@ -100,7 +111,7 @@ def test_next_pass_is_next_epoch_with_another_order(docs_and_dir):
     assert loader.state_dict()["epoch"] == 1
     second = [b["input_ids"].clone() for b in loader]
     assert len(first) == len(second) == len(loader)
-    assert not all(np.array_equal(x, y) for x, y in zip(first, second))
+    assert not all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))
 
 
 def test_break_mid_epoch_then_next_pass_finishes_that_epoch(docs_and_dir):
@@ -157,30 +168,40 @@ def test_drop_last_skips_the_partial_step(docs_and_dir):
 @pytest.mark.parametrize("packing", [True, False])
 def test_ultra_low_mem_and_readers_give_identical_batches(make_dataset, packing):
     path = make_dataset(num_docs=200, seed=3, median_len=50)
-    mmap = [ {k: v.clone() for k, v in b.items()} for b in Loader(open_dataset(path), 3, 40, packing=packing)]
+    mmap = [
+        {k: v.clone() for k, v in b.items()}
+        for b in Loader(open_dataset(path), 3, 40, packing=packing)
+    ]
     ultra_ds = open_dataset(path, ultra_low_mem=True)
     ultra_loader = Loader(ultra_ds, 3, 40, packing=packing)
     ultra = [b.clone() for b in Prefetcher(ultra_loader, depth=3, num_readers=3)]
     assert len(mmap) == len(ultra)
-    for a, b in zip(mmap, ultra):
+    for a, b in zip(mmap, ultra, strict=True):
         for key in a:
             assert np.array_equal(a[key], b[key]), key
 
 
 def test_padding_rows_reproduce_documents_exactly(docs_and_dir):
+    """Each document followed by its EOS, cut into rows of L: ceil((len+1)/L) rows each."""
     docs, path = docs_and_dir
     L = 32
-    loader = Loader(open_dataset(path), 5, L, packing=False, seed=11)
+    ds = open_dataset(path)
+    loader = Loader(ds, 5, L, packing=False, seed=11)
     rows = []
     for b in loader:
-        for ids, labels, pos in zip(b["input_ids"], b["labels"], b["position_ids"]):
+        for ids, labels, pos in zip(b["input_ids"], b["labels"], b["position_ids"], strict=True):
             keep = labels != -100
             if keep.any():
                 rows.append(ids[keep].numpy())
                 assert np.array_equal(pos[keep].numpy(), np.arange(int(keep.sum())))
-    expected = [docs[d][j:j + L] for d in epoch_permutation(NUM_DOCS, 11, 0) for j in range(0, len(docs[d]), L)]
+    expected = [
+        np.append(docs[d], ds.eos_id)[j : j + L]
+        for d in epoch_permutation(NUM_DOCS, 11, 0)
+        for j in range(0, len(docs[d]) + 1, L)
+    ]
+    assert any(len(docs[d]) % L == 0 for d in range(NUM_DOCS))  # a row holding only an EOS
     assert len(rows) == len(expected)
-    assert all(np.array_equal(r, e) for r, e in zip(rows, expected))
+    assert all(np.array_equal(r, e) for r, e in zip(rows, expected, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -194,7 +215,9 @@ def test_padding_rows_reproduce_documents_exactly(docs_and_dir):
 )
 def test_impossible_loader_settings_are_refused(sample_dataset_dir, kwargs, message):
     args = {"batch_size": 2, "seq_len": 16, **kwargs}
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
         Loader(open_dataset(sample_dataset_dir), **args)
 
 
@@ -207,11 +230,30 @@ def test_state_from_another_data_order_is_refused(docs_and_dir, sample_dataset_d
         Loader(open_dataset(sample_dataset_dir), 2, 16, seed=1).load_state_dict(state)
 
 
-@pytest.mark.parametrize("state, named", [(None, "got NoneType"), ([], "got list"),
-                                           ({"version": 99}, "version 99")])
+@pytest.mark.parametrize(
+    "state, named", [(None, "got NoneType"), ([], "got list"), ({"version": 99}, "version 99")]
+)
 def test_loading_something_that_is_not_a_loader_state_is_one_checkpoint_error(
     sample_dataset_dir, state, named
 ):
     loader = Loader(open_dataset(sample_dataset_dir), batch_size=2, seq_len=64)
     with pytest.raises(CheckpointError, match=named):
         loader.load_state_dict(state)
+
+
+def test_a_version_1_state_resumes_text_packing_but_not_padding(docs_and_dir):
+    _, path = docs_and_dir
+    ds = open_dataset(path)
+    for packing, resumes in ((True, True), (False, False)):
+        loader = Loader(ds, 2, 16, packing=packing)
+        it = iter(loader)
+        next(it)
+        state = {**loader.state_dict(), "version": 1}  # as the previous release wrote it
+        it.close()
+        resumed = Loader(ds, 2, 16, packing=packing)
+        if resumes:
+            resumed.load_state_dict(state)
+            assert resumed.state_dict()["consumed_rows"] == 2
+        else:
+            with pytest.raises(CheckpointError, match="version 1 is not 2"):
+                resumed.load_state_dict(state)

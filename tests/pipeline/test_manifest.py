@@ -28,6 +28,12 @@ def test_a_built_dataset_has_a_valid_manifest(dataset):
     assert manifest.num_documents == 50
     assert sum(f.num_tokens for f in manifest.files) == manifest.num_tokens
     assert manifest.eos_id < manifest.vocab_size
+    assert manifest.kind == "text" and manifest.raw["kind"] == "text"
+
+
+def test_an_index_written_before_kinds_existed_reads_as_text(dataset):
+    _edit_index(dataset, lambda i: i.pop("kind"))
+    assert read_manifest(dataset).kind == "text"
 
 
 @pytest.mark.parametrize(
@@ -46,6 +52,7 @@ def test_a_built_dataset_has_a_valid_manifest(dataset):
         (lambda i: i["files"][0].update(sha256="abc"), "sha256 must be 64 hex digits"),
         (lambda i: i["files"][0].update(num_tokens=1), "tokens, not the"),
         (lambda i: i.update(format="something/2"), "is not a lowmem-tokens/1 index"),
+        (lambda i: i.update(kind="chat"), "kind must be 'text' or 'sft', found 'chat'"),
     ],
 )
 def test_a_damaged_index_is_refused_naming_the_field_and_the_fix(dataset, edit, named):
@@ -77,8 +84,12 @@ def test_a_flipped_bit_is_caught(dataset):
 
 
 def test_a_vocabulary_smaller_than_the_stored_ids_is_caught(dataset):
-    _edit_index(dataset, lambda i: i.update(vocab_size=100) or i["tokenizer"].update(
-        eos_id=99, pad_id=99, bos_id=None))
+    _edit_index(
+        dataset,
+        lambda i: (
+            i.update(vocab_size=100) or i["tokenizer"].update(eos_id=99, pad_id=99, bos_id=None)
+        ),
+    )
     with pytest.raises(PipelineError, match="holds token id .* says vocab_size 100"):
         verify_checksums(dataset, read_manifest(dataset))
 

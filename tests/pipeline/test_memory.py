@@ -1,4 +1,5 @@
-"""Memory readings: cgroup v1/v2 files, host limit derivation, process USS/PSS, pinned counter, GPU absence."""
+"""Memory readings: cgroup v1/v2 files, host limit derivation, process USS/PSS, pinned counter, GPU
+absence."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def test_cgroup_v2_files_are_read(tmp_path):
     (tmp_path / "memory.current").write_text("123456789\n")
     (tmp_path / "memory.stat").write_text("anon 1000\nfile 4096000\nfile_mapped 12\n")
     cg = read_cgroup_memory(tmp_path)
-    assert (cg.version, cg.limit_bytes, cg.current_bytes, cg.page_cache_bytes) == (2, 8 * GiB, 123456789, 4096000)
+    assert (cg.version, cg.limit_bytes, cg.current_bytes, cg.page_cache_bytes) == (
+        2,
+        8 * GiB,
+        123456789,
+        4096000,
+    )
 
 
 def test_cgroup_v2_max_means_no_limit(tmp_path):
@@ -47,7 +53,12 @@ def test_cgroup_v1_files_are_read_and_huge_limits_are_no_limit(tmp_path):
     (tmp_path / "memory.usage_in_bytes").write_text("2000\n")
     (tmp_path / "memory.stat").write_text("cache 10\nrss 20\ntotal_cache 300\n")
     cg = read_cgroup_memory(tmp_path)
-    assert (cg.version, cg.limit_bytes, cg.current_bytes, cg.page_cache_bytes) == (1, None, 2000, 300)
+    assert (cg.version, cg.limit_bytes, cg.current_bytes, cg.page_cache_bytes) == (
+        1,
+        None,
+        2000,
+        300,
+    )
 
 
 def test_a_folder_without_memory_files_is_a_config_error(tmp_path):
@@ -68,8 +79,13 @@ def test_host_memory_takes_the_cgroup_readings(tmp_path):
 
 
 def test_effective_host_limit_is_the_tightest_bound_minus_the_margin():
-    host = HostMemory(total_bytes=32 * GiB, available_bytes=20 * GiB, cgroup_limit_bytes=24 * GiB,
-                      cgroup_current_bytes=None, page_cache_bytes=None)
+    host = HostMemory(
+        total_bytes=32 * GiB,
+        available_bytes=20 * GiB,
+        cgroup_limit_bytes=24 * GiB,
+        cgroup_current_bytes=None,
+        page_cache_bytes=None,
+    )
     assert effective_host_limit_bytes(None, 0.1, host) == int(24 * GiB * 0.9)
     assert effective_host_limit_bytes(16 * GiB, 0.25, host) == 12 * GiB
     assert effective_host_limit_bytes(64 * GiB, 0.0, host) == 24 * GiB
@@ -85,7 +101,9 @@ def test_process_memory_sums_children():
     alone = process_memory(include_children=False)
     assert alone.num_processes == 1
     assert 0 < alone.uss_bytes <= alone.pss_bytes <= alone.rss_bytes
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     try:
         with_child = process_memory()
         assert with_child.num_processes == 2
@@ -131,7 +149,14 @@ def test_without_nvml_there_are_no_gpus_and_a_readable_reason(monkeypatch):
 
 @pytest.mark.parametrize(
     "spec,expected",
-    [(None, [0, 1, 2, 3]), ("2,0", [2, 0]), ("1,7,2", [1]), ("", []), ("GPU-bb", [1]), ("GPU-b,-1,3", [1])],
+    [
+        (None, [0, 1, 2, 3]),
+        ("2,0", [2, 0]),
+        ("1,7,2", [1]),
+        ("", []),
+        ("GPU-bb", [1]),
+        ("GPU-b,-1,3", [1]),
+    ],
 )
 def test_cuda_visible_devices_maps_to_nvml_indices(monkeypatch, spec, expected):
     if spec is None:
@@ -150,8 +175,15 @@ def test_torch_cuda_memory_is_none_without_cuda_or_for_a_cpu_device():
 
 @pytest.mark.parametrize(
     "n,text",
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.50 KiB"), (20 * GiB, "20.00 GiB"), (-2048, "-2.00 KiB"),
-     (3 * 1024 * GiB, "3.00 TiB"), (None, "n/a")],
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.50 KiB"),
+        (20 * GiB, "20.00 GiB"),
+        (-2048, "-2.00 KiB"),
+        (3 * 1024 * GiB, "3.00 TiB"),
+        (None, "n/a"),
+    ],
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
@@ -162,7 +194,15 @@ def test_memory_snapshot_is_json_ready_and_complete():
     counter.add(4096)
     snap = memory_snapshot(include_children=False, pinned_counter=counter)
     json.dumps(snap)
-    assert set(snap) == {"host", "process", "pinned_bytes", "pinned_peak_bytes", "gpus", "gpu_note", "torch_cuda"}
+    assert set(snap) == {
+        "host",
+        "process",
+        "pinned_bytes",
+        "pinned_peak_bytes",
+        "gpus",
+        "gpu_note",
+        "torch_cuda",
+    }
     assert snap["pinned_bytes"] == snap["pinned_peak_bytes"] == 4096
     assert snap["process"]["num_processes"] == 1
     if not snap["gpus"]:

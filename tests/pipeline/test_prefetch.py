@@ -1,4 +1,5 @@
-"""Prefetcher: same batches as the loader, exact resume state, bounded pool, pinned cap, clean shutdown."""
+"""Prefetcher: same batches as the loader, exact resume state, bounded pool, pinned cap, clean
+shutdown."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import time
 import pytest
 import torch
 
-from pipeline import Loader, open_dataset
 from lowmem_core.errors import ConfigError
 from lowmem_core.memory import PinnedBytesCounter
+from pipeline import Loader, open_dataset
 from pipeline.prefetch import Prefetcher, pool_depth_for_cap
 
 # A lost buffer release would hang the pipeline: fail fast instead of at the suite's timeout.
@@ -25,7 +26,7 @@ def copies(batches):
 
 def assert_same_batches(got, expected):
     assert len(got) == len(expected)
-    for i, (a, b) in enumerate(zip(got, expected)):
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"batch {i} differs in {key}"
@@ -46,7 +47,8 @@ def new_loader(ds, **kw) -> Loader:
 
 
 class RecordingLoader:
-    """A real Loader seen through the prefetcher's interface, recording fills and pinned requests."""
+    """A real Loader seen through the prefetcher's interface, recording fills and pinned
+    requests."""
 
     def __init__(self, loader: Loader, fail_at_step: int | None = None):
         self.loader = loader
@@ -138,7 +140,9 @@ def test_readers_stay_at_most_depth_batches_ahead_of_a_slow_consumer(dataset):
     batches = iter(prefetcher)
     next(batches)
     time.sleep(0.2)
-    assert loader.fills == 1 + depth  # the batch in hand plus `depth` prepared, then the pool is full
+    assert (
+        loader.fills == 1 + depth
+    )  # the batch in hand plus `depth` prepared, then the pool is full
     next(batches)
     time.sleep(0.2)
     assert loader.fills == 2 + depth
@@ -181,7 +185,9 @@ def test_pinned_pool_is_counted_and_never_exceeds_its_cap(dataset):
     loader = RecordingLoader(new_loader(dataset))
     set_bytes = 3 * B * L * 8
     cap = int(2.5 * set_bytes)
-    prefetcher = Prefetcher(loader, depth=4, pinned_pool_bytes=cap, pin_memory=True, pinned_counter=counter)
+    prefetcher = Prefetcher(
+        loader, depth=4, pinned_pool_bytes=cap, pin_memory=True, pinned_counter=counter
+    )
     assert prefetcher.depth == 1
     assert "lowered from 4 to 1" in prefetcher.depth_note
     assert loader.pin_requests.count(True) == 2
@@ -201,8 +207,12 @@ def test_pinned_pool_is_counted_and_never_exceeds_its_cap(dataset):
 
 def test_pinned_cap_below_two_sets_is_a_config_error(dataset):
     with pytest.raises(ConfigError, match="needs at least 2"):
-        Prefetcher(RecordingLoader(new_loader(dataset)), pinned_pool_bytes=3 * B * L * 8, pin_memory=True,
-                   pinned_counter=PinnedBytesCounter())
+        Prefetcher(
+            RecordingLoader(new_loader(dataset)),
+            pinned_pool_bytes=3 * B * L * 8,
+            pin_memory=True,
+            pinned_counter=PinnedBytesCounter(),
+        )
 
 
 def test_unpinned_pool_counts_no_pinned_bytes(dataset):
@@ -226,7 +236,9 @@ def test_early_break_stops_all_threads(dataset):
 
 
 def test_reader_exception_is_raised_in_the_consumer_and_threads_stop(dataset):
-    prefetcher = Prefetcher(RecordingLoader(new_loader(dataset), fail_at_step=3), depth=2, num_readers=2)
+    prefetcher = Prefetcher(
+        RecordingLoader(new_loader(dataset), fail_at_step=3), depth=2, num_readers=2
+    )
     seen = 0
     with pytest.raises(RuntimeError, match="disk error at step 3"):
         for _ in prefetcher:
@@ -238,11 +250,18 @@ def test_reader_exception_is_raised_in_the_consumer_and_threads_stop(dataset):
 
 def test_consumer_exception_inside_with_block_stops_threads_and_frees_pool(dataset):
     counter = PinnedBytesCounter()
-    with pytest.raises(ValueError, match="consumer failed"):
-        with Prefetcher(RecordingLoader(new_loader(dataset)), depth=2, num_readers=2, pin_memory=True,
-                        pinned_counter=counter) as prefetcher:
-            for _ in prefetcher:
-                raise ValueError("consumer failed")
+    with (
+        pytest.raises(ValueError, match="consumer failed"),
+        Prefetcher(
+            RecordingLoader(new_loader(dataset)),
+            depth=2,
+            num_readers=2,
+            pin_memory=True,
+            pinned_counter=counter,
+        ) as prefetcher,
+    ):
+        for _ in prefetcher:
+            raise ValueError("consumer failed")
     assert prefetch_threads() == []
     assert counter.current() == 0
 
@@ -272,7 +291,9 @@ def test_cuda_device_or_pinned_memory_without_cuda_is_a_config_error(dataset):
 def test_cuda_batches_equal_the_loaders_and_pinned_bytes_are_counted(dataset):
     counter = PinnedBytesCounter()
     expected = copies(new_loader(dataset))
-    with Prefetcher(new_loader(dataset), device="cuda", depth=2, num_readers=2, pinned_counter=counter) as prefetcher:
+    with Prefetcher(
+        new_loader(dataset), device="cuda", depth=2, num_readers=2, pinned_counter=counter
+    ) as prefetcher:
         assert counter.current() == 3 * 3 * B * L * 8
         got = []
         for batch in prefetcher:

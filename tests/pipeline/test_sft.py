@@ -19,7 +19,7 @@ def test_pairs_are_laid_out_prompt_then_response_with_the_prompt_length():
     prompts, responses = split_records(RECORDS, SftFields(), "in.jsonl", None, 1)
     enc = encode_pairs(ByteTokenizer(), prompts, responses)
     offset = 0
-    for record, length, prompt_len in zip(RECORDS, enc.lengths, enc.prompt_lengths):
+    for record, length, prompt_len in zip(RECORDS, enc.lengths, enc.prompt_lengths, strict=True):
         doc = bytes(enc.values[offset : offset + length].astype("uint8"))
         assert doc == (record["prompt"] + record["response"]).encode()
         assert prompt_len == len(record["prompt"].encode())
@@ -57,19 +57,26 @@ def test_messages_are_rendered_with_the_chat_template(tmp_path):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["hello world, how are you?"] * 10, trainer)
     template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
-                                                bos_token="<s>", chat_template=template)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", bos_token="<s>", chat_template=template
+    )
     fast.save_pretrained(tmp_path / "tok")
     chat = ChatTemplate(tmp_path / "tok")
-    record = {"messages": [{"role": "user", "content": "how are you?"},
-                           {"role": "assistant", "content": "hello world"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "how are you?"},
+            {"role": "assistant", "content": "hello world"},
+        ]
+    }
     prompts, responses = split_records([record], SftFields(), "chat.jsonl", chat, 1)
     assert prompts == ["<user>how are you?</s><assistant>"]
     assert responses == ["hello world</s>"]

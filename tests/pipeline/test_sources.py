@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineError, sources
+from pipeline import records as record_readers
 from pipeline.sources import (
     Chunk,
     ReadOptions,
@@ -160,7 +161,7 @@ def test_json_array_is_parsed_record_by_record_across_blocks(tmp_path, monkeypat
 
 def test_jsonl_record_longer_than_a_block_is_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "CHUNK_BYTES", 256)
-    monkeypatch.setattr(sources, "_JSON_BLOCK_BYTES", 256)
+    monkeypatch.setattr(record_readers, "_JSON_BLOCK_BYTES", 256)
     docs = ["short"] * 30 + ["x" * 5000] + ["after"] * 30
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
     assert texts(resolve_inputs([path])[0]) == docs

@@ -37,7 +37,9 @@ def test_each_yaml_loads_with_accelerates_loader_as_a_local_launch(name):
     assert config.compute_environment == ComputeEnvironment.LOCAL_MACHINE
     assert config.num_processes >= 1 and config.num_processes % config.num_machines == 0
     ds_file = _deepspeed_file(config)
-    if ds_file is not None:  # DeepSpeed opens it relative to the working directory: the project root
+    if (
+        ds_file is not None
+    ):  # DeepSpeed opens it relative to the working directory: the project root
         assert (REPO_ROOT / ds_file).is_file()
 
 
@@ -150,9 +152,17 @@ def _launch(config_name: str, tmp_path: Path, *extra_args: str) -> dict[str, str
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config_name)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config_name),
+    ]
     command += [*extra_args, "--main_process_port", str(_free_port()), str(probe), str(tmp_path)]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {path.name: path.read_text() for path in tmp_path.glob("rank*")}
 
@@ -161,7 +171,9 @@ def _launch(config_name: str, tmp_path: Path, *extra_args: str) -> dict[str, str
 def test_cpu_3proc_yaml_starts_three_ranks_in_one_gloo_group(tmp_path):
     """The real launcher: three processes in one gloo group, not three single-process runs."""
     reports = _launch("cpu_3proc.yaml", tmp_path)
-    assert reports == {f"rank{rank}": "MULTI_CPU 3 None False 3 MULTI_CPU gloo" for rank in range(3)}
+    assert reports == {
+        f"rank{rank}": "MULTI_CPU 3 None False 3 MULTI_CPU gloo" for rank in range(3)
+    }
 
 
 @pytest.mark.slow

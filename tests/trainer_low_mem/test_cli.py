@@ -91,14 +91,76 @@ def test_the_table_and_one_line_errors(capsys):
     assert "global batch 16 is not divisible by world size 3" in err
 
 
+def test_a_length_beyond_the_preset_is_refused_in_one_line(capsys):
+    argv = ["plan", "--model_preset", "tiny", "--max_seq_len", "4096"]
+    assert trainer_main(argv) == ConfigError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max_seq_len 4096 exceeds preset 'tiny'" in err
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    """A tiny Llama folder (config only), as `--model DIR` gives it."""
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ).save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+MODEL_FLAGS = ["--max_seq_len", "128", "--global_batch", "8", "--host_ram_limit", "4GiB"]
+
+
+def test_plan_of_a_model_folder_with_lora_names_its_traced_estimate(capsys, llama_dir):
+    pytest.importorskip("peft")
+    argv = ["plan", "--model", str(llama_dir), "--lora_rank", "8", *MODEL_FLAGS]
+    assert pipeline_main(argv) == 0
+    out = capsys.readouterr().out
+    estimate = next(line for line in out.splitlines() if "model_estimate:" in line)
+    assert "model_estimate: trace: one optimizer step on fake" in estimate
+    # Rank 8 on the 7 linear layers of 2 blocks (q, o 64->64; k, v 64->32; gate, up 64->128;
+    # down 128->64): 16,384 adapter parameters, the only ones with optimizer states.
+    assert "16,384 trainable" in estimate and "B/token" in estimate and "static " in estimate
+    d = plan_json(trainer_main, [*argv, "--json=True"], capsys)
+    numbers = d["reasons"]["model_estimate"]["numbers"]
+    assert d["reasons"]["model_estimate"]["value"] == "trace"
+    assert numbers["static_bytes"] > 0 and int(numbers["per_token"].replace(",", "")) > 0
+
+
+def test_a_folder_that_cannot_be_traced_is_planned_analytically_with_the_cause(
+    capsys, monkeypatch, llama_dir
+):
+    from trainer_low_mem.hf_model import HFCausalLM
+
+    def reads_token_values(self, input_ids, position_ids=None, labels=None):
+        return input_ids[: int(input_ids.sum().item()) + 1]  # fake tensors have no values
+
+    monkeypatch.setattr(HFCausalLM, "forward", reads_token_values)
+    argv = ["plan", "--model", str(llama_dir), *MODEL_FLAGS, "--json=True"]
+    reason = plan_json(trainer_main, argv, capsys)["reasons"]["model_estimate"]
+    assert reason["value"] == "analytic" and "\n" not in reason["text"]
+    assert reason["text"].startswith("analytic: the trace failed (cannot trace the model's")
+    assert "training step on fake tensors (" in reason["text"]
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [
-        (["--lora_rank", "8"], "--lora_rank"),
-        (["--max_seq_len", "4096"], "--max_seq_len 4096 exceeds preset 'tiny'"),
+        (["--device_budget", "1MiB"], "no plan fits (GPU at micro-batch 1"),
+        (["--max_seq_len", "512"], "--max_seq_len 512 exceeds --model"),
     ],
 )
-def test_what_the_analytic_plan_cannot_size_is_refused_in_one_line(capsys, flags, named):
-    assert trainer_main(["plan", "--model_preset", "tiny", *flags]) == ConfigError.exit_code
+def test_what_a_model_folder_cannot_run_is_one_line_with_the_remedy(
+    capsys, llama_dir, flags, named
+):
+    argv = ["plan", "--model", str(llama_dir), *MODEL_FLAGS, *flags]
+    assert trainer_main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
+    assert "Try:" in err or "lower --max_seq_len" in err

@@ -14,14 +14,50 @@ from trainer_low_mem.config import DEFAULT_GLOBAL_BATCH_ROWS, JobConfig
 
 
 def test_seed_flags_parse_flat_with_underscores():
-    c = parse_job_config([
-        "--data", "corpus", "--model_preset", "tiny", "--is_keep_training=True", "--batch_size_per_gpu", "16",
-        "--gradient_accumulation_steps=8", "--max_seq_len", "256", "--global_batch", "384", "--max_steps", "50",
-        "--epochs", "2.5", "--output_dir", "out", "--host_ram_limit", "24GB", "--auto_plan=False",
-        "--log_every", "5", "--save_every", "20", "--log_with", "tensorboard", "--seed", "7", "--lr", "0.001",
-        "--warmup_steps", "3", "--mixed_precision", "bf16", "--grad_checkpointing=True", "--num_readers", "2",
-        "--packing", "False",
-    ])
+    c = parse_job_config(
+        [
+            "--data",
+            "corpus",
+            "--model_preset",
+            "tiny",
+            "--is_keep_training=True",
+            "--batch_size_per_gpu",
+            "16",
+            "--gradient_accumulation_steps=8",
+            "--max_seq_len",
+            "256",
+            "--global_batch",
+            "384",
+            "--max_steps",
+            "50",
+            "--epochs",
+            "2.5",
+            "--output_dir",
+            "out",
+            "--host_ram_limit",
+            "24GB",
+            "--auto_plan=False",
+            "--log_every",
+            "5",
+            "--save_every",
+            "20",
+            "--log_with",
+            "tensorboard",
+            "--seed",
+            "7",
+            "--lr",
+            "0.001",
+            "--warmup_steps",
+            "3",
+            "--mixed_precision",
+            "bf16",
+            "--grad_checkpointing=True",
+            "--num_readers",
+            "2",
+            "--packing",
+            "False",
+        ]
+    )
     assert c.data.data == Path("corpus") and c.data.max_seq_len == 256 and c.data.packing is False
     assert c.data.num_readers == 2
     assert c.model.model_preset == "tiny" and c.model.grad_checkpointing is True
@@ -47,25 +83,30 @@ def test_resume_alias():
 
 
 def test_prefixed_flag_names_are_rejected():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match=r"Unrecognized options: --training\.max_steps"):
         parse_job_config(["--training.max_steps", "5"])
 
 
-@pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("16GiB", 16 * 2**30), ("1048576", 1048576)])
+@pytest.mark.parametrize(
+    "text, expected", [("24GB", 24 * 10**9), ("16GiB", 16 * 2**30), ("1048576", 1048576)]
+)
 def test_host_ram_limit_takes_decimal_and_binary_units(text, expected):
     assert parse_job_config(["--host_ram_limit", text]).memory.host_ram_limit_bytes == expected
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--max_seq_len", "0"], "--max_seq_len"),
-    (["--global_batch", "-4"], "--global_batch"),
-    (["--lr", "0"], "--lr"),
-    (["--warmup_steps", "-1"], "--warmup_steps"),
-    (["--log_every", "0"], "--log_every"),
-    (["--save_every", "-1"], "--save_every"),
-    (["--host_ram_limit", "plenty"], "plenty"),
-    (["--auto_plan=False"], "--batch_size_per_gpu"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--max_seq_len", "0"], "--max_seq_len"),
+        (["--global_batch", "-4"], "--global_batch"),
+        (["--lr", "0"], "--lr"),
+        (["--warmup_steps", "-1"], "--warmup_steps"),
+        (["--log_every", "0"], "--log_every"),
+        (["--save_every", "-1"], "--save_every"),
+        (["--host_ram_limit", "plenty"], "plenty"),
+        (["--auto_plan=False"], "--batch_size_per_gpu"),
+    ],
+)
 def test_validation_names_the_field(argv, field):
     with pytest.raises(ConfigError, match=field):
         parse_job_config(argv)
@@ -125,8 +166,21 @@ def test_non_finite_and_inconsistent_flags_are_refused_naming_the_flag(flags, na
 
 def test_own_model_flags_parse_into_the_model_section():
     config = parse_job_config(
-        ["--model", "models/llama", "--lora_rank", "8", "--lora_target_modules", "q_proj", "v_proj",
-         "--eval_data", "data/eval", "--eval_every", "50", "--export_every", "100"]
+        [
+            "--model",
+            "models/llama",
+            "--lora_rank",
+            "8",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--eval_data",
+            "data/eval",
+            "--eval_every",
+            "50",
+            "--export_every",
+            "100",
+        ]
     )
     assert config.model.model == Path("models/llama")
     assert config.model.lora_target_modules == ["q_proj", "v_proj"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline import Loader, open_dataset
@@ -12,11 +13,11 @@ SEQ_LEN = 128
 
 
 def _reference_mean(model, ds) -> tuple[float, int]:
-    """Each document alone (the padding layout puts one document per row when it fits)."""
+    """Each document + EOS alone (the padding layout puts one per row when it fits)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(ds)):
-            doc = torch.from_numpy(ds[i].astype("int64"))[None]
+            doc = torch.from_numpy(np.append(ds[i], ds.eos_id).astype("int64"))[None]
             out = model.eval()(doc, labels=doc)
             total += float(out.loss.double() * out.n_loss_tokens)
             count += int(out.n_loss_tokens)
@@ -25,7 +26,7 @@ def _reference_mean(model, ds) -> tuple[float, int]:
 
 def test_eval_over_one_and_three_ranks_equals_the_sample_by_sample_mean(make_dataset):
     ds = open_dataset(make_dataset(num_docs=40, median_len=30))
-    assert int(ds.doc_lengths.max()) <= SEQ_LEN
+    assert int(ds.doc_lengths.max()) + 1 <= SEQ_LEN
     torch.manual_seed(0)
     model = build_model("tiny", document_masking=True)
     expected, expected_count = _reference_mean(model, ds)
@@ -39,8 +40,12 @@ def test_eval_over_one_and_three_ranks_equals_the_sample_by_sample_mean(make_dat
 
     partial_sums = []
     for rank in range(3):
-        evaluate(model, loader(rank, 3), device=torch.device("cpu"),
-                 sum_over_ranks=lambda v: partial_sums.append(v) or v)
+        evaluate(
+            model,
+            loader(rank, 3),
+            device=torch.device("cpu"),
+            sum_over_ranks=lambda v: partial_sums.append(v) or v,
+        )
     loss_total = sum(p[0] for p in partial_sums)
     count_total = sum(p[1] for p in partial_sums)
     assert count_total == expected_count
@@ -51,7 +56,11 @@ def test_eval_leaves_the_model_in_training_mode_and_without_gradients(make_datas
     ds = open_dataset(make_dataset(num_docs=10, median_len=20))
     model = build_model("tiny")
     model.train()
-    evaluate(model, Loader(ds, batch_size=2, seq_len=SEQ_LEN), device=torch.device("cpu"),
-             sum_over_ranks=lambda v: v)
+    evaluate(
+        model,
+        Loader(ds, batch_size=2, seq_len=SEQ_LEN),
+        device=torch.device("cpu"),
+        sum_over_ranks=lambda v: v,
+    )
     assert model.training
     assert all(p.grad is None for p in model.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -36,7 +37,9 @@ def test_builtin_model_exports_as_llama_with_equal_logits(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(loaded).__name__ == "LlamaForCausalLM"
     ids = _ids(259)
-    torch.testing.assert_close(loaded(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        loaded(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_builtin_lora_is_merged_into_the_export_and_the_live_model_is_untouched(tmp_path):
@@ -47,12 +50,16 @@ def test_builtin_lora_is_merged_into_the_export_and_the_live_model_is_untouched(
     out = export_model(model, tmp_path / "final", special_ids=BYTE_IDS, tokenizer_dir=None)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = _ids(259)
-    torch.testing.assert_close(loaded(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        loaded(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_byte_tokenizer_export_encodes_like_the_built_in_tokenizer(tmp_path):
-    out = export_model(build_model("tiny"), tmp_path / "f", special_ids=BYTE_IDS, tokenizer_dir=None)
+    out = export_model(
+        build_model("tiny"), tmp_path / "f", special_ids=BYTE_IDS, tokenizer_dir=None
+    )
     tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "héllo wörld\n\ttabs 🙂"
     assert tok(text)["input_ids"] == list(text.encode("utf-8"))
@@ -65,8 +72,12 @@ def test_byte_tokenizer_export_encodes_like_the_built_in_tokenizer(tmp_path):
 def test_hf_model_with_lora_exports_merged_and_as_adapter(tmp_path, arch):
     if arch == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
     else:
         config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4)
@@ -81,8 +92,9 @@ def test_hf_model_with_lora_exports_merged_and_as_adapter(tmp_path, arch):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
 
-    adapter = export_model(model, tmp_path / "adapter", special_ids={}, tokenizer_dir=None,
-                           adapter_only=True)
+    adapter = export_model(
+        model, tmp_path / "adapter", special_ids={}, tokenizer_dir=None, adapter_only=True
+    )
     import peft
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
@@ -105,13 +117,36 @@ def test_tokenizer_files_are_copied_from_the_given_folder(tmp_path):
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
     (tokenizer_dir / "tokenizer.json").write_text("{}")
-    out = export_model(build_model("tiny"), tmp_path / "final", special_ids=BYTE_IDS,
-                       tokenizer_dir=tokenizer_dir)
+    out = export_model(
+        build_model("tiny"), tmp_path / "final", special_ids=BYTE_IDS, tokenizer_dir=tokenizer_dir
+    )
     assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_only_tokenizer_files_travel_from_a_model_folder(tmp_path):
+    folder = tmp_path / "user_model"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).write_text("{}")
+    (folder / "config.json").write_text('{"model_type": "stale"}')
+    (folder / "model.safetensors").write_bytes(b"stale weights")
+    (folder / "notes.txt").write_text("not for the export")
+    out = export_model(
+        build_model("tiny"), tmp_path / "final", special_ids=BYTE_IDS, tokenizer_dir=folder
+    )
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    assert (out / "special_tokens_map.json").is_file() and not (out / "notes.txt").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert (out / "model.safetensors").read_bytes() != b"stale weights"
 
 
 def test_adapter_only_without_lora_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="needs LoRA on a Hugging Face"):
-        export_model(build_model("tiny"), tmp_path / "f", special_ids=BYTE_IDS, tokenizer_dir=None,
-                     adapter_only=True)
+        export_model(
+            build_model("tiny"),
+            tmp_path / "f",
+            special_ids=BYTE_IDS,
+            tokenizer_dir=None,
+            adapter_only=True,
+        )
     assert list(tmp_path.iterdir()) == []

@@ -18,15 +18,28 @@ def _configs() -> dict:
     common = dict(vocab_size=VOCAB, max_position_embeddings=64, eos_token_id=1, bos_token_id=0)
     return {
         "llama": transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
         ),
         "qwen2": transformers.Qwen2Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
         ),
         "gpt2": transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=1,
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            eos_token_id=1,
             bos_token_id=0,
         ),
     }
@@ -125,8 +138,14 @@ def test_from_scratch_ignores_the_weights_and_a_config_only_folder_trains(model_
 
 def test_a_model_that_post_processes_its_logits_uses_its_own_logits(tmp_path):
     config = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=3.0,
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
@@ -171,7 +190,9 @@ def test_dataset_vocabulary_and_eos_are_checked_against_the_model(model_dir):
             vocab_size=VOCAB + 5, eos_id=1, bos_id=0, model=model, data=model_dir
         )
     with pytest.raises(ConfigError, match="EOS is 1"):
-        check_dataset_matches_model(vocab_size=VOCAB, eos_id=7, bos_id=0, model=model, data=model_dir)
+        check_dataset_matches_model(
+            vocab_size=VOCAB, eos_id=7, bos_id=0, model=model, data=model_dir
+        )
 
 
 def test_adapter_is_an_nn_module_with_the_contract(model_dir):

@@ -134,7 +134,10 @@ def test_loss_and_weights_do_not_depend_on_the_split(tmp_path, sample_dataset_di
     assert one.loader_state == four.loader_state
     for x, y in zip(one.losses, four.losses, strict=True):
         assert math.isclose(x, y, rel_tol=1e-5)
-    a, b = load_file(str(one.export_dir / "model.safetensors")), load_file(str(four.export_dir / "model.safetensors"))
+    a, b = (
+        load_file(str(one.export_dir / "model.safetensors")),
+        load_file(str(four.export_dir / "model.safetensors")),
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # Adam amplifies rounding
 

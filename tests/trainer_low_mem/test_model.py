@@ -1,4 +1,5 @@
-"""Specification of trainer_low_mem.model: presets, the forward contract, the chunked loss, FLOPs."""
+"""Specification of trainer_low_mem.model: presets, the forward contract, the chunked loss,
+FLOPs."""
 
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ def _naive_loss(model: DecoderLM, input_ids, labels):
     """Reference: full logits, shifted by hand, torch's cross-entropy."""
     logits = model(input_ids).logits
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
     )
 
 
-# ---------------------------------------------------------------------------------------------- presets
+# ------------------------------------------------------------------------------------------ presets
 
 
 def test_presets_have_the_documented_shapes():
@@ -51,7 +54,13 @@ def test_presets_have_the_documented_shapes():
         vocab_size=259, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=512
     )
     small = MODEL_PRESETS["small"]
-    assert (small.d_model, small.d_ff, small.n_layers, small.n_heads, small.vocab_size) == (512, 2048, 6, 8, 32000)
+    assert (small.d_model, small.d_ff, small.n_layers, small.n_heads, small.vocab_size) == (
+        512,
+        2048,
+        6,
+        8,
+        32000,
+    )
     assert [name for name in MODEL_PRESETS] == ["tiny", "small", "medium", "large"]
 
 
@@ -88,14 +97,18 @@ def test_unknown_preset_names_the_choices():
 def test_preset_rejects_heads_not_dividing_width():
     with pytest.raises(ConfigError) as exc:
         ModelPreset(vocab_size=10, d_model=66, n_layers=1, n_heads=4, d_ff=8, max_seq_len=8)
-    assert str(exc.value) == "d_model 66 is not divisible by n_heads 4; choose n_heads dividing d_model"
+    assert (
+        str(exc.value)
+        == "d_model 66 is not divisible by n_heads 4; choose n_heads dividing d_model"
+    )
 
 
 def test_preset_rejects_odd_head_size():
     with pytest.raises(ConfigError) as exc:
         ModelPreset(vocab_size=10, d_model=12, n_layers=1, n_heads=4, d_ff=8, max_seq_len=8)
     assert str(exc.value) == (
-        "head size d_model/n_heads = 3 is odd but rotary positions need it even; change d_model or n_heads"
+        "head size d_model/n_heads = 3 is odd but rotary positions need it even; change d_model or "
+        "n_heads"
     )
 
 
@@ -112,7 +125,7 @@ def test_model_flops_per_token():
     assert model_flops_per_token(TINY, 0) == 6.0 * (2 * (4 * 64 * 64 + 3 * 64 * 256) + 259 * 64)
 
 
-# ---------------------------------------------------------------------------------------------- forward
+# ------------------------------------------------------------------------------------------ forward
 
 
 def test_logits_only_without_labels_and_loss_only_with_them():
@@ -129,7 +142,8 @@ def test_logits_only_without_labels_and_loss_only_with_them():
 def test_labels_are_shifted_and_ignored_tokens_not_counted():
     model = _tiny_model()
     input_ids, labels = _batch()
-    # Targets are labels[:, 1:]: row 0 counts labels 1..19 (19), row 1 counts 4..32 (29), row 2 all 32.
+    # Targets are labels[:, 1:]: row 0 counts labels 1..19 (19), row 1 counts 4..32 (29), row 2 all
+    # 32.
     assert model(input_ids, labels=labels).n_loss_tokens.item() == 19 + 29 + 32
 
 
@@ -145,7 +159,7 @@ def test_chunked_loss_equals_naive_loss_and_gradients(chunk_tokens):
     reference.backward()
 
     assert abs(loss.item() - reference.item()) < 1e-5
-    for (name, p), q in zip(chunked.named_parameters(), naive.parameters()):
+    for (name, p), q in zip(chunked.named_parameters(), naive.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -182,15 +196,21 @@ def test_position_ids_default_to_arange_and_are_relative():
     input_ids, _ = _batch()
     positions = torch.arange(33).expand(3, 33)
     base = model(input_ids).logits
-    torch.testing.assert_close(model(input_ids, position_ids=positions).logits, base, rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(input_ids, position_ids=positions).logits, base, rtol=0, atol=0
+    )
     # Rotary positions encode only distances: shifting every position leaves the output unchanged.
-    torch.testing.assert_close(model(input_ids, position_ids=positions + 100).logits, base, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        model(input_ids, position_ids=positions + 100).logits, base, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_position_restart_at_a_document_start_changes_only_the_later_document():
     model = _tiny_model()
     input_ids, _ = _batch()
-    restarted = torch.cat((torch.arange(10), torch.arange(23))).expand(3, 33)  # second document at column 10
+    restarted = torch.cat((torch.arange(10), torch.arange(23))).expand(
+        3, 33
+    )  # second document at column 10
     base = model(input_ids).logits
     packed = model(input_ids, position_ids=restarted).logits
     torch.testing.assert_close(packed[:, :10], base[:, :10], rtol=0, atol=0)
@@ -207,7 +227,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     plain_loss.backward()
     checkpointed_loss.backward()
     assert plain_loss.item() == checkpointed_loss.item()
-    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+    for p, q in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-7)
 
 
@@ -222,7 +242,7 @@ def test_forward_and_backward_are_bit_deterministic_on_cpu():
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     assert torch.equal(losses[0], losses[1])
-    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
 
 
 def test_bf16_autocast_loss_is_close_and_gradients_stay_fp32():
@@ -234,7 +254,9 @@ def test_bf16_autocast_loss_is_close_and_gradients_stay_fp32():
     out.loss.backward()
     assert out.loss.dtype == torch.float32
     assert abs(out.loss.item() - fp32_loss) < 0.05
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(
+        p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters()
+    )
 
 
 def test_bf16_weights_train_without_dtype_errors():
@@ -282,7 +304,9 @@ def test_cuda_bf16_chunked_loss_matches_naive_with_a_fraction_of_the_memory():
     chunked_loss, chunked_peak = peak_bytes(lambda: chunked(input_ids, labels=labels).loss)
     naive_loss, naive_peak = peak_bytes(lambda: _naive_loss(naive, input_ids, labels))
     assert abs(chunked_loss - naive_loss) < 1e-2
-    assert chunked_peak * 3 < naive_peak  # the naive path holds [8, 512, 32000] logits in bf16 and fp32
-    for (name, p), q in zip(chunked.named_parameters(), naive.parameters()):
+    assert (
+        chunked_peak * 3 < naive_peak
+    )  # the naive path holds [8, 512, 32000] logits in bf16 and fp32
+    for (name, p), q in zip(chunked.named_parameters(), naive.parameters(), strict=True):
         relative_error = ((p.grad - q.grad).norm() / q.grad.norm()).item()
         assert relative_error < 2e-2, name

@@ -43,8 +43,13 @@ def test_lora_leaves_only_adapters_trainable():
 @pytest.fixture
 def llama_dir(tmp_path) -> Path:
     config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=1,
     )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
@@ -74,7 +79,9 @@ def test_init_from_a_training_state_and_from_an_hf_export(tmp_path, llama_dir):
     (tmp_path / "state").mkdir()
     save_file(trained.state_dict(), tmp_path / "state" / "model.safetensors")
     job = build_job_model(ModelConfig(model_preset="tiny", init_from=tmp_path / "state"), _facts())
-    assert all(torch.equal(a, b) for a, b in zip(job.model.parameters(), trained.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(job.model.parameters(), trained.parameters(), strict=True)
+    )
 
     scratch = ModelConfig(model=llama_dir, from_scratch=True, init_from=llama_dir)
     restored = build_job_model(scratch, _facts(vocab=96, eos=1)).model.eval()
@@ -104,7 +111,9 @@ def test_init_from_another_architecture_or_lora_state_is_refused(tmp_path):
         build_job_model(ModelConfig(model_preset="tiny", init_from=tmp_path / "other"), _facts())
     lora = build_job_model(ModelConfig(model_preset="tiny", lora_rank=2), _facts()).model
     (tmp_path / "lora").mkdir()
-    save_file({k: v.contiguous() for k, v in lora.state_dict().items()},
-              tmp_path / "lora" / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in lora.state_dict().items()},
+        tmp_path / "lora" / "model.safetensors",
+    )
     with pytest.raises(ConfigError, match="holds LoRA adapters"):
         build_job_model(ModelConfig(model_preset="tiny", init_from=tmp_path / "lora"), _facts())

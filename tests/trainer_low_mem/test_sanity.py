@@ -81,11 +81,20 @@ def _torchrun_env(world_size: int, local_world_size: int | None = None) -> dict[
 def test_sane_launches_pass():
     assert check_launch(DDP_3GPU) is None
     single = dataclasses.replace(
-        DDP_3GPU, distributed_type="NO", world_size=1, local_world_size=1, global_batch=128, cuda_device_count=1
+        DDP_3GPU,
+        distributed_type="NO",
+        world_size=1,
+        local_world_size=1,
+        global_batch=128,
+        cuda_device_count=1,
     )
     assert check_launch(single) is None
     zero2 = dataclasses.replace(
-        DDP_3GPU, distributed_type="DEEPSPEED", uses_deepspeed=True, zero_stage=2, offload_optimizer=True
+        DDP_3GPU,
+        distributed_type="DEEPSPEED",
+        uses_deepspeed=True,
+        zero_stage=2,
+        offload_optimizer=True,
     )
     assert check_launch(zero2) is None
     derived_accumulation = dataclasses.replace(DDP_3GPU, grad_accum_steps=None)
@@ -94,19 +103,32 @@ def test_sane_launches_pass():
 
 def test_multi_gpu_with_one_process():
     facts = dataclasses.replace(DDP_3GPU, world_size=1, local_world_size=1, global_batch=None)
-    _assert_refused(facts, "MULTI_GPU", "num_processes is 1", "--num_processes 3", "single_gpu.yaml")
+    _assert_refused(
+        facts, "MULTI_GPU", "num_processes is 1", "--num_processes 3", "single_gpu.yaml"
+    )
 
 
 def test_multi_gpu_with_one_process_in_the_config_file():
     facts = dataclasses.replace(
-        DDP_3GPU, num_processes=1, world_size=1, local_world_size=1, cuda_device_count=1, global_batch=None
+        DDP_3GPU,
+        num_processes=1,
+        world_size=1,
+        local_world_size=1,
+        cuda_device_count=1,
+        global_batch=None,
     )
-    _assert_refused(facts, "MULTI_GPU", "num_processes is 1", "--num_processes N", "single_gpu.yaml")
+    _assert_refused(
+        facts, "MULTI_GPU", "num_processes is 1", "--num_processes N", "single_gpu.yaml"
+    )
 
 
 def test_config_asks_for_more_processes_than_are_running():
-    facts = dataclasses.replace(DDP_3GPU, num_processes=3, world_size=1, local_world_size=1, global_batch=None)
-    _assert_refused(facts, "asks for 3 processes but 1 are running", "accelerate launch --config_file")
+    facts = dataclasses.replace(
+        DDP_3GPU, num_processes=3, world_size=1, local_world_size=1, global_batch=None
+    )
+    _assert_refused(
+        facts, "asks for 3 processes but 1 are running", "accelerate launch --config_file"
+    )
 
 
 def test_more_processes_per_node_than_gpus():
@@ -121,7 +143,9 @@ def test_more_processes_than_gpus_is_fine_without_cuda():
     assert check_launch(cpu) is None
 
 
-@pytest.mark.parametrize("device_map", ["auto", "balanced", "sequential", {"embed": 0, "blocks": 1}])
+@pytest.mark.parametrize(
+    "device_map", ["auto", "balanced", "sequential", {"embed": 0, "blocks": 1}]
+)
 def test_device_map_spreading_the_model_under_ddp(device_map):
     _assert_refused(
         dataclasses.replace(DDP_3GPU, device_map=device_map),
@@ -134,7 +158,12 @@ def test_device_map_spreading_the_model_under_ddp(device_map):
 def test_device_map_on_one_device_or_one_process_is_fine():
     assert check_launch(dataclasses.replace(DDP_3GPU, device_map={"": 0})) is None
     single = dataclasses.replace(
-        DDP_3GPU, distributed_type="NO", world_size=1, local_world_size=1, global_batch=None, device_map="auto"
+        DDP_3GPU,
+        distributed_type="NO",
+        world_size=1,
+        local_world_size=1,
+        global_batch=None,
+        device_map="auto",
     )
     assert check_launch(single) is None
 
@@ -187,13 +216,19 @@ def test_sequence_longer_than_the_model_accepts():
 
 @pytest.mark.parametrize("stage", [4, -1])
 def test_zero_stage_outside_0_to_3(stage):
-    facts = dataclasses.replace(DDP_3GPU, distributed_type="DEEPSPEED", uses_deepspeed=True, zero_stage=stage)
+    facts = dataclasses.replace(
+        DDP_3GPU, distributed_type="DEEPSPEED", uses_deepspeed=True, zero_stage=stage
+    )
     _assert_refused(facts, f"zero_optimization.stage is {stage}", "0, 1, 2 or 3")
 
 
 def test_optimizer_offload_without_zero():
     facts = dataclasses.replace(
-        DDP_3GPU, distributed_type="DEEPSPEED", uses_deepspeed=True, zero_stage=0, offload_optimizer=True
+        DDP_3GPU,
+        distributed_type="DEEPSPEED",
+        uses_deepspeed=True,
+        zero_stage=0,
+        offload_optimizer=True,
     )
     _assert_refused(facts, "offloads the optimizer", "stage is 0", "set the stage to 2")
 
@@ -218,7 +253,9 @@ def test_torchrun_with_gpus_is_multi_gpu():
 def test_torchrun_with_one_process_is_caught():
     facts = _env_facts(_torchrun_env(1), global_batch=None)
     assert facts.distributed_type == "MULTI_GPU"
-    with pytest.raises(ConfigError, match="^accelerate config says MULTI_GPU but num_processes is 1"):
+    with pytest.raises(
+        ConfigError, match="^accelerate config says MULTI_GPU but num_processes is 1"
+    ):
         check_launch(facts)
 
 
@@ -235,7 +272,12 @@ def test_deepspeed_launch_reads_stage_and_offload_from_the_json(monkeypatch):
         "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/ds_zero2_offload.json",
     }
     facts = _env_facts(env)
-    assert (facts.distributed_type, facts.uses_deepspeed, facts.zero_stage, facts.offload_optimizer) == (
+    assert (
+        facts.distributed_type,
+        facts.uses_deepspeed,
+        facts.zero_stage,
+        facts.offload_optimizer,
+    ) == (
         "DEEPSPEED",
         True,
         2,
@@ -251,7 +293,11 @@ def test_deepspeed_launch_from_plugin_env_vars():
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
     }
     facts = _env_facts(env, deepspeed_installed=False)
-    assert (facts.zero_stage, facts.offload_optimizer, facts.deepspeed_installed) == (5, False, False)
+    assert (facts.zero_stage, facts.offload_optimizer, facts.deepspeed_installed) == (
+        5,
+        False,
+        False,
+    )
     with pytest.raises(ConfigError, match="^DeepSpeed zero_optimization.stage is 5"):
         check_launch(facts)
 
@@ -272,7 +318,10 @@ def test_missing_deepspeed_json_names_the_working_directory(tmp_path, monkeypatc
 def test_deepspeed_json_without_a_stage_means_stage_0(tmp_path):
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
-    env = _torchrun_env(3) | {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)}
+    env = _torchrun_env(3) | {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json),
+    }
     facts = _env_facts(env)
     assert (facts.zero_stage, facts.offload_optimizer) == (0, True)
     with pytest.raises(ConfigError, match="^the DeepSpeed config offloads the optimizer but"):
@@ -282,7 +331,9 @@ def test_deepspeed_json_without_a_stage_means_stage_0(tmp_path):
 def test_accelerate_config_run_with_plain_python_is_caught():
     facts = _env_facts({}, accelerate_config_file=CONFIGS / "multi_gpu_3.yaml", global_batch=None)
     assert (facts.distributed_type, facts.num_processes, facts.world_size) == ("MULTI_GPU", 3, 1)
-    with pytest.raises(ConfigError, match="^the accelerate config asks for 3 processes but 1 are running"):
+    with pytest.raises(
+        ConfigError, match="^the accelerate config asks for 3 processes but 1 are running"
+    ):
         check_launch(facts)
 
 
@@ -295,7 +346,12 @@ def test_missing_accelerate_config_file(tmp_path):
 
 def test_device_count_and_deepspeed_presence_are_read_when_not_given():
     facts = launch_facts_from_env(
-        global_batch=None, micro_batch_per_gpu=1, grad_accum_steps=None, seq_len=8, model_max_seq_len=8, env={}
+        global_batch=None,
+        micro_batch_per_gpu=1,
+        grad_accum_steps=None,
+        seq_len=8,
+        model_max_seq_len=8,
+        env={},
     )
     import importlib.util
 
@@ -341,7 +397,10 @@ def test_detect_cpu_multiprocess(env, cuda_available, expected):
         ({"RANK": "5", "WORLD_SIZE": "3"}, "RANK=5 with WORLD_SIZE=3"),
         ({"RANK": "-1", "WORLD_SIZE": "3"}, "RANK=-1"),
         ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
-        ({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "4"}, "LOCAL_RANK=4"),
+        (
+            {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "4"},
+            "LOCAL_RANK=4",
+        ),
         ({"WORLD_SIZE": "three"}, "WORLD_SIZE='three' is not an integer"),
     ],
 )

@@ -15,8 +15,16 @@ START, EOS = 0, 1
 @pytest.fixture(params=[True, False], ids=["t5-tied", "mt5-untied"])
 def t5_dir(request, tmp_path):
     config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-        num_heads=4, decoder_start_token_id=START, pad_token_id=START, eos_token_id=EOS,
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=START,
+        pad_token_id=START,
+        eos_token_id=EOS,
         tie_word_embeddings=request.param,
     )
     torch.manual_seed(0)
@@ -26,8 +34,10 @@ def t5_dir(request, tmp_path):
 
 def _pairs():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randint(2, 100, (n,), generator=g), torch.randint(2, 100, (m,), generator=g))
-            for n, m in ((5, 4), (7, 3), (2, 6))]
+    return [
+        (torch.randint(2, 100, (n,), generator=g), torch.randint(2, 100, (m,), generator=g))
+        for n, m in ((5, 4), (7, 3), (2, 6))
+    ]
 
 
 def _packed_row(pairs, enc_len: int, dec_len: int) -> dict[str, torch.Tensor]:
@@ -44,8 +54,10 @@ def _packed_row(pairs, enc_len: int, dec_len: int) -> dict[str, torch.Tensor]:
         return torch.cat([row, torch.full((length - len(row),), value)])[None]
 
     return {
-        "input_ids": pad(enc, enc_len, 0), "position_ids": pad(enc_pos, enc_len, -1),
-        "decoder_input_ids": pad(dec, dec_len, 0), "decoder_position_ids": pad(dec_pos, dec_len, -1),
+        "input_ids": pad(enc, enc_len, 0),
+        "position_ids": pad(enc_pos, enc_len, -1),
+        "decoder_input_ids": pad(dec, dec_len, 0),
+        "decoder_position_ids": pad(dec_pos, dec_len, -1),
         "labels": pad(labels, dec_len, -100),
     }
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from lowmem_core.errors import ConfigError
-from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, WatchdogDecision, job_memory_bytes
+from trainer_low_mem.watchdog import (
+    HostRamWatchdog,
+    WatchdogAction,
+    WatchdogDecision,
+    job_memory_bytes,
+)
 
 MIB = 1 << 20
 
@@ -42,7 +47,9 @@ class DataPath:
             self.stopped = True
 
     def check(self, watchdog: HostRamWatchdog, step: int) -> WatchdogDecision | None:
-        decision = watchdog.check(step, prefetch_depth=self.prefetch_depth, ultra_low_mem=self.ultra_low_mem)
+        decision = watchdog.check(
+            step, prefetch_depth=self.prefetch_depth, ultra_low_mem=self.ultra_low_mem
+        )
         self.apply(decision)
         return decision
 
@@ -69,7 +76,8 @@ def test_escalates_shrink_then_ultra_low_mem_then_save_and_stop():
             actions[step] = (decision.action, decision.prefetch_depth, decision.used_bytes)
         if data.stopped:
             break
-    # Below soft at step 5; 860 at step 10 puts the watchdog on alert, so it reads at every step after.
+    # Below soft at step 5; 860 at step 10 puts the watchdog on alert, so it reads at every step
+    # after.
     assert actions == {
         10: (WatchdogAction.SHRINK_PREFETCH, 2, 860),
         11: (WatchdogAction.SHRINK_PREFETCH, 1, 870),
@@ -79,8 +87,11 @@ def test_escalates_shrink_then_ultra_low_mem_then_save_and_stop():
     assert reader.calls == 7 and reader.values == []
     assert (data.prefetch_depth, data.ultra_low_mem, data.stopped) == (1, True, True)
     assert [d.action for d in watchdog.history] == [
-        WatchdogAction.SHRINK_PREFETCH, WatchdogAction.SHRINK_PREFETCH, WatchdogAction.ULTRA_LOW_MEM,
-        WatchdogAction.SAVE_AND_STOP]
+        WatchdogAction.SHRINK_PREFETCH,
+        WatchdogAction.SHRINK_PREFETCH,
+        WatchdogAction.ULTRA_LOW_MEM,
+        WatchdogAction.SAVE_AND_STOP,
+    ]
 
 
 def test_stop_message_gives_usage_limit_and_what_was_tried():
@@ -90,14 +101,17 @@ def test_stop_message_gives_usage_limit_and_what_was_tried():
     first = data.check(watchdog, 7)
     stop = data.check(watchdog, 8)
     assert first.action is WatchdogAction.ULTRA_LOW_MEM
-    assert first.message == ("host RAM 900.00 MiB is 87.9% of the 1.00 GiB limit (soft threshold 85%) at step 7: "
-                             "switching the dataset readers to ultra-low-mem mode")
+    assert first.message == (
+        "host RAM 900.00 MiB is 87.9% of the 1.00 GiB limit (soft threshold 85%) at step 7: "
+        "switching the dataset readers to ultra-low-mem mode"
+    )
     assert stop.action is WatchdogAction.SAVE_AND_STOP
     assert stop.message == (
-        "host RAM 990.00 MiB is 96.7% of the 1.00 GiB limit (stop threshold 95%) at step 8 after trying "
-        "ultra-low-mem readers at step 7 (87.9%): saving the state and stopping before the host runs out of "
-        "memory; raise --host_ram_limit, lower --num_readers, or free host memory, then resume with "
-        "--is_keep_training=True")
+        "host RAM 990.00 MiB is 96.7% of the 1.00 GiB limit (stop threshold 95%) at step 8 after "
+        "trying ultra-low-mem readers at step 7 (87.9%): saving the state and stopping before the "
+        "host runs out of memory; raise --host_ram_limit, lower --num_readers, or free host "
+        "memory, then resume with --is_keep_training=True"
+    )
     assert stop.used_frac == pytest.approx(990 / 1024)
 
 
@@ -105,7 +119,10 @@ def test_a_jump_past_the_hard_threshold_stops_at_once_and_says_nothing_was_tried
     watchdog = HostRamWatchdog(1000, check_every_steps=1, read_used_bytes=ScriptedReadings([999]))
     decision = DataPath(prefetch_depth=8).check(watchdog, 3)
     assert decision.action is WatchdogAction.SAVE_AND_STOP
-    assert "after no earlier action (the usage crossed the stop threshold between two checks)" in decision.message
+    assert (
+        "after no earlier action (the usage crossed the stop threshold between two checks)"
+        in decision.message
+    )
 
 
 def test_never_asks_for_an_action_already_in_effect():
@@ -119,7 +136,9 @@ def test_never_asks_for_an_action_already_in_effect():
 
 def test_odd_prefetch_depth_halves_down_to_the_minimum():
     reader = ScriptedReadings([900, 900, 900])
-    watchdog = HostRamWatchdog(1000, check_every_steps=1, read_used_bytes=reader, min_prefetch_depth=2)
+    watchdog = HostRamWatchdog(
+        1000, check_every_steps=1, read_used_bytes=reader, min_prefetch_depth=2
+    )
     data = DataPath(prefetch_depth=5)
     depths = [data.check(watchdog, s).prefetch_depth for s in (1, 2)]
     assert depths == [2, None]  # 5 -> 2 (the minimum), then ultra-low-mem
@@ -145,7 +164,8 @@ def test_state_dict_round_trip_keeps_history_and_peak():
     data.check(watchdog, 2)
     state = watchdog.state_dict()
     assert state == {
-        "host_ram_limit_bytes": 1000, "peak_used_bytes": 870,
+        "host_ram_limit_bytes": 1000,
+        "peak_used_bytes": 870,
         "history": [d.to_dict() for d in watchdog.history],
     }
     assert [h["action"] for h in state["history"]] == ["shrink_prefetch", "ultra_low_mem"]
@@ -156,12 +176,21 @@ def test_state_dict_round_trip_keeps_history_and_peak():
     assert restored.host_ram_limit_bytes == 2000  # the limit in force is the new run's
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(host_ram_limit_bytes=0), "must be greater than 0 bytes, got 0"),
-    (dict(host_ram_limit_bytes=100, check_every_steps=0), "at least 1 step, got 0"),
-    (dict(host_ram_limit_bytes=100, soft_frac=0.96, hard_frac=0.95), "0 < soft (0.96) < hard (0.95) < 1"),
-    (dict(host_ram_limit_bytes=100, min_prefetch_depth=0), "minimum prefetch depth must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(host_ram_limit_bytes=0), "must be greater than 0 bytes, got 0"),
+        (dict(host_ram_limit_bytes=100, check_every_steps=0), "at least 1 step, got 0"),
+        (
+            dict(host_ram_limit_bytes=100, soft_frac=0.96, hard_frac=0.95),
+            "0 < soft (0.96) < hard (0.95) < 1",
+        ),
+        (
+            dict(host_ram_limit_bytes=100, min_prefetch_depth=0),
+            "minimum prefetch depth must be at least 1, got 0",
+        ),
+    ],
+)
 def test_rejects_impossible_settings(kwargs, message):
     with pytest.raises(ConfigError) as info:
         HostRamWatchdog(**kwargs)
@@ -191,10 +220,15 @@ def test_real_memory_hog_escalates_in_order_and_stops_before_the_limit():
     else:
         pytest.fail("the watchdog never stopped the run")
     actions = [d.action for d in watchdog.history]
-    assert actions == [WatchdogAction.SHRINK_PREFETCH, WatchdogAction.SHRINK_PREFETCH,
-                       WatchdogAction.ULTRA_LOW_MEM, WatchdogAction.SAVE_AND_STOP]
+    assert actions == [
+        WatchdogAction.SHRINK_PREFETCH,
+        WatchdogAction.SHRINK_PREFETCH,
+        WatchdogAction.ULTRA_LOW_MEM,
+        WatchdogAction.SAVE_AND_STOP,
+    ]
     assert [d.prefetch_depth for d in watchdog.history[:2]] == [2, 1]
-    # Every soft action came at or above 85% and below 95%; the stop at or above 95%, below the limit.
+    # Every soft action came at or above 85% and below 95%; the stop at or above 95%, below the
+    # limit.
     for d in watchdog.history[:3]:
         assert 0.85 * limit <= d.used_bytes < 0.95 * limit
     assert 0.95 * limit <= decision.used_bytes < limit

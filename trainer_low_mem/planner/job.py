@@ -1,22 +1,25 @@
 """The plan of a training job: its config and model in, the `Plan` every rank runs with out.
 
 Used by the trainer at start-up and by the `plan` subcommand, so both decide the same way: the
-model's memory is probed on CUDA (when the model is at hand and DeepSpeed does not own it) and
-counted analytically otherwise; given readers override the planned ones; ranks agree on the
-smallest micro-batch; a given accumulation must agree with the plan.
+model's memory is probed on CUDA (when the model is at hand and DeepSpeed does not own it),
+traced on fake tensors otherwise, and counted analytically when there is nothing to trace or the
+trace fails (estimate.py); given readers override the planned ones; ranks agree on the smallest
+micro-batch; a given accumulation must agree with the plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import JobConfig, PlanConfig
 from trainer_low_mem.planner.arithmetic import plan
-from trainer_low_mem.planner.model_memory import ModelMemory, ModelShape, analytic_model_memory
+from trainer_low_mem.planner.estimate import ModelFactory, estimate_model_memory
+from trainer_low_mem.planner.machine import detect_devices
+from trainer_low_mem.planner.model_memory import ModelShape
 from trainer_low_mem.planner.plan import Plan
-from trainer_low_mem.planner.probe import probe_model_memory
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +35,7 @@ def plan_for_job(
     offload_optimizer: bool = False,
     deepspeed: bool = False,
     model: torch.nn.Module | None = None,
+    model_factory: ModelFactory | None = None,
     dataset_bytes: int | None = None,
     all_reduce_min: Callable[[int], int] | None = None,
     ranks_per_node: int | None = None,
@@ -40,11 +44,26 @@ def plan_for_job(
     """The plan for `config` on this launch (see the module docstring).
 
     `device` is "cuda" or "cpu" (None: a device budget or a visible GPU means CUDA). With
-    `model` on CUDA and no DeepSpeed, the model is moved to the GPU and probed. `all_reduce_min`
-    returns the minimum of an int over ranks; without it the plan is this process's own.
+    `model` on CUDA and no DeepSpeed, the model is moved to the GPU and probed; otherwise
+    `model_factory()` (or a meta-device copy of `model`) is traced. `all_reduce_min` returns the
+    minimum of an int over ranks; without it the plan is this process's own.
     """
     seq_len, t = config.data.max_seq_len, config.training
-    memory = _model_memory(config, shape, device, deepspeed, model)
+    if device is None:
+        budget = config.memory.device_budget_bytes
+        device = detect_devices(world_size, budget, None, ranks_per_node, device).device
+    estimate = estimate_model_memory(
+        config,
+        shape,
+        device=device,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+        deepspeed=deepspeed,
+        model=model,
+        model_factory=model_factory,
+    )
+    memory = estimate.memory
     # A given micro-batch (--batch_size_per_gpu) is checked to fit; the data path is still sized.
     result = plan(
         global_batch=config.resolve_global_batch(world_size),
@@ -61,6 +80,8 @@ def plan_for_job(
         ranks_per_node=ranks_per_node,
         num_cores=num_cores,
     )
+    reasons = {**result.reasons, "model_estimate": estimate.reason}
+    result = dataclasses.replace(result, reasons=reasons)
     if config.data.num_readers is not None:
         result = result.with_num_readers(config.data.num_readers, "given (--num_readers)")
     elif not config.memory.auto_plan:
@@ -77,30 +98,6 @@ def plan_for_job(
             "--global_batch, or make the three agree"
         )
     return result
-
-
-def _model_memory(
-    config: JobConfig | PlanConfig,
-    shape: ModelShape,
-    device: str | None,
-    deepspeed: bool,
-    model: torch.nn.Module | None,
-) -> ModelMemory:
-    precision = config.training.mixed_precision
-    if device == "cuda" and model is not None and not deepspeed:
-        # Measured on this GPU at the training precision (weights stay fp32 under autocast).
-        import torch
-
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        return probe_model_memory(
-            model.to(device), shape, config.data.max_seq_len, device, autocast_dtype=autocast
-        )
-    return analytic_model_memory(
-        shape,
-        config.data.max_seq_len,
-        grad_checkpointing=config.model.grad_checkpointing,
-        dtype_bytes=4 if precision == "no" else 2,
-    )
 
 
 def agree_across_ranks(plan: Plan, all_reduce_min: Callable[[int], int]) -> Plan:

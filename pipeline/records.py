@@ -1,0 +1,373 @@
+"""Readers of record formats: JSON Lines, JSON arrays, Parquet files and `datasets` folders.
+
+`text_chunks` yields one field of every record as `Chunk`s of texts or token-id lists (plain
+builds: the field alone is parsed where the format allows); `record_chunks` yields whole records
+as `RecordChunk`s (prompt/response builds). Both read about `chunk_bytes` at a time, in order.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from lowmem_core.errors import PipelineError, require_extra
+from pipeline.inputs import Chunk, RecordChunk, Source, first_byte, read_blocks
+
+_JSON_BLOCK_BYTES = 4 << 20  # JSON Lines parsed per Arrow call (then encoded in chunks)
+_RECORDS_PER_CHUNK = 1 << 10  # records of a JSON array or table per chunk
+
+
+def text_chunks(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """The `field` of every record of `source` (JSON, Parquet or `datasets`), in order."""
+    if source.kind == "json":
+        return _read_json(source, field, chunk_bytes)
+    if source.kind == "parquet":
+        return _read_parquet(source, field, chunk_bytes)
+    return _read_datasets_folder(source, field, chunk_bytes)
+
+
+def _read_json(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    first = first_byte(source, chunk_bytes)
+    if first == b"[":
+        return _read_json_array(source, field, chunk_bytes)
+    if first != b"{":
+        raise PipelineError(
+            f"{source.path} is neither JSON Lines nor a JSON array of records (it starts with "
+            f"{first!r}); pass one record per line or a [...] of records"
+        )
+    return _read_jsonl(source, field, chunk_bytes)
+
+
+def _check_field(path: Path, schema: pa.Schema, field: str) -> pa.DataType:
+    if field not in schema.names:
+        raise PipelineError(
+            f"{path} has no field {field!r} (fields: {', '.join(schema.names) or 'none'}); "
+            "pass --text-field NAME"
+        )
+    kind = schema.field(field).type
+    is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+    is_tokens = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(
+        kind.value_type
+    )
+    if not (is_text or is_tokens):
+        raise PipelineError(
+            f"field {field!r} in {path} holds {kind}, expected text (string) or token ids (list "
+            "of integers); pass --text-field naming the text column"
+        )
+    return pa.large_string() if is_text else kind
+
+
+def _read_jsonl(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """JSON Lines, parsed a block of whole lines at a time (a line longer than a block waits
+    for its end), the text field alone after the first block has shown its type."""
+    kind, parse, pending = None, None, []
+    for block in read_blocks(source, _JSON_BLOCK_BYTES):
+        end = block.rfind(b"\n") + 1
+        if end == 0:
+            pending.append(block)
+            continue
+        lines = b"".join([*pending, block[:end]])
+        pending = [block[end:]]
+        column, kind, parse = _parse_lines(source, field, lines, kind, parse)
+        yield from _bounded(column, source, chunk_bytes)
+    rest = b"".join(pending)
+    if rest.strip():
+        column, kind, parse = _parse_lines(source, field, rest, kind, parse)
+        yield from _bounded(column, source, chunk_bytes)
+
+
+def _parse_lines(source: Source, field: str, lines: bytes, kind, parse):
+    options = pajson.ReadOptions(block_size=len(lines) + 1, use_threads=False)
+    try:
+        if parse is None:
+            table = pajson.read_json(pa.BufferReader(lines), read_options=options)
+            kind = _check_field(source.path, table.schema, field)
+            parse = pajson.ParseOptions(
+                explicit_schema=pa.schema([(field, kind)]), unexpected_field_behavior="ignore"
+            )
+            column = table.column(field).cast(kind)
+        else:
+            column = pajson.read_json(
+                pa.BufferReader(lines), read_options=options, parse_options=parse
+            ).column(0)
+    except pa.ArrowInvalid as exc:
+        raise _jsonl_error(source, exc) from None
+    return column.combine_chunks(), kind, parse
+
+
+def _bounded(column: pa.Array, source: Source, chunk_bytes: int) -> Iterator[Chunk]:
+    """`column` in chunks of about `chunk_bytes` of text (or token ids)."""
+    if pa.types.is_large_string(column.type):
+        sizes = pc.binary_length(column)
+    else:
+        sizes = pc.multiply(pc.list_value_length(column), 8)
+    ends = np.cumsum(pc.fill_null(sizes, 0).to_numpy(zero_copy_only=False))
+    start = 0
+    while start < len(column):
+        before = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, before + chunk_bytes, side="right")))
+        yield Chunk(column.slice(start, stop - start), source)
+        start = stop
+
+
+def _jsonl_error(source: Source, exc: Exception) -> PipelineError:
+    message = str(exc).splitlines()[0]
+    if "changed from" in message:
+        return PipelineError(
+            f"{source.path}: a field holds one type in some records and another in others "
+            f"({message}); give every record's text field the same type"
+        )
+    return PipelineError(
+        f"{source.path} is not valid JSON Lines ({message}); fix or remove the bad line"
+    )
+
+
+def _read_json_array(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """A JSON array of records, parsed one record at a time (memory: about one chunk)."""
+    values: list = []
+    size = 0
+    kind = None
+    for index, record in _array_elements(source, chunk_bytes):
+        if not isinstance(record, dict):
+            raise PipelineError(
+                f"{source.path}: element {index} of the JSON array is a "
+                f"{type(record).__name__}, not a record with a {field!r} field; fix the file"
+            )
+        if index == 0 and field not in record:
+            raise PipelineError(
+                f"{source.path} has no field {field!r} in its first record (fields: "
+                f"{', '.join(map(str, record)) or 'none'}); pass --text-field NAME"
+            )
+        value = record.get(field)
+        kind = _record_kind(source, field, index, value, kind)
+        values.append(value)
+        size += len(value) if value is not None else 0
+        if size >= chunk_bytes:
+            yield Chunk(_records_array(values, kind), source)
+            values, size = [], 0
+    if values:
+        yield Chunk(_records_array(values, kind), source)
+
+
+def _array_elements(source: Source, chunk_bytes: int) -> Iterator[tuple[int, object]]:
+    """(index, element) of a JSON array file, parsed one element at a time."""
+    decoder = json.JSONDecoder()
+    text, pos, index, done = "", 0, 0, False
+    blocks = read_blocks(source, chunk_bytes)
+    utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+
+    def more() -> bool:
+        nonlocal text, pos, done
+        block = next(blocks, b"")
+        try:
+            text = text[pos:] + utf8.decode(block, final=not block)
+        except UnicodeDecodeError:
+            raise PipelineError(f"{source.path} is not UTF-8; convert it to UTF-8") from None
+        pos, done = 0, not block
+        return bool(block)
+
+    def skip_space() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            if pos < len(text) or not more():
+                return text[pos] if pos < len(text) else ""
+
+    def bad(found: str) -> PipelineError:
+        return PipelineError(
+            f"{source.path} is not a valid JSON array of records (after record {index}: "
+            f"found {found[:20]!r}); fix the file"
+        )
+
+    if skip_space() != "[":
+        raise bad(text[pos : pos + 20])
+    pos += 1
+    while True:
+        head = skip_space()
+        if head == "]" and index == 0:
+            break
+        while True:
+            try:
+                record, end = decoder.raw_decode(text, pos)
+                break
+            except json.JSONDecodeError:
+                if done or not more():
+                    raise bad(text[pos : pos + 20]) from None
+        pos = end
+        yield index, record
+        index += 1
+        sep = skip_space()
+        if sep == "]":
+            break
+        if sep != ",":
+            raise bad(text[pos : pos + 20])
+        pos += 1
+
+
+def _record_kind(source: Source, field: str, index: int, value, kind: str | None) -> str | None:
+    if value is None:
+        return kind
+    found = "text" if isinstance(value, str) else None
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        found = "tokens"
+    if found is None or (kind is not None and found != kind):
+        raise PipelineError(
+            f"{source.path}: record {index} has {field!r} = {type(value).__name__}, expected "
+            f"{'text' if kind != 'tokens' else 'token ids'} like the records before it; pass "
+            "--text-field naming the text field"
+        )
+    return found
+
+
+def _records_array(values: list, kind: str | None) -> pa.Array:
+    if kind == "tokens":
+        return pa.array(values, type=pa.large_list(pa.int64()))
+    return pa.array(values, type=pa.large_string())
+
+
+def _read_parquet(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    pfile = _open_parquet(source)
+    kind = _check_field(source.path, pfile.schema_arrow, field)
+    meta = pfile.metadata
+    column = pfile.schema_arrow.get_field_index(field)
+    nbytes = sum(
+        meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups)
+    )
+    rows = _rows_per_chunk(nbytes, meta.num_rows, chunk_bytes)
+    for batch in pfile.iter_batches(batch_size=rows, columns=[field]):
+        yield Chunk(batch.column(0).cast(kind), source)
+
+
+def _open_parquet(source: Source) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(source.path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise PipelineError(
+            f"{source.path} is not a readable Parquet file ({exc}); rewrite it or pass another "
+            "input"
+        ) from None
+
+
+def _load_datasets(source: Source):
+    datasets = require_extra("datasets", "hf", "reading a `datasets` save_to_disk folder")
+    try:
+        return datasets.load_from_disk(str(source.path))
+    except Exception as exc:  # datasets raises several unrelated types for unreadable folders
+        raise PipelineError(
+            f"{source.path} is not a readable `datasets` save_to_disk folder ({exc}); re-save it"
+        ) from None
+
+
+def _rows_per_chunk(nbytes: int, num_rows: int, chunk_bytes: int) -> int:
+    """Rows of about `chunk_bytes`, from a table's size."""
+    return max(1, min(1 << 16, chunk_bytes * max(num_rows, 1) // max(nbytes, 1)))
+
+
+def _read_datasets_folder(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    ds = _load_datasets(source)
+    table = ds.data.table.select([field]) if field in ds.column_names else ds.data.table
+    kind = _check_field(source.path, table.schema, field)
+    rows = _rows_per_chunk(table.nbytes, table.num_rows, chunk_bytes)
+    for batch in table.to_batches(max_chunksize=rows):
+        yield Chunk(batch.column(0).cast(kind), source)
+
+
+# ----------------------------------------------------------------------------- whole records
+
+
+def record_chunks(
+    source: Source, fields: tuple[str, ...], chunk_bytes: int
+) -> Iterator[RecordChunk]:
+    """The records of `source` in chunks of about `chunk_bytes`, with only `fields` where the
+    format stores columns (Parquet, `datasets`); JSON records are kept whole."""
+    if source.kind == "json":
+        first = first_byte(source, chunk_bytes)
+        if first == b"[":
+            return _array_records(source, chunk_bytes)
+        if first != b"{":
+            raise PipelineError(
+                f"{source.path} is neither JSON Lines nor a JSON array of records (it starts "
+                f"with {first!r}); pass one record per line or a [...] of records"
+            )
+        return _jsonl_records(source, chunk_bytes)
+    if source.kind == "parquet":
+        pfile = _open_parquet(source)
+        names = pfile.schema_arrow.names
+        columns = [f for f in fields if f in names]
+        batches = pfile.iter_batches(batch_size=_RECORDS_PER_CHUNK, columns=columns or None)
+    else:
+        data = _load_datasets(source).data.table
+        names = data.schema.names
+        columns = [f for f in fields if f in names]
+        batches = data.select(columns or names).to_batches(max_chunksize=_RECORDS_PER_CHUNK)
+    if not columns:
+        raise PipelineError(
+            f"{source.path} has none of the fields {', '.join(map(repr, fields))} (fields: "
+            f"{', '.join(names)}); name them with --prompt-field/--response-field/--messages-field"
+        )
+    return _table_records(source, batches)
+
+
+def _table_records(source: Source, batches) -> Iterator[RecordChunk]:
+    first = 1
+    for batch in batches:
+        records = batch.to_pylist()
+        yield RecordChunk(records, source, first)
+        first += len(records)
+
+
+def _jsonl_records(source: Source, chunk_bytes: int) -> Iterator[RecordChunk]:
+    carry, line_no, first, records, size = b"", 0, 1, [], 0
+    blocks = read_blocks(source, chunk_bytes)
+    while True:
+        block = next(blocks, b"")
+        lines = (carry + block).split(b"\n")
+        carry = lines.pop() if block else b""
+        for line in lines:
+            line_no += 1
+            if not line.strip():
+                if records:  # numbers stay consecutive within a chunk
+                    yield RecordChunk(records, source, first, "line")
+                    records, size = [], 0
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise PipelineError(
+                    f"{source.path} line {line_no} is not valid JSON ({exc}); fix or remove it"
+                ) from None
+            if not records:
+                first = line_no
+            records.append(record)
+            size += len(line)
+            if size >= chunk_bytes:
+                yield RecordChunk(records, source, first, "line")
+                records, size = [], 0
+        if not block:
+            break
+    if records:
+        yield RecordChunk(records, source, first, "line")
+
+
+def _array_records(source: Source, chunk_bytes: int) -> Iterator[RecordChunk]:
+    records, first = [], 1
+    for index, record in _array_elements(source, chunk_bytes):
+        if not records:
+            first = index + 1
+        records.append(record)
+        if len(records) == _RECORDS_PER_CHUNK:
+            yield RecordChunk(records, source, first)
+            records = []
+    if records:
+        yield RecordChunk(records, source, first)

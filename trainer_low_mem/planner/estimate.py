@@ -1,0 +1,206 @@
+"""Which estimate of the model's memory a job's plan uses, and why: `estimate_model_memory`.
+
+A GPU probe when the model is at hand on CUDA and DeepSpeed does not own it (it sees the real
+kernels and allocator). Otherwise a fake-tensor trace (trace.py) of the model the job trains,
+built on the meta device by the caller's factory or copied there from the model at hand; traces
+are cached per model and settings in this process. The analytic count is the fallback when
+there is nothing to trace or the trace fails (the explanation names the cause), and beside a
+trace it is kept as a cross-check.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowmem_core.errors import LowMemError
+from lowmem_core.memory import format_bytes
+from trainer_low_mem.planner.explain import Reason
+from trainer_low_mem.planner.model_memory import ModelMemory, ModelShape, analytic_model_memory
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from trainer_low_mem.config import JobConfig, PlanConfig
+    from trainer_low_mem.planner.traced_memory import TracedMemory
+
+ModelFactory = Callable[[], "nn.Module"]
+_TRACES: dict[tuple, TracedMemory | str] = {}  # settings -> trace, or why it failed
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The model memory a plan uses and the `model_estimate` note that says where it came from."""
+
+    memory: ModelMemory
+    reason: Reason
+
+
+def estimate_model_memory(
+    config: JobConfig | PlanConfig,
+    shape: ModelShape,
+    *,
+    device: str,
+    world_size: int,
+    zero_stage: int = 0,
+    offload_optimizer: bool = False,
+    deepspeed: bool = False,
+    model: nn.Module | None = None,
+    model_factory: ModelFactory | None = None,
+) -> Estimate:
+    """The estimate for the job `config` describes on `device` ("cuda" or "cpu").
+
+    `model_factory` must build the model of `config.model` (see `trace_step_memory`); without
+    it a given `model` is copied to the meta device (its weights are not copied).
+    """
+    precision, seq_len = config.training.mixed_precision, config.data.max_seq_len
+    if device == "cuda" and model is not None and not deepspeed:
+        return _probe(model, shape, seq_len, precision)
+    analytic = analytic_model_memory(
+        shape,
+        seq_len,
+        grad_checkpointing=config.model.grad_checkpointing,
+        dtype_bytes=4 if precision == "no" else 2,
+    )
+    factory = model_factory or (meta_copy_factory(model) if model is not None else None)
+    if factory is None:
+        why = "analytic: counted from the model's dimensions (no model to trace); " + _LINE
+        return Estimate(analytic, Reason("model_estimate", "analytic", why, _line(analytic)))
+    settings = (
+        _model_key(config, shape),
+        seq_len,
+        device,
+        precision,
+        zero_stage,
+        offload_optimizer and device == "cuda",
+        world_size,
+    )
+    traced = _cached_trace(settings, factory)
+    if isinstance(traced, str):
+        why = "analytic: the trace failed ({cause}); counted from the model's dimensions, " + _LINE
+        numbers = {"cause": traced, **_line(analytic)}
+        return Estimate(analytic, Reason("model_estimate", "analytic", why, numbers))
+    return Estimate(traced.to_model_memory(), _trace_reason(traced, analytic))
+
+
+def meta_copy_factory(model: nn.Module) -> ModelFactory:
+    """A factory of `model` on the meta device: a deep copy whose parameters and buffers are meta
+    tensors of the same shapes, dtypes and requires_grad. The weights are never copied."""
+    import torch
+    from torch import nn
+
+    def build() -> nn.Module:
+        memo: dict[int, Any] = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            meta = torch.empty_like(t, device="meta")
+            is_param = isinstance(t, nn.Parameter)
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if is_param else meta
+        return copy.deepcopy(model, memo)
+
+    return build
+
+
+_LINE = "{per_token} B/token + {step_bytes} fixed"
+
+
+def _line(memory: ModelMemory) -> dict[str, Any]:
+    return {
+        "per_token": f"{memory.activation_bytes_per_token:,}",
+        "step_bytes": memory.step_fixed_bytes,
+    }
+
+
+def _probe(model: nn.Module, shape: ModelShape, seq_len: int, precision: str) -> Estimate:
+    # Measured on this GPU at the training precision (weights stay fp32 under autocast).
+    import torch
+
+    from trainer_low_mem.planner.probe import probe_model_memory
+
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    memory = probe_model_memory(model.to("cuda"), shape, seq_len, "cuda", autocast_dtype=autocast)
+    why = "GPU probe: two measured steps on this GPU, " + _LINE
+    return Estimate(memory, Reason("model_estimate", "probe", why, _line(memory)))
+
+
+def _trace_reason(traced: TracedMemory, analytic: ModelMemory) -> Reason:
+    memory = traced.to_model_memory()
+    static = ", ".join(f"{k} {format_bytes(v)}" for k, v in traced.static_bytes.items())
+    ratio = analytic.activation_bytes_per_token / memory.activation_bytes_per_token
+    numbers = {
+        "traced_on": traced.traced_on,
+        "device": traced.device_type,
+        "trace_s": f"{traced.trace_seconds:.1f}",
+        "static_bytes": traced.static_device_bytes,
+        "static": static,
+        "host_bytes": traced.host_offload_bytes,
+        "trainable": f"{traced.trainable_count:,}",
+        **_line(memory),
+        "analytic_per_token": f"{analytic.activation_bytes_per_token:,}",
+        "analytic_ratio": f"{ratio:.2f}",
+    }
+    why = (
+        "trace: one optimizer step on fake {traced_on} tensors for {device} ({trace_s} s); "
+        "static {static_bytes} per rank ({static}; host offload {host_bytes}), {trainable} "
+        "trainable; " + _LINE + "; analytic cross-check {analytic_per_token} B/token "
+        "({analytic_ratio}x)"
+    )
+    if not traced.linear:
+        numbers["residual_frac"] = traced.linear_residual_frac
+        why += "; not linear in tokens: the line is up to {residual_frac} above a traced point"
+    return Reason("model_estimate", "trace", why, numbers)
+
+
+def _cached_trace(settings: tuple, factory: ModelFactory) -> TracedMemory | str:
+    """The trace at `settings`, or the one-line reason it failed; each traced once per process."""
+    if settings not in _TRACES:
+        from trainer_low_mem.planner.trace import trace_step_memory
+
+        _, seq_len, device, precision, zero_stage, offload, world_size = settings
+        # A failing fake-tensor op logs its traceback; the plan gives the cause in one line.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            _TRACES[settings] = trace_step_memory(
+                factory,
+                seq_len=seq_len,
+                device_type=device,
+                mixed_precision=precision,
+                zero_stage=zero_stage,
+                offload_optimizer=offload,
+                world_size=world_size,
+            )
+        except LowMemError as exc:
+            _TRACES[settings] = str(exc)
+        except Exception as exc:  # noqa: BLE001 (any failure falls back to the analytic count)
+            first = (str(exc).strip().splitlines() or ["no message"])[0][:200]
+            _TRACES[settings] = f"{type(exc).__name__}: {first}"
+        finally:
+            fake_log.setLevel(level)
+    return _TRACES[settings]
+
+
+def _model_key(config: JobConfig | PlanConfig, shape: ModelShape) -> tuple:
+    """What decides the traced model's memory: its architecture (a folder's config.json as it is
+    now), vocabulary, checkpointing, masking and LoRA adapters."""
+    m = config.model
+    folder = None
+    if m.model is not None:
+        try:
+            folder = (str(m.model), (Path(m.model) / "config.json").stat().st_mtime_ns)
+        except OSError:
+            folder = (str(m.model), None)
+    targets = tuple(m.lora_target_modules) if m.lora_target_modules is not None else None
+    lora = (m.lora_rank, m.lora_alpha, m.lora_dropout, targets) if m.lora_rank else None
+    return (
+        folder or m.model_preset,
+        shape.vocab_size,
+        m.grad_checkpointing,
+        m.document_masking,
+        m.load_in_4bit,
+        lora,
+    )

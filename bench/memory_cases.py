@@ -14,11 +14,19 @@ Cases and their targets:
 - `prefetch_readers`: the same through the Prefetcher with k readers (<= 16 MB per extra reader).
 - `prefetch_wait`: data-wait fraction of the CPU Prefetcher behind a consumer that spends a fixed
   time per step with the GIL released, as a GPU step does (target < 1% at 1 reader).
+- `shared index`: 3 rank processes open a corpus of 10M tiny documents (4-12 tokens) from a cold
+  index cache and read 20 batches each; USS growth per rank from before `open_dataset` to after
+  the batches (target <= 16 MB, mmap and ultra-low-mem), with PSS and the shared index files;
+  and the consumer's wait for the first batch of the next epoch, its index prepared ahead or
+  built on demand (`epoch boundary`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -227,6 +235,165 @@ def prefetch_steps_case(
     }
 
 
+def _wait_for_all(folder: Path, stage: str, ranks: int) -> None:
+    (folder / f"{stage}-{os.getpid()}").touch()
+    while len(list(folder.glob(f"{stage}-*"))) < ranks:
+        time.sleep(0.005)
+
+
+def shared_index_rank(
+    path: str, warm_path: str, ultra_low_mem: bool, rank: int, ranks: int, sync: str, cfg: tuple
+) -> dict:
+    """One rank: kernels warmed on a small dataset, then USS from before `open_dataset` to after
+    `steps` batches; readings taken while every rank still holds its maps (PSS splits them)."""
+    from pipeline import Loader, open_dataset
+
+    batch_size, seq_len, seed, steps = cfg
+    warm = Loader(open_dataset(warm_path, ultra_low_mem), batch_size, seq_len, rank, ranks, seed)
+    next(iter(warm))
+    del warm
+    folder = Path(sync)
+    _wait_for_all(folder, "ready", ranks)
+    base = read_memory(include_children=False)
+    sampler = PeakMemory(include_children=False)
+    started = time.perf_counter()
+    ds = open_dataset(path, ultra_low_mem=ultra_low_mem)
+    loader = Loader(ds, batch_size, seq_len, rank=rank, world_size=ranks, seed=seed)
+    batches = iter(loader)
+    for _ in range(steps):
+        next(batches)
+    seconds = time.perf_counter() - started
+    _wait_for_all(folder, "read", ranks)
+    end = read_memory(include_children=False)
+    peak = sampler.stop()
+    _wait_for_all(folder, "measured", ranks)
+    return {
+        "rank": rank,
+        "seconds": seconds,
+        "end_pss_bytes": end.pss_bytes,
+        **_growth(peak, base, end),
+    }
+
+
+def shared_index_case(
+    path: str, warm_path: str, ultra_low_mem: bool, ranks: int, cfg: tuple
+) -> dict:
+    """`ranks` rank processes of `shared_index_rank` from a cold index cache; per-rank figures,
+    the worst rank's growth, and the bytes of the shared index files they mapped."""
+    from pipeline.index_cache import FOLDER_NAME, index_files_bytes
+
+    shutil.rmtree(Path(path) / FOLDER_NAME, ignore_errors=True)
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as sync, ProcessPoolExecutor(ranks, context) as pool:
+        args = (path, warm_path, ultra_low_mem)
+        futures = [pool.submit(shared_index_rank, *args, r, ranks, sync, cfg) for r in range(ranks)]
+        per_rank = [f.result() for f in futures]
+    worst = max(per_rank, key=lambda r: r["uss_growth_bytes"])
+    return {
+        "steps": cfg[3],
+        "seconds": max(r["seconds"] for r in per_rank),
+        "peak_uss_bytes": worst["peak_uss_bytes"],
+        "peak_pss_bytes": worst["peak_pss_bytes"],
+        "uss_growth_bytes": worst["uss_growth_bytes"],  # the peak: a rank writing a file maps it
+        "end_uss_growth_bytes": max(r["end_uss_growth_bytes"] for r in per_rank),
+        "dirty_growth_bytes": max(r["dirty_growth_bytes"] for r in per_rank),
+        "pss_growth_bytes": max(r["pss_growth_bytes"] for r in per_rank),
+        "index_files_bytes": index_files_bytes(Path(path) / FOLDER_NAME),
+        "per_rank": per_rank,
+    }
+
+
+def epoch_boundary_case(path: str, ahead: bool, cfg: tuple) -> dict:
+    """From 85% of epoch 0 (cold index cache; a consumer step of `step_s`) into epoch 1: how long
+    the first batch of epoch 1 takes, its index prepared ahead (at 90%) or built on demand."""
+    from pipeline import Loader, open_dataset
+    from pipeline import loader as loader_module
+    from pipeline.index_cache import FOLDER_NAME
+
+    batch_size, seq_len, seed, step_s = cfg
+    shutil.rmtree(Path(path) / FOLDER_NAME, ignore_errors=True)
+    if not ahead:
+        loader_module.AHEAD_FRACTION = float("inf")  # this process only (run_isolated)
+    base = read_memory(include_children=False)
+    sampler = PeakMemory(include_children=False)
+    loader = Loader(open_dataset(path), batch_size, seq_len, seed=seed)
+    state, rows = loader.state_dict(), loader.rows_per_step
+    state["consumed_rows"] = int(state["total_rows"] * 0.85) // rows * rows
+    loader.load_state_dict(state)
+    steps = 0
+    for _ in loader:
+        time.sleep(step_s)
+        steps += 1
+    started = time.perf_counter()
+    next(iter(loader))
+    boundary_wait_s = time.perf_counter() - started
+    end = read_memory(include_children=False)
+    return {
+        "steps": steps,
+        "boundary_wait_s": boundary_wait_s,
+        **_growth(sampler.stop(), base, end),
+    }
+
+
+def build_tiny_docs_corpus(out: Path, num_docs: int, seed: int) -> Path:
+    """(Once; cached at `out`) `num_docs` documents of 4-12 random byte ids, via the pipeline
+    build (parquet parts of 1M documents)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.build import build_dataset
+    from pipeline.config import BuildConfig
+
+    if (out / "index.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-src-") as tmp:
+        inputs = []
+        for first in range(0, num_docs, 1_000_000):
+            lengths = rng.integers(4, 13, size=min(1_000_000, num_docs - first))
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            values = rng.integers(0, 256, size=int(offsets[-1]), dtype=np.int32)
+            ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+            inputs.append(Path(tmp) / f"part-{len(inputs):05d}.parquet")
+            pq.write_table(pa.table({"input_ids": ids}), inputs[-1])
+        build_dataset(BuildConfig(inputs=inputs, out=out, text_field="input_ids"), progress=False)
+    return out
+
+
+def shared_index_cases(cache_dir: Path, cfg) -> list[MemoryCase]:
+    """The shared-index cases (mmap and ultra-low-mem) over a tiny-documents corpus in
+    `cache_dir`: 10M documents (200k with --quick), 3 ranks, 20 batches each."""
+    num_docs = 200_000 if cfg.quick else 10_000_000
+    corpus = cache_dir / f"tiny-docs-{num_docs}-seed{cfg.seed}"
+    warm = cache_dir / f"tiny-docs-20000-seed{cfg.seed}"
+    run_cfg = (cfg.batch_size, cfg.seq_len, cfg.seed, 20)
+    args = (str(corpus), str(warm), num_docs, cfg.seed)
+    cases = [
+        MemoryCase(
+            f"shared index {mode}, 3 ranks",
+            _shared_index_stage,
+            (*args, shared_index_case, (mode == "ultra_low_mem", 3, run_cfg)),
+        )
+        for mode in ("mmap", "ultra_low_mem")
+    ]
+    boundary_cfg = (cfg.batch_size, cfg.seq_len, cfg.seed, 0.005)
+    for when in ("prepared ahead", "built on demand"):
+        call = (epoch_boundary_case, (when == "prepared ahead", boundary_cfg))
+        cases.append(
+            MemoryCase(f"epoch boundary, index {when}", _shared_index_stage, (*args, *call))
+        )
+    return cases
+
+
+def _shared_index_stage(corpus, warm, num_docs, seed, case, case_args) -> dict:
+    build_tiny_docs_corpus(Path(corpus), num_docs, seed)
+    build_tiny_docs_corpus(Path(warm), 20_000, seed + 1)
+    if case is epoch_boundary_case:
+        return case(corpus, *case_args)
+    return case(corpus, warm, *case_args)
+
+
 def run_isolated(fn: Callable[..., dict], *args) -> dict:
     """Run `fn(*args)` in a freshly spawned interpreter and return its result."""
     with ProcessPoolExecutor(
@@ -265,4 +432,4 @@ def memory_cases(large_corpus: Path, cfg) -> list[MemoryCase]:
                 (path, k, steps, B, L, seed, cfg.consumer_step_ms / 1000.0),
             )
         )
-    return cases
+    return cases + shared_index_cases(Path(large_corpus).parent, cfg)

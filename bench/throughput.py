@@ -277,6 +277,15 @@ def run_memory_stage(cfg: ThroughputConfig, bar: tqdm) -> tuple[list[CaseResult]
             "%",
         )
     )
+    for name in (k for k in raw if k.startswith("shared index")):
+        growth = raw[name]["end_uss_growth_bytes"] / _MB
+        what = f"{name}: USS growth per rank, open to 20 batches (worst)"
+        checks.append(Check(what, growth, 16.0, False, "MB"))
+    if "epoch boundary, index prepared ahead" in raw:
+        ahead = raw["epoch boundary, index prepared ahead"]["boundary_wait_s"]
+        on_demand = raw["epoch boundary, index built on demand"]["boundary_wait_s"]
+        what = "epoch boundary wait, index built on demand vs prepared ahead"
+        checks.append(Check(what, on_demand / max(ahead, 1e-6), 10.0, True, "x"))
     return list(results.values()), checks
 
 

@@ -1,4 +1,5 @@
-"""`python -m pipeline {build,demo,plan}`: parse the subcommand's flags and delegate.
+"""`python -m pipeline {build,tokenize-distributed,demo,plan}`: parse the subcommand's flags
+and delegate.
 
 `plan` is the trainer's (`train_low_mem.py plan`), with the same flags.
 """
@@ -9,7 +10,7 @@ import tyro
 
 from lowmem_core.errors import run_cli
 from lowmem_core.flags import parse_flags
-from pipeline.config import BuildConfig, DemoConfig
+from pipeline.config import BuildConfig, DemoConfig, TokenizeDistributedConfig
 
 
 def build(cfg: BuildConfig) -> None:
@@ -25,6 +26,21 @@ def build(cfg: BuildConfig) -> None:
     )
 
 
+def tokenize_distributed(cfg: TokenizeDistributedConfig) -> None:
+    from pipeline.ray_tokenize import tokenize_distributed as run
+
+    report = run(cfg)
+    for line in report.notes(cfg.text_field):
+        print(line)
+    eos = f" --eos-token {cfg.eos_token}" if cfg.eos_token else ""
+    print(
+        f"tokenised {report.num_documents} documents, {report.num_tokens} tokens into "
+        f"{report.num_shards} Parquet file(s) in {report.out_dir} in {report.seconds:.2f} s; make "
+        f"the dataset with `python -m pipeline build {report.out_dir} --out DIR --text-field "
+        f"input_ids --tokenizer {cfg.tokenizer}{eos}`"
+    )
+
+
 def demo(cfg: DemoConfig) -> None:
     from pipeline.demo import run_demo
 
@@ -32,7 +48,11 @@ def demo(cfg: DemoConfig) -> None:
 
 
 # subcommand name -> (config dataclass, handler)
-SUBCOMMANDS = {"build": (BuildConfig, build), "demo": (DemoConfig, demo)}
+SUBCOMMANDS = {
+    "build": (BuildConfig, build),
+    "tokenize-distributed": (TokenizeDistributedConfig, tokenize_distributed),
+    "demo": (DemoConfig, demo),
+}
 
 
 def _main(argv: list[str]) -> int:
@@ -45,8 +65,9 @@ def _main(argv: list[str]) -> int:
             {name: cls for name, (cls, _) in SUBCOMMANDS.items()},
             prog="python -m pipeline",
             args=argv,
-            description="build: tokenise inputs; demo: the quick start; plan: size a run "
-            "(`python -m pipeline plan --help`)",
+            description="build: tokenise inputs; tokenize-distributed: tokenise on a Ray "
+            "cluster into Parquet shards that build ingests; demo: the quick start; plan: size a "
+            "run (`python -m pipeline plan --help`)",
         ),
         argv,
         "python -m pipeline",

@@ -34,7 +34,7 @@ from lowmem_core.locks import FolderLock
 from pipeline import output, sources
 from pipeline.config import BuildConfig
 from pipeline.output import check_out
-from pipeline.sft import LazyChat, SftFields, encode_pairs, split_records
+from pipeline.sft import LazyChat, SftFields, encode_pairs, limit_samples, split_records
 from pipeline.shards import ShardWriter
 from pipeline.sources import (
     Chunk,
@@ -62,6 +62,9 @@ class BuildReport:
     seconds: float
     skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # input -> (empty, null)
     documents_in_pieces: int = 0  # documents longer than sources.PIECE_CHARS, in pieces
+    samples_truncated: int = 0  # --long-samples truncate: responses cut to fit
+    samples_dropped: int = 0  # --long-samples drop (or no room left for a response)
+    max_sample_tokens: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,6 +83,12 @@ class BuildReport:
                 f"{sources.PIECE_CHARS:,} characters in pieces cut at line breaks (memory stays "
                 "bounded)"
             )
+        if self.samples_truncated or self.samples_dropped:
+            lines.append(
+                f"samples longer than {self.max_sample_tokens} tokens (with the EOS): "
+                f"{self.samples_truncated} truncated (response cut at the end), "
+                f"{self.samples_dropped} dropped"
+            )
         return lines
 
 
@@ -87,7 +96,7 @@ class BuildReport:
 
 
 @dataclass(frozen=True)
-class _EncodedChunk:
+class EncodedChunk:
     encoded: Encoded  # values already in the dataset's dtype
     tail_continues: bool
     source: Source
@@ -95,9 +104,11 @@ class _EncodedChunk:
     skipped_null: int
     documents_in_pieces: int
     prompt_lengths: np.ndarray | None = None  # (num_docs,) int64, for prompt/response records
+    samples_truncated: int = 0
+    samples_dropped: int = 0
 
 
-def _encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> _EncodedChunk:
+def encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> EncodedChunk:
     cleaned = clean(chunk, strip)
     docs = cleaned.docs
     if isinstance(docs, pa.ChunkedArray):
@@ -112,7 +123,7 @@ def _encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> _Enc
     else:
         encoded = _token_lists(docs, tokenizer, chunk.source.path)
     values = encoded.values.astype(dtype, copy=False)
-    return _EncodedChunk(
+    return EncodedChunk(
         Encoded(values, encoded.lengths),
         cleaned.tail_continues,
         chunk.source,
@@ -173,16 +184,26 @@ def _token_lists(docs: pa.Array, tokenizer, path: Path) -> Encoded:
 
 
 def _encode_records(
-    chunk: RecordChunk, tokenizer, dtype: np.dtype, fields: SftFields, chat: LazyChat | None
-) -> _EncodedChunk:
+    chunk: RecordChunk,
+    tokenizer,
+    dtype: np.dtype,
+    fields: SftFields,
+    chat: LazyChat | None,
+    limit: tuple[int, str] | None,
+) -> EncodedChunk:
     """Prompt/response records -> one document each (prompt then response) + prompt lengths."""
     prompts, responses = split_records(
         chunk.records, fields, str(chunk.source.path), chat, chunk.first, chunk.unit
     )
     pairs = encode_pairs(tokenizer, prompts, responses, tokenizer.prefix, tokenizer.eos_id)
     _check_ids(pairs.values, tokenizer, f"the tokenizer {tokenizer.id} produced")
+    truncated = dropped = 0
+    if limit is not None:
+        pairs, truncated, dropped = limit_samples(pairs, *limit)
     encoded = Encoded(pairs.values.astype(dtype, copy=False), pairs.lengths)
-    return _EncodedChunk(encoded, False, chunk.source, 0, 0, 0, pairs.prompt_lengths)
+    return EncodedChunk(
+        encoded, False, chunk.source, 0, 0, 0, pairs.prompt_lengths, truncated, dropped
+    )
 
 
 def _check_ids(values: np.ndarray, tokenizer, what: str) -> None:
@@ -237,6 +258,9 @@ def build_dataset(cfg: BuildConfig, progress: bool = True) -> BuildReport:
         time.perf_counter() - started,
         report.skipped,
         report.documents_in_pieces,
+        report.samples_truncated,
+        report.samples_dropped,
+        report.max_sample_tokens,
     )
 
 
@@ -264,16 +288,20 @@ def _write(
         names = (fields.prompt, fields.response, fields.messages)
         chunks = (chunk for source in sources for chunk in read_records(source, names))
         chat = LazyChat(Path(cfg.tokenizer)) if Path(cfg.tokenizer).is_dir() else None
+        limit = None
+        if cfg.max_sample_tokens is not None:
+            limit = (cfg.max_sample_tokens, cfg.long_samples)
         encode = partial(
-            _encode_records, tokenizer=tokenizer, dtype=dtype, fields=fields, chat=chat
+            _encode_records, tokenizer=tokenizer, dtype=dtype, fields=fields, chat=chat, limit=limit
         )
     else:
         options = ReadOptions(text_field=cfg.text_field, split=cfg.split)
         chunks = (chunk for source in sources for chunk in read_source(source, options))
-        encode = partial(_encode_chunk, tokenizer=tokenizer, dtype=dtype, strip=cfg.strip)
+        encode = partial(encode_chunk, tokenizer=tokenizer, dtype=dtype, strip=cfg.strip)
     writer = ShardWriter(tmp, dtype, cfg.max_shard_tokens, prompt_lengths=cfg.sft)
     skipped: dict[str, list[int]] = {}
     in_pieces = 0
+    cut = [0, 0]  # samples truncated, dropped
     # A with-block closes the bar on errors too, so the error line starts a line of its own.
     with (
         tqdm(unit=" docs", unit_scale=True, desc="build", disable=not progress) as bar,
@@ -286,6 +314,8 @@ def _write(
                 counts[0] += result.skipped_empty
                 counts[1] += result.skipped_null
             in_pieces += result.documents_in_pieces
+            cut[0] += result.samples_truncated
+            cut[1] += result.samples_dropped
             bar.update(int(result.encoded.lengths.size))
     shards = writer.close()
     num_docs = sum(s["num_documents"] for s in shards)
@@ -323,6 +353,12 @@ def _write(
         },
     }
     if cfg.sft:
+        index["build"]["long_samples"] = {
+            "max_sample_tokens": cfg.max_sample_tokens,
+            "mode": cfg.long_samples,
+            "truncated": cut[0],
+            "dropped": cut[1],
+        }
         index["build"]["fields"] = {
             "prompt": cfg.prompt_field,
             "response": cfg.response_field,
@@ -339,4 +375,7 @@ def _write(
         0.0,
         {k: (v[0], v[1]) for k, v in skipped.items()},
         in_pieces,
+        cut[0],
+        cut[1],
+        cfg.max_sample_tokens,
     )

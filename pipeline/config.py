@@ -44,6 +44,12 @@ class BuildConfig:
     messages_field: str = "messages"
     """With --sft: the field holding a chat ([{role, content}, ...], the last one the
     assistant's), rendered with the --tokenizer folder's chat template instead of the two above."""
+    max_sample_tokens: int | None = None
+    """With --sft: samples longer than this (tokens + the EOS the loader adds; usually the
+    trainer's --max_seq_len) are handled by --long-samples; default: no limit."""
+    long_samples: Literal["keep", "truncate", "drop"] = "keep"
+    """With --max-sample-tokens: keep a longer sample whole (packing continues it across rows),
+    truncate its response to fit, or drop it; each is counted in the build's report."""
     split: Literal["blank_lines", "lines"] = "blank_lines"
     """.txt documents: blocks separated by blank lines, or one document per line."""
     one_doc_per_line: bool = False
@@ -77,12 +83,60 @@ class BuildConfig:
                 f"{flag} applies to text builds; with --sft records are kept as written and "
                 f"named with --prompt-field/--response-field/--messages-field: drop {flag}"
             )
+        if self.max_sample_tokens is not None and (not self.sft or self.max_sample_tokens < 2):
+            raise ConfigError(
+                f"--max-sample-tokens {self.max_sample_tokens}: needs --sft and at least 2 tokens "
+                "(one response token and the EOS); add --sft or raise it"
+            )
+        if self.long_samples != "keep" and self.max_sample_tokens is None:
+            raise ConfigError(
+                f"--long-samples {self.long_samples} needs --max-sample-tokens N (the longest "
+                "sample to keep whole, usually the trainer's --max_seq_len)"
+            )
         fields = (self.prompt_field, self.response_field, self.messages_field)
         if not self.sft and fields != ("prompt", "response", "messages"):
             raise ConfigError(
                 "--prompt-field/--response-field/--messages-field apply to prompt/response "
                 "builds; add --sft, or name the text field with --text-field"
             )
+
+
+@dataclass
+class TokenizeDistributedConfig:
+    """Tokenise inputs on a Ray cluster into Parquet token shards, one per input file; then
+    `python -m pipeline build OUT --text-field input_ids --tokenizer SAME` makes the dataset."""
+
+    inputs: Annotated[list[Path], tyro.conf.Positional] = field(default_factory=list)
+    """Input files, globs or folders, as for `build` (.jsonl, .json, .parquet, .txt, optionally
+    .gz/.bz2/.zst); every Ray node must see them at the same paths (a shared filesystem)."""
+    out: Path = Path("data/token-shards")
+    """Folder for the Parquet shards (must be new or empty; every node must be able to write
+    it). Filled atomically: a temp folder beside it is renamed when every shard is written."""
+    tokenizer: str = "byte"
+    """`byte`, a `tokenizers` tokenizer.json, or a Hugging Face model/tokenizer folder (as for
+    `build`); loaded here and sent to the workers."""
+    eos_token: str | None = None
+    """End-of-text token (default: the tokenizer's own eos_token); pass the same to `build`."""
+    text_field: str = "text"
+    """Field holding the text in JSON/Parquet/`datasets` inputs."""
+    split: Literal["blank_lines", "lines"] = "blank_lines"
+    """.txt documents: blocks separated by blank lines, or one document per line."""
+    strip: bool = False
+    """Trim Unicode whitespace at both ends of each document."""
+    address: str | None = None
+    """Ray cluster to run on: `auto` (the cluster this machine belongs to), `ray://HOST:10001`
+    (Ray Client); default: a Ray started on this machine for this command."""
+    num_workers: int | None = None
+    """Ray actors tokenising at once, one input file and one CPU each (default: the cluster's
+    CPUs, at most one per input file)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ConfigError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.eos_token == "":
+            raise ConfigError("--eos-token must name a token, got an empty string")
+        if self.address == "":
+            raise ConfigError("--address must name a cluster (`auto`, ray://HOST:PORT)")
 
 
 @dataclass

@@ -2,12 +2,13 @@
 
 A dataset is a list of chunks (one per Arrow record batch: one per shard for our own builds),
 each a contiguous run of token values in a file, plus one int64 array of global document start
-offsets (8 bytes per document). Nothing is held per document in Python, so threads and forked
-processes share the mapped pages instead of copying them. How the token values are read (mmap
-views or ultra-low-mem `pread`) is decided once at open, in pipeline/storage.py.
+offsets (8 bytes per document). The offsets are written once per node into an index file that
+every process maps read-only (pipeline/index_cache.py), so ranks, threads and forked processes
+share its pages instead of each holding a copy. How the token values are read (mmap views or
+ultra-low-mem `pread`) is decided once at open, in pipeline/storage.py.
 
 A prompt/response dataset (index.json "kind": "sft") also holds each document's prompt length,
-read at open into one int64 array (8 bytes per document, like the starts) in either mode.
+one int64 per document kept beside the offsets in the same shared file, in either mode.
 
 Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild
 (and as "sft" when a `prompt_lengths` integer column sits beside it).
@@ -33,7 +34,7 @@ from lowmem_core.format import (
     KIND_TEXT,
     PROMPT_LENGTHS_COLUMN,
 )
-from pipeline import storage
+from pipeline import cost, index_cache, storage
 from pipeline.collate import Segments
 from pipeline.manifest import read_manifest
 from pipeline.storage import Chunk
@@ -50,17 +51,20 @@ class _Mapping:
 @dataclass(frozen=True)
 class _Layout:
     chunks: list[Chunk]
-    doc_starts: np.ndarray  # (num_docs + 1,) int64 global token offsets
+    doc_starts: np.ndarray  # (num_docs + 1,) int64 global token offsets (shared, read-only)
     token_dtype: np.dtype
     meta: dict  # vocab_size, bos_id, eos_id, pad_id, tokenizer_id, fingerprint, source
-    prompt_lengths: np.ndarray | None = None  # (num_docs,) int64, for a prompt/response dataset
+    prompt_lengths: np.ndarray | None  # (num_docs,) int64, for a prompt/response dataset
+    index_folder: Path  # where the shared index files live (pipeline/index_cache.py)
 
 
 class TokenDataset:
     """Documents of token ids: `ds[i]`, `len(ds)`, `doc_starts`, and `read_segments` for the
     loader. `ultra_low_mem` says which reader serves the reads (see pipeline/storage.py).
     `kind` is "text" or "sft"; an "sft" dataset's `prompt_lengths` (num_docs,) int64 gives the
-    prompt tokens at the start of each document (None for "text")."""
+    prompt tokens at the start of each document (None for "text"). `doc_starts` and
+    `prompt_lengths` are read-only views of a file shared by the node; `index_folder` holds it
+    and the loader's epoch indexes."""
 
     def __init__(
         self,
@@ -69,8 +73,11 @@ class TokenDataset:
         maps: list,
         ultra_low_mem: bool,
         page_cache_budget_bytes: int = 64 << 20,
+        index_cache: Path | str | None = None,
     ):
         self.path = path
+        self.index_cache = index_cache  # as given to open_dataset (None: the default place)
+        self.index_folder: Path = layout.index_folder
         self.ultra_low_mem = ultra_low_mem
         self.page_cache_budget_bytes = page_cache_budget_bytes
         self._reader = storage.open_reader(
@@ -103,6 +110,11 @@ class TokenDataset:
     @property
     def token_bytes(self) -> int:
         return self.num_tokens * self.token_dtype.itemsize
+
+    @property
+    def shared_index_bytes(self) -> int:
+        """Bytes of the node's shared index files for this dataset (pipeline/cost.py)."""
+        return cost.shared_index_bytes(len(self), self.kind == KIND_SFT)
 
     @property
     def doc_lengths(self) -> np.ndarray:
@@ -146,6 +158,7 @@ class TokenDataset:
             self.path,
             ultra_low_mem=ultra_low_mem,
             page_cache_budget_bytes=self.page_cache_budget_bytes,
+            index_cache=self.index_cache,
         )
 
     def close(self) -> None:
@@ -171,12 +184,18 @@ class TokenDataset:
 
 
 def open_dataset(
-    path, ultra_low_mem: bool = False, verify: bool = False, page_cache_budget_bytes: int = 64 << 20
+    path,
+    ultra_low_mem: bool = False,
+    verify: bool = False,
+    page_cache_budget_bytes: int = 64 << 20,
+    index_cache: Path | str | None = None,
 ) -> TokenDataset:
     """Open a dataset built by `pipeline build`, or a `datasets` folder with a token-id list column.
 
     verify=True also checks every shard's sha256 against index.json (reads the whole dataset once).
     page_cache_budget_bytes: in ultra-low-mem mode, bytes read between page-cache drops.
+    index_cache: a writable folder for the shared index files when the dataset folder is not the
+    place (default: $LOWMEM_INDEX_CACHE, else DIR/.index_cache, else the user's cache).
     """
     path = Path(path)
     if not path.exists():
@@ -185,23 +204,23 @@ def open_dataset(
             f"`python -m pipeline build INPUT... --out {path}`"
         )
     if (path / INDEX_NAME).is_file():
-        layout, maps = _open_built(path, verify)
+        layout, maps = _open_built(path, verify, index_cache)
     elif (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        layout, maps = _open_datasets_folder(path)
+        layout, maps = _open_datasets_folder(path, index_cache)
     else:
         raise PipelineError(
             f"{path} is not a dataset (no {INDEX_NAME}, and not a `datasets` save_to_disk folder); "
             f"build it with `python -m pipeline build INPUT... --out {path}`"
         )
-    return TokenDataset(path, layout, maps, ultra_low_mem, page_cache_budget_bytes)
+    return TokenDataset(path, layout, maps, ultra_low_mem, page_cache_budget_bytes, index_cache)
 
 
-def _open_built(path: Path, verify: bool) -> tuple[_Layout, list]:
+def _open_built(path: Path, verify: bool, given_cache) -> tuple[_Layout, list]:
     # The schema is checked first (types, ranges, ids below the vocabulary, the kind).
     manifest = read_manifest(path)
     index, token_dtype = manifest.raw, manifest.dtype
     sft = manifest.kind == KIND_SFT
-    chunks, starts, maps, prompts = [], [np.zeros(1, np.int64)], [], []
+    chunks, batches, maps = [], [], []
     first_doc = first_token = 0
     for entry in index["files"]:
         file_path = path / entry["name"]
@@ -218,15 +237,13 @@ def _open_built(path: Path, verify: bool) -> tuple[_Layout, list]:
         if verify and file_sha256(file_path) != entry["sha256"]:
             raise PipelineError(f"{file_path} fails its sha256 check (corrupt); {_REBUILD}")
         mm, reader = _map_arrow(file_path, stream=False)
-        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        for batch in batches:
-            chunk, doc_offsets = _chunk_from_batch(
+        file_batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        for batch in file_batches:
+            chunk = _chunk_from_batch(
                 file_path, mm, batch, COLUMN, token_dtype, first_doc, first_token
             )
             chunks.append(chunk)
-            starts.append(doc_offsets[1:] + first_token)
-            if sft:
-                prompts.append(_prompt_lengths(file_path, batch, np.diff(doc_offsets), _REBUILD))
+            batches.append((batch, mm.base_address))
             first_doc += batch.num_rows
             first_token += chunk.num_tokens
         maps.append(mm)
@@ -249,36 +266,13 @@ def _open_built(path: Path, verify: bool) -> tuple[_Layout, list]:
         "tokenizer_id": str(tok.get("id")),
         "fingerprint": fingerprint,
     }
-    prompt_lengths = np.concatenate(prompts) if sft else None
-    return _Layout(chunks, np.concatenate(starts), token_dtype, meta, prompt_lengths), maps
+    folder = index_cache.cache_folder(path, fingerprint, given_cache)
+    shared = index_cache.doc_arrays(folder, fingerprint, chunks, batches, COLUMN, sft, _REBUILD)
+    starts, prompt_lengths = shared
+    return _Layout(chunks, starts, token_dtype, meta, prompt_lengths, folder), maps
 
 
-def _prompt_lengths(file_path: Path, batch, doc_lengths: np.ndarray, fix: str) -> np.ndarray:
-    """(rows,) int64 prompt lengths of a record batch, each within its document's length."""
-    names = batch.schema.names
-    if PROMPT_LENGTHS_COLUMN not in names:
-        raise PipelineError(
-            f"{file_path} has no {PROMPT_LENGTHS_COLUMN!r} column (columns: {', '.join(names)}) "
-            f"but its dataset is a prompt/response one; {fix}"
-        )
-    column = batch.column(PROMPT_LENGTHS_COLUMN)
-    if not pa.types.is_integer(column.type) or column.null_count:
-        raise PipelineError(
-            f"column {PROMPT_LENGTHS_COLUMN!r} in {file_path} is {column.type} with "
-            f"{column.null_count} nulls, expected integers; {fix}"
-        )
-    lengths = column.to_numpy().astype(np.int64)
-    bad = np.flatnonzero((lengths < 0) | (lengths > doc_lengths))
-    if bad.size:
-        i = int(bad[0])
-        raise PipelineError(
-            f"{file_path}: row {i} has a prompt of {lengths[i]} tokens but a document of "
-            f"{doc_lengths[i]}; {fix}"
-        )
-    return lengths
-
-
-def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
+def _open_datasets_folder(path: Path, given_cache) -> tuple[_Layout, list]:
     try:
         state = json.loads((path / "state.json").read_text())
         files = [path / f["filename"] for f in state["_data_files"]]
@@ -286,7 +280,7 @@ def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
         raise PipelineError(
             f"{path / 'state.json'} is not a `datasets` state file ({exc}); re-save the dataset"
         ) from None
-    chunks, starts, maps, prompts = [], [np.zeros(1, np.int64)], [], []
+    chunks, batches, maps = [], [], []
     first_doc = first_token = 0
     column = token_dtype = None
     sft = False
@@ -302,7 +296,7 @@ def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
             if column is None:
                 column, token_dtype = _token_column(path, batch.schema)
                 sft = PROMPT_LENGTHS_COLUMN in batch.schema.names
-            chunk, doc_offsets = _chunk_from_batch(
+            chunk = _chunk_from_batch(
                 file_path, mm, batch, column, token_dtype, first_doc, first_token
             )
             if chunk.num_tokens:
@@ -313,10 +307,7 @@ def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
                         "dataset"
                     )
             chunks.append(chunk)
-            starts.append(doc_offsets[1:] + first_token)
-            if sft:
-                fix = f"fix or drop the dataset's {PROMPT_LENGTHS_COLUMN!r} column"
-                prompts.append(_prompt_lengths(file_path, batch, np.diff(doc_offsets), fix))
+            batches.append((batch, mm.base_address))
             first_doc += batch.num_rows
             first_token += chunk.num_tokens
         maps.append(mm)
@@ -336,8 +327,11 @@ def _open_datasets_folder(path: Path) -> tuple[_Layout, list]:
         "tokenizer_id": f"datasets:{column}",
         "fingerprint": fingerprint,
     }
-    prompt_lengths = np.concatenate(prompts) if sft else None
-    layout = _Layout(chunks, np.concatenate(starts), np.dtype(token_dtype), meta, prompt_lengths)
+    folder = index_cache.cache_folder(path, fingerprint, given_cache)
+    fix = f"fix or drop the dataset's {PROMPT_LENGTHS_COLUMN!r} column"
+    shared = index_cache.doc_arrays(folder, fingerprint, chunks, batches, column, sft, fix)
+    starts, prompt_lengths = shared
+    layout = _Layout(chunks, starts, np.dtype(token_dtype), meta, prompt_lengths, folder)
     return layout, maps
 
 
@@ -371,9 +365,7 @@ def _map_arrow(file_path: Path, stream: bool):
     return _Mapping(mm, base_address), reader
 
 
-def _chunk_from_batch(
-    file_path, mm, batch, column, token_dtype, first_doc, first_token
-) -> tuple[Chunk, np.ndarray]:
+def _chunk_from_batch(file_path, mm, batch, column, token_dtype, first_doc, first_token) -> Chunk:
     if column not in batch.schema.names:
         raise PipelineError(
             f"{file_path} has no {column!r} column (columns: {', '.join(batch.schema.names)}); "
@@ -388,13 +380,9 @@ def _chunk_from_batch(
         raise PipelineError(
             f"column {column!r} in {file_path} is {kind}, expected list<{token_dtype}>; {_REBUILD}"
         )
-    offset_dtype = np.int32 if pa.types.is_list(kind) else np.int64
-    raw_offsets = np.frombuffer(arr.buffers()[1], dtype=offset_dtype)[
-        arr.offset : arr.offset + len(arr) + 1
-    ]
+    raw_offsets = index_cache.raw_offsets(arr)
     child_offset = arr.values.offset
-    doc_offsets = raw_offsets.astype(np.int64) - int(raw_offsets[0])
-    num_tokens = int(doc_offsets[-1])
+    num_tokens = int(raw_offsets[-1]) - int(raw_offsets[0])
     values_buf = arr.buffers()[3]
     itemsize = token_dtype.itemsize
     element0 = child_offset + int(raw_offsets[0])
@@ -411,7 +399,6 @@ def _chunk_from_batch(
                 f"{file_path}: token buffer is not inside the file (not a plain Arrow file); "
                 f"{_REBUILD}"
             )
-    if np.any(np.diff(doc_offsets) < 0):
+    if num_tokens < 0:
         raise PipelineError(f"{file_path} has decreasing list offsets (corrupt); {_REBUILD}")
-    chunk = Chunk(file_path, file_offset, first_doc, first_token, num_tokens, values)
-    return chunk, doc_offsets
+    return Chunk(file_path, file_offset, first_doc, first_token, num_tokens, values)

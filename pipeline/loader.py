@@ -16,12 +16,17 @@ samples too long for one row.
 The Loader is a single-threaded batch source: one pass of `for batch in loader` is one epoch
 (from the current position), the next pass the next epoch. The Prefetcher runs its lower-level
 `tasks()` / `fill()` / `commit()` in reader threads to fill a pool of (pinned) buffers ahead.
+
+Epoch indexes are files shared by the node (pipeline/index_cache.py): the first rank to need one
+builds it, the others map it. Once 90% of an epoch's rows are handed out, a background thread
+prepares the next epoch's index, so crossing the epoch boundary does not wait for a build.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +35,14 @@ import torch
 from lowmem_core.errors import CheckpointError, ConfigError, PipelineError
 from lowmem_core.format import IGNORE_INDEX
 from lowmem_core.stateful import Stateful
-from pipeline import collate
+from pipeline import collate, index_cache
 from pipeline.dataset import TokenDataset
 from pipeline.sampler import EpochIndex
 
 STATE_VERSION = 2  # 2: padding rows end each document with EOS
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 _STATE_KEYS = ("version", "epoch", "consumed_rows", "seed", "seq_len", "packing", "fingerprint")
+AHEAD_FRACTION = 0.9  # of an epoch's rows handed out when the next epoch's index is prepared
 
 
 class Batch(dict):
@@ -131,6 +137,8 @@ class Loader(Stateful):
         self._consumed_rows = 0
         self._moves = 0  # bumped when the position is set from outside: a pass in progress ends
         self._index: EpochIndex | None = None
+        self._ahead: tuple[int, Future] | None = None  # the next epoch's index, being prepared
+        self._index_lock = threading.Lock()
         # Capacity: a packing batch of B*L stream positions touches at most B*L+1 documents.
         self._scratch = _Scratch(batch_size * seq_len + 2)
 
@@ -144,16 +152,44 @@ class Loader(Stateful):
         return self._epoch
 
     def _epoch_index(self, epoch: int) -> EpochIndex:
-        if self._index is None or self._index.epoch != epoch:
-            self._index = EpochIndex.build(
-                self.dataset.doc_starts,
-                self.seed,
-                epoch,
-                self.seq_len,
-                self.packing,
-                whole_samples=self._whole_samples,
-            )
-        return self._index
+        with self._index_lock:
+            if self._index is None or self._index.epoch != epoch:
+                ahead, self._ahead = self._ahead, None
+                index = None
+                if ahead is not None and ahead[0] == epoch:
+                    try:
+                        index = ahead[1].result()
+                    except Exception:
+                        index = None  # built again below, raising in this thread if it fails
+                self._index = index or self._open_index(epoch)
+            return self._index
+
+    def _open_index(self, epoch: int) -> EpochIndex:
+        """The node's shared index of `epoch` (a private one for a dataset without a folder)."""
+        ds = self.dataset
+        args = (self.seed, epoch, self.seq_len, self.packing, self._whole_samples)
+        folder = getattr(ds, "index_folder", None)
+        if folder is None:
+            return EpochIndex.build(ds.doc_starts, *args)
+        return index_cache.epoch_index(folder, ds.fingerprint, ds.doc_starts, *args)
+
+    def _prepare_ahead(self, epoch: int) -> None:
+        """Build or map `epoch`'s index in a background thread (once)."""
+        with self._index_lock:
+            if (self._ahead is not None and self._ahead[0] == epoch) or (
+                self._index is not None and self._index.epoch == epoch
+            ):
+                return
+            future: Future = Future()
+            self._ahead = (epoch, future)
+
+        def run() -> None:
+            try:
+                future.set_result(self._open_index(epoch))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="epoch-index-ahead", daemon=True).start()
 
     def _steps_in(self, index: EpochIndex) -> int:
         full, partial = divmod(index.total_rows, self.rows_per_step)
@@ -190,6 +226,8 @@ class Loader(Stateful):
         first_step = -(-consumed // self.rows_per_step)
         for step_start in range(consumed, end_rows, self.rows_per_step):
             next_rows = step_start + self.rows_per_step
+            if next_rows >= AHEAD_FRACTION * end_rows:
+                self._prepare_ahead(epoch + 1)
             r0 = min(step_start + self.rank * self.batch_size, index.total_rows)
             r1 = min(r0 + self.batch_size, index.total_rows)
             yield BatchTask(

@@ -201,3 +201,28 @@ def encode_pairs(
         r.values
     )
     return SftEncoded(values=values, lengths=lengths, prompt_lengths=p.lengths.astype(np.int64))
+
+
+def limit_samples(pairs: SftEncoded, max_tokens: int, mode: str) -> tuple[SftEncoded, int, int]:
+    """Samples whose tokens + EOS exceed `max_tokens`: kept ("keep"), their response cut at the
+    end to fit ("truncate"; a prompt that leaves no room for one response token drops the
+    sample), or dropped ("drop"). Returns (samples, truncated, dropped)."""
+    over = pairs.lengths + 1 > max_tokens
+    if mode == "keep" or not over.any():
+        return pairs, 0, 0
+    new_lengths = pairs.lengths.copy()
+    drop = over.copy() if mode == "drop" else over & (pairs.prompt_lengths + 2 > max_tokens)
+    cut = over & ~drop
+    new_lengths[cut] = max_tokens - 1
+    new_lengths[drop] = 0
+    # Keep token k of sample i when k < new_lengths[i].
+    starts = np.concatenate(([0], np.cumsum(pairs.lengths)[:-1]))
+    within = np.arange(pairs.values.size) - np.repeat(starts, pairs.lengths)
+    keep = within < np.repeat(new_lengths, pairs.lengths)
+    kept = ~drop
+    limited = SftEncoded(
+        values=pairs.values[keep],
+        lengths=new_lengths[kept],
+        prompt_lengths=pairs.prompt_lengths[kept],
+    )
+    return limited, int(cut.sum()), int(drop.sum())

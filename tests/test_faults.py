@@ -172,6 +172,8 @@ FAULT_SLOW_FSYNC_S=<s>: every fsync takes s seconds longer, so that kills at ran
 inside saves more often.
 FAULT_LEAK_MIB_PER_STEP=<m>: every optimizer step leaks m MiB of host memory (pages touched),
 a stand-in for whatever grows in a real job.
+FAULT_INF_GRAD_FROM=<n>: from the n-th training forward of the embedding on, its backward sends
+inf gradients (the loss stays finite), as a step whose gradients overflow.
 """
 import errno
 import os
@@ -273,6 +275,32 @@ if leak_bytes:
 
     register_optimizer_step_post_hook(leak)
 
+inf_grad_from = int(os.environ.get("FAULT_INF_GRAD_FROM", "0"))
+embedding_forwards = 0
+
+
+class InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def inf_grad(module, args, output):
+    global embedding_forwards
+    if isinstance(module, torch.nn.Embedding) and module.training:
+        embedding_forwards += 1
+        if embedding_forwards >= inf_grad_from:
+            return InfGrad.apply(output)
+    return None
+
+
+if inf_grad_from:
+    torch.nn.modules.module.register_module_forward_hook(inf_grad)
+
 sys.exit(main())
 '''
 
@@ -316,6 +344,7 @@ def train_cmd(
     resume: bool = False,
     driver: bool = True,
     ranks: int = 1,
+    config_file: str = "cpu_3proc.yaml",
 ) -> list[str]:
     """The tiny model, a state saved at every step, a loss line at every step; global batch 4 rows.
 
@@ -330,7 +359,7 @@ def train_cmd(
             str(Path(PY).parent / "accelerate"),
             "launch",
             "--config_file",
-            str(REPO / "accelerate_configs" / "cpu_3proc.yaml"),
+            str(REPO / "accelerate_configs" / config_file),
             "--num_processes",
             str(ranks),
             "--main_process_port",
@@ -980,6 +1009,34 @@ def test_state_of_another_dataset_is_refused_with_the_field_diff(
     saved = open_dataset(fault_world / "tokens").fingerprint
     now = open_dataset(tmp_path / "other").fingerprint
     assert f"(dataset_fingerprint: saved '{saved}', now '{now}')" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("config_file", [None, "zero2_offload_3gpu.yaml"], ids=["ddp", "zero2"])
+def test_overflowing_gradients_are_skipped_then_stop_the_run(fault_world, tmp_path, config_file):
+    """A finite loss with inf gradients: our norm check (DDP) or DeepSpeed's own overflow check
+    (ZeRO-2) skips the update; two in a row stop the run, and no saved weight is non-finite."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    ranks, extra = (2, {"config_file": config_file}) if config_file else (1, {})
+    cmd = train_cmd(fault_world, out, "--max_bad_steps", "2", max_steps=12, ranks=ranks, **extra)
+    proc = subprocess.run(
+        cmd, env=train_env(FAULT_INF_GRAD_FROM=4), capture_output=True, text=True, timeout=600
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 4, output[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "training diverged: 2 consecutive steps up to step 5" in errors[0]
+    if config_file:
+        assert "skipped by DeepSpeed" in errors[0], errors
+    assert losses_by_step(output).keys() >= {1, 2, 3}
+    states = complete_states(out)
+    assert states.get(STATE) in (3, 4, 5), states  # a skipped step changes no weight
+    weights = out / STATE / "model.safetensors"
+    if weights.exists():
+        assert all(t.isfinite().all() for t in load_file(str(weights)).values())
 
 
 @pytest.mark.slow

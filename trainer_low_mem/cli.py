@@ -10,7 +10,10 @@ same names as `train`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import faulthandler
+import io
 import json
 import sys
 
@@ -69,10 +72,13 @@ def plan_from_config(cfg: PlanConfig):
 
     m = cfg.model
     vocab_size, dataset_bytes, is_sft = cfg.vocab_size, None, False
+    index_bytes, special_ids = None, None
     if cfg.data.data is not None:
         with open_dataset(cfg.data.data, ultra_low_mem=True) as ds:
             vocab_size, dataset_bytes = vocab_size or ds.vocab_size, ds.token_bytes
-            is_sft = bool(getattr(ds, "is_sft", False))
+            special_ids = {"vocab_size": ds.vocab_size, "eos_id": ds.eos_id, "bos_id": ds.bos_id}
+            index_bytes = ds.shared_index_bytes
+            is_sft = ds.prompt_lengths is not None
     if m.model is None:
         shape = resolve_preset(m.model_preset, vocab_size)
         what, vocab_size = f"preset {m.model_preset!r}", shape.vocab_size
@@ -90,6 +96,10 @@ def plan_from_config(cfg: PlanConfig):
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); plan on a "
                 "machine where `train` builds it, or check the folder's config"
             ) from exc
+    if special_ids is not None and m.model is not None and hasattr(shape, "vocab_rows"):
+        from trainer_low_mem.hf_model import check_dataset_matches_model
+
+        check_dataset_matches_model(**special_ids, model=shape, data=cfg.data.data)
     if cfg.data.max_seq_len > shape.max_seq_len:
         raise ConfigError(
             f"--max_seq_len {cfg.data.max_seq_len} exceeds {what}'s max_seq_len "
@@ -104,6 +114,7 @@ def plan_from_config(cfg: PlanConfig):
         offload_optimizer=launch.offload_optimizer,
         model_factory=job_model_factory(m, vocab_size, document_masking=is_sft),
         dataset_bytes=dataset_bytes,
+        index_bytes=index_bytes,
         ranks_per_node=launch.ranks_per_node,
         num_cores=launch.num_cores,
     )
@@ -133,6 +144,9 @@ def _main(argv: list[str]) -> int:
     if command == "plan":
         return plan_main(rest)
     config = parse_job_config(rest)
+    # A mapped shard truncated between two checks ends in SIGBUS: name the stack that read it.
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.enable(file=sys.__stderr__)  # no usable stderr: nothing to print to
     # Imported here so that `--help` and flag errors do not pay for torch and accelerate.
     from trainer_low_mem.loop import train
 

@@ -1,5 +1,8 @@
 """The run's data path: the dataset opened once, loader + prefetcher built from a Plan.
 
+An encoder-decoder model (`pair_with(start_id)`) reads prompt/response pairs through
+`pipeline.pairs.PairLoader`: encoder and decoder rows of at most --max_seq_len tokens, the side
+with fewer tokens shorter (`pair_row_lens`); the rest is the same.
 The OOM backoff and the host-RAM watchdog rebuild the loader and prefetcher (new micro-batch,
 prefetch depth or reader mode) at the data position of the last completed optimizer step, so no
 batch is lost or repeated.
@@ -7,6 +10,7 @@ batch is lost or repeated.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +20,11 @@ from lowmem_core.errors import LowMemError, PipelineError
 from lowmem_core.format import INDEX_NAME
 from pipeline import open_dataset
 from pipeline.loader import Loader
+from pipeline.pairs import PairLoader, pair_row_lens
 from pipeline.prefetch import Prefetcher
 from trainer_low_mem.distributed import RankContext
+
+SHARD_CHECK_EVERY_S = 10.0
 
 
 class TrainData:
@@ -33,8 +40,10 @@ class TrainData:
         rank: int,
         world_size: int,
         device: torch.device,
+        shard_check_every_s: float = SHARD_CHECK_EVERY_S,
     ):
         self.dataset = open_dataset(path)
+        self.shard_check_every_s = shard_check_every_s
         self.seq_len, self.packing, self.seed = seq_len, packing, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.loader: Loader | None = None
@@ -42,17 +51,41 @@ class TrainData:
         self._plan = None
         self._batches = None
         self._closed_wait_s = 0.0  # wait of prefetchers already closed
+        self._next_size_check = 0.0
+        self.start_id: int | None = None  # the decoder start token of an encoder-decoder
+        self.enc_len: int | None = None
+        self.dec_len: int | None = None
 
     # -- building ---------------------------------------------------------------------------
+    def pair_with(self, start_id: int) -> None:
+        """Read prompt/response pairs for an encoder-decoder whose decoder starts at start_id."""
+        self.start_id = start_id
+        self.enc_len, self.dec_len = pair_row_lens(self.dataset, self.seq_len)
+
     def configure(self, plan) -> None:
         """Make the loader for `plan` (reader mode, micro-batch); the data path must be closed."""
         if plan.ultra_low_mem and not self.dataset.ultra_low_mem:
             previous, self.dataset = self.dataset, self.dataset.reopen(ultra_low_mem=True)
             previous.close()
         self._plan = plan
-        self.loader = Loader(
-            self.dataset,
-            batch_size=plan.micro_batch_per_rank,
+        self.loader = self.make_loader(self.dataset, plan.micro_batch_per_rank)
+
+    def make_loader(self, dataset, batch_size: int) -> Loader | PairLoader:
+        """This rank's loader of `dataset` (the training set, or an eval set for one epoch)."""
+        if self.start_id is not None:
+            return PairLoader(
+                dataset,
+                batch_size,
+                self.enc_len,
+                self.dec_len,
+                start_id=self.start_id,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.seed,
+            )
+        return Loader(
+            dataset,
+            batch_size=batch_size,
             seq_len=self.seq_len,
             rank=self.rank,
             world_size=self.world_size,
@@ -69,6 +102,15 @@ class TrainData:
         """One line on a prompt/response dataset's layout (None for plain text)."""
         if self.dataset.prompt_lengths is None:
             return None
+        if self.start_id is not None:
+            index = self.loader.index
+            enc_pad, dec_pad = index.padding_pct()
+            return (
+                f"data: {len(self.dataset):,} prompt/response pairs packed by tokens into "
+                f"encoder rows of {self.enc_len} and decoder rows of {self.dec_len}; padding "
+                f"{enc_pad:.1f}% encoder, {dec_pad:.1f}% decoder; truncated: "
+                f"{index.cut_prompts:,} prompts, {index.cut_responses:,} responses"
+            )
         layout = "whole samples packed into rows" if self.packing else "one sample per row"
         return (
             f"data: {len(self.dataset):,} prompt/response samples, {layout}, loss on the "
@@ -87,6 +129,7 @@ class TrainData:
             depth=plan.prefetch_depth,
             pinned_pool_bytes=plan.pinned_pool_bytes,
             num_readers=plan.num_readers,
+            copy=True,
         )
         self._batches = self._passes(self.prefetcher)
 
@@ -108,10 +151,15 @@ class TrainData:
 
     # -- reading ----------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next micro-batch of this rank; the caller may keep it across requests."""
-        batch = next(self._batches)
-        # The prefetcher recycles its buffers: copy (3 x B x L int64, kilobytes) to keep it.
-        return {k: v.clone() for k, v in batch.items()}
+        """The next micro-batch of this rank; the caller may keep it across requests (the
+        prefetcher hands out copies: 3 x B x L int64, kilobytes)."""
+        now = time.monotonic()
+        if now >= self._next_size_check:
+            # Reading a mapped shard truncated under the job ends in SIGBUS: look every few
+            # seconds, so such a change is one clear error in all but a short window.
+            check_shard_sizes(self.dataset.path)
+            self._next_size_check = now + self.shard_check_every_s
+        return next(self._batches)
 
     def state_dict(self) -> dict[str, Any]:
         """The data position after the last batch handed out."""

@@ -4,7 +4,8 @@ The eval loader is an ordinary `Loader` over the eval dataset for one epoch: ran
 rows of every global step, the partial last step is padded (labels -100), so each sample is
 scored once whatever the world size. The result is the summed loss over every label token of
 the whole set divided by their count, reduced over ranks once at the end, so it equals the
-per-token mean a single process computes sample by sample.
+per-token mean a single process computes sample by sample. An encoder-decoder's eval loader is
+a `pipeline.pairs.PairLoader` (labels already aligned): the same holds pair by pair.
 """
 
 from __future__ import annotations

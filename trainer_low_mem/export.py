@@ -1,11 +1,12 @@
 """Export the trained model as a folder `transformers` loads: `OUTPUT_DIR/final/`.
 
-A Hugging Face model is written in its own format; the built-in `DecoderLM` as a
-`LlamaForCausalLM` (same RMSNorm, rotary convention, SwiGLU MLP and tied head, so the logits
-match). LoRA adapters are merged into the exported weights without touching the live model (each
-merged weight is computed beside it), or written alone in peft's format (`adapter_only`). The
-tokenizer is copied from the dataset's tokenizer folder, or made for the built-in byte tokenizer.
-Written like the training state: a temp folder, fsynced, renamed; the previous export is removed
+A Hugging Face model (decoder-only, or an encoder-decoder that `AutoModelForSeq2SeqLM` loads
+back) is written in its own format; the built-in `DecoderLM` as a `LlamaForCausalLM` (same
+RMSNorm, rotary convention, SwiGLU MLP and tied head, so the logits match). LoRA adapters are
+merged into the exported weights without touching the live model (each merged weight is computed
+beside it), or written alone in peft's format (`adapter_only`). The tokenizer is copied from the
+dataset's tokenizer folder, or made for the built-in byte tokenizer. Written like the training
+state: a temp folder, fsynced, renamed; the previous export is removed
 only once the new one is in place. Files are world-readable (0644).
 """
 

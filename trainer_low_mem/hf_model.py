@@ -127,6 +127,9 @@ def load_model_folder(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     hf_model.config.use_cache = False
+    # from_pretrained returns eval mode: dropout would stay off until the first eval switched it
+    # on, and a resumed run would then differ from an uninterrupted one.
+    hf_model.train()
     return HFCausalLM(
         hf_model, document_masking=document_masking, loss_chunk_tokens=loss_chunk_tokens
     )

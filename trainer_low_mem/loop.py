@@ -32,7 +32,6 @@ from lowmem_core.errors import (
 )
 from lowmem_core.memory import effective_host_limit_bytes
 from pipeline import open_dataset
-from pipeline.loader import Loader
 from trainer_low_mem import oom, sanity
 from trainer_low_mem.checkpoint import (
     Checkpointer,
@@ -90,6 +89,8 @@ class _Run:
         torch.manual_seed(t.seed)
         self.job_model = build_job_model(config.model, data_facts(d.data, self.data.dataset))
         self.module = self.job_model.model
+        if getattr(self.module, "start_id", None) is not None:  # an encoder-decoder: pairs
+            self.data.pair_with(self.module.start_id)
         jm = self.job_model
         self._print(f"model: {jm.description}")
         self._print(
@@ -155,6 +156,7 @@ class _Run:
             ctx,
             accelerator,
             wait_s_total=lambda: self.data.wait_s_total,
+            grad_norm=lambda: self.stepper.last_grad_norm,
             use_trackers=config.log.log_with is not None,
         )
 
@@ -174,6 +176,7 @@ class _Run:
             deepspeed=ctx.uses_deepspeed,
             model=self.module,
             dataset_bytes=self.data.dataset.token_bytes,
+            index_bytes=self.data.dataset.shared_index_bytes,
             all_reduce_min=ctx.all_reduce_min,
         )
         self._print(plan.table())
@@ -367,16 +370,7 @@ class _Run:
     def _evaluate(self) -> int:
         """Collective: score the eval set once (document masking on), log it; returns the step."""
         c, ctx, step = self.config, self.ctx, self.progress.step
-        loader = Loader(
-            self.eval_dataset,
-            self.plan.micro_batch_per_rank,
-            c.data.max_seq_len,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            seed=c.training.seed,
-            packing=c.data.packing,
-            drop_last=False,
-        )
+        loader = self.data.make_loader(self.eval_dataset, self.plan.micro_batch_per_rank)
         inner = self.accelerator.unwrap_model(self.stepper.model)
         had = getattr(inner, "document_masking", None)
         if had is not None:

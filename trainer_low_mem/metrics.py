@@ -6,6 +6,7 @@ loss over ranks, and one gathers each rank's step time, forward time, data wait 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class _Window:
     forward_s: float = 0.0
     tokens: int = 0
     wait_started: float | None = None  # data-wait is timed from here (after the warm-up step)
+    grad_norms: list[float] = field(default_factory=list)  # finite global norms of the steps
 
 
 class Metrics:
@@ -37,10 +39,12 @@ class Metrics:
         accelerator,
         *,
         wait_s_total: Callable[[], float],
+        grad_norm: Callable[[], float] = lambda: math.nan,
         use_trackers: bool,
     ):
         self.ctx, self.accelerator = ctx, accelerator
         self._wait_s_total = wait_s_total
+        self._grad_norm = grad_norm  # the global gradient norm of the last step (nan: unknown)
         self.use_trackers = use_trackers
         self.losses: list[float] = []  # global token-mean loss of each step of this process
         self._pending: list[tuple[torch.Tensor, int]] = []  # (local loss sum, global tokens)
@@ -65,6 +69,9 @@ class Metrics:
         w.step_s += step_s
         w.forward_s += forward_s
         w.tokens += global_tokens
+        norm = self._grad_norm()
+        if math.isfinite(norm):
+            w.grad_norms.append(norm)
         self._pending.append((loss_sum, global_tokens))
         if self._steps_done == 0 and w.steps == 1:
             # The first step includes warm-up (first batches, allocations): keep it out of the
@@ -104,11 +111,13 @@ class Metrics:
         wait_frac = max(r[2] for r in per_rank)
         job_uss_bytes = sum(r[3] for r in per_rank)
         loss = sum(losses) / len(losses)
+        grad_norm = sum(w.grad_norms) / len(w.grad_norms) if w.grad_norms else math.nan
         tokens_per_s = w.tokens / wall_s
         mean_step_s = sum(step_s) / len(step_s)
         spread = (max(step_s) - min(step_s)) / mean_step_s if min(step_s) > 0 else 0.0
         line = (
             f"step: {step}/{total_steps}, loss: {loss:.4f}, lr: {lr:.3g}, "
+            f"grad norm: {'n/a' if math.isnan(grad_norm) else f'{grad_norm:.3g}'}, "
             f"elapsed: {_clock(elapsed_s)}, eta: {_clock(eta_s)}, tokens/s: {tokens_per_s:,.0f}, "
             f"data-wait: {100 * wait_frac:.1f}%, {_device_memory(self.ctx.device)}, "
             f"host RAM: {format_bytes(job_uss_bytes)} job USS "
@@ -127,6 +136,7 @@ class Metrics:
                     "tokens_per_s": tokens_per_s,
                     "data_wait_frac": wait_frac,
                     "lr": lr,
+                    **({} if math.isnan(grad_norm) else {"grad_norm": grad_norm}),
                     "job_uss_bytes": job_uss_bytes,
                     "step_time_spread_frac": spread,
                 },

@@ -1,8 +1,9 @@
 """The model a job trains, from its config and its dataset: which one, from what weights, LoRA.
 
 One call, `build_job_model(ModelConfig, DataFacts)`, used by the loop: a built-in preset sized to
-the dataset's vocabulary, or the user's Hugging Face folder (decoder-only) checked against the
-dataset's vocabulary and EOS; `--init_from` weights (an export, any Hugging Face folder of the
+the dataset's vocabulary, or the user's Hugging Face folder (decoder-only, or an encoder-decoder
+trained on prompt/response pairs: trainer_low_mem/seq2seq.py) checked against the dataset's
+vocabulary and EOS; `--init_from` weights (an export, any Hugging Face folder of the
 same architecture, or a training state); LoRA adapters last, so only they train.
 `job_model_factory` builds the same model without weights, for the planner's trace.
 """
@@ -23,9 +24,16 @@ from lowmem_core.errors import ConfigError
 from lowmem_core.format import INDEX_NAME
 from trainer_low_mem.config import JobConfig, ModelConfig
 from trainer_low_mem.export import llama_state_dict_to_decoder
-from trainer_low_mem.hf_model import HFCausalLM, check_dataset_matches_model, load_model_folder
+from trainer_low_mem.hf_model import (
+    HFCausalLM,
+    check_dataset_matches_model,
+    check_model_folder,
+    is_encoder_decoder,
+    load_model_folder,
+)
 from trainer_low_mem.lora import LoraSettings, apply_lora, trainable_parameter_count
 from trainer_low_mem.model import DecoderLM, build_model, resolve_preset
+from trainer_low_mem.seq2seq import Seq2SeqLM, apply_seq2seq_lora, load_seq2seq_folder
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,12 @@ def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
     """Build (seed torch first for reproducible weights) the model `cfg` describes."""
     masking = cfg.document_masking if cfg.document_masking is not None else data.is_sft
     model = _architecture(cfg, data.vocab_size, masking, from_scratch=cfg.from_scratch)
-    if isinstance(model, HFCausalLM):
+    if isinstance(model, Seq2SeqLM) and not data.is_sft:
+        raise ConfigError(
+            f"--model {cfg.model} is an encoder-decoder and trains on prompt/response pairs, but "
+            f"--data {data.path} is plain text; build it with `python -m pipeline build --sft`"
+        )
+    if isinstance(model, (HFCausalLM, Seq2SeqLM)):
         check_dataset_matches_model(
             vocab_size=data.vocab_size,
             eos_id=data.eos_id,
@@ -63,7 +76,8 @@ def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
             data=data.path,
         )
         source = "random init from its config" if cfg.from_scratch else "its weights"
-        what = f"{cfg.model} ({model.config.model_type}, {source}; loss: {model.loss_path_reason})"
+        loss = getattr(model, "loss_path_reason", "encoder-decoder, packed pairs")
+        what = f"{cfg.model} ({model.config.model_type}, {source}; loss: {loss})"
     else:
         what = f"built-in preset {cfg.model_preset} (vocabulary {data.vocab_size})"
     if cfg.init_from is not None:
@@ -105,6 +119,15 @@ def _architecture(
     cfg: ModelConfig, vocab_size: int, masking: bool, from_scratch: bool
 ) -> nn.Module:
     """A preset sized to the vocabulary, or the folder's model (its weights unless from_scratch)."""
+    if cfg.model is not None and is_encoder_decoder(check_model_folder(cfg.model)):
+        if cfg.load_in_4bit:
+            raise ConfigError(
+                f"--load_in_4bit is for decoder-only models; --model {cfg.model} is an "
+                "encoder-decoder: drop --load_in_4bit (LoRA alone works)"
+            )
+        return load_seq2seq_folder(
+            cfg.model, from_scratch=from_scratch, grad_checkpointing=cfg.grad_checkpointing
+        )
     if cfg.model is not None:
         return load_model_folder(
             cfg.model,
@@ -124,7 +147,10 @@ def _add_lora(model: nn.Module, cfg: ModelConfig) -> None:
     settings = LoraSettings(
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules
     )
-    apply_lora(model, settings)
+    if isinstance(model, Seq2SeqLM):
+        apply_seq2seq_lora(model, settings)
+    else:
+        apply_lora(model, settings)
 
 
 def load_initial_weights(model: nn.Module, source: Path) -> None:
@@ -214,7 +240,7 @@ def data_facts(path: Path, dataset) -> DataFacts:
         bos_id=dataset.bos_id,
         eos_id=dataset.eos_id,
         pad_id=dataset.pad_id,
-        is_sft=bool(getattr(dataset, "is_sft", False)),
+        is_sft=getattr(dataset, "prompt_lengths", None) is not None,
         tokenizer_dir=tokenizer_folder(None, path),
     )
 

@@ -12,6 +12,9 @@ Batch contract (int64 [B, Le] and [B, Ld]):
     decoder_input_ids, decoder_position_ids  decoder start token + response, 0 at each pair start
     labels                                   response + EOS aligned with the decoder positions
                                              (already shifted), -100 at padding
+Without decoder inputs the decoder reads the encoder row: the planner's probe and trace call
+model(input_ids, position_ids, labels) and so measure a pair of rows of the same length.
+pipeline/pairs.py fills these batches; LoRA goes through peft as a SEQ_2_SEQ_LM.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowmem_core.errors import ConfigError
+from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem.hf_model import _transformers, check_model_folder, has_weights
 from trainer_low_mem.loss import chunked_cross_entropy
@@ -84,6 +87,9 @@ def load_seq2seq_folder(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     hf_model.config.use_cache = False
+    # from_pretrained returns eval mode; train mode from the start, so dropout is on from step 1
+    # whether or not an eval ran first (a resumed run must train as the straight run did).
+    hf_model.train()
     return Seq2SeqLM(hf_model, loss_chunk_tokens=loss_chunk_tokens)
 
 
@@ -114,6 +120,47 @@ class Seq2SeqLM(nn.Module):
     def vocab_rows(self) -> int:
         return int(self.hf_model.get_input_embeddings().weight.shape[0])
 
+    @property
+    def start_id(self) -> int:
+        """The decoder start token (T5: the pad token)."""
+        start = self.config.decoder_start_token_id
+        return int(start if start is not None else self.config.pad_token_id)
+
+    # The planner's ModelShape (config names mapped by transformers: d_model, num_layers, ...).
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers) + int(
+            getattr(self.config, "num_decoder_layers", None) or self.config.num_hidden_layers
+        )
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def d_ff(self) -> int:
+        c = self.config
+        return int(getattr(c, "d_ff", None) or getattr(c, "encoder_ffn_dim", 4 * self.d_model))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab_rows
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest row the model takes (BART: its position table; T5's relative positions: any)."""
+        return int(getattr(self.config, "max_position_embeddings", None) or 2**31 - 1)
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def trainable_param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     def decoder_hidden(self, input_ids, position_ids, decoder_input_ids, decoder_position_ids):
         dtype = self.hf_model.get_input_embeddings().weight.dtype
         enc_mask, dec_mask, cross = packed_pair_masks(position_ids, decoder_position_ids, dtype)
@@ -132,10 +179,12 @@ class Seq2SeqLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
-        decoder_position_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
+        if decoder_input_ids is None:
+            decoder_input_ids, decoder_position_ids = input_ids, position_ids
         hidden = self.decoder_hidden(
             input_ids, position_ids, decoder_input_ids, decoder_position_ids
         )
@@ -151,3 +200,66 @@ class Seq2SeqLM(nn.Module):
         logits = head(hidden).reshape(targets.shape[0], -1).float()
         loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         return ModelOutput(loss=loss_sum / count.clamp(min=1), n_loss_tokens=count, logits=None)
+
+
+def apply_seq2seq_lora(model: Seq2SeqLM, settings) -> Seq2SeqLM:
+    """LoRA adapters (a `trainer_low_mem.lora.LoraSettings`) on the encoder-decoder through peft
+    as a SEQ_2_SEQ_LM, in place; everything else frozen. The PeftModel is kept beside the model
+    (for an adapter-only export), outside the module tree."""
+    peft = require_extra("peft", "lora", "--lora_rank")
+    targets = settings.target_modules
+    config = peft.LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets if targets is not None else "all-linear",
+        bias="none",
+        task_type="SEQ_2_SEQ_LM",
+    )
+    try:
+        object.__setattr__(model, "peft_model", peft.get_peft_model(model.hf_model, config))
+    except ValueError as exc:
+        raise ConfigError(
+            f"--lora_target_modules {targets} do not match the model's layers "
+            f"({str(exc).splitlines()[0]}); name linear layers of the model (T5: q, k, v, o)"
+        ) from None
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    return model
+
+
+def write_sample_t5(out, vocab_size: int = 384, d_model: int = 32, seed: int = 0):
+    """A tiny T5 folder made locally (no download): a byte-level BPE tokenizer trained on the
+    sample corpus (<pad> 0 = decoder start, </s> 1, <unk> 2; no BOS, as T5's) and seeded weights.
+    The stand-in for a user's encoder-decoder in the tests and `bench.pairs_speed`."""
+    from pipeline.sample_corpus import generate_documents
+
+    transformers = _transformers()
+    tokenizers = require_extra("tokenizers", "tokenizers", "training the sample tokenizer")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(generate_documents(300, seed=seed + 3), trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(out)
+    config = transformers.T5Config(
+        vocab_size=fast.vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(out)
+    return out

@@ -58,6 +58,7 @@ class Stepper:
         self.max_grad_norm = max_grad_norm
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0  # consecutive skipped (non-finite) steps
+        self.last_grad_norm = math.nan  # global norm before clipping of the last step
         self.skipped = False  # whether the last step was skipped
         self.injector = oom.OomInjector(ctx.rank)
 
@@ -72,7 +73,7 @@ class Stepper:
         """Optimizer step `step` (1-based) over this rank's micro-batches, or the agreed reason
         of an out-of-memory error (every rank returns the same one; nothing was updated)."""
         ctx, accum = self.ctx, len(micro_batches)
-        counts = [(shift_labels(mb["labels"]) != IGNORE_INDEX).sum() for mb in micro_batches]
+        counts = [_target_count(mb) for mb in micro_batches]
         global_tokens = int(ctx.all_reduce_sum(int(torch.stack(counts).sum().item())))
         scale = accum * ctx.world_size / max(global_tokens, 1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
@@ -126,11 +127,7 @@ class Stepper:
     def _forward(self, micro_batch: dict[str, torch.Tensor], step: int, index: int) -> torch.Tensor:
         """Summed token loss of one micro-batch."""
         self.injector.maybe_raise(step, index)
-        out = self.model(
-            input_ids=micro_batch["input_ids"],
-            position_ids=micro_batch["position_ids"],
-            labels=micro_batch["labels"],
-        )
+        out = self.model(**micro_batch)  # the loader's keys: decoder-only, or encoder-decoder
         return out.loss * out.n_loss_tokens
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -148,6 +145,7 @@ class Stepper:
             limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
             finite = math.isfinite(grad_norm)
+        self.last_grad_norm = grad_norm
         bad = int(not finite)
         if self.ctx.world_size > 1:
             bad = self.ctx.all_reduce_max(bad)  # a skip is agreed: every rank skips or none
@@ -156,20 +154,54 @@ class Stepper:
             if self.engine is not None:
                 self.engine.zero_grad()
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            if self.bad_steps >= self.max_bad_steps:
-                raise DivergenceError(
-                    f"training diverged: {self.bad_steps} consecutive steps up to step {step} had "
-                    f"a non-finite loss or gradient norm (last loss sum {float(loss_sum)}, grad "
-                    f"norm {grad_norm}) and were skipped; the last saved state is unchanged: "
-                    "resume it with a lower --lr (or --max_grad_norm), or raise --max_bad_steps"
-                )
+            self._count_bad_step(step, f"loss sum {float(loss_sum)}, grad norm {grad_norm}")
             return
-        self.bad_steps = 0
         if self.engine is not None:
-            self.engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
+            if not self._deepspeed_step(step):
+                return
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps = 0
         if not self.optimizer.step_was_skipped:
             self.scheduler.step()
+
+    def _deepspeed_step(self, step: int) -> bool:
+        """DeepSpeed clips, steps and zeroes the gradients; its ZeRO optimizer finds a non-finite
+        gradient norm itself (the same on every rank) and skips the update. Returns whether the
+        update was applied; a skip counts as a bad step."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        finite_norm = norm is None or math.isfinite(float(norm))
+        self.last_grad_norm = math.nan if norm is None else float(norm)
+        if self.engine.was_step_applied():
+            if finite_norm:
+                return True
+            # Applied with a non-finite norm (bf16 without overflow checks): the weights are
+            # lost, so nothing of this run may be saved any more.
+            raise DivergenceError(
+                f"training diverged: DeepSpeed applied a step with gradient norm {norm} at step "
+                f"{step}; the last saved state is unchanged: resume it with a lower --lr"
+            )
+        self.skipped = True
+        self._count_bad_step(step, f"grad norm {norm}, skipped by DeepSpeed")
+        return False
+
+    def _count_bad_step(self, step: int, detail: str) -> None:
+        self.bad_steps += 1
+        if self.bad_steps >= self.max_bad_steps:
+            raise DivergenceError(
+                f"training diverged: {self.bad_steps} consecutive steps up to step {step} had "
+                f"a non-finite loss or gradient norm (last: {detail}) and were skipped; the last "
+                "saved state is unchanged: resume it with a lower --lr (or --max_grad_norm), or "
+                "raise --max_bad_steps"
+            )
+
+
+def _target_count(micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens with a target: an encoder-decoder batch's labels are aligned with the decoder
+    positions already; a decoder-only batch's are shifted by the model."""
+    labels = micro_batch["labels"]
+    if "decoder_input_ids" not in micro_batch:
+        labels = shift_labels(labels)
+    return (labels != IGNORE_INDEX).sum()

@@ -131,13 +131,13 @@ def test_many_files_and_globs_in_parallel_give_the_same_dataset_as_one_thread(
         (tmp_path / f"part-{i}.jsonl.gz").write_bytes(gzip.compress(data))
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     seen = set()
-    real = build_module._encode_chunk
+    real = build_module.encode_chunk
 
     def spy(chunk, **kw):  # each thread tokenises on one core: the tokenizers pool is off
         seen.add(os.environ.get("TOKENIZERS_PARALLELISM"))
         return real(chunk, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_chunk", spy)
+    monkeypatch.setattr(build_module, "encode_chunk", spy)
     one = build([tmp_path / "part-*.jsonl.gz"], tmp_path / "one", num_proc=1)
     four = build(
         [tmp_path / "part-*.jsonl.gz"], tmp_path / "four", num_proc=4, max_shard_tokens=5000
@@ -158,13 +158,13 @@ def test_a_huge_document_is_one_document_built_in_bounded_pieces(tmp_path, monke
         json.dumps({"text": record}) + "\n" + json.dumps({"text": "z"})
     )
     encoded = []
-    real = build_module._encode_chunk
+    real = build_module.encode_chunk
 
     def spy(chunk, **kw):
         encoded.append(sum(len(t.encode()) for t in chunk.docs.to_pylist() if t))
         return real(chunk, **kw)
 
-    monkeypatch.setattr(build_module, "_encode_chunk", spy)
+    monkeypatch.setattr(build_module, "encode_chunk", spy)
     with caplog.at_level("INFO", logger="pipeline.build"):
         report = build(
             [tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out", max_shard_tokens=4000

@@ -189,6 +189,9 @@ def test_a_bad_record_of_a_json_array_is_named_by_its_place(tmp_path, capsys):
         (["--sft", "--strip"], "--strip applies to text builds"),
         (["--sft", "--text-field", "body"], "--text-field applies to text builds"),
         (["--prompt-field", "q"], "add --sft"),
+        (["--max-sample-tokens", "8"], "needs --sft"),
+        (["--sft", "--max-sample-tokens", "1"], "at least 2 tokens"),
+        (["--sft", "--long-samples", "drop"], "needs --max-sample-tokens N"),
     ],
 )
 def test_flags_that_do_not_go_together_are_one_line(tmp_path, capsys, args, named):
@@ -275,3 +278,33 @@ def test_a_datasets_folder_with_prompt_lengths_opens_as_sft(tmp_path):
         open_dataset(tmp_path / "plain").kind,
         open_dataset(tmp_path / "plain").prompt_lengths,
     ) == ("text", None)
+
+
+@pytest.mark.parametrize("mode", ["keep", "truncate", "drop"])
+def test_samples_longer_than_the_limit_are_kept_cut_or_dropped_and_counted(tmp_path, capsys, mode):
+    # Byte tokenizer: a record's tokens are its UTF-8 bytes; the limit counts the EOS too.
+    limit = 16
+    records = [
+        {"prompt": "Q: 2+2?\n", "response": "A: 4"},  # 12 + EOS: fits
+        {"prompt": "Q: spell it\n", "response": "a long answer that will not fit"},  # cut
+        {"prompt": "a prompt longer than the limit", "response": "x"},  # no room: dropped
+    ]
+    src = write_jsonl(tmp_path / "pairs.jsonl", records)
+    out = tmp_path / "ds"
+    argv = ["build", str(src), "--out", str(out), "--sft", "--max-sample-tokens", str(limit)]
+    assert main([*argv, "--long-samples", mode]) == 0
+    said = capsys.readouterr().out
+    whole = [list((r["prompt"] + r["response"]).encode()) for r in records]
+    prompts = [len(r["prompt"].encode()) for r in records]
+    ds = open_dataset(out)
+    stats = json.loads((out / "index.json").read_text())["build"]["long_samples"]
+    if mode == "keep":
+        assert documents(ds) == whole and stats["truncated"] == stats["dropped"] == 0
+    elif mode == "truncate":
+        assert documents(ds) == [whole[0], whole[1][: limit - 1]]
+        assert ds.prompt_lengths.tolist() == prompts[:2]
+        assert (stats["truncated"], stats["dropped"]) == (1, 1)
+        assert "1 truncated (response cut at the end), 1 dropped" in said
+    else:
+        assert documents(ds) == [whole[0]] and ds.prompt_lengths.tolist() == prompts[:1]
+        assert (stats["truncated"], stats["dropped"]) == (0, 2)

@@ -429,6 +429,33 @@ def test_a_shard_truncated_during_training_is_one_clear_error(tmp_path):
         check_shard_sizes(tmp_path / "ds")
 
 
+def test_a_shard_truncated_mid_run_is_found_by_the_periodic_check(make_dataset):
+    from types import SimpleNamespace
+
+    from lowmem_core.errors import PipelineError
+    from trainer_low_mem.data import TrainData
+
+    path = make_dataset(200)
+    data = TrainData(
+        path, seq_len=32, packing=True, seed=0, rank=0, world_size=1,
+        device=torch.device("cpu"), shard_check_every_s=0.0,
+    )  # fmt: skip
+    # pread readers: the batches read ahead of the check meet a short read, not SIGBUS (which
+    # would end this process, as it ends a training run in mmap mode).
+    plan = SimpleNamespace(
+        ultra_low_mem=True, micro_batch_per_rank=2, prefetch_depth=2, pinned_pool_bytes=0,
+        num_readers=1,
+    )  # fmt: skip
+    data.configure(plan)
+    data.start(None)
+    data.next_batch()
+    shard = next(path.glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated under the running job
+    with pytest.raises(PipelineError, match="changed during training"):
+        data.next_batch()
+    data.close()
+
+
 def test_a_flipped_token_bit_is_found_before_training(tmp_path, capsys):
     from pipeline.build import build_dataset
     from pipeline.config import BuildConfig

@@ -133,6 +133,14 @@ def test_plan_of_a_model_folder_with_lora_names_its_traced_estimate(capsys, llam
     assert numbers["static_bytes"] > 0 and int(numbers["per_token"].replace(",", "")) > 0
 
 
+def test_plan_refuses_a_dataset_the_model_folder_cannot_read(capsys, llama_dir, make_dataset):
+    data = make_dataset(50)  # byte tokenizer: EOS 257, the folder's config says otherwise
+    argv = ["plan", "--model", str(llama_dir), "--data", str(data), *MODEL_FLAGS]
+    assert trainer_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: dataset {data} ends documents with"), err
+
+
 def test_a_folder_that_cannot_be_traced_is_planned_analytically_with_the_cause(
     capsys, monkeypatch, llama_dir
 ):

@@ -18,6 +18,8 @@ def test_eval_runs_at_step_zero_every_n_and_at_the_end(tmp_path, make_dataset, c
     text = capsys.readouterr()
     text = text.out + text.err
     assert "trainable parameters:" in text
+    # The log line names lr, the gradient norm, elapsed time and ETA.
+    assert re.search(r"step: 4/4, loss: [0-9.]+, lr: \S+, grad norm: [0-9.e+-]+, elapsed: ", text)
     evals = re.findall(r"step: (\d+)/4, eval_loss: ([0-9.]+)", text)
     assert [int(s) for s, _ in evals] == [0, 3, 4]
     losses = [float(v) for _, v in evals]

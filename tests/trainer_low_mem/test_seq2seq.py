@@ -77,6 +77,8 @@ def test_packed_pairs_loss_equals_transformers_loss_pair_by_pair(t5_dir):
 
 def test_padding_rows_do_not_change_the_loss_and_gradients_flow(t5_dir):
     model = load_seq2seq_folder(t5_dir)
+    assert model.hf_model.training  # from_pretrained's eval mode is undone: dropout trains
+    model.eval()  # no dropout, so the two forwards must agree
     pairs = _pairs()[:2]
     tight = model(**_packed_row(pairs, enc_len=12, dec_len=9))
     padded = model(**_packed_row(pairs, enc_len=30, dec_len=25))

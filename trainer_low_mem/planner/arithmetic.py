@@ -53,6 +53,7 @@ def plan(
     num_gpus_visible: int | None = None,
     num_cores: int | None = None,
     dataset_bytes: int | None = None,
+    index_bytes: int | None = None,
     micro_batch_per_rank: int | None = None,
     target_frac: tuple[float, float] = DEFAULT_TARGET_FRAC,
     ranks_per_node: int | None = None,
@@ -113,6 +114,7 @@ def plan(
         states=states.describe(),
         step_fixed_bytes=model.step_fixed_bytes,
         source=model.source,
+        index_bytes=index_bytes or 0,
     )
 
     # Data-path settings from best to leanest: memory-mapped, ultra-low-mem, depth 1, one reader.

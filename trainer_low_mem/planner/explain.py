@@ -177,9 +177,11 @@ def _host_reason(plan: Plan, fp: Footprint, mapped: int) -> Reason:
         "process_bytes": fp.process_bytes,
         "offloaded_bytes": fp.offloaded_bytes,
         "readers": plan.num_readers,
+        "index_bytes": fp.index_bytes,
     }
     why = "{host_bytes} = {host_frac} of the limit: "
     why += "mapped dataset {dataset_bytes} + " if mapped else ""
+    why += "epoch index (shared, page cache) {index_bytes} + " if fp.index_bytes else ""
     why += "{ranks} rank(s) x (process {process_bytes}"
     why += " + offloaded optimizer {offloaded_bytes}" if fp.offloaded_bytes else ""
     why += "" if fp.on_gpu else " + training state"

@@ -102,6 +102,7 @@ class Footprint:
     states: str = ""  # weights, gradients and optimizer states and their placement, in words
     step_fixed_bytes: int = 0  # part of model_device_bytes: the step's fixed transients
     source: str = "analytic"  # of the activation figure
+    index_bytes: int = 0  # the node's shared epoch index and offsets (page cache), once per node
 
     @property
     def on_gpu(self) -> bool:
@@ -125,7 +126,7 @@ class Footprint:
         process = self.process_bytes + readers * READER_THREAD_BYTES
         if self.on_gpu:
             device_fixed = self.model_device_bytes + self.cuda_reserve_bytes
-            host_fixed = ranks * (process + self.offloaded_bytes) + dataset
+            host_fixed = ranks * (process + self.offloaded_bytes) + dataset + self.index_bytes
             # The device also holds the prefetcher's copies of the pool's batches.
             return Lines(
                 self.budget_bytes or 0,
@@ -137,6 +138,7 @@ class Footprint:
         # CPU training: model, states and activations live in host RAM beside the data path.
         device_fixed = self.model_device_bytes + process
         per_seq = activations_per_seq + data_path_per_seq
-        share = (self.host_limit_bytes - dataset) // ranks
+        shared = dataset + self.index_bytes
+        share = (self.host_limit_bytes - shared) // ranks
         budget = share if self.budget_bytes is None else min(share, self.budget_bytes)
-        return Lines(budget, device_fixed, per_seq, ranks * device_fixed + dataset, ranks * per_seq)
+        return Lines(budget, device_fixed, per_seq, ranks * device_fixed + shared, ranks * per_seq)

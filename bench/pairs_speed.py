@@ -1,0 +1,181 @@
+"""Encoder-decoder batches: our packed pairs against `DataCollatorForSeq2Seq`, in one run.
+
+Both sides train the same tiny T5 (trainer_low_mem.seq2seq.write_sample_t5) on the same pairs,
+one full pass each, with the same AdamW, on CPU:
+
+- packed: `pipeline build --sft` -> `PairLoader` (pairs packed into encoder and decoder rows of
+  at most `max_len` tokens, sized by `pair_row_lens`; block-diagonal masks) -> `Seq2SeqLM`;
+- padded: the dataset's own pairs (truncated as the loader truncates, so both label the same
+  tokens) -> a DataLoader with `DataCollatorForSeq2Seq` (each batch padded to its longest pair)
+  -> `AutoModelForSeq2SeqLM(input_ids, attention_mask, labels)`.
+
+Reported per side: useful-token share (non-padding positions) of the encoder and decoder
+batches, label tokens per second over the pass (data time included), steps. Run:
+`python -m bench.pairs_speed --out DIR [--pairs N --max_len L --rows R --batch_pairs P
+--d_model D --repeats K]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem_core.errors import run_cli
+from pipeline import open_dataset
+from pipeline.build import build_dataset
+from pipeline.config import BuildConfig
+from pipeline.pairs import PairLoader, pair_row_lens
+from pipeline.sample_corpus import write_sample_sft
+from trainer_low_mem.seq2seq import load_seq2seq_folder, write_sample_t5
+
+
+@dataclass(frozen=True)
+class PairSide:
+    side: str
+    steps: int
+    label_tokens: int  # labelled decoder positions of the pass (response tokens + EOS)
+    enc_useful_frac: float  # encoder positions holding a token / all encoder positions
+    dec_useful_frac: float  # decoder positions holding a token / all decoder positions
+    seconds: float  # the whole pass: batches made and trained on
+
+    @property
+    def label_tokens_per_s(self) -> float:
+        return self.label_tokens / max(self.seconds, 1e-9)
+
+
+def prepare(out: Path, num_pairs: int, d_model: int = 32) -> tuple[Path, Path]:
+    """(T5 folder of width d_model, sft dataset) under `out`, made once (the tokenizer does not
+    depend on the width, so one dataset serves every width)."""
+    model, data = out / f"t5-d{d_model}", out / "pairs_sft"
+    if not (model / "config.json").is_file():
+        write_sample_t5(model, d_model=d_model)
+    if not (data / "index.json").is_file():
+        records = write_sample_sft(out, num_train=num_pairs, num_eval=1)["train"]
+        cfg = BuildConfig(inputs=[records], out=data, tokenizer=str(model), sft=True)
+        build_dataset(cfg, progress=False)
+    return model, data
+
+
+def packed_side(model_dir: Path, data: Path, max_len: int, rows: int, seed: int = 0) -> PairSide:
+    ds = open_dataset(data)
+    torch.manual_seed(seed)
+    model = load_seq2seq_folder(model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = PairLoader(ds, rows, *pair_row_lens(ds, max_len), start_id=model.start_id)
+    labels = enc = dec = enc_all = dec_all = steps = 0
+    start = time.perf_counter()
+    for batch in loader:
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        labels += batch.num_tokens
+        enc += int((batch["position_ids"] >= 0).sum())
+        dec += int((batch["decoder_position_ids"] >= 0).sum())
+        enc_all += batch["input_ids"].numel()
+        dec_all += batch["decoder_input_ids"].numel()
+        steps += 1
+    seconds = time.perf_counter() - start
+    return PairSide("packed PairLoader", steps, labels, enc / enc_all, dec / dec_all, seconds)
+
+
+def padded_side(model_dir: Path, data: Path, max_len: int, batch_pairs: int, seed: int = 0):
+    import transformers
+
+    ds = open_dataset(data)
+    enc_len, dec_len = pair_row_lens(ds, max_len)
+    features = []
+    for i in range(len(ds)):
+        doc, p = ds[i].astype("int64").tolist(), int(ds.prompt_lengths[i])
+        src = doc[:p][:enc_len] or [ds.eos_id]
+        features.append({"input_ids": src, "labels": [*doc[p:][: dec_len - 1], ds.eos_id]})
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model, padding="longest")
+    batches = torch.utils.data.DataLoader(
+        [features[i] for i in order], batch_size=batch_pairs, collate_fn=collator
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    labels = enc = dec = enc_all = dec_all = steps = 0
+    start = time.perf_counter()
+    for batch in batches:
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n = int((batch["labels"] != -100).sum())
+        labels, dec = labels + n, dec + n
+        enc += int(batch["attention_mask"].sum())
+        enc_all += batch["input_ids"].numel()
+        dec_all += batch["labels"].numel()
+        steps += 1
+    seconds = time.perf_counter() - start
+    return PairSide("DataCollatorForSeq2Seq", steps, labels, enc / enc_all, dec / dec_all, seconds)
+
+
+def compare(
+    out: Path,
+    num_pairs: int,
+    max_len: int,
+    rows: int,
+    batch_pairs: int,
+    repeats: int = 3,
+    d_model: int = 32,
+) -> list[dict]:
+    """Both sides over the same pairs, alternating `repeats` times (the fastest pass of each
+    counts: the machine may be shared); they must label the same tokens or the run is void."""
+    model, data = prepare(Path(out), num_pairs, d_model)
+    best: dict[str, PairSide] = {}
+    for _ in range(repeats):
+        for side in (
+            packed_side(model, data, max_len, rows),
+            padded_side(model, data, max_len, batch_pairs),
+        ):
+            if side.side not in best or side.seconds < best[side.side].seconds:
+                best[side.side] = side
+    sides = list(best.values())
+    if sides[0].label_tokens != sides[1].label_tokens:
+        raise RuntimeError(f"the sides labelled different tokens: {sides}")
+    return [{**asdict(s), "label_tokens_per_s": s.label_tokens_per_s} for s in sides]
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.pairs_speed")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the model and data")
+    parser.add_argument("--pairs", type=int, default=600, help="prompt/response pairs")
+    parser.add_argument("--max_len", type=int, default=128, help="longest row (tokens)")
+    parser.add_argument("--rows", type=int, default=4, help="packed rows per batch")
+    parser.add_argument("--batch_pairs", type=int, default=8, help="pairs per padded batch")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per side (fastest kept)")
+    parser.add_argument("--d_model", type=int, default=32, help="T5 width (d_ff = 2 x d_model)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = compare(
+        args.out,
+        args.pairs,
+        args.max_len,
+        args.rows,
+        args.batch_pairs,
+        repeats=args.repeats,
+        d_model=args.d_model,
+    )
+    for r in results:
+        print(
+            f"{r['side']:<24} steps {r['steps']:>4}  useful: encoder "
+            f"{100 * r['enc_useful_frac']:5.1f}%  decoder {100 * r['dec_useful_frac']:5.1f}%"
+            f"  label tokens {r['label_tokens']:,}"
+            f"  {r['label_tokens_per_s']:,.0f} label tokens/s"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(_main))

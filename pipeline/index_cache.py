@@ -1,0 +1,393 @@
+"""Index files every process of a node maps instead of holding its own copy.
+
+A dataset's document offsets (and prompt lengths) and each epoch's index (permutation, row
+layout and its scalars) grow with the corpus: held privately they cost about 27 bytes per
+document in every rank. Here each is written once into a file and mapped read-only by every
+rank, reader and process of the node, so they share its page-cache pages.
+
+Writing: whichever process needs a file first takes an flock beside it (it dies with its holder),
+writes `NAME.tmp-PID` through a shared mapping, fsyncs it and renames it into place; the others
+wait on the lock and then map the finished file. A file is only ever read under its final name
+and after its header matches the key, so a temporary left by a killed builder is never used (the
+next builder removes it). Building epoch e of a key removes that key's epochs before e - 1.
+
+Where: `<dataset>/.index_cache/`; or `<given>/<fingerprint>/` for a folder given to
+`open_dataset(index_cache=...)` or in $LOWMEM_INDEX_CACHE; or, when the dataset folder cannot
+be written, `$XDG_CACHE_HOME/lowmem-pipeline/index/<fingerprint>/` (~/.cache by default).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lowmem_core.durable import fsync_path
+from lowmem_core.errors import PipelineError
+from lowmem_core.format import PROMPT_LENGTHS_COLUMN
+from pipeline import sampler
+from pipeline.sampler import EpochIndex
+from pipeline.storage import Chunk
+
+ENV_VAR = "LOWMEM_INDEX_CACHE"
+FOLDER_NAME = ".index_cache"
+_MAGIC = "lowmem-index/1"
+_PAGE = 4096  # the header's size, and the alignment of every array in a file
+_PIECE_ROWS = 1 << 16  # documents whose offsets are copied (and checked) at a time
+
+Fields = list[tuple[str, np.dtype, int]]  # (name, dtype, count) of each array, in file order
+
+
+def cache_folder(dataset_dir: Path, fingerprint: str, given: Path | str | None = None) -> Path:
+    """The writable folder that holds `fingerprint`'s index files (see the module docstring)."""
+    given = given or os.environ.get(ENV_VAR) or None
+    if given is not None:
+        folder = Path(given) / fingerprint
+        if not _writable(folder):
+            raise PipelineError(
+                f"index cache {folder} cannot be written; give a writable folder with "
+                f"open_dataset(index_cache=...) or ${ENV_VAR}"
+            )
+        return folder
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem-pipeline"
+    for folder in (Path(dataset_dir) / FOLDER_NAME, user / "index" / fingerprint):
+        if _writable(folder):
+            return folder
+    raise PipelineError(
+        f"neither {Path(dataset_dir) / FOLDER_NAME} nor {user / 'index'} can be written for the "
+        f"shared index; set ${ENV_VAR} to a writable folder"
+    )
+
+
+def _writable(folder: Path) -> bool:
+    # A real write, not os.access: root passes os.access on a read-only file system.
+    probe = folder / f".probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the two files
+
+
+def doc_arrays(
+    folder: Path,
+    fingerprint: str,
+    chunks: list[Chunk],
+    batches: list[tuple[pa.RecordBatch, int]],
+    column: str,
+    sft: bool,
+    fix: str,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The dataset's read-only (N+1,) int64 document starts and, for sft, (N,) int64 prompt
+    lengths. `batches`: for each chunk, its record batch (token lists in `column`) over a map of
+    the chunk's file, and that map's base address. Only the process that writes the index file
+    reads (with pread: none of the file's pages stay mapped) and checks the offsets."""
+    num_docs = sum(batch.num_rows for batch, _ in batches)
+    fields: Fields = [("doc_starts", np.dtype(np.int64), num_docs + 1)]
+    if sft:
+        fields.append(("prompt_lengths", np.dtype(np.int64), num_docs))
+    key = {"kind": "docs", "fingerprint": fingerprint, "num_docs": num_docs, "sft": sft}
+
+    def fill(arrays: dict[str, np.ndarray]) -> dict:
+        arrays["doc_starts"][0] = 0
+        for chunk, (batch, base) in zip(chunks, batches, strict=True):
+            _fill_chunk(chunk, batch, base, column, arrays, fix)
+        return {}
+
+    path = folder / f"docs-{fingerprint}.idx"
+    arrays, _, _ = open_or_build(path, key, fields, fill)
+    starts = arrays["doc_starts"]
+    # The file must agree with the shards it was written from (a few reads, not a pass).
+    if any(starts[chunk.first_doc] != chunk.first_token for chunk in chunks):
+        raise PipelineError(
+            f"index file {path} disagrees with the dataset's shards (replaced since it was "
+            f"written); remove {path} and open the dataset again"
+        )
+    return starts, arrays.get("prompt_lengths")
+
+
+def _fill_chunk(chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: str) -> None:
+    """One chunk's starts (and prompt lengths), a piece of _PIECE_ROWS documents at a time."""
+    starts, prompts = arrays["doc_starts"], arrays.get("prompt_lengths")
+    fd = os.open(chunk.path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offsets = _Column(batch.column(column), base, size, list_offsets=True)
+        if prompts is not None:
+            prompt_column = _prompt_column(chunk.path, batch, fix)
+            lengths_column = _Column(prompt_column, base, size, list_offsets=False)
+        shift = chunk.first_token - int(offsets.read(fd, 0, 1)[0])
+        for lo in range(0, batch.num_rows, _PIECE_ROWS):
+            hi = min(lo + _PIECE_ROWS, batch.num_rows)
+            piece = starts[chunk.first_doc + lo : chunk.first_doc + hi + 1]
+            piece[1:] = offsets.read(fd, lo + 1, hi - lo)
+            piece[1:] += shift
+            doc_lengths = np.diff(piece)
+            if doc_lengths.min() < 0:
+                raise PipelineError(f"{chunk.path} has decreasing list offsets (corrupt); {fix}")
+            if prompts is not None:
+                lengths = lengths_column.read(fd, lo, hi - lo).astype(np.int64)
+                bad = np.flatnonzero((lengths < 0) | (lengths > doc_lengths))
+                if bad.size:
+                    i = int(bad[0])
+                    raise PipelineError(
+                        f"{chunk.path}: row {lo + i} has a prompt of {lengths[i]} tokens but a "
+                        f"document of {doc_lengths[i]}; {fix}"
+                    )
+                prompts[chunk.first_doc + lo : chunk.first_doc + hi] = lengths
+        release_pages(starts)  # written: the page cache holds them, this process need not
+    finally:
+        os.close(fd)
+
+
+class _Column:
+    """An Arrow array's offsets (a list array) or values (a primitive one), read with pread
+    where they sit in the mapped file (so no page stays mapped), else through the array."""
+
+    def __init__(self, arr, base: int, file_size: int, list_offsets: bool):
+        if list_offsets:
+            self.dtype = np.dtype(np.int32 if pa.types.is_list(arr.type) else np.int64)
+        else:
+            self.dtype = np.dtype(arr.type.to_pandas_dtype())
+        buf = arr.buffers()[1]
+        self.view = np.frombuffer(buf, dtype=self.dtype)[arr.offset :]
+        self.at = buf.address - base + arr.offset * self.dtype.itemsize
+        self.in_file = 0 <= buf.address - base <= file_size - buf.size
+
+    def read(self, fd: int, first: int, count: int) -> np.ndarray:
+        if not self.in_file:
+            return self.view[first : first + count].copy()
+        nbytes = count * self.dtype.itemsize
+        data = os.pread(fd, nbytes, self.at + first * self.dtype.itemsize)
+        return np.frombuffer(data, dtype=self.dtype)
+
+
+def raw_offsets(arr) -> np.ndarray:
+    """(rows+1,) int32 or int64 offsets of an Arrow list array, as stored (a view)."""
+    offset_dtype = np.int32 if pa.types.is_list(arr.type) else np.int64
+    return np.frombuffer(arr.buffers()[1], dtype=offset_dtype)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+
+
+def _prompt_column(file_path: Path, batch, fix: str):
+    """The batch's prompt-length column, checked to be integers without nulls."""
+    names = batch.schema.names
+    if PROMPT_LENGTHS_COLUMN not in names:
+        raise PipelineError(
+            f"{file_path} has no {PROMPT_LENGTHS_COLUMN!r} column (columns: {', '.join(names)}) "
+            f"but its dataset is a prompt/response one; {fix}"
+        )
+    column = batch.column(PROMPT_LENGTHS_COLUMN)
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise PipelineError(
+            f"column {PROMPT_LENGTHS_COLUMN!r} in {file_path} is {column.type} with "
+            f"{column.null_count} nulls, expected integers; {fix}"
+        )
+    return column
+
+
+def epoch_index(
+    folder: Path,
+    fingerprint: str,
+    doc_starts: np.ndarray,
+    seed: int,
+    epoch: int,
+    seq_len: int,
+    packing: bool,
+    whole_samples: bool,
+) -> EpochIndex:
+    """Epoch `epoch`'s index over read-only views of its shared file (built when missing)."""
+    num_docs = doc_starts.size - 1
+    layout = sampler.layout_name(packing, whole_samples)
+    stem = f"epoch-{fingerprint}-s{seed}-L{seq_len}-{layout}"
+    key = {
+        "kind": "epoch",
+        "fingerprint": fingerprint,
+        "num_docs": num_docs,
+        "seed": seed,
+        "epoch": epoch,
+        "seq_len": seq_len,
+        "layout": layout,
+    }
+    fields: Fields = [
+        ("perm", sampler.perm_dtype(num_docs), num_docs),
+        ("cum", np.dtype(np.int64), num_docs + 1),
+    ]
+
+    def write(arrays: dict[str, np.ndarray]) -> dict:
+        perm, cum = arrays["perm"], arrays["cum"]
+        args = (doc_starts, seed, epoch, seq_len, packing, whole_samples)
+        scalars = sampler.fill_epoch_index(perm, cum, *args, release=release_pages)
+        # The build read every offset: hand those pages back so this rank keeps no more of
+        # them resident than the ranks that only mapped the file.
+        release_pages(doc_starts)
+        return scalars
+
+    arrays, scalars, built = open_or_build(folder / f"{stem}-e{epoch}.idx", key, fields, write)
+    if built:
+        _remove_epochs_before(folder, stem, epoch - 1)
+    return EpochIndex(
+        epoch,
+        seed,
+        seq_len,
+        packing,
+        packing and whole_samples,
+        arrays["perm"],
+        arrays["cum"],
+        int(scalars["total_rows"]),
+        int(scalars["stream_end"]),
+        int(scalars["split_samples"]),
+    )
+
+
+def _remove_epochs_before(folder: Path, stem: str, oldest_kept: int) -> None:
+    pattern = re.compile(re.escape(stem) + r"-e(\d+)\.idx")
+    for path in folder.glob(f"{stem}-e*.idx"):
+        found = pattern.fullmatch(path.name)
+        if found and int(found[1]) < oldest_kept:
+            path.unlink(missing_ok=True)  # ranks that still map it keep their pages
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop this process's page-table entries of the shared mapping under `array` (the page
+    cache keeps the pages; a later read maps them again). A private array is left alone."""
+    base = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+def index_files_bytes(folder: Path) -> int:
+    """Bytes of the finished index files in `folder` (what the node's page cache may hold)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.idx"))
+
+
+# ----------------------------------------------------------------------------- one shared file
+
+
+def open_or_build(
+    path: Path, key: dict, fields: Fields, fill: Callable[[dict[str, np.ndarray]], dict]
+) -> tuple[dict[str, np.ndarray], dict, bool]:
+    """(read-only arrays, header scalars, whether this call built the file) of the file at
+    `path` for `key`. When it is missing or holds another key, the first caller builds it under
+    the lock: `fill(arrays)` writes the arrays through a shared mapping and returns the scalars."""
+    found = _open(path, key, fields)
+    if found is not None:
+        return (*found, False)
+    with _build_lock(path):
+        found = _open(path, key, fields)  # built by the process we waited for
+        if found is not None:
+            return (*found, False)
+        for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)  # a killed builder's: no live one holds the lock
+        _write(path, key, fields, fill)
+    found = _open(path, key, fields)
+    if found is None:
+        raise PipelineError(
+            f"{path} does not read back after it was written (another process replaced it?); "
+            "remove the folder and run again"
+        )
+    return (*found, True)
+
+
+def _offsets(fields: Fields) -> tuple[list[int], int]:
+    offsets, at = [], _PAGE
+    for _, dtype, count in fields:
+        offsets.append(at)
+        at += -(-(count * dtype.itemsize) // _PAGE) * _PAGE
+    return offsets, at
+
+
+def _open(path: Path, key: dict, fields: Fields) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The file's arrays and scalars, or None when it is missing or written for another key."""
+    offsets, size = _offsets(fields)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            header = json.loads(os.pread(fd, _PAGE, 0).rstrip(b"\0"))
+        except ValueError:
+            return None
+        if not isinstance(header, dict) or header.get("magic") != _MAGIC:
+            return None
+        if header.get("key") != key or os.fstat(fd).st_size != size:
+            return None
+        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    arrays = {
+        name: np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+        for (name, dtype, count), offset in zip(fields, offsets, strict=True)
+    }
+    return arrays, header.get("scalars", {})
+
+
+def _write(path: Path, key: dict, fields: Fields, fill) -> None:
+    offsets, size = _offsets(fields)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size)  # shared: the pages written are the file's page cache
+        arrays = {
+            name: np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+            for (name, dtype, count), offset in zip(fields, offsets, strict=True)
+        }
+        scalars = fill(arrays)
+        del arrays
+        header = json.dumps({"magic": _MAGIC, "key": key, "scalars": scalars}).encode()
+        if len(header) > _PAGE:
+            raise PipelineError(f"{path}: header of {len(header)} bytes exceeds {_PAGE}")
+        mapping[: len(header)] = header
+        mapping.flush()
+        mapping.close()
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold `PATH.lock` exclusively, waiting for a builder that holds it; the file is removed
+    on release (a waiter that locked the removed file tries again)."""
+    lock_path = path.with_name(f"{path.name}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

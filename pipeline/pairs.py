@@ -1,0 +1,424 @@
+"""Encoder-decoder batches: (prompt, response) pairs packed on both sides, `PairLoader`.
+
+Each document of a prompt/response dataset is one pair: its first `prompt_lengths[i]` tokens
+feed the encoder, the rest (the response) the decoder. A global row is a pair of rows, encoder
+`enc_len` (Le) tokens and decoder `dec_len` (Ld) tokens (`pair_row_lens` sizes both from the
+data under one limit, --max_seq_len). Pairs are placed in the epoch's permutation order (seed,
+epoch; as pipeline/sampler.py), each in the current row when both its prompt fits in what is
+left of the encoder row and its decoder part in what is left of the decoder row, else at the
+start of the next row: no sort, one pass, and the layout is `row_starts` (the first permuted
+pair of each row), O(pairs) like EpochIndex.
+
+A pair's encoder part is its prompt (an empty prompt is one EOS, as T5 tokenizers encode ""); its
+decoder part is the decoder start token + response, labels = response + EOS (already aligned,
+no shift). Truncation, as a tokenizer with `truncation=True, max_length=...` does it: a prompt
+over Le keeps its first Le tokens; a response over Ld - 1 keeps its first Ld - 1 tokens and still
+ends with EOS. `PairIndex` counts both (the trainer logs them).
+
+Everything else is the Loader's: a global step takes `batch_size * world_size` consecutive rows,
+rank k rows [start + k*B, start + (k+1)*B); the state is (epoch, consumed global rows), so a
+loader with another world size or batch size continues from the same row; the partial last step
+is padding. The kernels below are tested against numpy in tests/pipeline/test_pairs.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from lowmem_core.errors import CheckpointError, ConfigError, PipelineError
+from lowmem_core.format import IGNORE_INDEX
+from lowmem_core.stateful import Stateful
+from pipeline.collate import Segments
+from pipeline.loader import Batch, BatchTask
+from pipeline.sampler import epoch_permutation
+
+STATE_VERSION = 1
+PAIR_KEYS = ("input_ids", "position_ids", "decoder_input_ids", "decoder_position_ids", "labels")
+_STATE_KEYS = ("version", "epoch", "consumed_rows", "seed", "enc_len", "dec_len", "fingerprint")
+
+
+@numba.njit(nogil=True, cache=True)
+def pair_rows(lengths, prompt_lengths, enc_len, dec_len, row_starts, stats):
+    """Lay permuted pairs into rows. lengths, prompt_lengths: (N,) int64 of the permuted pairs.
+
+    Writes row_starts[r] = first pair of row r (row_starts[rows] = N) and stats = (encoder
+    tokens, decoder tokens, prompts cut, responses cut); returns the number of rows.
+    """
+    n = lengths.shape[0]
+    rows = 0
+    used_e = enc_len  # a full "row -1": the first pair opens row 0
+    used_d = dec_len
+    for k in range(n):
+        p = prompt_lengths[k]
+        e = max(min(p, enc_len), 1)
+        d = min(lengths[k] - p, dec_len - 1) + 1
+        if used_e + e > enc_len or used_d + d > dec_len:
+            row_starts[rows] = k
+            rows += 1
+            used_e = 0
+            used_d = 0
+        used_e += e
+        used_d += d
+        stats[0] += e
+        stats[1] += d
+        if p > enc_len:
+            stats[2] += 1
+        if lengths[k] - p > dec_len - 1:
+            stats[3] += 1
+    row_starts[rows] = n
+    return rows
+
+
+@numba.njit(nogil=True, cache=True)
+def pair_segments(perm, row_starts, doc_starts, prompt_lengths, r0, r1, enc_len, dec_len, enc, dec):
+    """Segments of rows [r0, r1): enc[0..3] / dec[0..3] = (src, n, dst, doc0) arrays as
+    collate.Segments (dst flat in the [B, L] output). A decoder segment is the response tokens,
+    placed one after its pair's start token (doc0). Returns the pairs written."""
+    c = 0
+    for r in range(r0, r1):
+        x_e = (r - r0) * enc_len
+        x_d = (r - r0) * dec_len
+        for k in range(row_starts[r], row_starts[r + 1]):
+            doc = perm[k]
+            start = doc_starts[doc]
+            p = prompt_lengths[doc]
+            enc[0][c] = start
+            enc[1][c] = min(p, enc_len)
+            enc[2][c] = x_e
+            enc[3][c] = x_e
+            dec[0][c] = start + p
+            dec[1][c] = min(doc_starts[doc + 1] - start - p, dec_len - 1)
+            dec[2][c] = x_d + 1
+            dec[3][c] = x_d
+            x_e += max(enc[1][c], 1)
+            x_d += dec[1][c] + 1
+            c += 1
+    return c
+
+
+@numba.njit(nogil=True, cache=True)
+def finish_pairs(
+    enc_ids,
+    enc_pos,
+    dec_ids,
+    labels,
+    dec_pos,
+    enc_n,
+    enc_dst,
+    dec_n,
+    dec_dst,
+    count,
+    start_id,
+    eos_id,
+):
+    """After the tokens are read: EOS for empty prompts, each pair's start token, its labels
+    (response shifted left, then EOS). Returns the label tokens written."""
+    useful = 0
+    for i in range(count):
+        if enc_n[i] == 0:
+            enc_ids[enc_dst[i]] = eos_id
+            enc_pos[enc_dst[i]] = 0
+        d0 = dec_dst[i] - 1
+        n = dec_n[i]
+        dec_ids[d0] = start_id
+        dec_pos[d0] = 0
+        for j in range(n):
+            labels[d0 + j] = dec_ids[d0 + 1 + j]
+        labels[d0 + n] = eos_id
+        useful += n + 1
+    return useful
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """One epoch's pair layout: the permutation and the first pair of each row (16 B/pair)."""
+
+    epoch: int
+    seed: int
+    enc_len: int
+    dec_len: int
+    perm: np.ndarray  # (N,) int64 permuted pair (document) ids
+    row_starts: np.ndarray  # (total_rows + 1,) int64 index into perm of each row's first pair
+    total_rows: int
+    enc_tokens: int  # encoder positions holding a token, over the epoch
+    dec_tokens: int  # decoder positions holding a token (= label tokens)
+    cut_prompts: int  # prompts longer than enc_len, truncated
+    cut_responses: int  # responses longer than dec_len - 1, truncated
+
+    @classmethod
+    def build(cls, doc_starts, prompt_lengths, seed, epoch, enc_len, dec_len) -> PairIndex:
+        perm = epoch_permutation(doc_starts.size - 1, seed, epoch)
+        lengths = doc_starts[perm + 1] - doc_starts[perm]  # (N,) int64, transient
+        row_starts = np.empty(perm.size + 1, dtype=np.int64)
+        stats = np.zeros(4, dtype=np.int64)
+        rows = pair_rows(lengths, prompt_lengths[perm], enc_len, dec_len, row_starts, stats)
+        return cls(
+            epoch,
+            seed,
+            enc_len,
+            dec_len,
+            perm,
+            row_starts[: rows + 1].copy(),
+            int(rows),
+            *(int(s) for s in stats),
+        )
+
+    def padding_pct(self) -> tuple[float, float]:
+        """(encoder, decoder) share of the epoch's row positions that are padding, in %."""
+        e = 100.0 * (1 - self.enc_tokens / max(self.total_rows * self.enc_len, 1))
+        d = 100.0 * (1 - self.dec_tokens / max(self.total_rows * self.dec_len, 1))
+        return e, d
+
+
+class _Scratch(threading.local):
+    """Each reader thread's segments (encoder, decoder) and the encoder's throwaway labels."""
+
+    def __init__(self, pairs: int, enc_positions: int):
+        self.enc = Segments.empty(pairs)
+        self.dec = Segments.empty(pairs)
+        self.enc_labels = np.empty(enc_positions, dtype=np.int64)
+
+
+class PairLoader(Stateful):
+    """This rank's encoder-decoder batches of a prompt/response `dataset` (see the module
+    docstring): the Loader's interface (`len`, `steps_remaining`, `set_epoch`, iteration,
+    `tasks` / `new_buffers` / `fill` / `commit` for the Prefetcher, `state_dict`), with batches
+    of `PAIR_KEYS` (int64 [B, enc_len] and [B, dec_len]; position -1 at padding)."""
+
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        enc_len: int,
+        dec_len: int,
+        *,
+        start_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("enc_len", enc_len, 1),
+            ("dec_len", dec_len, 2),
+            ("world_size", world_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, {world_size}), got {rank}; check the launcher")
+        if dataset.prompt_lengths is None or len(dataset) == 0:
+            raise PipelineError(
+                f"dataset {dataset.path} holds no prompt/response pairs; build it with "
+                "`python -m pipeline build --sft`"
+            )
+        self.dataset = dataset
+        self._prompts = np.ascontiguousarray(dataset.prompt_lengths, dtype=np.int64)
+        self.batch_size, self.enc_len, self.dec_len = batch_size, enc_len, dec_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_id, self.drop_last = start_id, drop_last
+        self._epoch = self._consumed_rows = self._moves = 0
+        self._index: PairIndex | None = None
+        # Every pair takes at least one position of each row.
+        self._scratch = _Scratch(batch_size * min(enc_len, dec_len), batch_size * enc_len)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def index(self) -> PairIndex:
+        """The current epoch's layout (its padding and truncation counts)."""
+        return self._epoch_index(self._epoch)
+
+    def _epoch_index(self, epoch: int) -> PairIndex:
+        if self._index is None or self._index.epoch != epoch:
+            ds = self.dataset
+            self._index = PairIndex.build(
+                ds.doc_starts, self._prompts, self.seed, epoch, self.enc_len, self.dec_len
+            )
+        return self._index
+
+    def _steps_in(self, index: PairIndex) -> int:
+        full, partial = divmod(index.total_rows, self.rows_per_step)
+        return full if self.drop_last else full + (partial > 0)
+
+    def __len__(self) -> int:
+        return self._steps_in(self.index)
+
+    def steps_remaining(self) -> int:
+        return len(self) - -(-self._consumed_rows // self.rows_per_step)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._consumed_rows = epoch, 0
+            self._moves += 1
+
+    def tasks(self) -> Iterator[BatchTask]:
+        epoch, consumed = self._epoch, self._consumed_rows
+        index = self._epoch_index(epoch)
+        end_rows = self._steps_in(index) * self.rows_per_step
+        first_step = -(-consumed // self.rows_per_step)
+        for step_start in range(consumed, end_rows, self.rows_per_step):
+            next_rows = step_start + self.rows_per_step
+            r0 = min(step_start + self.rank * self.batch_size, index.total_rows)
+            yield BatchTask(
+                index=index,
+                step=first_step + (step_start - consumed) // self.rows_per_step,
+                row_start=r0,
+                row_end=min(r0 + self.batch_size, index.total_rows),
+                state_after=(epoch + 1, 0) if next_rows >= end_rows else (epoch, next_rows),
+            )
+
+    def new_buffers(self, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Five int64 CPU tensors: encoder [B, enc_len] x 2, decoder [B, dec_len] x 3."""
+        b = self.batch_size
+        shapes = (self.enc_len,) * 2 + (self.dec_len,) * 3
+        return {
+            k: torch.empty((b, n), dtype=torch.int64, pin_memory=pin_memory)
+            for k, n in zip(PAIR_KEYS, shapes, strict=True)
+        }
+
+    def fill(self, task: BatchTask, buffers: dict[str, torch.Tensor]) -> Batch:
+        """Write `task`'s rows into `buffers`; thread-safe (the kernels release the GIL)."""
+        v = {k: t.numpy().reshape(-1) for k, t in buffers.items()}  # flat views
+        ds, s, index = self.dataset, self._scratch, task.index
+        v["input_ids"].fill(ds.pad_id)
+        v["decoder_input_ids"].fill(ds.pad_id)
+        v["position_ids"].fill(-1)
+        v["decoder_position_ids"].fill(-1)
+        v["labels"].fill(IGNORE_INDEX)
+        count = pair_segments(
+            index.perm,
+            index.row_starts,
+            ds.doc_starts,
+            self._prompts,
+            task.row_start,
+            task.row_end,
+            self.enc_len,
+            self.dec_len,
+            s.enc[:4],
+            s.dec[:4],
+        )
+        if count == 0:
+            return Batch(buffers, 0, 0)
+        enc_labels = s.enc_labels[: v["input_ids"].size]
+        ds.read_segments(s.enc, count, self.enc_len, v["input_ids"], enc_labels, v["position_ids"])
+        ds.read_segments(
+            s.dec,
+            count,
+            self.dec_len,
+            v["decoder_input_ids"],
+            v["labels"],
+            v["decoder_position_ids"],
+        )
+        useful = int(
+            finish_pairs(
+                v["input_ids"],
+                v["position_ids"],
+                v["decoder_input_ids"],
+                v["labels"],
+                v["decoder_position_ids"],
+                s.enc.n,
+                s.enc.dst,
+                s.dec.n,
+                s.dec.dst,
+                count,
+                self.start_id,
+                ds.eos_id,
+            )
+        )
+        return Batch(buffers, useful, useful)
+
+    def commit(self, task: BatchTask) -> None:
+        self._epoch, self._consumed_rows = task.state_after
+
+    def __iter__(self) -> Iterator[Batch]:
+        moves = self._moves
+        for task in self.tasks():
+            if self._moves != moves:
+                return
+            batch = self.fill(task, self.new_buffers())
+            self.commit(task)
+            yield batch
+
+    def state_dict(self) -> dict:
+        """epoch, global rows consumed in it, seed, and what the row layout depends on."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "consumed_rows": self._consumed_rows,
+            "seed": self.seed,
+            "enc_len": self.enc_len,
+            "dec_len": self.dec_len,
+            "total_rows": self.index.total_rows,
+            "fingerprint": self.dataset.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`'s global row; world size and batch size may differ."""
+        missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else None
+        if missing is None or missing or state["version"] != STATE_VERSION:
+            found = f"lacks {', '.join(missing)}" if missing else "is not a version 1 pair state"
+            raise CheckpointError(
+                f"loader state {found}; resume a state written by this trainer's "
+                "encoder-decoder path (same release), or start a new run"
+            )
+        mine = {
+            "fingerprint": self.dataset.fingerprint,
+            "seed": self.seed,
+            "enc_len": self.enc_len,
+            "dec_len": self.dec_len,
+        }
+        bad = [f"{k}: state {state[k]!r}, loader {v!r}" for k, v in mine.items() if state[k] != v]
+        if bad:
+            raise CheckpointError(
+                f"pair loader state does not match this data order ({'; '.join(bad)}); resume "
+                "with the same dataset, seed and row lengths, or start a new run"
+            )
+        epoch, consumed = int(state["epoch"]), int(state["consumed_rows"])
+        index = self._epoch_index(max(epoch, 0))
+        if epoch < 0 or not 0 <= consumed <= index.total_rows:
+            raise CheckpointError(
+                f"pair loader state epoch={epoch}, consumed_rows={consumed} is outside the "
+                f"epoch's {index.total_rows} rows; it was not written for this dataset"
+            )
+        if consumed >= self._steps_in(index) * self.rows_per_step:
+            epoch, consumed = epoch + 1, 0
+        self._epoch, self._consumed_rows = epoch, consumed
+        self._moves += 1
+
+
+def pair_row_lens(dataset, max_len: int) -> tuple[int, int]:
+    """(enc_len, dec_len) for rows of at most `max_len` tokens. The side holding more tokens over
+    the dataset (prompts; or responses + 1) gets max_len; the other gets its share of max_len,
+    so both rows fill at about the same rate, but never less than its longest item (up to
+    max_len), so only what exceeds max_len is ever truncated. Multiples of 8 (at most max_len);
+    a function of the data alone, hence the same on every rank."""
+    prompts = np.asarray(dataset.prompt_lengths, dtype=np.int64)
+    enc = np.maximum(prompts, 1)  # an empty prompt is one EOS
+    dec = np.diff(dataset.doc_starts) - prompts + 1  # start token + response
+    enc_sum, dec_sum = int(enc.sum()), int(dec.sum())
+
+    def short_side(total: int, other_total: int, longest: int) -> int:
+        share = -(-max_len * total // max(other_total, 1))
+        return min(max_len, max(_round8(share), _round8(min(longest, max_len))))
+
+    if enc_sum >= dec_sum:
+        return max_len, short_side(dec_sum, enc_sum, int(dec.max()))
+    return short_side(enc_sum, dec_sum, int(enc.max())), max_len
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8

@@ -1,0 +1,193 @@
+"""Encoder-decoder pair packing: the kernels against a plain Python reference, every prompt and
+response token exactly once across ranks, rows within their budgets, resume at any global row
+with another world size, both read modes and the prefetcher agreeing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lowmem_core.errors import CheckpointError, PipelineError
+from pipeline import Prefetcher, open_dataset
+from pipeline.pairs import PAIR_KEYS, PairIndex, PairLoader, pair_row_lens, pair_rows
+from pipeline.sampler import epoch_permutation
+
+NUM_DOCS, SEED, MEDIAN, LE, LD, START = 300, 7, 40, 48, 32, 1000
+
+
+@pytest.fixture
+def sft(make_dataset, synthetic_token_docs):
+    """(documents, prompt lengths, dataset folder): prompts of 0..len tokens, some empty, some
+    the whole document (an empty response), some longer than LE, responses longer than LD - 1."""
+    docs = synthetic_token_docs(NUM_DOCS, SEED, MEDIAN, 256)
+    rng = np.random.default_rng(1)
+    lengths = np.array([len(d) for d in docs])
+    prompts = rng.integers(0, lengths + 1)
+    prompts[::5], prompts[1::5] = 0, lengths[1::5]
+    return docs, prompts.astype(np.int64), make_dataset(NUM_DOCS, SEED, MEDIAN)
+
+
+def open_sft(path, prompts, ultra_low_mem=False):
+    ds = open_dataset(path, ultra_low_mem=ultra_low_mem)
+    ds.prompt_lengths = prompts
+    return ds
+
+
+def reference_rows(docs, prompts, perm, eos, pad, le=LE, ld=LD):
+    """Plain Python: greedy placement in permutation order, truncation as documented."""
+    rows, cur, used = [], None, (le, ld)
+    for doc in perm:
+        d, p = docs[doc].tolist(), int(prompts[doc])
+        enc = d[:p][:le] or [eos]
+        resp = d[p:][: ld - 1]
+        dec, lab = [START, *resp], [*resp, eos]
+        if used[0] + len(enc) > le or used[1] + len(dec) > ld:
+            cur, used = [], (0, 0)
+            rows.append(cur)
+        cur.append((enc, dec, lab))
+        used = (used[0] + len(enc), used[1] + len(dec))
+    out = {k: [] for k in PAIR_KEYS}
+    for row in rows:
+        enc = [t for e, _, _ in row for t in e]
+        enc_pos = [i for e, _, _ in row for i in range(len(e))]
+        dec = [t for _, x, _ in row for t in x]
+        dec_pos = [i for _, x, _ in row for i in range(len(x))]
+        lab = [t for _, _, y in row for t in y]
+        for key, vals, width, fill in (
+            ("input_ids", enc, le, pad),
+            ("position_ids", enc_pos, le, -1),
+            ("decoder_input_ids", dec, ld, pad),
+            ("decoder_position_ids", dec_pos, ld, -1),
+            ("labels", lab, ld, -100),
+        ):
+            out[key].append(vals + [fill] * (width - len(vals)))
+    return {k: np.array(v, dtype=np.int64) for k, v in out.items()}
+
+
+def global_rows(ds, world_size, batch_size, state=None, max_steps=None, prefetch=False):
+    """Step all ranks in lockstep; return each key's rows in global row order, the batches and
+    rank 0's final state."""
+    loaders = [
+        PairLoader(ds, batch_size, LE, LD, start_id=START, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    sources = [Prefetcher(x, depth=2, num_readers=2) if prefetch else x for x in loaders]
+    batches = []
+    for step, group in enumerate(zip(*sources, strict=True)):
+        batches += [b.clone() for b in group]
+        if step + 1 == max_steps:
+            break
+    rows = {k: np.concatenate([b[k].numpy() for b in batches]) for k in PAIR_KEYS}
+    return rows, batches, loaders[0].state_dict()
+
+
+def test_layout_kernel_matches_a_python_reference():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 90, 500)
+    prompts = rng.integers(0, lengths + 1)
+    prompts[::7] = 0
+    row_starts, stats = np.empty(501, dtype=np.int64), np.zeros(4, dtype=np.int64)
+    rows = pair_rows(lengths, prompts, LE, LD, row_starts, stats)
+    expected_starts, used = [], (LE, LD)
+    for k, (n, p) in enumerate(zip(lengths, prompts, strict=True)):
+        e, d = max(min(p, LE), 1), min(n - p, LD - 1) + 1
+        if used[0] + e > LE or used[1] + d > LD:
+            expected_starts.append(k)
+            used = (0, 0)
+        used = (used[0] + e, used[1] + d)
+    assert row_starts[: rows + 1].tolist() == [*expected_starts, 500]
+    enc = np.maximum(np.minimum(prompts, LE), 1).sum()
+    dec = (np.minimum(lengths - prompts, LD - 1) + 1).sum()
+    cut = [(prompts > LE).sum(), (lengths - prompts > LD - 1).sum()]
+    assert stats.tolist() == [enc, dec, *cut]
+
+
+def test_rows_equal_the_reference_and_every_token_is_there_once_across_three_ranks(sft):
+    docs, prompts, path = sft
+    ds = open_sft(path, prompts)
+    rows, batches, state = global_rows(ds, 3, 4)
+    index = PairIndex.build(ds.doc_starts, prompts, 0, 0, LE, LD)
+    expected = reference_rows(docs, prompts, index.perm, ds.eos_id, ds.pad_id)
+    n = index.total_rows
+    fill = {"position_ids": -1, "decoder_position_ids": -1, "labels": -100}
+    for key in PAIR_KEYS:  # rows past the epoch's last (a partial step) are all padding
+        assert np.array_equal(rows[key][:n], expected[key]), key
+        assert (rows[key][n:] == fill.get(key, ds.pad_id)).all(), key
+    assert (state["epoch"], state["consumed_rows"]) == (1, 0)
+    # Every prompt token once in the encoder, every response token and one EOS per pair once in
+    # the labels; truncated pairs keep their first LE prompt / LD - 1 response tokens.
+    assert index.cut_prompts > 0 and index.cut_responses > 0
+    enc, lab = Counter(), Counter()
+    for d, p in zip(docs, prompts, strict=True):
+        enc.update(d[:p][:LE].tolist() or [ds.eos_id])
+        lab.update([*d[p:][: LD - 1].tolist(), ds.eos_id])
+    assert Counter(rows["input_ids"][rows["position_ids"] >= 0].tolist()) == enc
+    assert Counter(rows["labels"][rows["labels"] != -100].tolist()) == lab
+    assert sum(b.num_tokens for b in batches) == index.dec_tokens == (rows["labels"] != -100).sum()
+    assert index.enc_tokens == (rows["position_ids"] >= 0).sum()
+    pad_e, pad_d = index.padding_pct()
+    assert pad_e == 100 * (1 - index.enc_tokens / (n * LE))
+    assert pad_d == 100 * (1 - index.dec_tokens / (n * LD))
+    # Pair k of a row is segment k on both sides.
+    assert ((rows["position_ids"] == 0).sum(1) == (rows["decoder_position_ids"] == 0).sum(1)).all()
+
+
+def test_resume_at_any_row_with_another_world_size_and_batch_size(sft):
+    _, prompts, path = sft
+    ds = open_sft(path, prompts)
+    full, _, _ = global_rows(ds, 1, 7)
+    head, _, state = global_rows(ds, 3, 4, max_steps=2)
+    assert state["consumed_rows"] == 24
+    tail, _, _ = global_rows(ds, 2, 5, state=state)
+    rows = full["labels"].shape[0]
+    for key in PAIR_KEYS:
+        joined = np.concatenate([head[key], tail[key]])
+        n = min(rows, joined.shape[0])
+        assert np.array_equal(joined[:n], full[key][:n]), key
+
+
+def test_prefetcher_and_ultra_low_mem_give_the_same_batches(sft):
+    _, prompts, path = sft
+    plain, _, _ = global_rows(open_sft(path, prompts), 2, 3)
+    fetched, _, _ = global_rows(open_sft(path, prompts, ultra_low_mem=True), 2, 3, prefetch=True)
+    for key in PAIR_KEYS:
+        assert np.array_equal(plain[key], fetched[key]), key
+
+
+def test_order_is_a_function_of_seed_and_epoch(sft):
+    _, prompts, path = sft
+    ds = open_sft(path, prompts)
+    a = PairIndex.build(ds.doc_starts, prompts, 5, 2, LE, LD)
+    assert np.array_equal(a.perm, epoch_permutation(NUM_DOCS, 5, 2))
+    again = PairIndex.build(ds.doc_starts, prompts, 5, 2, LE, LD)
+    assert np.array_equal(a.row_starts, again.row_starts)
+    assert not np.array_equal(a.perm, PairIndex.build(ds.doc_starts, prompts, 5, 3, LE, LD).perm)
+
+
+def test_row_lengths_follow_the_data_and_cut_only_past_the_limit():
+    # Pairs: prompts of 3, 10, 5 tokens; responses + start 18, 3, 96 (the decoder holds more).
+    data = SimpleNamespace(
+        doc_starts=np.array([0, 20, 32, 132]), prompt_lengths=np.array([3, 10, 5])
+    )
+    assert pair_row_lens(data, 64) == (16, 64)  # share ceil(64 * 18 / 117) = 10 -> 16
+    assert pair_row_lens(data, 512) == (80, 512)  # share 79 -> 80
+    assert pair_row_lens(data, 8) == (8, 8)  # the longest prompt (10) is cut at the limit
+    data.prompt_lengths = np.array([20, 12, 100])  # no responses: the encoder holds more
+    assert pair_row_lens(data, 64) == (64, 8)
+
+
+def test_refusals_name_the_fix(sft, make_dataset):
+    _, prompts, path = sft
+    with pytest.raises(PipelineError, match="build it with `python -m pipeline build --sft`"):
+        PairLoader(open_dataset(path), 2, LE, LD, start_id=START)
+    loader = PairLoader(open_sft(path, prompts), 2, LE, LD, start_id=START)
+    state = loader.state_dict()
+    other = PairLoader(open_sft(path, prompts), 2, LE, LD + 8, start_id=START)
+    with pytest.raises(CheckpointError, match=r"dec_len: state 32, loader 40"):
+        other.load_state_dict(state)

@@ -155,8 +155,25 @@ def read_all_case(path: str, ultra_low_mem: bool, batch_size: int, seq_len: int,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "dataset_token_bytes": ds.token_bytes,
+        # The next epoch's index, built ahead near the end: file pages shared by every rank of
+        # the node (the planner counts them once per node), not memory that grows with reading.
+        "index_mapped_bytes": mapped_private_bytes(".index_cache"),
         **_growth(peak, base, end),
     }
+
+
+def mapped_private_bytes(path_part: str) -> int:
+    """Private (clean + dirty) bytes of this process's mappings of files whose path contains
+    `path_part`: what USS counts of them while no other process maps them."""
+    total, counting = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=5)
+            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                counting = len(head) == 6 and path_part in head[5]
+            elif counting and head[0] in ("Private_Clean:", "Private_Dirty:"):
+                total += int(head[1]) * 1024
+    return total
 
 
 def loader_steps_case(

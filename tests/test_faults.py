@@ -291,7 +291,8 @@ class InfGrad(torch.autograd.Function):
 
 def inf_grad(module, args, output):
     global embedding_forwards
-    if isinstance(module, torch.nn.Embedding) and module.training:
+    # Real training forwards only: the planner's trace runs the model on fake tensors too.
+    if isinstance(module, torch.nn.Embedding) and module.training and type(output) is torch.Tensor:
         embedding_forwards += 1
         if embedding_forwards >= inf_grad_from:
             return InfGrad.apply(output)
@@ -1026,11 +1027,13 @@ def test_overflowing_gradients_are_skipped_then_stop_the_run(fault_world, tmp_pa
         cmd, env=train_env(FAULT_INF_GRAD_FROM=4), capture_output=True, text=True, timeout=600
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 4, output[-4000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "training diverged: 2 consecutive steps up to step 5" in errors[0]
+    # Each rank exits 4; the launcher of a multi-rank job reports it and exits 1.
+    assert proc.returncode == 4 or (ranks > 1 and "exitcode  : 4" in output), output[-4000:]
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1, errors  # the same line from every rank
+    assert "training diverged: 2 consecutive steps up to step 5" in next(iter(errors)), errors
     if config_file:
-        assert "skipped by DeepSpeed" in errors[0], errors
+        assert "skipped by DeepSpeed" in next(iter(errors)), errors
     assert losses_by_step(output).keys() >= {1, 2, 3}
     states = complete_states(out)
     assert states.get(STATE) in (3, 4, 5), states  # a skipped step changes no weight

@@ -44,7 +44,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         lora_dropout=settings.dropout,
         target_modules=targets if targets is not None else "all-linear",
         bias="none",
-        task_type="CAUSAL_LM" if hf_model is not None else None,
+        # A wrapped Hugging Face model names its peft task (encoder-decoders: SEQ_2_SEQ_LM).
+        task_type=getattr(model, "peft_task_type", "CAUSAL_LM") if hf_model is not None else None,
     )
     try:
         if hf_model is not None:

@@ -33,7 +33,7 @@ from trainer_low_mem.hf_model import (
 )
 from trainer_low_mem.lora import LoraSettings, apply_lora, trainable_parameter_count
 from trainer_low_mem.model import DecoderLM, build_model, resolve_preset
-from trainer_low_mem.seq2seq import Seq2SeqLM, apply_seq2seq_lora, load_seq2seq_folder
+from trainer_low_mem.seq2seq import Seq2SeqLM, load_seq2seq_folder
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,7 @@ def _add_lora(model: nn.Module, cfg: ModelConfig) -> None:
     settings = LoraSettings(
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules
     )
-    if isinstance(model, Seq2SeqLM):
-        apply_seq2seq_lora(model, settings)
-    else:
-        apply_lora(model, settings)
+    apply_lora(model, settings)
 
 
 def load_initial_weights(model: nn.Module, source: Path) -> None:

@@ -96,6 +96,8 @@ def load_seq2seq_folder(
 class Seq2SeqLM(nn.Module):
     """A `transformers` encoder-decoder with the packed-pair batch contract above."""
 
+    peft_task_type = "SEQ_2_SEQ_LM"  # what trainer_low_mem.lora tells peft (T5 targets: q k v o)
+
     def __init__(self, hf_model: nn.Module, loss_chunk_tokens: int = 4096) -> None:
         super().__init__()
         self.hf_model = hf_model
@@ -200,32 +202,6 @@ class Seq2SeqLM(nn.Module):
         logits = head(hidden).reshape(targets.shape[0], -1).float()
         loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         return ModelOutput(loss=loss_sum / count.clamp(min=1), n_loss_tokens=count, logits=None)
-
-
-def apply_seq2seq_lora(model: Seq2SeqLM, settings) -> Seq2SeqLM:
-    """LoRA adapters (a `trainer_low_mem.lora.LoraSettings`) on the encoder-decoder through peft
-    as a SEQ_2_SEQ_LM, in place; everything else frozen. The PeftModel is kept beside the model
-    (for an adapter-only export), outside the module tree."""
-    peft = require_extra("peft", "lora", "--lora_rank")
-    targets = settings.target_modules
-    config = peft.LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=targets if targets is not None else "all-linear",
-        bias="none",
-        task_type="SEQ_2_SEQ_LM",
-    )
-    try:
-        object.__setattr__(model, "peft_model", peft.get_peft_model(model.hf_model, config))
-    except ValueError as exc:
-        raise ConfigError(
-            f"--lora_target_modules {targets} do not match the model's layers "
-            f"({str(exc).splitlines()[0]}); name linear layers of the model (T5: q, k, v, o)"
-        ) from None
-    for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name
-    return model
 
 
 def write_sample_t5(out, vocab_size: int = 384, d_model: int = 32, seed: int = 0):

@@ -210,7 +210,7 @@ def test_quick_run_end_to_end_on_the_sample_corpus(tmp_path):
     assert stages == {"loader", "memory", "step"} | ({"h2d"} if doc["machine"]["gpus"] else set())
     check_names = [c["name"] for c in doc["checks"]]
     assert (
-        "ultra_low_mem read-all USS growth" in check_names
+        "ultra_low_mem read-all USS growth, shared index files aside" in check_names
         and "CPU prefetcher data wait, 1 reader" in check_names
     )
     assert re.search(

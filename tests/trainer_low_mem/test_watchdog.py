@@ -198,16 +198,21 @@ def test_rejects_impossible_settings(kwargs, message):
 
 
 def test_job_memory_counts_an_allocation_of_this_process(monkeypatch):
+    import mmap
+
     from trainer_low_mem import watchdog
 
     # The cgroup floor counts every process of the machine's cgroup (a busy test run's too) and
     # is refreshed lazily: take this process's own reading.
     monkeypatch.setattr(watchdog, "cgroup_unreclaimable_bytes", lambda: 0)
     before = job_memory_bytes()
-    hog = np.ones(64 * MIB, dtype=np.uint8)  # np.ones touches every page, so they are resident
+    # Fresh anonymous pages, every one written: a heap allocation could reuse pages a long test
+    # run already holds, and then nothing would grow.
+    hog = mmap.mmap(-1, 64 * MIB)
+    hog.write(b"\x01" * (64 * MIB))
     after = job_memory_bytes()
     assert after - before >= 60 * MIB
-    del hog
+    hog.close()
 
 
 def test_real_memory_hog_escalates_in_order_and_stops_before_the_limit():

@@ -25,9 +25,8 @@ prepares the next epoch's index, so crossing the epoch boundary does not wait fo
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from lowmem_core.format import IGNORE_INDEX
 from lowmem_core.stateful import Stateful
 from pipeline import collate, index_cache
 from pipeline.dataset import TokenDataset
+from pipeline.rows import BatchTask, RowSource, check_int
 from pipeline.sampler import EpochIndex
 
 STATE_VERSION = 2  # 2: padding rows end each document with EOS
@@ -66,17 +66,6 @@ class Batch(dict):
         return Batch({k: v.clone() for k, v in self.items()}, self.num_tokens, self.num_loss_tokens)
 
 
-@dataclass(frozen=True)
-class BatchTask:
-    """One global step as seen by this rank: which rows to fill, and the state once consumed."""
-
-    index: EpochIndex
-    step: int  # global step within the epoch
-    row_start: int  # first global row of this rank's share
-    row_end: int  # one past the last global row (clipped to the epoch; may equal row_start)
-    state_after: tuple[int, int]  # (epoch, consumed_rows) once this step is consumed
-
-
 class _Scratch(threading.local):
     """Each reader thread's segment arrays."""
 
@@ -84,7 +73,7 @@ class _Scratch(threading.local):
         self.segs = collate.Segments.empty(capacity)
 
 
-class Loader(Stateful):
+class Loader(RowSource, Stateful):
     """This rank's batches of `dataset`: [batch_size, seq_len] rows, packed or padded.
 
     `len(loader)`: global steps in one full epoch. `steps_remaining()`: steps the next pass (or
@@ -105,10 +94,10 @@ class Loader(Stateful):
         packing: bool = True,
         drop_last: bool = False,
     ):
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seq_len", seq_len, 2)
-        _check_int("world_size", world_size, 1)
-        _check_int("seed", seed, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("seq_len", seq_len, 2)
+        check_int("world_size", world_size, 1)
+        check_int("seed", seed, 0)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ConfigError(
                 f"rank must be in [0, world_size={world_size}), got {rank}; "
@@ -130,12 +119,8 @@ class Loader(Stateful):
             prompt_lengths if prompt_lengths is not None else (), dtype=np.int64
         )
         self._whole_samples = packing and prompt_lengths is not None
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.packing, self.drop_last = seed, packing, drop_last
-        self._epoch = 0
-        self._consumed_rows = 0
-        self._moves = 0  # bumped when the position is set from outside: a pass in progress ends
+        super().__init__(batch_size, rank, world_size, drop_last)
+        self.seq_len, self.seed, self.packing = seq_len, seed, packing
         self._index: EpochIndex | None = None
         self._ahead: tuple[int, Future] | None = None  # the next epoch's index, being prepared
         self._index_lock = threading.Lock()
@@ -143,14 +128,6 @@ class Loader(Stateful):
         self._scratch = _Scratch(batch_size * seq_len + 2)
 
     # -- layout -----------------------------------------------------------------------------
-    @property
-    def rows_per_step(self) -> int:
-        return self.batch_size * self.world_size
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
     def _epoch_index(self, epoch: int) -> EpochIndex:
         with self._index_lock:
             if self._index is None or self._index.epoch != epoch:
@@ -191,53 +168,17 @@ class Loader(Stateful):
 
         threading.Thread(target=run, name="epoch-index-ahead", daemon=True).start()
 
-    def _steps_in(self, index: EpochIndex) -> int:
-        full, partial = divmod(index.total_rows, self.rows_per_step)
-        return full if self.drop_last else full + (partial > 0)
-
     @property
     def split_samples(self) -> int:
         """Documents of the current epoch spread over more than one row (for sft datasets in
         both layouts: the samples whose tokens plus EOS exceed seq_len)."""
         return self._epoch_index(self._epoch).split_samples
 
-    def __len__(self) -> int:
-        """Global steps in one full epoch (the same in every epoch)."""
-        return self._steps_in(self._epoch_index(self._epoch))
+    def _before_step(self, epoch: int, next_rows: int, end_rows: int) -> None:
+        if next_rows >= AHEAD_FRACTION * end_rows:
+            self._prepare_ahead(epoch + 1)
 
-    def steps_remaining(self) -> int:
-        """Steps the next pass yields, or the pass in progress still yields."""
-        return len(self) - -(-self._consumed_rows // self.rows_per_step)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Go to the start of epoch `epoch`. A no-op when the position is already in that epoch,
-        so a resumed mid-epoch position survives `set_epoch(e)` at the top of an epoch loop."""
-        _check_int("epoch", epoch, 0)
-        if epoch != self._epoch:
-            self._epoch, self._consumed_rows = epoch, 0
-            self._moves += 1
-
-    # -- iteration --------------------------------------------------------------------------
-    def tasks(self) -> Iterator[BatchTask]:
-        """The remaining steps of the current epoch, as this rank sees them."""
-        epoch, consumed = self._epoch, self._consumed_rows
-        index = self._epoch_index(epoch)
-        end_rows = self._steps_in(index) * self.rows_per_step
-        first_step = -(-consumed // self.rows_per_step)
-        for step_start in range(consumed, end_rows, self.rows_per_step):
-            next_rows = step_start + self.rows_per_step
-            if next_rows >= AHEAD_FRACTION * end_rows:
-                self._prepare_ahead(epoch + 1)
-            r0 = min(step_start + self.rank * self.batch_size, index.total_rows)
-            r1 = min(r0 + self.batch_size, index.total_rows)
-            yield BatchTask(
-                index=index,
-                step=first_step + (step_start - consumed) // self.rows_per_step,
-                row_start=r0,
-                row_end=r1,
-                state_after=(epoch + 1, 0) if next_rows >= end_rows else (epoch, next_rows),
-            )
-
+    # -- filling ----------------------------------------------------------------------------
     def new_buffers(self, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Three int64 [B, L] CPU tensors to `fill`; pinned when asked (and CUDA exists)."""
         shape = (self.batch_size, self.seq_len)
@@ -294,19 +235,6 @@ class Loader(Stateful):
         row_heads = int(np.count_nonzero(labels[::L] != IGNORE_INDEX))
         return Batch(buffers, num_tokens, num_tokens - row_heads)
 
-    def commit(self, task: BatchTask) -> None:
-        """Record that the consumer has taken `task`'s batch."""
-        self._epoch, self._consumed_rows = task.state_after
-
-    def __iter__(self) -> Iterator[Batch]:
-        moves = self._moves
-        for task in self.tasks():
-            if self._moves != moves:  # load_state_dict / set_epoch during the pass: it ends
-                return
-            batch = self.fill(task, self.new_buffers())
-            self.commit(task)
-            yield batch
-
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """epoch, global rows consumed in it, seed, and what the row layout depends on."""
@@ -356,19 +284,4 @@ class Loader(Stateful):
                 "loader state does not match this data order (" + "; ".join(mismatched) + "); "
                 "resume with the same dataset, seed, seq_len and packing, or start a new run"
             )
-        epoch, consumed = int(state["epoch"]), int(state["consumed_rows"])
-        index = self._epoch_index(max(epoch, 0))
-        if epoch < 0 or not 0 <= consumed <= index.total_rows:
-            raise CheckpointError(
-                f"loader state epoch={epoch}, consumed_rows={consumed} is outside the epoch's "
-                f"{index.total_rows} rows; it was not written for this dataset"
-            )
-        if consumed >= self._steps_in(index) * self.rows_per_step:
-            epoch, consumed = epoch + 1, 0  # nothing of that epoch is left for this loader
-        self._epoch, self._consumed_rows = epoch, consumed
-        self._moves += 1
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        self._restore_position(int(state["epoch"]), int(state["consumed_rows"]), "loader")

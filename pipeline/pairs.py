@@ -24,7 +24,6 @@ is padding. The kernels below are tested against numpy in tests/pipeline/test_pa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numba
@@ -35,7 +34,8 @@ from lowmem_core.errors import CheckpointError, ConfigError, PipelineError
 from lowmem_core.format import IGNORE_INDEX
 from lowmem_core.stateful import Stateful
 from pipeline.collate import Segments
-from pipeline.loader import Batch, BatchTask
+from pipeline.loader import Batch
+from pipeline.rows import BatchTask, RowSource
 from pipeline.sampler import epoch_permutation
 
 STATE_VERSION = 1
@@ -185,7 +185,7 @@ class _Scratch(threading.local):
         self.enc_labels = np.empty(enc_positions, dtype=np.int64)
 
 
-class PairLoader(Stateful):
+class PairLoader(RowSource, Stateful):
     """This rank's encoder-decoder batches of a prompt/response `dataset` (see the module
     docstring): the Loader's interface (`len`, `steps_remaining`, `set_epoch`, iteration,
     `tasks` / `new_buffers` / `fill` / `commit` for the Prefetcher, `state_dict`), with batches
@@ -221,21 +221,11 @@ class PairLoader(Stateful):
             )
         self.dataset = dataset
         self._prompts = np.ascontiguousarray(dataset.prompt_lengths, dtype=np.int64)
-        self.batch_size, self.enc_len, self.dec_len = batch_size, enc_len, dec_len
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start_id, self.drop_last = start_id, drop_last
-        self._epoch = self._consumed_rows = self._moves = 0
+        super().__init__(batch_size, rank, world_size, drop_last)
+        self.enc_len, self.dec_len, self.seed, self.start_id = enc_len, dec_len, seed, start_id
         self._index: PairIndex | None = None
         # Every pair takes at least one position of each row.
         self._scratch = _Scratch(batch_size * min(enc_len, dec_len), batch_size * enc_len)
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.batch_size * self.world_size
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
 
     @property
     def index(self) -> PairIndex:
@@ -249,37 +239,6 @@ class PairLoader(Stateful):
                 ds.doc_starts, self._prompts, self.seed, epoch, self.enc_len, self.dec_len
             )
         return self._index
-
-    def _steps_in(self, index: PairIndex) -> int:
-        full, partial = divmod(index.total_rows, self.rows_per_step)
-        return full if self.drop_last else full + (partial > 0)
-
-    def __len__(self) -> int:
-        return self._steps_in(self.index)
-
-    def steps_remaining(self) -> int:
-        return len(self) - -(-self._consumed_rows // self.rows_per_step)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            self._epoch, self._consumed_rows = epoch, 0
-            self._moves += 1
-
-    def tasks(self) -> Iterator[BatchTask]:
-        epoch, consumed = self._epoch, self._consumed_rows
-        index = self._epoch_index(epoch)
-        end_rows = self._steps_in(index) * self.rows_per_step
-        first_step = -(-consumed // self.rows_per_step)
-        for step_start in range(consumed, end_rows, self.rows_per_step):
-            next_rows = step_start + self.rows_per_step
-            r0 = min(step_start + self.rank * self.batch_size, index.total_rows)
-            yield BatchTask(
-                index=index,
-                step=first_step + (step_start - consumed) // self.rows_per_step,
-                row_start=r0,
-                row_end=min(r0 + self.batch_size, index.total_rows),
-                state_after=(epoch + 1, 0) if next_rows >= end_rows else (epoch, next_rows),
-            )
 
     def new_buffers(self, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Five int64 CPU tensors: encoder [B, enc_len] x 2, decoder [B, dec_len] x 3."""
@@ -341,18 +300,6 @@ class PairLoader(Stateful):
         )
         return Batch(buffers, useful, useful)
 
-    def commit(self, task: BatchTask) -> None:
-        self._epoch, self._consumed_rows = task.state_after
-
-    def __iter__(self) -> Iterator[Batch]:
-        moves = self._moves
-        for task in self.tasks():
-            if self._moves != moves:
-                return
-            batch = self.fill(task, self.new_buffers())
-            self.commit(task)
-            yield batch
-
     def state_dict(self) -> dict:
         """epoch, global rows consumed in it, seed, and what the row layout depends on."""
         return {
@@ -387,17 +334,7 @@ class PairLoader(Stateful):
                 f"pair loader state does not match this data order ({'; '.join(bad)}); resume "
                 "with the same dataset, seed and row lengths, or start a new run"
             )
-        epoch, consumed = int(state["epoch"]), int(state["consumed_rows"])
-        index = self._epoch_index(max(epoch, 0))
-        if epoch < 0 or not 0 <= consumed <= index.total_rows:
-            raise CheckpointError(
-                f"pair loader state epoch={epoch}, consumed_rows={consumed} is outside the "
-                f"epoch's {index.total_rows} rows; it was not written for this dataset"
-            )
-        if consumed >= self._steps_in(index) * self.rows_per_step:
-            epoch, consumed = epoch + 1, 0
-        self._epoch, self._consumed_rows = epoch, consumed
-        self._moves += 1
+        self._restore_position(int(state["epoch"]), int(state["consumed_rows"]), "pair loader")
 
 
 def pair_row_lens(dataset, max_len: int) -> tuple[int, int]:

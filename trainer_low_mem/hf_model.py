@@ -151,7 +151,40 @@ def _four_bit_config(transformers):
     )
 
 
-class HFCausalLM(nn.Module):
+class HFWrapper(nn.Module):
+    """What every wrapper of a `transformers` model (`self.hf_model`) shares: its config,
+    embedding rows and the parts of the planner's ModelShape that read the same everywhere
+    (subclasses give `n_layers` and `d_ff`, which architectures spell differently)."""
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the input embedding: the largest token id the model accepts, plus one."""
+        return int(self.hf_model.get_input_embeddings().weight.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab_rows
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def trainable_param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class HFCausalLM(HFWrapper):
     """A `transformers` causal LM with the forward contract of `trainer_low_mem.model`."""
 
     def __init__(
@@ -171,15 +204,6 @@ class HFCausalLM(nn.Module):
         self.loss_path, self.loss_path_reason = self._choose_loss_path()
 
     # -- shape facts (read by the planner and the dataset check) ----------------------------
-    @property
-    def config(self):
-        return self.hf_model.config
-
-    @property
-    def vocab_rows(self) -> int:
-        """Rows of the input embedding: the largest token id the model accepts, plus one."""
-        return int(self.hf_model.get_input_embeddings().weight.shape[0])
-
     # The planner's ModelShape: decoder dimensions (config names, mapped by transformers for
     # architectures that spell them otherwise) and parameter counts.
     @property
@@ -187,26 +211,8 @@ class HFCausalLM(nn.Module):
         return int(self.config.num_hidden_layers)
 
     @property
-    def d_model(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.config.num_attention_heads)
-
-    @property
     def d_ff(self) -> int:
         return int(getattr(self.config, "intermediate_size", None) or 4 * self.d_model)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab_rows
-
-    def param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def trainable_param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # -- loss path -------------------------------------------------------------------------
     def _head_and_backbone(self) -> tuple[nn.Linear | None, nn.Module | None]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
-from trainer_low_mem.hf_model import _transformers, check_model_folder, has_weights
+from trainer_low_mem.hf_model import HFWrapper, _transformers, check_model_folder, has_weights
 from trainer_low_mem.loss import chunked_cross_entropy
 from trainer_low_mem.model import ModelOutput
 
@@ -93,7 +93,7 @@ def load_seq2seq_folder(
     return Seq2SeqLM(hf_model, loss_chunk_tokens=loss_chunk_tokens)
 
 
-class Seq2SeqLM(nn.Module):
+class Seq2SeqLM(HFWrapper):
     """A `transformers` encoder-decoder with the packed-pair batch contract above."""
 
     peft_task_type = "SEQ_2_SEQ_LM"  # what trainer_low_mem.lora tells peft (T5 targets: q k v o)
@@ -115,14 +115,6 @@ class Seq2SeqLM(nn.Module):
         self.chunked = isinstance(head, nn.Linear) and head.bias is None
 
     @property
-    def config(self):
-        return self.hf_model.config
-
-    @property
-    def vocab_rows(self) -> int:
-        return int(self.hf_model.get_input_embeddings().weight.shape[0])
-
-    @property
     def start_id(self) -> int:
         """The decoder start token (T5: the pad token)."""
         start = self.config.decoder_start_token_id
@@ -136,32 +128,14 @@ class Seq2SeqLM(nn.Module):
         )
 
     @property
-    def d_model(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.config.num_attention_heads)
-
-    @property
     def d_ff(self) -> int:
         c = self.config
         return int(getattr(c, "d_ff", None) or getattr(c, "encoder_ffn_dim", 4 * self.d_model))
 
     @property
-    def vocab_size(self) -> int:
-        return self.vocab_rows
-
-    @property
     def max_seq_len(self) -> int:
         """Longest row the model takes (BART: its position table; T5's relative positions: any)."""
         return int(getattr(self.config, "max_position_embeddings", None) or 2**31 - 1)
-
-    def param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def trainable_param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def decoder_hidden(self, input_ids, position_ids, decoder_input_ids, decoder_position_ids):
         dtype = self.hf_model.get_input_embeddings().weight.dtype

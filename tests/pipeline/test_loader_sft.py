@@ -11,19 +11,7 @@ import pytest
 
 from pipeline import Loader, PipelineError, Prefetcher, open_dataset
 
-NUM_DOCS, SEED, MEDIAN, SEQ_LEN = 300, 7, 40, 32
-
-
-@pytest.fixture
-def sft(make_dataset, synthetic_token_docs):
-    """(documents, prompt lengths, dataset folder): prompts of 0..len tokens, some empty, some
-    the whole document (an empty response: only its EOS is labelled)."""
-    docs = synthetic_token_docs(NUM_DOCS, SEED, MEDIAN, 256)
-    rng = np.random.default_rng(1)
-    lengths = np.array([len(d) for d in docs])
-    prompts = rng.integers(0, lengths + 1)
-    prompts[::5], prompts[1::5] = 0, lengths[1::5]
-    return docs, prompts.astype(np.int64), make_dataset(NUM_DOCS, SEED, MEDIAN)
+SEQ_LEN = 32
 
 
 def open_sft(path, prompts, ultra_low_mem=False):
@@ -62,7 +50,7 @@ def test_every_response_token_and_one_eos_per_sample_once_across_three_ranks(sft
     (ids, labels, _), batches, state = global_rows(ds, 3, 4, packing)
     pairs = list(zip(docs, prompts, strict=True))
     responses = Counter(np.concatenate([d[p:] for d, p in pairs]).tolist())
-    responses[ds.eos_id] += NUM_DOCS
+    responses[ds.eos_id] += len(docs)
     assert Counter(labels[labels != -100].tolist()) == responses
     assert np.array_equal(ids[labels != -100], labels[labels != -100])
     prompt_tokens = Counter(np.concatenate([d[:p] for d, p in pairs]).tolist())

@@ -15,19 +15,7 @@ from pipeline import Prefetcher, open_dataset
 from pipeline.pairs import PAIR_KEYS, PairIndex, PairLoader, pair_row_lens, pair_rows
 from pipeline.sampler import epoch_permutation
 
-NUM_DOCS, SEED, MEDIAN, LE, LD, START = 300, 7, 40, 48, 32, 1000
-
-
-@pytest.fixture
-def sft(make_dataset, synthetic_token_docs):
-    """(documents, prompt lengths, dataset folder): prompts of 0..len tokens, some empty, some
-    the whole document (an empty response), some longer than LE, responses longer than LD - 1."""
-    docs = synthetic_token_docs(NUM_DOCS, SEED, MEDIAN, 256)
-    rng = np.random.default_rng(1)
-    lengths = np.array([len(d) for d in docs])
-    prompts = rng.integers(0, lengths + 1)
-    prompts[::5], prompts[1::5] = 0, lengths[1::5]
-    return docs, prompts.astype(np.int64), make_dataset(NUM_DOCS, SEED, MEDIAN)
+LE, LD, START = 48, 32, 1000
 
 
 def open_sft(path, prompts, ultra_low_mem=False):
@@ -164,7 +152,7 @@ def test_order_is_a_function_of_seed_and_epoch(sft):
     _, prompts, path = sft
     ds = open_sft(path, prompts)
     a = PairIndex.build(ds.doc_starts, prompts, 5, 2, LE, LD)
-    assert np.array_equal(a.perm, epoch_permutation(NUM_DOCS, 5, 2))
+    assert np.array_equal(a.perm, epoch_permutation(len(prompts), 5, 2))
     again = PairIndex.build(ds.doc_starts, prompts, 5, 2, LE, LD)
     assert np.array_equal(a.row_starts, again.row_starts)
     assert not np.array_equal(a.perm, PairIndex.build(ds.doc_starts, prompts, 5, 3, LE, LD).perm)

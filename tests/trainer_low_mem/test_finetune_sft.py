@@ -18,9 +18,6 @@ import pytest
 import torch
 
 from pipeline import Loader, open_dataset
-from pipeline.build import build_dataset
-from pipeline.config import BuildConfig
-from pipeline.sample_corpus import write_sample_sft
 from trainer_low_mem.evaluate import evaluate
 from trainer_low_mem.hf_model import load_model_folder
 from trainer_low_mem.sample_model import write_sample_model
@@ -31,18 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def finetune_inputs(tmp_path_factory) -> dict[str, Path]:
+def finetune_inputs(tmp_path_factory, build_sample_sft) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetune")
-    model = write_sample_model(root / "model")
-    records = write_sample_sft(root, num_train=240, num_eval=24)
-    out = {"model": model, **records}
-    for split in ("train", "eval"):
-        out[f"{split}_data"] = root / f"{split}_sft"
-        cfg = BuildConfig(
-            inputs=[records[split]], out=out[f"{split}_data"], tokenizer=str(model), sft=True
-        )
-        build_dataset(cfg, progress=False)
-    return out
+    return build_sample_sft(root, write_sample_model(root / "model"), num_train=240, num_eval=24)
 
 
 def _transformers_mean_loss(model_dir: Path, records: Path) -> tuple[float, int]:

@@ -20,10 +20,7 @@ from safetensors.torch import load_file
 from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import effective_host_limit_bytes
 from pipeline import open_dataset
-from pipeline.build import build_dataset
-from pipeline.config import BuildConfig
 from pipeline.pairs import PairLoader, pair_row_lens
-from pipeline.sample_corpus import write_sample_sft
 from trainer_low_mem import loop, oom, signals
 from trainer_low_mem.cli import parse_job_config
 from trainer_low_mem.evaluate import evaluate
@@ -36,18 +33,9 @@ MAX_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def t5_inputs(tmp_path_factory) -> dict[str, Path]:
+def t5_inputs(tmp_path_factory, build_sample_sft) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("seq2seq")
-    model = write_sample_t5(root / "t5")
-    records = write_sample_sft(root, num_train=96, num_eval=12)
-    out = {"model": model, **records}
-    for split in ("train", "eval"):
-        out[f"{split}_data"] = root / f"{split}_sft"
-        cfg = BuildConfig(
-            inputs=[records[split]], out=out[f"{split}_data"], tokenizer=str(model), sft=True
-        )
-        build_dataset(cfg, progress=False)
-    return out
+    return build_sample_sft(root, write_sample_t5(root / "t5"), num_train=96, num_eval=12)
 
 
 def _config(inputs, out: Path, *extra: str, steps: int = 6, micro: int = 2, accum: int = 2):

@@ -1,0 +1,31 @@
+"""Fixtures of the trainer tests: prompt/response datasets built for a sample model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.build import build_dataset
+from pipeline.config import BuildConfig
+from pipeline.sample_corpus import write_sample_sft
+
+
+@pytest.fixture(scope="session")
+def build_sample_sft():
+    """A function: the sample prompt/response records under `root`, built with `model`'s
+    tokenizer into `train_sft` / `eval_sft` datasets; returns the model, the record files and
+    the datasets by name (model, train, eval, train_data, eval_data)."""
+
+    def build(root: Path, model: Path, num_train: int, num_eval: int) -> dict[str, Path]:
+        records = write_sample_sft(root, num_train=num_train, num_eval=num_eval)
+        out = {"model": model, **records}
+        for split in ("train", "eval"):
+            out[f"{split}_data"] = root / f"{split}_sft"
+            cfg = BuildConfig(
+                inputs=[records[split]], out=out[f"{split}_data"], tokenizer=str(model), sft=True
+            )
+            build_dataset(cfg, progress=False)
+        return out
+
+    return build

@@ -9,10 +9,21 @@ one full pass each, with the same AdamW, on CPU:
   tokens) -> a DataLoader with `DataCollatorForSeq2Seq` (each batch padded to its longest pair)
   -> `AutoModelForSeq2SeqLM(input_ids, attention_mask, labels)`.
 
+The default width, 256 (4 heads of 64, as T5 checkpoints are shaped), keeps the linear layers a
+real share of the work. At width 32 attention is nearly all of it, and a packed row's attention
+across its pairs (masked, but computed: L^2 per row against the sum of l^2 per pair) costs about
+what its saved padding does.
+
+Both take the same pairs per optimizer step on average: the padded side `batch_pairs`, the packed
+side as many rows as hold that many pairs over the epoch (unless --rows says otherwise), so both
+make about the same number of optimizer steps. Two sets of pairs (`--task`): "qa", short prompts
+of about the same length and responses of 15-300 tokens, and "summarise", whole articles of
+varied length as prompts and one sentence as the response (pipeline.sample_corpus).
+
 Reported per side: useful-token share (non-padding positions) of the encoder and decoder
 batches, label tokens per second over the pass (data time included), steps. Run:
-`python -m bench.pairs_speed --out DIR [--pairs N --max_len L --rows R --batch_pairs P
---d_model D --repeats K]`.
+`python -m bench.pairs_speed --out DIR [--task qa|summarise|both --pairs N --max_len L
+--rows R --batch_pairs P --d_model D --repeats K]`.
 """
 
 from __future__ import annotations
@@ -33,10 +44,14 @@ from pipeline.pairs import PairLoader, pair_row_lens
 from pipeline.sample_corpus import write_sample_sft
 from trainer_low_mem.seq2seq import load_seq2seq_folder, write_sample_t5
 
+DEFAULT_MAX_LEN = {"qa": 128, "summarise": 512}
+
 
 @dataclass(frozen=True)
 class PairSide:
     side: str
+    task: str
+    batch: int  # rows (packed) or pairs (padded) per step
     steps: int
     label_tokens: int  # labelled decoder positions of the pass (response tokens + EOS)
     enc_useful_frac: float  # encoder positions holding a token / all encoder positions
@@ -48,17 +63,24 @@ class PairSide:
         return self.label_tokens / max(self.seconds, 1e-9)
 
 
-def prepare(out: Path, num_pairs: int, d_model: int = 32) -> tuple[Path, Path]:
-    """(T5 folder of width d_model, sft dataset) under `out`, made once (the tokenizer does not
-    depend on the width, so one dataset serves every width)."""
-    model, data = out / f"t5-d{d_model}", out / "pairs_sft"
+def prepare(out: Path, num_pairs: int, d_model: int = 32, task: str = "qa") -> tuple[Path, Path]:
+    """(T5 folder of width d_model, sft dataset of `task`) under `out`, made once (the tokenizer
+    does not depend on the width, so one dataset serves every width)."""
+    model, data = out / f"t5-d{d_model}", out / f"pairs-{task}-{num_pairs}"
     if not (model / "config.json").is_file():
         write_sample_t5(model, d_model=d_model)
     if not (data / "index.json").is_file():
-        records = write_sample_sft(out, num_train=num_pairs, num_eval=1)["train"]
+        records = write_sample_sft(out / task, num_train=num_pairs, num_eval=1, task=task)["train"]
         cfg = BuildConfig(inputs=[records], out=data, tokenizer=str(model), sft=True)
         build_dataset(cfg, progress=False)
     return model, data
+
+
+def rows_for(data: Path, max_len: int, batch_pairs: int) -> int:
+    """Packed rows per step that hold `batch_pairs` pairs on average over the epoch."""
+    ds = open_dataset(data)
+    index = PairLoader(ds, 1, *pair_row_lens(ds, max_len), start_id=0).index
+    return max(1, round(batch_pairs * index.total_rows / len(ds)))
 
 
 def packed_side(model_dir: Path, data: Path, max_len: int, rows: int, seed: int = 0) -> PairSide:
@@ -81,7 +103,10 @@ def packed_side(model_dir: Path, data: Path, max_len: int, rows: int, seed: int 
         dec_all += batch["decoder_input_ids"].numel()
         steps += 1
     seconds = time.perf_counter() - start
-    return PairSide("packed PairLoader", steps, labels, enc / enc_all, dec / dec_all, seconds)
+    task = data.name.split("-")[1]
+    return PairSide(
+        "packed PairLoader", task, rows, steps, labels, enc / enc_all, dec / dec_all, seconds
+    )
 
 
 def padded_side(model_dir: Path, data: Path, max_len: int, batch_pairs: int, seed: int = 0):
@@ -117,21 +142,34 @@ def padded_side(model_dir: Path, data: Path, max_len: int, batch_pairs: int, see
         dec_all += batch["labels"].numel()
         steps += 1
     seconds = time.perf_counter() - start
-    return PairSide("DataCollatorForSeq2Seq", steps, labels, enc / enc_all, dec / dec_all, seconds)
+    task = data.name.split("-")[1]
+    return PairSide(
+        "DataCollatorForSeq2Seq",
+        task,
+        batch_pairs,
+        steps,
+        labels,
+        enc / enc_all,
+        dec / dec_all,
+        seconds,
+    )
 
 
 def compare(
     out: Path,
     num_pairs: int,
     max_len: int,
-    rows: int,
+    rows: int | None,
     batch_pairs: int,
     repeats: int = 3,
     d_model: int = 32,
+    task: str = "qa",
 ) -> list[dict]:
     """Both sides over the same pairs, alternating `repeats` times (the fastest pass of each
-    counts: the machine may be shared); they must label the same tokens or the run is void."""
-    model, data = prepare(Path(out), num_pairs, d_model)
+    counts: the machine may be shared); they must label the same tokens or the run is void.
+    rows None: as many as hold `batch_pairs` pairs (rows_for)."""
+    model, data = prepare(Path(out), num_pairs, d_model, task)
+    rows = rows or rows_for(data, max_len, batch_pairs)
     best: dict[str, PairSide] = {}
     for _ in range(repeats):
         for side in (
@@ -150,26 +188,44 @@ def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pairs_speed")
     parser.add_argument("--out", type=Path, required=True, help="folder for the model and data")
     parser.add_argument("--pairs", type=int, default=600, help="prompt/response pairs")
-    parser.add_argument("--max_len", type=int, default=128, help="longest row (tokens)")
-    parser.add_argument("--rows", type=int, default=4, help="packed rows per batch")
+    parser.add_argument(
+        "--max_len",
+        type=int,
+        default=None,
+        help="longest row in tokens (default: qa 128, summarise 512, about as long as their pairs)",
+    )
+    parser.add_argument(
+        "--task", choices=["qa", "summarise", "both"], default="both", help="the pairs"
+    )
+    parser.add_argument(
+        "--rows", type=int, default=None, help="packed rows per batch (default: --batch_pairs)"
+    )
     parser.add_argument("--batch_pairs", type=int, default=8, help="pairs per padded batch")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="passes per side (fastest kept)")
-    parser.add_argument("--d_model", type=int, default=32, help="T5 width (d_ff = 2 x d_model)")
+    parser.add_argument(
+        "--d_model", type=int, default=256, help="T5 width (4 heads, d_ff = 2 x d_model)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = compare(
-        args.out,
-        args.pairs,
-        args.max_len,
-        args.rows,
-        args.batch_pairs,
-        repeats=args.repeats,
-        d_model=args.d_model,
-    )
+    results = [
+        r
+        for task in (["qa", "summarise"] if args.task == "both" else [args.task])
+        for r in compare(
+            args.out,
+            args.pairs,
+            args.max_len or DEFAULT_MAX_LEN[task],
+            args.rows,
+            args.batch_pairs,
+            repeats=args.repeats,
+            d_model=args.d_model,
+            task=task,
+        )
+    ]
     for r in results:
         print(
-            f"{r['side']:<24} steps {r['steps']:>4}  useful: encoder "
+            f"{r['task']:<9} {r['side']:<24} batch {r['batch']:>2}  steps {r['steps']:>4}  "
+            f"useful: encoder "
             f"{100 * r['enc_useful_frac']:5.1f}%  decoder {100 * r['dec_useful_frac']:5.1f}%"
             f"  label tokens {r['label_tokens']:,}"
             f"  {r['label_tokens_per_s']:,.0f} label tokens/s"

@@ -150,12 +150,19 @@ def write_sample_corpus(out_dir: Path, num_docs: int = 6000, seed: int = 1234) -
     return {"txt": txt, "jsonl": jsonl}
 
 
+SFT_TASKS = ("qa", "summarise")
+
+
 def write_sample_sft(
-    out_dir: Path, num_train: int = 2000, num_eval: int = 100, seed: int = 1234
+    out_dir: Path, num_train: int = 2000, num_eval: int = 100, seed: int = 1234, task: str = "qa"
 ) -> dict[str, Path]:
-    """Prompt/response records made from the sample corpus: the prompt asks about a place, the
-    response is its article's first paragraph. Writes `train.jsonl` and `eval.jsonl` (disjoint
-    documents); returns both paths."""
+    """Prompt/response records made from the sample corpus. task "qa": the prompt asks about a
+    place, the response is its article's first paragraph (short prompts, longer responses);
+    "summarise": the prompt is the whole article, the response its first sentence (prompts of
+    varied length, short responses, as an encoder-decoder is often fine-tuned). Writes
+    `train.jsonl` and `eval.jsonl` (disjoint documents); returns both paths."""
+    if task not in SFT_TASKS:
+        raise ValueError(f"task must be one of {SFT_TASKS}, got {task!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     docs = generate_documents(num_train + num_eval, seed)
@@ -165,6 +172,13 @@ def write_sample_sft(
         with path.open("w", encoding="utf-8") as fh:
             for doc in splits[split]:
                 title, _, body = doc.partition("\n")
-                record = {"prompt": f"Tell me about {title}.\n", "response": body.split("\n")[0]}
+                if task == "qa":
+                    record = {
+                        "prompt": f"Tell me about {title}.\n",
+                        "response": body.split("\n")[0],
+                    }
+                else:
+                    first = body.split(". ")[0].rstrip(".") + "."
+                    record = {"prompt": f"Summarise: {title}\n{body}\n", "response": first}
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     return paths

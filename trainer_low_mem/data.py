@@ -20,7 +20,7 @@ from lowmem_core.errors import LowMemError, PipelineError
 from lowmem_core.format import INDEX_NAME
 from pipeline import open_dataset
 from pipeline.loader import Loader
-from pipeline.pairs import PairLoader, pair_row_lens
+from pipeline.pairs import PACK_WINDOW, PairLoader, pair_row_lens
 from pipeline.prefetch import Prefetcher
 from trainer_low_mem.distributed import RankContext
 
@@ -55,12 +55,20 @@ class TrainData:
         self.start_id: int | None = None  # the decoder start token of an encoder-decoder
         self.enc_len: int | None = None
         self.dec_len: int | None = None
+        self.pack_window = PACK_WINDOW
 
     # -- building ---------------------------------------------------------------------------
-    def pair_with(self, start_id: int) -> None:
-        """Read prompt/response pairs for an encoder-decoder whose decoder starts at start_id."""
+    def pair_with(self, start_id: int, saved: dict[str, Any] | None = None) -> None:
+        """Read prompt/response pairs for an encoder-decoder whose decoder starts at start_id.
+        `saved`: the loader state a resume continues from; its row lengths and packing window
+        are kept, so a run started by a release that chose them otherwise resumes its own
+        order (and its plan and step count)."""
         self.start_id = start_id
-        self.enc_len, self.dec_len = pair_row_lens(self.dataset, self.seq_len)
+        if saved is not None and "enc_len" in saved and "dec_len" in saved:
+            self.enc_len, self.dec_len = int(saved["enc_len"]), int(saved["dec_len"])
+            self.pack_window = int(saved.get("pack_window", 1))
+        else:
+            self.enc_len, self.dec_len = pair_row_lens(self.dataset, self.seq_len)
 
     def configure(self, plan) -> None:
         """Make the loader for `plan` (reader mode, micro-batch); the data path must be closed."""
@@ -82,6 +90,7 @@ class TrainData:
                 rank=self.rank,
                 world_size=self.world_size,
                 seed=self.seed,
+                pack_window=self.pack_window,
             )
         return Loader(
             dataset,

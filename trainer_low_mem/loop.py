@@ -61,7 +61,7 @@ from trainer_low_mem.planner import Plan, plan_for_job
 from trainer_low_mem.progress import RunProgress, TrainResult, check_resume_settings, total_steps
 from trainer_low_mem.run_lock import lock_output_dir
 from trainer_low_mem.signals import EXIT_CODES, StopSignals
-from trainer_low_mem.state_files import config_hash
+from trainer_low_mem.state_files import config_hash, read_training_state
 from trainer_low_mem.step import StepOutcome, Stepper
 from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, job_memory_bytes
 
@@ -90,7 +90,8 @@ class _Run:
         self.job_model = build_job_model(config.model, data_facts(d.data, self.data.dataset))
         self.module = self.job_model.model
         if getattr(self.module, "start_id", None) is not None:  # an encoder-decoder: pairs
-            self.data.pair_with(self.module.start_id)
+            saved = read_training_state(resume[0]).loader_state if resume else None
+            self.data.pair_with(self.module.start_id, saved)
         jm = self.job_model
         self._print(f"model: {jm.description}")
         self._print(

@@ -202,7 +202,7 @@ def write_sample_t5(out, vocab_size: int = 384, d_model: int = 32, seed: int = 0
     config = transformers.T5Config(
         vocab_size=fast.vocab_size,
         d_model=d_model,
-        d_kv=8,
+        d_kv=max(d_model // 4, 1),  # 4 heads spanning d_model, as T5 checkpoints are shaped
         d_ff=2 * d_model,
         num_layers=2,
         num_heads=4,

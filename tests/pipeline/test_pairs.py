@@ -12,7 +12,14 @@ import pytest
 
 from lowmem_core.errors import CheckpointError, PipelineError
 from pipeline import Prefetcher, open_dataset
-from pipeline.pairs import PAIR_KEYS, PairIndex, PairLoader, pair_row_lens, pair_rows
+from pipeline.pairs import (
+    PACK_WINDOW,
+    PAIR_KEYS,
+    PairIndex,
+    PairLoader,
+    pair_row_lens,
+    pair_rows,
+)
 from pipeline.sampler import epoch_permutation
 
 LE, LD, START = 48, 32, 1000
@@ -24,19 +31,44 @@ def open_sft(path, prompts, ultra_low_mem=False):
     return ds
 
 
+def first_fit(parts, le=LE, ld=LD, window=PACK_WINDOW):
+    """Plain Python first-fit of (encoder, decoder) part sizes over `window` open rows, closing
+    the fullest when none has room: each item's row, rows numbered as they open."""
+    open_rows, row_of = [], []  # open_rows: [row, used_e, used_d]
+    opened = 0
+    for e, d in parts:
+        fits = [r for r in open_rows if r[1] + e <= le and r[2] + d <= ld]
+        if fits:
+            slot = fits[0]
+        else:
+            slot = [opened, 0, 0]
+            opened += 1
+            if len(open_rows) < window:
+                open_rows.append(slot)
+            else:
+                full = max(
+                    range(window),
+                    key=lambda j: (max(open_rows[j][1] / le, open_rows[j][2] / ld), -j),
+                )
+                open_rows[full] = slot
+        slot[1] += e
+        slot[2] += d
+        row_of.append(slot[0])
+    return row_of
+
+
 def reference_rows(docs, prompts, perm, eos, pad, le=LE, ld=LD):
-    """Plain Python: greedy placement in permutation order, truncation as documented."""
-    rows, cur, used = [], None, (le, ld)
+    """Plain Python: first-fit in permutation order, truncation as documented."""
+    pairs = []
     for doc in perm:
         d, p = docs[doc].tolist(), int(prompts[doc])
         enc = d[:p][:le] or [eos]
         resp = d[p:][: ld - 1]
-        dec, lab = [START, *resp], [*resp, eos]
-        if used[0] + len(enc) > le or used[1] + len(dec) > ld:
-            cur, used = [], (0, 0)
-            rows.append(cur)
-        cur.append((enc, dec, lab))
-        used = (used[0] + len(enc), used[1] + len(dec))
+        pairs.append((enc, [START, *resp], [*resp, eos]))
+    row_of = first_fit([(len(e), len(x)) for e, x, _ in pairs], le, ld)
+    rows = [[] for _ in range(max(row_of) + 1)]
+    for pair, row in zip(pairs, row_of, strict=True):
+        rows[row].append(pair)
     out = {k: [] for k in PAIR_KEYS}
     for row in rows:
         enc = [t for e, _, _ in row for t in e]
@@ -75,25 +107,39 @@ def global_rows(ds, world_size, batch_size, state=None, max_steps=None, prefetch
     return rows, batches, loaders[0].state_dict()
 
 
-def test_layout_kernel_matches_a_python_reference():
+@pytest.mark.parametrize("window", [1, 4, PACK_WINDOW])
+def test_layout_kernel_matches_a_python_reference(window):
     rng = np.random.default_rng(3)
     lengths = rng.integers(0, 90, 500)
     prompts = rng.integers(0, lengths + 1)
     prompts[::7] = 0
-    row_starts, stats = np.empty(501, dtype=np.int64), np.zeros(4, dtype=np.int64)
-    rows = pair_rows(lengths, prompts, LE, LD, row_starts, stats)
-    expected_starts, used = [], (LE, LD)
-    for k, (n, p) in enumerate(zip(lengths, prompts, strict=True)):
-        e, d = max(min(p, LE), 1), min(n - p, LD - 1) + 1
-        if used[0] + e > LE or used[1] + d > LD:
-            expected_starts.append(k)
-            used = (0, 0)
-        used = (used[0] + e, used[1] + d)
-    assert row_starts[: rows + 1].tolist() == [*expected_starts, 500]
+    row_of, stats = np.empty(500, dtype=np.int64), np.zeros(4, dtype=np.int64)
+    rows = pair_rows(lengths, prompts, LE, LD, window, row_of, stats)
+    parts = [
+        (max(min(p, LE), 1), min(n - p, LD - 1) + 1) for n, p in zip(lengths, prompts, strict=True)
+    ]
+    assert row_of.tolist() == first_fit(parts, window=window)
+    assert rows == row_of.max() + 1
+    if window == 1:  # next-fit: each row is a run of consecutive pairs
+        assert (np.diff(row_of) >= 0).all()
     enc = np.maximum(np.minimum(prompts, LE), 1).sum()
     dec = (np.minimum(lengths - prompts, LD - 1) + 1).sum()
     cut = [(prompts > LE).sum(), (lengths - prompts > LD - 1).sum()]
     assert stats.tolist() == [enc, dec, *cut]
+
+
+def test_first_fit_fills_rows_that_next_fit_leaves_half_empty(sft):
+    _, prompts, path = sft
+    ds = open_sft(path, prompts)
+    next_fit = PairIndex.build(ds.doc_starts, prompts, 0, 0, LE, LD, window=1)
+    first_fit_ = PairIndex.build(ds.doc_starts, prompts, 0, 0, LE, LD)
+    assert (first_fit_.enc_tokens, first_fit_.dec_tokens) == (
+        next_fit.enc_tokens,
+        next_fit.dec_tokens,
+    )
+    assert first_fit_.total_rows < 0.9 * next_fit.total_rows
+    assert np.array_equal(next_fit.pairs, epoch_permutation(len(prompts), 0, 0))
+    assert sorted(first_fit_.pairs.tolist()) == list(range(len(prompts)))
 
 
 def test_rows_equal_the_reference_and_every_token_is_there_once_across_three_ranks(sft):
@@ -101,7 +147,8 @@ def test_rows_equal_the_reference_and_every_token_is_there_once_across_three_ran
     ds = open_sft(path, prompts)
     rows, batches, state = global_rows(ds, 3, 4)
     index = PairIndex.build(ds.doc_starts, prompts, 0, 0, LE, LD)
-    expected = reference_rows(docs, prompts, index.perm, ds.eos_id, ds.pad_id)
+    perm = epoch_permutation(len(prompts), 0, 0)
+    expected = reference_rows(docs, prompts, perm, ds.eos_id, ds.pad_id)
     n = index.total_rows
     fill = {"position_ids": -1, "decoder_position_ids": -1, "labels": -100}
     for key in PAIR_KEYS:  # rows past the epoch's last (a partial step) are all padding
@@ -152,10 +199,10 @@ def test_order_is_a_function_of_seed_and_epoch(sft):
     _, prompts, path = sft
     ds = open_sft(path, prompts)
     a = PairIndex.build(ds.doc_starts, prompts, 5, 2, LE, LD)
-    assert np.array_equal(a.perm, epoch_permutation(len(prompts), 5, 2))
     again = PairIndex.build(ds.doc_starts, prompts, 5, 2, LE, LD)
+    assert np.array_equal(a.pairs, again.pairs)
     assert np.array_equal(a.row_starts, again.row_starts)
-    assert not np.array_equal(a.perm, PairIndex.build(ds.doc_starts, prompts, 5, 3, LE, LD).perm)
+    assert not np.array_equal(a.pairs, PairIndex.build(ds.doc_starts, prompts, 5, 3, LE, LD).pairs)
 
 
 def test_row_lengths_follow_the_data_and_cut_only_past_the_limit():
@@ -163,8 +210,11 @@ def test_row_lengths_follow_the_data_and_cut_only_past_the_limit():
     data = SimpleNamespace(
         doc_starts=np.array([0, 20, 32, 132]), prompt_lengths=np.array([3, 10, 5])
     )
-    assert pair_row_lens(data, 64) == (16, 64)  # share ceil(64 * 18 / 117) = 10 -> 16
-    assert pair_row_lens(data, 512) == (80, 512)  # share 79 -> 80
+    # 64: the third pair's 96 decoder tokens take a row of their own whatever the encoder
+    # length, so the shortest that holds the longest prompt (10 -> 16) wins.
+    assert pair_row_lens(data, 64) == (16, 64)
+    # 512: all three pairs fit one decoder row; 24 holds all three prompts (18), 16 does not.
+    assert pair_row_lens(data, 512) == (24, 512)
     assert pair_row_lens(data, 8) == (8, 8)  # the longest prompt (10) is cut at the limit
     data.prompt_lengths = np.array([20, 12, 100])  # no responses: the encoder holds more
     assert pair_row_lens(data, 64) == (64, 8)
@@ -179,3 +229,22 @@ def test_refusals_name_the_fix(sft, make_dataset):
     other = PairLoader(open_sft(path, prompts), 2, LE, LD + 8, start_id=START)
     with pytest.raises(CheckpointError, match=r"dec_len: state 32, loader 40"):
         other.load_state_dict(state)
+
+
+def test_a_next_fit_state_of_the_previous_release_resumes_its_own_order(sft):
+    _, prompts, path = sft
+    ds = open_sft(path, prompts)
+    old = PairLoader(ds, 3, LE, LD, start_id=START, pack_window=1)
+    batches = iter(old)
+    next(batches)
+    state = {k: v for k, v in old.state_dict().items() if k != "pack_window"}
+    state["version"] = 1
+    expected = next(batches).clone()
+    resumed = PairLoader(open_sft(path, prompts), 3, LE, LD, start_id=START)
+    resumed.load_state_dict(state)
+    assert resumed.pack_window == 1
+    got = next(iter(resumed))
+    for key in PAIR_KEYS:
+        assert np.array_equal(got[key].numpy(), expected[key].numpy()), key
+    with pytest.raises(CheckpointError, match="pack_window 0"):
+        resumed.load_state_dict({**state, "version": 2, "pack_window": 0})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lowmem_core.errors import PipelineError
@@ -80,3 +82,21 @@ def test_messages_are_rendered_with_the_chat_template(tmp_path):
     prompts, responses = split_records([record], SftFields(), "chat.jsonl", chat, 1)
     assert prompts == ["<user>how are you?</s><assistant>"]
     assert responses == ["hello world</s>"]
+
+
+def test_sample_summaries_have_whole_articles_as_prompts_and_their_first_sentence_as_response(
+    tmp_path,
+):
+    from pipeline.sample_corpus import generate_documents, write_sample_sft
+
+    paths = write_sample_sft(tmp_path, num_train=50, num_eval=2, seed=7, task="summarise")
+    records = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    docs = generate_documents(52, 7)[:50]
+    for record, doc in zip(records, docs, strict=True):
+        title, _, body = doc.partition("\n")
+        assert record["prompt"] == f"Summarise: {title}\n{body}\n"
+        assert body.startswith(record["response"].rstrip("."))
+    lengths = sorted(len(r["prompt"]) for r in records)
+    assert lengths[-1] > 3 * lengths[0]  # prompts of varied length
+    with pytest.raises(ValueError, match="task must be one of"):
+        write_sample_sft(tmp_path, task="chat")

@@ -21,6 +21,7 @@ from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import effective_host_limit_bytes
 from pipeline import open_dataset
 from pipeline.pairs import PairLoader, pair_row_lens
+from trainer_low_mem import data as data_module
 from trainer_low_mem import loop, oom, signals
 from trainer_low_mem.cli import parse_job_config
 from trainer_low_mem.evaluate import evaluate
@@ -123,6 +124,26 @@ def test_train_eval_resume_bit_exact_and_export(t5_inputs, tmp_path, monkeypatch
     tokenizer = transformers.AutoTokenizer.from_pretrained(final)
     ids = tokenizer("Tell me about x.", return_tensors="pt").input_ids
     assert tuned.generate(ids, max_new_tokens=4, do_sample=False).shape[0] == 1
+
+
+def test_a_run_laid_out_otherwise_resumes_with_its_own_row_lengths_and_window(
+    t5_inputs, tmp_path, monkeypatch, capsys
+):
+    # As a run started by a release that sized rows proportionally and packed next-fit.
+    old_layout = {"pair_row_lens": lambda ds, max_len: (MAX_LEN, MAX_LEN), "PACK_WINDOW": 1}
+    with monkeypatch.context() as patch:
+        for name, value in old_layout.items():
+            patch.setattr(data_module, name, value)
+        straight = loop.train(_config(t5_inputs, tmp_path / "straight"))
+        _stop_after(patch, 3)
+        first = loop.train(_config(t5_inputs, tmp_path / "resumed"))
+    assert (first.loader_state["enc_len"], first.loader_state["pack_window"]) == (MAX_LEN, 1)
+    capsys.readouterr()
+    resumed = loop.train(_config(t5_inputs, tmp_path / "resumed", "--is_keep_training=True"))
+    assert f"encoder rows of {MAX_LEN} and decoder rows of {MAX_LEN}" in capsys.readouterr().out
+    assert first.losses + resumed.losses == straight.losses
+    assert resumed.loader_state == straight.loader_state
+    assert pair_row_lens(open_dataset(t5_inputs["train_data"]), MAX_LEN)[0] != MAX_LEN
 
 
 def test_injected_oom_backs_off_and_keeps_the_data_position(t5_inputs, tmp_path, monkeypatch):

@@ -324,13 +324,13 @@ def epoch_boundary_case(path: str, ahead: bool, cfg: tuple) -> dict:
     """From 85% of epoch 0 (cold index cache; a consumer step of `step_s`) into epoch 1: how long
     the first batch of epoch 1 takes, its index prepared ahead (at 90%) or built on demand."""
     from pipeline import Loader, open_dataset
-    from pipeline import loader as loader_module
+    from pipeline import rows as rows_module
     from pipeline.index_cache import FOLDER_NAME
 
     batch_size, seq_len, seed, step_s = cfg
     shutil.rmtree(Path(path) / FOLDER_NAME, ignore_errors=True)
     if not ahead:
-        loader_module.AHEAD_FRACTION = float("inf")  # this process only (run_isolated)
+        rows_module.AHEAD_FRACTION = float("inf")  # this process only (run_isolated)
     base = read_memory(include_children=False)
     sampler = PeakMemory(include_children=False)
     loader = Loader(open_dataset(path), batch_size, seq_len, seed=seed)

@@ -40,7 +40,8 @@ from lowmem_core.errors import run_cli
 from pipeline import open_dataset
 from pipeline.build import build_dataset
 from pipeline.config import BuildConfig
-from pipeline.pairs import PairLoader, pair_row_lens
+from pipeline.pair_layout import pair_row_lens
+from pipeline.pairs import PairLoader
 from pipeline.sample_corpus import write_sample_sft
 from trainer_low_mem.seq2seq import load_seq2seq_folder, write_sample_t5
 

@@ -238,9 +238,7 @@ def epoch_index(
         release_pages(doc_starts)
         return scalars
 
-    arrays, scalars, built = open_or_build(folder / f"{stem}-e{epoch}.idx", key, fields, write)
-    if built:
-        _remove_epochs_before(folder, stem, epoch - 1)
+    arrays, scalars = epoch_file(folder, stem, epoch, key, fields, write)
     return EpochIndex(
         epoch,
         seed,
@@ -253,6 +251,23 @@ def epoch_index(
         int(scalars["stream_end"]),
         int(scalars["split_samples"]),
     )
+
+
+def epoch_file(
+    folder: Path,
+    stem: str,
+    epoch: int,
+    key: dict,
+    fields: Fields,
+    fill: Callable[[dict[str, np.ndarray]], dict],
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(read-only arrays, scalars) of epoch `epoch`'s layout file `STEM-eEPOCH.idx` in `folder`
+    (open_or_build); the one that builds it removes the same stem's epochs before epoch - 1,
+    so a node keeps the current and the next epoch."""
+    arrays, scalars, built = open_or_build(folder / f"{stem}-e{epoch}.idx", key, fields, fill)
+    if built:
+        _remove_epochs_before(folder, stem, epoch - 1)
+    return arrays, scalars
 
 
 def _remove_epochs_before(folder: Path, stem: str, oldest_kept: int) -> None:

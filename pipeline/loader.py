@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -42,7 +41,6 @@ from pipeline.sampler import EpochIndex
 STATE_VERSION = 2  # 2: padding rows end each document with EOS
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 _STATE_KEYS = ("version", "epoch", "consumed_rows", "seed", "seq_len", "packing", "fingerprint")
-AHEAD_FRACTION = 0.9  # of an epoch's rows handed out when the next epoch's index is prepared
 
 
 class Batch(dict):
@@ -121,26 +119,10 @@ class Loader(RowSource, Stateful):
         self._whole_samples = packing and prompt_lengths is not None
         super().__init__(batch_size, rank, world_size, drop_last)
         self.seq_len, self.seed, self.packing = seq_len, seed, packing
-        self._index: EpochIndex | None = None
-        self._ahead: tuple[int, Future] | None = None  # the next epoch's index, being prepared
-        self._index_lock = threading.Lock()
         # Capacity: a packing batch of B*L stream positions touches at most B*L+1 documents.
         self._scratch = _Scratch(batch_size * seq_len + 2)
 
     # -- layout -----------------------------------------------------------------------------
-    def _epoch_index(self, epoch: int) -> EpochIndex:
-        with self._index_lock:
-            if self._index is None or self._index.epoch != epoch:
-                ahead, self._ahead = self._ahead, None
-                index = None
-                if ahead is not None and ahead[0] == epoch:
-                    try:
-                        index = ahead[1].result()
-                    except Exception:
-                        index = None  # built again below, raising in this thread if it fails
-                self._index = index or self._open_index(epoch)
-            return self._index
-
     def _open_index(self, epoch: int) -> EpochIndex:
         """The node's shared index of `epoch` (a private one for a dataset without a folder)."""
         ds = self.dataset
@@ -150,33 +132,11 @@ class Loader(RowSource, Stateful):
             return EpochIndex.build(ds.doc_starts, *args)
         return index_cache.epoch_index(folder, ds.fingerprint, ds.doc_starts, *args)
 
-    def _prepare_ahead(self, epoch: int) -> None:
-        """Build or map `epoch`'s index in a background thread (once)."""
-        with self._index_lock:
-            if (self._ahead is not None and self._ahead[0] == epoch) or (
-                self._index is not None and self._index.epoch == epoch
-            ):
-                return
-            future: Future = Future()
-            self._ahead = (epoch, future)
-
-        def run() -> None:
-            try:
-                future.set_result(self._open_index(epoch))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=run, name="epoch-index-ahead", daemon=True).start()
-
     @property
     def split_samples(self) -> int:
         """Documents of the current epoch spread over more than one row (for sft datasets in
         both layouts: the samples whose tokens plus EOS exceed seq_len)."""
         return self._epoch_index(self._epoch).split_samples
-
-    def _before_step(self, epoch: int, next_rows: int, end_rows: int) -> None:
-        if next_rows >= AHEAD_FRACTION * end_rows:
-            self._prepare_ahead(epoch + 1)
 
     # -- filling ----------------------------------------------------------------------------
     def new_buffers(self, pin_memory: bool = False) -> dict[str, torch.Tensor]:

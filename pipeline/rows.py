@@ -5,19 +5,25 @@ pairs in pipeline/pairs.py).
 A global step takes `batch_size * world_size` consecutive rows; rank k takes rows
 [start + k*B, start + (k+1)*B). The position is (epoch, global rows consumed in it), so a source
 built with another world size or batch size continues from the same global row. A subclass
-supplies the epoch's layout (`_epoch_index(epoch)`, anything with `total_rows`), `new_buffers`
-and `fill`; everything about steps, passes and positions lives here once.
+supplies the epoch's layout (`_open_index(epoch)`, anything with `epoch` and `total_rows`),
+`new_buffers` and `fill`; everything about steps, passes and positions lives here once, and so
+does keeping the current epoch's layout and preparing the next one's in a background thread once
+AHEAD_FRACTION of the epoch's rows are handed out, so crossing the boundary waits for no build.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lowmem_core.errors import CheckpointError, ConfigError
+
+AHEAD_FRACTION = 0.9  # of an epoch's rows handed out when the next epoch's layout is prepared
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,13 @@ class RowSource:
         self._epoch = 0
         self._consumed_rows = 0
         self._moves = 0  # bumped when the position is set from outside: a pass in progress ends
+        self._index = None  # the current epoch's layout
+        self._ahead: tuple[int, Future] | None = None  # the next epoch's, being prepared
+        self._index_lock = threading.Lock()
 
     # -- what a subclass supplies -------------------------------------------------------------
-    def _epoch_index(self, epoch: int):
+    def _open_index(self, epoch: int):
+        """Epoch `epoch`'s row layout (called from a background thread too)."""
         raise NotImplementedError
 
     def new_buffers(self, pin_memory: bool = False):
@@ -51,8 +61,46 @@ class RowSource:
     def fill(self, task: BatchTask, buffers):
         raise NotImplementedError
 
+    # -- layouts ------------------------------------------------------------------------------
+    def _epoch_index(self, epoch: int):
+        with self._index_lock:
+            if self._index is None or self._index.epoch != epoch:
+                ahead, self._ahead = self._ahead, None
+                index = None
+                if ahead is not None and ahead[0] == epoch:
+                    try:
+                        index = ahead[1].result()
+                    except Exception:
+                        index = None  # built again below, raising in this thread if it fails
+                self._index = index or self._open_index(epoch)
+            return self._index
+
+    def _forget_index(self) -> None:
+        """Drop the layouts held (what they depend on changed)."""
+        with self._index_lock:
+            self._index, self._ahead = None, None
+
+    def _prepare_ahead(self, epoch: int) -> None:
+        """Build or map `epoch`'s layout in a background thread (once)."""
+        with self._index_lock:
+            if (self._ahead is not None and self._ahead[0] == epoch) or (
+                self._index is not None and self._index.epoch == epoch
+            ):
+                return
+            future: Future = Future()
+            self._ahead = (epoch, future)
+
+        def run() -> None:
+            try:
+                future.set_result(self._open_index(epoch))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="epoch-index-ahead", daemon=True).start()
+
     def _before_step(self, epoch: int, next_rows: int, end_rows: int) -> None:
-        """Called as each step of a pass is handed out (the Loader prepares the next epoch)."""
+        if next_rows >= AHEAD_FRACTION * end_rows:
+            self._prepare_ahead(epoch + 1)
 
     # -- steps --------------------------------------------------------------------------------
     @property

@@ -20,7 +20,8 @@ from lowmem_core.errors import LowMemError, PipelineError
 from lowmem_core.format import INDEX_NAME
 from pipeline import open_dataset
 from pipeline.loader import Loader
-from pipeline.pairs import PACK_WINDOW, PairLoader, pair_row_lens
+from pipeline.pair_layout import PACK_WINDOW, pair_row_lens
+from pipeline.pairs import PairLoader
 from pipeline.prefetch import Prefetcher
 from trainer_low_mem.distributed import RankContext
 

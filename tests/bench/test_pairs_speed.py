@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline import open_dataset
-from pipeline.pairs import PairLoader, pair_row_lens
+from pipeline.pair_layout import pair_row_lens
+from pipeline.pairs import PairLoader
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")

@@ -4,6 +4,7 @@ with another world size, both read modes and the prefetcher agreeing."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from types import SimpleNamespace
 
@@ -11,15 +12,9 @@ import numpy as np
 import pytest
 
 from lowmem_core.errors import CheckpointError, PipelineError
-from pipeline import Prefetcher, open_dataset
-from pipeline.pairs import (
-    PACK_WINDOW,
-    PAIR_KEYS,
-    PairIndex,
-    PairLoader,
-    pair_row_lens,
-    pair_rows,
-)
+from pipeline import Prefetcher, open_dataset, pair_layout
+from pipeline.pair_layout import PACK_WINDOW, PairIndex, pair_row_lens, pair_rows
+from pipeline.pairs import PAIR_KEYS, PairLoader
 from pipeline.sampler import epoch_permutation
 
 LE, LD, START = 48, 32, 1000
@@ -248,3 +243,33 @@ def test_a_next_fit_state_of_the_previous_release_resumes_its_own_order(sft):
         assert np.array_equal(got[key].numpy(), expected[key].numpy()), key
     with pytest.raises(CheckpointError, match="pack_window 0"):
         resumed.load_state_dict({**state, "version": 2, "pack_window": 0})
+
+
+def test_the_layout_is_one_file_per_epoch_shared_by_ranks_and_prepared_ahead(sft, monkeypatch):
+    _, prompts, path = sft
+    ds = open_sft(path, prompts)
+    built = []
+    real = pair_layout.fill_pair_layout
+
+    def spy(pairs, row_starts, starts, prompt_lengths, seed, epoch, *rest):
+        built.append((epoch, threading.current_thread().name))
+        return real(pairs, row_starts, starts, prompt_lengths, seed, epoch, *rest)
+
+    monkeypatch.setattr(pair_layout, "fill_pair_layout", spy)
+    ranks = [
+        PairLoader(open_sft(path, prompts), 2, LE, LD, start_id=START, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    for group in zip(*ranks, strict=True):  # epoch 0; epoch 1 is prepared at 90% of it
+        assert len(group) == 2
+    ranks[0]._ahead[1].result()  # internals: wait for the background build
+    assert built == [(0, "MainThread"), (1, "epoch-index-ahead")]  # once for both ranks
+    index = ranks[1].index
+    assert index.epoch == 1 and not index.pairs.flags.writeable  # mapped, read-only
+    private = PairIndex.build(ds.doc_starts, prompts, 0, 1, LE, LD)
+    assert np.array_equal(index.pairs, private.pairs)
+    assert np.array_equal(index.row_starts, private.row_starts)
+    assert index.total_rows == private.total_rows and index.enc_tokens == private.enc_tokens
+    files = sorted(p.name for p in ds.index_folder.glob("pairs-*.idx"))
+    assert [f.rsplit("-", 1)[1] for f in files] == ["e0.idx", "e1.idx"]
+    assert all(f"-E{LE}-D{LD}-w{PACK_WINDOW}-" in f for f in files)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import effective_host_limit_bytes
 from pipeline import open_dataset
-from pipeline.pairs import PairLoader, pair_row_lens
+from pipeline.pair_layout import pair_row_lens
+from pipeline.pairs import PairLoader
 from trainer_low_mem import data as data_module
 from trainer_low_mem import loop, oom, signals
 from trainer_low_mem.cli import parse_job_config

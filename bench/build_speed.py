@@ -5,8 +5,9 @@ BPE tokenizer (trained here on the sample corpus) and the same number of process
 `--num-proc N`, `datasets` with `load_dataset("json")` + `map(batched=True, num_proc=N)` +
 `save_to_disk`. Each side runs in a fresh process pinned to the same N cores (so neither can
 use more), with its own empty cache; its peak memory is the largest sum, over the whole process
-tree, of PSS (shared pages split between the processes that map them) sampled every 50 ms.
-Both token counts must agree, or the comparison is void.
+tree, of PSS (shared pages split between the processes that map them) sampled every 50 ms;
+USS (pages no other process maps) is shown beside it, as PSS also moves with whatever else on
+the machine maps the same libraries. Both token counts must agree, or the comparison is void.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class SideResult:
     documents: int
     peak_pss_bytes: int  # largest PSS sum over the process tree
     peak_rss_bytes: int  # largest RSS sum over the process tree (counts shared pages twice)
+    peak_uss_bytes: int  # largest USS sum over the process tree (private pages only)
 
     @property
     def tokens_per_s(self) -> float:
@@ -143,19 +145,19 @@ def _corpus(cache: Path, size_mb: float, seed: int) -> Path:
 
 
 class TreeSampler:
-    """Peak PSS and RSS summed over a process and its descendants, sampled in a thread."""
+    """Peak PSS, RSS and USS summed over a process and its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, every_s: float = 0.05):
         self.root = psutil.Process(pid)
         self.every_s = every_s
-        self.peak_pss = self.peak_rss = 0
+        self.peak_pss = self.peak_rss = self.peak_uss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pss = rss = 0
+            pss = rss = uss = 0
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
@@ -167,7 +169,9 @@ class TreeSampler:
                     continue
                 pss += info.pss
                 rss += info.rss
+                uss += info.uss
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self.peak_uss = max(self.peak_uss, uss)
             self._stop.wait(self.every_s)
 
     def stop(self) -> None:
@@ -182,6 +186,7 @@ class PinnedRun:
     cpu_seconds: float  # user + system CPU time of the whole process tree
     peak_pss_bytes: int  # largest PSS sum over the process tree
     peak_rss_bytes: int  # largest RSS sum over the process tree
+    peak_uss_bytes: int  # largest USS sum over the process tree
 
 
 def run_pinned(python_args: list[str], cores: list[int], what: str) -> PinnedRun:
@@ -215,7 +220,9 @@ def run_pinned(python_args: list[str], cores: list[int], what: str) -> PinnedRun
         last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"{what} failed ({last}); run it alone to see why")
     outcome = json.loads(stdout.strip().splitlines()[-1])
-    return PinnedRun(outcome, process_s, cpu_s, sampler.peak_pss, sampler.peak_rss)
+    return PinnedRun(
+        outcome, process_s, cpu_s, sampler.peak_pss, sampler.peak_rss, sampler.peak_uss
+    )
 
 
 def _run_side(
@@ -245,6 +252,7 @@ def _run_side(
         run.outcome["documents"],
         run.peak_pss_bytes,
         run.peak_rss_bytes,
+        run.peak_uss_bytes,
     )
 
 
@@ -293,8 +301,8 @@ def table(report: dict) -> str:
     """A Markdown table: per corpus size and side, time, rate, ratio and peak memory."""
     rows = [
         "| corpus MB | build | seconds | tokens/s | speed vs datasets | CPU s (tree) "
-        "| peak PSS MB (tree) | peak RSS MB (tree) | process s |",
-        "|---" * 9 + "|",
+        "| peak PSS MB (tree) | peak USS MB (tree) | peak RSS MB (tree) | process s |",
+        "|---" * 10 + "|",
     ]
     results = report["results"]
     for ours, hf in zip(results[::2], results[1::2], strict=True):
@@ -303,7 +311,7 @@ def table(report: dict) -> str:
             rows.append(
                 f"| {r['corpus_mb']:.0f} | {r['side']} | {r['seconds']:.2f} | "
                 f"{r['tokens_per_s'] / 1e6:.2f} M | {ratio} | {r['cpu_seconds']:.2f} | "
-                f"{r['peak_pss_bytes'] / 2**20:.0f} | "
+                f"{r['peak_pss_bytes'] / 2**20:.0f} | {r['peak_uss_bytes'] / 2**20:.0f} | "
                 f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['process_seconds']:.2f} |"
             )
     return "\n".join(rows)

@@ -76,7 +76,7 @@ class ShardWriter:
             self._append_documents(values, lengths)
 
     def _write(self, values: np.ndarray) -> None:
-        self._raw_tokens.write(values.tobytes())
+        self._raw_tokens.write(np.ascontiguousarray(values))
         self._shard_tokens += int(values.size)
 
     def _end_open(self) -> None:
@@ -186,8 +186,13 @@ class ShardWriter:
         )
 
 
-BATCH_TOKENS = 1 << 24  # tokens per record batch of a shard: what the writer holds mapped at once
-_BATCH_DOCS = 1 << 20  # and at most this many documents (their lengths are read in windows)
+# Tokens per record batch of a shard: what the writer holds mapped at once (8 MB of uint16:
+# finishing a shard then holds less than tokenising does).
+BATCH_TOKENS = 1 << 22
+_BATCH_DOCS = 1 << 18  # and at most this many documents
+# Document lengths read at a time (512 KB): a batch of typical documents needs one or two, and
+# the writer's arrays stay at the size of its batch rather than of _BATCH_DOCS.
+_LENGTHS_WINDOW = 1 << 16
 
 
 def _batch_lengths(lengths_file) -> Iterator[np.ndarray]:
@@ -196,8 +201,8 @@ def _batch_lengths(lengths_file) -> Iterator[np.ndarray]:
     pending, exhausted = np.zeros(0, np.int64), False
     while not exhausted or pending.size:
         if not exhausted:
-            more = np.fromfile(lengths_file, dtype=np.int64, count=_BATCH_DOCS)
-            exhausted = more.size < _BATCH_DOCS
+            more = np.fromfile(lengths_file, dtype=np.int64, count=_LENGTHS_WINDOW)
+            exhausted = more.size < _LENGTHS_WINDOW
             pending = np.concatenate([pending, more])
         ends = np.cumsum(pending)
         while pending.size and (exhausted or ends[-1] > BATCH_TOKENS or pending.size > _BATCH_DOCS):

@@ -33,6 +33,7 @@ def test_quick_run_compares_both_builds_on_two_sizes(tmp_path):
         assert ours["tokens"] == hf["tokens"] > 0 and ours["documents"] == hf["documents"]
     for r in results:
         assert r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["peak_pss_bytes"] > 10 * 2**20
+        assert 0 < r["peak_uss_bytes"] <= r["peak_rss_bytes"]
     assert set(report["speedup"]) == {"1", "3"}
     assert table(report).count("\n") == 5
     assert not (tmp_path / "work").exists()

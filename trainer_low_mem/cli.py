@@ -66,19 +66,22 @@ def plan_from_config(cfg: PlanConfig):
     import torch
 
     from pipeline.dataset import open_dataset
+    from pipeline.pair_layout import pair_row_lens
     from trainer_low_mem.model import resolve_preset
     from trainer_low_mem.model_setup import job_model_factory
     from trainer_low_mem.planner import plan_for_job
 
     m = cfg.model
     vocab_size, dataset_bytes, is_sft = cfg.vocab_size, None, False
-    index_bytes, special_ids = None, None
+    index_bytes, special_ids, pair_lens = None, None, None
     if cfg.data.data is not None:
         with open_dataset(cfg.data.data, ultra_low_mem=True) as ds:
             vocab_size, dataset_bytes = vocab_size or ds.vocab_size, ds.token_bytes
             special_ids = {"vocab_size": ds.vocab_size, "eos_id": ds.eos_id, "bos_id": ds.bos_id}
             index_bytes = ds.shared_index_bytes
             is_sft = ds.prompt_lengths is not None
+            if is_sft:  # rows an encoder-decoder would take; a decoder-only model ignores them
+                pair_lens = pair_row_lens(ds, cfg.data.max_seq_len)
     if m.model is None:
         shape = resolve_preset(m.model_preset, vocab_size)
         what, vocab_size = f"preset {m.model_preset!r}", shape.vocab_size
@@ -96,6 +99,8 @@ def plan_from_config(cfg: PlanConfig):
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); plan on a "
                 "machine where `train` builds it, or check the folder's config"
             ) from exc
+    if hasattr(shape, "row_lens"):
+        shape.row_lens = pair_lens
     if special_ids is not None and m.model is not None and hasattr(shape, "vocab_rows"):
         from trainer_low_mem.hf_model import check_dataset_matches_model
 
@@ -112,7 +117,7 @@ def plan_from_config(cfg: PlanConfig):
         world_size=launch.world_size,
         zero_stage=launch.zero_stage,
         offload_optimizer=launch.offload_optimizer,
-        model_factory=job_model_factory(m, vocab_size, document_masking=is_sft),
+        model_factory=job_model_factory(m, vocab_size, is_sft, pair_lens),
         dataset_bytes=dataset_bytes,
         index_bytes=index_bytes,
         ranks_per_node=launch.ranks_per_node,

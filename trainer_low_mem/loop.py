@@ -92,6 +92,7 @@ class _Run:
         if getattr(self.module, "start_id", None) is not None:  # an encoder-decoder: pairs
             saved = read_training_state(resume[0]).loader_state if resume else None
             self.data.pair_with(self.module.start_id, saved)
+            self.module.row_lens = (self.data.enc_len, self.data.dec_len)  # what plans measure
         jm = self.job_model
         self._print(f"model: {jm.description}")
         self._print(

@@ -91,13 +91,17 @@ def build_job_model(cfg: ModelConfig, data: DataFacts) -> JobModel:
 
 
 def job_model_factory(
-    cfg: ModelConfig, vocab_size: int, document_masking: bool = False
+    cfg: ModelConfig,
+    vocab_size: int,
+    document_masking: bool = False,
+    row_lens: tuple[int, int] | None = None,
 ) -> Callable[[], nn.Module]:
     """Builds the model `cfg` describes without its weights (from a folder's config.json), LoRA
     included: the planner calls it under the meta device to trace a training step.
 
     `vocab_size` sizes a preset (a folder keeps its own); `document_masking` applies when
-    `cfg.document_masking` is None (on for prompt/response datasets).
+    `cfg.document_masking` is None (on for prompt/response datasets); `row_lens` are an
+    encoder-decoder's (encoder, decoder) row lengths (trainer_low_mem.seq2seq).
     """
     masking = cfg.document_masking if cfg.document_masking is not None else document_masking
 
@@ -110,6 +114,8 @@ def job_model_factory(
         model = _architecture(cfg, vocab_size, masking, from_scratch=True)
         if cfg.lora_rank is not None:
             _add_lora(model, cfg)
+        if row_lens is not None and hasattr(model, "row_lens"):
+            model.row_lens = row_lens
         return model
 
     return build

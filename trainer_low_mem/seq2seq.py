@@ -12,8 +12,10 @@ Batch contract (int64 [B, Le] and [B, Ld]):
     decoder_input_ids, decoder_position_ids  decoder start token + response, 0 at each pair start
     labels                                   response + EOS aligned with the decoder positions
                                              (already shifted), -100 at padding
-Without decoder inputs the decoder reads the encoder row: the planner's probe and trace call
-model(input_ids, position_ids, labels) and so measure a pair of rows of the same length.
+Without decoder inputs (the planner's trace and probe call model(input_ids, labels=...) with rows
+of --max_seq_len) the row is cut to `row_lens`, the encoder and decoder lengths the data gives,
+and the decoder reads its own cut: a plan measures the rows the run will take. Without
+position ids a row is one pair.
 pipeline/pairs.py fills these batches; LoRA goes through peft as a SEQ_2_SEQ_LM.
 """
 
@@ -113,6 +115,9 @@ class Seq2SeqLM(HFWrapper):
         self.head_scale = config.d_model**-0.5 if scaled else 1.0
         head = hf_model.get_output_embeddings()
         self.chunked = isinstance(head, nn.Linear) and head.bias is None
+        # (encoder, decoder) row lengths of the data (pipeline.pair_layout.pair_row_lens), set
+        # once known; None: both are the row given.
+        self.row_lens: tuple[int, int] | None = None
 
     @property
     def start_id(self) -> int:
@@ -154,13 +159,22 @@ class Seq2SeqLM(HFWrapper):
     def forward(
         self,
         input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        if decoder_input_ids is None:
-            decoder_input_ids, decoder_position_ids = input_ids, position_ids
+        if position_ids is None:
+            row = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = row.expand_as(input_ids)
+        if decoder_input_ids is None:  # a planning batch: cut to the data's row lengths
+            enc_len, dec_len = self.row_lens or (input_ids.shape[1],) * 2
+            decoder_input_ids, decoder_position_ids = (
+                input_ids[:, :dec_len],
+                position_ids[:, :dec_len],
+            )
+            input_ids, position_ids = input_ids[:, :enc_len], position_ids[:, :enc_len]
+            labels = None if labels is None else labels[:, :dec_len]
         hidden = self.decoder_hidden(
             input_ids, position_ids, decoder_input_ids, decoder_position_ids
         )

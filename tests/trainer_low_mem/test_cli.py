@@ -172,3 +172,24 @@ def test_what_a_model_folder_cannot_run_is_one_line_with_the_remedy(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
     assert "Try:" in err or "lower --max_seq_len" in err
+
+
+def test_plan_of_an_encoder_decoder_traces_the_rows_its_pairs_take(
+    capsys, tmp_path, build_sample_sft
+):
+    from pipeline.pair_layout import pair_row_lens
+    from trainer_low_mem.seq2seq import write_sample_t5
+
+    inputs = build_sample_sft(tmp_path, write_sample_t5(tmp_path / "t5"), 40, 2)
+    capsys.readouterr()  # what making the folder printed
+    argv = ["plan", "--model", str(inputs["model"]), *MODEL_FLAGS, "--json=True"]
+
+    def per_token(*extra: str) -> int:
+        d = plan_json(trainer_main, [*argv, *extra], capsys)
+        assert d["reasons"]["model_estimate"]["value"] == "trace"
+        return int(d["reasons"]["model_estimate"]["numbers"]["per_token"].replace(",", ""))
+
+    enc_len, dec_len = pair_row_lens(open_dataset(inputs["train_data"]), 128)
+    assert enc_len < 128 == dec_len  # short prompts: the encoder rows are shorter
+    # Without data both sides are traced at --max_seq_len; with the pairs, at their rows.
+    assert per_token("--data", str(inputs["train_data"])) < per_token()

@@ -100,3 +100,38 @@ def test_from_scratch_builds_from_the_config(t5_dir):
     loaded = load_seq2seq_folder(t5_dir)
     assert isinstance(scratch, Seq2SeqLM)
     assert not torch.equal(next(scratch.parameters()), next(loaded.parameters()))
+
+
+def test_a_planning_batch_is_cut_to_the_data_row_lengths(t5_dir):
+    model = load_seq2seq_folder(t5_dir).eval()  # no dropout: the losses compare exactly
+    ids = torch.randint(2, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+    model.row_lens = (8, 16)
+    planned = model(ids, labels=ids).loss  # as the planner's probe calls it
+    row = torch.arange(24).expand(2, 24)
+    explicit = model(
+        input_ids=ids[:, :8],
+        position_ids=row[:, :8],
+        decoder_input_ids=ids[:, :16],
+        decoder_position_ids=row[:, :16],
+        labels=ids[:, :16],
+    ).loss
+    assert torch.equal(planned, explicit)
+    model.row_lens = None  # unknown: the decoder reads the whole row
+    whole = model(ids, labels=ids).loss
+    assert torch.equal(whole, model(ids, row, ids, row, labels=ids).loss)
+
+
+def test_the_trace_measures_the_rows_the_data_gives(t5_dir):
+    from trainer_low_mem.planner.estimate import meta_copy_factory
+    from trainer_low_mem.planner.trace import trace_step_memory
+
+    model = load_seq2seq_folder(t5_dir)
+
+    def per_row(row_lens):
+        model.row_lens = row_lens
+        traced = trace_step_memory(meta_copy_factory(model), seq_len=64, device_type="cpu")
+        return traced.activation_bytes_per_token
+
+    whole = per_row(None)
+    assert per_row((64, 64)) == whole
+    assert per_row((16, 64)) < whole and per_row((64, 16)) < whole

@@ -203,4 +203,5 @@ def _model_key(config: JobConfig | PlanConfig, shape: ModelShape) -> tuple:
         m.document_masking,
         m.load_in_4bit,
         lora,
+        getattr(shape, "row_lens", None),  # an encoder-decoder's rows (trainer_low_mem.seq2seq)
     )

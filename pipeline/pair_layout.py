@@ -32,26 +32,30 @@ LENS_SAMPLE_PAIRS = 65_536  # pairs pair_row_lens lays out to choose the shorter
 
 
 @numba.njit(nogil=True, cache=True)
-def pair_rows(lengths, prompt_lengths, enc_len, dec_len, window, row_of, stats):
-    """First-fit of the permuted pairs into at most `window` open rows. lengths, prompt_lengths:
-    (N,) int64 of the permuted pairs.
+def pair_rows(order, doc_starts, prompt_lengths, enc_len, dec_len, window, row_of, stats):
+    """First-fit of pairs order[0], order[1], ... into at most `window` open rows. order: (N,)
+    pair (document) ids, the epoch's permutation; doc_starts (D + 1,), prompt_lengths (D,) of
+    the dataset, read in place (no per-pair copies: the build's transient memory is `order`
+    and `row_of`).
 
     A pair goes into the first open row where both its parts fit; if none has room, a new row
     opens, and when `window` rows are already open the fullest of them is closed for it (window
     1 is next-fit: each row is a run of consecutive pairs). Writes row_of[k] = the row of
-    permuted pair k, rows numbered in the order they open, and stats = (encoder tokens, decoder
-    tokens, prompts cut, responses cut); returns the number of rows.
+    order[k], rows numbered in the order they open, and stats = (encoder tokens, decoder tokens,
+    prompts cut, responses cut); returns the number of rows.
     """
-    n = lengths.shape[0]
+    n = order.shape[0]
     slot_row = np.empty(window, dtype=np.int64)
     used_e = np.zeros(window, dtype=np.int64)
     used_d = np.zeros(window, dtype=np.int64)
     open_rows = 0
     rows = 0
     for k in range(n):
-        p = prompt_lengths[k]
+        doc = order[k]
+        p = np.int64(prompt_lengths[doc])
+        response = doc_starts[doc + 1] - doc_starts[doc] - p
         e = max(min(p, enc_len), 1)
-        d = min(lengths[k] - p, dec_len - 1) + 1
+        d = min(response, dec_len - 1) + 1
         s = -1
         for j in range(open_rows):
             if used_e[j] + e <= enc_len and used_d[j] + d <= dec_len:
@@ -78,7 +82,7 @@ def pair_rows(lengths, prompt_lengths, enc_len, dec_len, window, row_of, stats):
         stats[1] += d
         if p > enc_len:
             stats[2] += 1
-        if lengths[k] - p > dec_len - 1:
+        if response > dec_len - 1:
             stats[3] += 1
     return rows
 
@@ -92,24 +96,28 @@ def group_rows(perm, row_of, rows, pairs, row_starts):
         row_starts[row_of[k] + 1] += 1
     for r in range(rows):
         row_starts[r + 1] += row_starts[r]
-    fill = row_starts[:rows].copy()
+    # row_starts[r] serves as row r's cursor, ending at row r + 1's start; shifted back below
+    # (no cursor array: the layout's build holds no more than the permutation and row_of).
     for k in range(row_of.shape[0]):
         r = row_of[k]
-        pairs[fill[r]] = perm[k]
-        fill[r] += 1
+        pairs[row_starts[r]] = perm[k]
+        row_starts[r] += 1
+    for r in range(rows, 0, -1):
+        row_starts[r] = row_starts[r - 1]
+    row_starts[0] = 0
 
 
 def fill_pair_layout(
     pairs, row_starts, doc_starts, prompt_lengths, seed, epoch, enc_len, dec_len, window
 ) -> dict[str, int]:
     """Epoch `epoch`'s layout into pairs (N,) and row_starts (at least rows + 1 of N + 1);
-    returns its scalars (PairIndex's total_rows and counts). Transient: 32 B/pair."""
+    returns its scalars (PairIndex's total_rows and counts). Transient: the permutation and
+    each pair's row, 8 B/pair below 2^32 pairs."""
     perm = epoch_permutation(doc_starts.size - 1, seed, epoch)
-    lengths = doc_starts[perm + 1] - doc_starts[perm]
-    row_of = np.empty(perm.size, dtype=np.int64)
+    row_of = np.empty(perm.size, dtype=perm.dtype)  # rows <= pairs: the ids' dtype holds them
     stats = np.zeros(4, dtype=np.int64)
-    rows = int(pair_rows(lengths, prompt_lengths[perm], enc_len, dec_len, window, row_of, stats))
-    del lengths
+    args = (enc_len, dec_len, window, row_of, stats)
+    rows = int(pair_rows(perm, doc_starts, prompt_lengths, *args))
     group_rows(perm, row_of, rows, pairs, row_starts[: rows + 1])
     names = ("enc_tokens", "dec_tokens", "cut_prompts", "cut_responses")
     return {"total_rows": rows, **{k: int(v) for k, v in zip(names, stats, strict=True)}}
@@ -197,27 +205,44 @@ def pair_row_lens(
     side's share of max_len) left one side's rows short of room where items come in lumps,
     e.g. two prompts of 20 in rows of 40. A function of the data alone, hence the same on
     every rank; about 1 ms per candidate (sample_pairs x window steps), 0.2 s at max_len 2048."""
-    prompts = np.asarray(dataset.prompt_lengths, dtype=np.int64)
-    lengths = np.diff(np.asarray(dataset.doc_starts, dtype=np.int64))
-    enc = np.maximum(prompts, 1)  # an empty prompt is one EOS
-    dec = lengths - prompts + 1  # start token + response
-    if prompts.size > sample_pairs:
-        pick = np.random.default_rng(0).integers(0, prompts.size, sample_pairs)
-        lengths, prompts = lengths[pick], prompts[pick]
-    enc_is_long = int(enc.sum()) >= int(dec.sum())
-    low = _round8(min(int((dec if enc_is_long else enc).max()), max_len))
+    starts, prompts = dataset.doc_starts, dataset.prompt_lengths
+    enc_sum, dec_sum, enc_max, dec_max = (int(x) for x in _side_totals(starts, prompts))
+    order = (
+        np.random.default_rng(0).integers(0, len(prompts), sample_pairs)
+        if len(prompts) > sample_pairs
+        else np.arange(len(prompts))
+    )
+    enc_is_long = enc_sum >= dec_sum
+    low = _round8(min(dec_max if enc_is_long else enc_max, max_len))
     candidates = list(range(min(low, max_len), max_len + 1, 8))
     if candidates[-1] != max_len:
         candidates.append(max_len)
-    row_of = np.empty(prompts.size, dtype=np.int64)
+    row_of = np.empty(order.size, dtype=np.int64)
     best: tuple[int, int, int] | None = None
     for short in candidates:
         enc_len, dec_len = (max_len, short) if enc_is_long else (short, max_len)
-        rows = pair_rows(lengths, prompts, enc_len, dec_len, window, row_of, np.zeros(4, np.int64))
+        args = (enc_len, dec_len, window, row_of, np.zeros(4, np.int64))
+        rows = pair_rows(order, starts, prompts, *args)
         positions = rows * (enc_len + dec_len)
         if best is None or positions < best[0]:
             best = (positions, enc_len, dec_len)
     return best[1], best[2]
+
+
+@numba.njit(nogil=True, cache=True)
+def _side_totals(doc_starts, prompt_lengths):
+    """(encoder tokens, decoder tokens, longest encoder part, longest decoder part) over all
+    pairs, untruncated: an empty prompt is one EOS, a decoder part is start token + response."""
+    enc_sum = dec_sum = enc_max = dec_max = 0
+    for i in range(prompt_lengths.shape[0]):
+        p = np.int64(prompt_lengths[i])
+        e = max(p, 1)
+        d = doc_starts[i + 1] - doc_starts[i] - p + 1
+        enc_sum += e
+        dec_sum += d
+        enc_max = max(enc_max, e)
+        dec_max = max(dec_max, d)
+    return enc_sum, dec_sum, enc_max, dec_max
 
 
 def _round8(n: int) -> int:

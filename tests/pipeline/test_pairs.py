@@ -108,15 +108,15 @@ def test_layout_kernel_matches_a_python_reference(window):
     lengths = rng.integers(0, 90, 500)
     prompts = rng.integers(0, lengths + 1)
     prompts[::7] = 0
-    row_of, stats = np.empty(500, dtype=np.int64), np.zeros(4, dtype=np.int64)
-    rows = pair_rows(lengths, prompts, LE, LD, window, row_of, stats)
-    parts = [
-        (max(min(p, LE), 1), min(n - p, LD - 1) + 1) for n, p in zip(lengths, prompts, strict=True)
-    ]
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    order = rng.permutation(500).astype(np.uint32)  # as epoch_permutation gives it
+    row_of, stats = np.empty(500, dtype=np.uint32), np.zeros(4, dtype=np.int64)
+    rows = pair_rows(order, starts, prompts, LE, LD, window, row_of, stats)
+    parts = [(max(min(prompts[i], LE), 1), min(lengths[i] - prompts[i], LD - 1) + 1) for i in order]
     assert row_of.tolist() == first_fit(parts, window=window)
     assert rows == row_of.max() + 1
     if window == 1:  # next-fit: each row is a run of consecutive pairs
-        assert (np.diff(row_of) >= 0).all()
+        assert (np.diff(row_of.astype(np.int64)) >= 0).all()
     enc = np.maximum(np.minimum(prompts, LE), 1).sum()
     dec = (np.minimum(lengths - prompts, LD - 1) + 1).sum()
     cut = [(prompts > LE).sum(), (lengths - prompts > LD - 1).sum()]

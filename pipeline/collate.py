@@ -186,20 +186,45 @@ def emit_tokens(
             continue
         d = seg_dst[i]
         s = d if src_is_dst else src - src_base
-        doc0 = seg_doc0[i]
-        x = d
-        end = d + n
-        while x < end:
-            row_start = (x // seq_len) * seq_len
-            stop = min(row_start + seq_len, end)
-            p = x - max(row_start, doc0)
-            for j in range(x, stop):
-                token = source[s + j - d]
-                ids[j] = token
-                labels[j] = token
-                pos[j] = p
-                p += 1
-            x = stop
+        _copy_segment(source, s, d, n, seg_doc0[i], seq_len, ids, labels, pos)
+
+
+@numba.njit(nogil=True, cache=True)
+def emit_from_chunks(
+    chunks, first, seg_src, seg_n, seg_dst, seg_doc0, nseg, seq_len, ids, labels, pos
+):
+    """`emit_tokens` over every chunk in one call: chunks is a typed list of the chunks' token
+    arrays, chunk c holding global tokens [first[c], first[c + 1]). A call per chunk cost more
+    in dispatch than in copying once a batch touched tens of chunks (record batches of a large
+    corpus)."""
+    for i in range(nseg):
+        n = seg_n[i]
+        if n == 0:
+            continue
+        src = seg_src[i]
+        c = np.searchsorted(first, src, side="right") - 1
+        _copy_segment(
+            chunks[c], src - first[c], seg_dst[i], n, seg_doc0[i], seq_len, ids, labels, pos
+        )
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _copy_segment(source, s, d, n, doc0, seq_len, ids, labels, pos):
+    """Tokens source[s : s + n] to output positions [d, d + n), positions restarting at each row
+    start and at doc0 (the row boundary found once per row, not per token)."""
+    x = d
+    end = d + n
+    while x < end:
+        row_start = (x // seq_len) * seq_len
+        stop = min(row_start + seq_len, end)
+        p = x - max(row_start, doc0)
+        for j in range(x, stop):
+            token = source[s + j - d]
+            ids[j] = token
+            labels[j] = token
+            pos[j] = p
+            p += 1
+        x = stop
 
 
 @numba.njit(nogil=True)  # not cached: numba cannot cache functions that call ctypes pointers

@@ -22,6 +22,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from lowmem_core.errors import PipelineError
@@ -95,6 +96,9 @@ class _MmapReader(_Reader):
     def __init__(self, chunks: list[Chunk], token_dtype: np.dtype, maps: list):
         super().__init__(chunks, token_dtype)
         self._maps = maps  # the memory maps the chunks' views point into
+        # The chunks' views as one numba list, so a batch is one kernel call however many chunks
+        # it touches; all read-only, as the mapped ones are, so the list has one element type.
+        self._views = numba.typed.List([_read_only(c.values) for c in chunks]) if chunks else None
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         pieces = [
@@ -106,29 +110,26 @@ class _MmapReader(_Reader):
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self._dtype)
 
     def read_segments(self, segs, count, seq_len, ids, labels, pos) -> None:
-        first = self._first
-        for c in self._touched(segs, count):
-            chunk = self._chunks[c]
-            collate.emit_tokens(
-                chunk.values,
-                chunk.first_token,
-                False,
-                first[c],
-                first[c + 1],
-                segs.src,
-                segs.n,
-                segs.dst,
-                segs.doc0,
-                count,
-                seq_len,
-                ids,
-                labels,
-                pos,
-            )
+        if self._views is None:
+            return
+        collate.emit_from_chunks(
+            self._views,
+            self._first,
+            segs.src,
+            segs.n,
+            segs.dst,
+            segs.doc0,
+            count,
+            seq_len,
+            ids,
+            labels,
+            pos,
+        )
 
     def close(self) -> None:
         super().close()
         self._maps = []
+        self._views = None
 
 
 class _PreadReader(_Reader):
@@ -214,6 +215,12 @@ class _PreadReader(_Reader):
     def close(self) -> None:
         super().close()
         self._close_fds()
+
+
+def _read_only(values: np.ndarray) -> np.ndarray:
+    view = values.view()
+    view.setflags(write=False)
+    return view
 
 
 def _close_all(fds: dict, close=os.close) -> None:

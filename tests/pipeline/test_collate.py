@@ -35,14 +35,22 @@ def reference_packed(docs, perm, eos_id, pad_id, seq_len):
 
 
 @pytest.mark.parametrize("ultra_low_mem", [False, True])
-@pytest.mark.parametrize("shard_tokens", [None, 997])
+@pytest.mark.parametrize(
+    "shard_tokens, batch_tokens",
+    [(None, None), (997, None), (None, 64)],
+    ids=["one-chunk", "many-shards", "many-record-batches"],
+)
 def test_packed_batches_equal_numpy_reference(
-    tmp_path, ultra_low_mem, shard_tokens, synthetic_token_docs
+    tmp_path, monkeypatch, ultra_low_mem, shard_tokens, batch_tokens, synthetic_token_docs
 ):
     import json
 
+    from pipeline import shards
     from pipeline.build import build_dataset
     from pipeline.config import BuildConfig
+
+    if batch_tokens:  # a shard of many record batches: every batch reads from several chunks
+        monkeypatch.setattr(shards, "BATCH_TOKENS", batch_tokens)
 
     docs = synthetic_token_docs(150, seed=5, median_len=30, vocab_size=256)
     src = tmp_path / "docs.jsonl"
@@ -54,6 +62,11 @@ def test_packed_batches_equal_numpy_reference(
     ds = open_dataset(tmp_path / "ds", ultra_low_mem=ultra_low_mem)
     if shard_tokens:
         assert len(list((tmp_path / "ds").glob("*.arrow"))) > 3
+    if batch_tokens:
+        import pyarrow as pa
+
+        (shard,) = (tmp_path / "ds").glob("*.arrow")
+        assert pa.ipc.open_file(shard).num_record_batches > 20
     seq_len, batch = 24, 5
     ids, labels, pos = reference_packed(
         docs, epoch_permutation(len(docs), 9, 0), ds.eos_id, ds.pad_id, seq_len

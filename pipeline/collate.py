@@ -228,22 +228,25 @@ def _copy_segment(source, s, d, n, doc0, seq_len, ids, labels, pos):
 
 
 @numba.njit(nogil=True)  # not cached: numba cannot cache functions that call ctypes pointers
-def pread_tokens(fd, file_offset, itemsize, base, lo, hi, seg_src, seg_n, seg_dst, nseg, staging):
-    """pread each segment in [lo, hi) from `fd` into staging[dst:dst+n] (token dtype).
+def pread_tokens(chunk_fd, chunk_base, first, itemsize, seg_src, seg_n, seg_dst, nseg, staging):
+    """pread each segment into staging[dst:dst+n] (token dtype), in one call for all chunks.
 
-    Returns the bytes read, or -(i+1) for the first segment whose read came back short.
+    Chunk c holds global tokens [first[c], first[c + 1]) in file `chunk_fd[c]`, global token t
+    at byte chunk_base[c] + t * itemsize. Returns the bytes read, or -(c + 1) for the chunk of
+    the first read that came back short.
     """
     ptr = staging.ctypes.data
     total = 0
     for i in range(nseg):
         n = seg_n[i]
-        src = seg_src[i]
-        if n == 0 or src < lo or src >= hi:
+        if n == 0:
             continue
+        src = seg_src[i]
+        c = np.searchsorted(first, src, side="right") - 1
         want = n * itemsize
-        got = _pread(fd, ptr + seg_dst[i] * itemsize, want, file_offset + (src - base) * itemsize)
+        got = _pread(chunk_fd[c], ptr + seg_dst[i] * itemsize, want, chunk_base[c] + src * itemsize)
         if got != want:
-            return -(i + 1)
+            return -(c + 1)
         total += want
     return total
 

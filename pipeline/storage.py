@@ -80,14 +80,6 @@ class _Reader:
             start = max(start, hi)
             c += 1
 
-    def _touched(self, segs: collate.Segments, count: int) -> list[int]:
-        """Indices of the chunks the first `count` segments read from."""
-        if len(self._chunks) == 1:
-            return [0]
-        live = segs.n[:count] > 0  # EOS-only segments read nothing (may point past their chunk)
-        found = np.searchsorted(self._first, segs.src[:count][live], side="right") - 1
-        return np.unique(found).tolist()
-
     def close(self) -> None:
         self._chunks = []
 
@@ -149,6 +141,12 @@ class _PreadReader(_Reader):
                 self._fds[chunk.path] = fd
                 # Reads are scattered documents: readahead would fetch 128 KiB per 4 KiB page.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        # Per chunk, its file and where global token 0 would sit in it, for the pread kernel.
+        itemsize = token_dtype.itemsize
+        self._chunk_fd = np.array([self._fds[c.path] for c in self._chunks], dtype=np.int64)
+        self._chunk_base = np.array(
+            [c.values_file_offset - c.first_token * itemsize for c in self._chunks], dtype=np.int64
+        )
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         itemsize = self._dtype.itemsize
@@ -166,31 +164,26 @@ class _PreadReader(_Reader):
         staging = getattr(self._local, "staging", None)
         if staging is None or staging.shape[0] < ids.shape[0]:
             staging = self._local.staging = np.empty(ids.shape[0], dtype=self._dtype)
-        first, itemsize = self._first, self._dtype.itemsize
-        for c in self._touched(segs, count):
-            chunk = self._chunks[c]
-            nbytes = collate.pread_tokens(
-                self._fds[chunk.path],
-                chunk.values_file_offset,
-                itemsize,
-                chunk.first_token,
-                first[c],
-                first[c + 1],
-                segs.src,
-                segs.n,
-                segs.dst,
-                count,
-                staging,
-            )
-            if nbytes < 0:
-                raise _short_read(chunk)
-            self._account(nbytes)
+        nbytes = collate.pread_tokens(
+            self._chunk_fd,
+            self._chunk_base,
+            self._first,
+            self._dtype.itemsize,
+            segs.src,
+            segs.n,
+            segs.dst,
+            count,
+            staging,
+        )
+        if nbytes < 0:
+            raise _short_read(self._chunks[-nbytes - 1])
+        self._account(nbytes)
         collate.emit_tokens(
             staging,
             0,
             True,
             0,
-            first[-1],
+            self._first[-1],
             segs.src,
             segs.n,
             segs.dst,

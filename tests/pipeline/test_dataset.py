@@ -116,3 +116,19 @@ def test_verify_catches_a_flipped_token_byte(tmp_path, sample_dataset_dir):
     open_dataset(path)  # sizes still match: the cheap open does not read every byte
     with pytest.raises(PipelineError, match="fails its sha256 check"):
         open_dataset(path, verify=True)
+
+
+def test_a_shard_truncated_under_an_ultra_low_mem_reader_is_a_short_read_naming_it(
+    make_dataset,
+):
+    from pipeline import Loader
+
+    path = make_dataset(200)
+    ds = open_dataset(path, ultra_low_mem=True)
+    batches = iter(Loader(ds, 4, 32, seed=0))
+    next(batches)
+    shard = next(path.glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated under the open reader
+    with pytest.raises(PipelineError, match=f"short read from {shard}"):
+        for _ in batches:
+            pass

@@ -8,7 +8,7 @@ lands in the flat B*L output (`seg_dst`), where its document started in output c
 lands (`seg_eos`, -1 if outside this batch), and how many of its first tokens are prompt tokens
 (`seg_prompt`: label -100, no loss; prompt/response datasets only).
 Labels are unshifted (the label at a position is the token there; the model shifts them).
-Filling a batch: segments -> `emit_tokens` (tokens, labels and positions in one pass) ->
+Filling a batch: segments -> `emit_from_chunks` (tokens, labels and positions in one pass) ->
 `finish_rows` (EOS, prompt masking, padding). `sample_starts` lays out whole-sample packing.
 Every kernel is tested against a plain numpy reference in tests/pipeline/test_collate.py.
 """
@@ -156,47 +156,23 @@ def padding_segments(
 
 
 @numba.njit(nogil=True, cache=True)
-def emit_tokens(
-    source,
-    src_base,
-    src_is_dst,
-    lo,
-    hi,
-    seg_src,
-    seg_n,
-    seg_dst,
-    seg_doc0,
-    nseg,
-    seq_len,
-    ids,
-    labels,
-    pos,
-):
-    """Copy the tokens of segments whose source lies in [lo, hi) to ids and labels, with positions.
-
-    Token j of a segment comes from source[seg_src - src_base + j] (a chunk's values), or, when
-    src_is_dst, from source[seg_dst + j] (the ultra-low-mem staging buffer, laid out like the
-    output). Positions restart at each row start and each document start; the row boundary is
-    found once per row, not per token.
-    """
+def emit_staged(staging, seg_n, seg_dst, seg_doc0, nseg, seq_len, ids, labels, pos):
+    """`emit_from_chunks` for tokens already read into staging at their output positions (the
+    ultra-low-mem reader's preads)."""
     for i in range(nseg):
-        n = seg_n[i]
-        src = seg_src[i]
-        if n == 0 or src < lo or src >= hi:
-            continue
-        d = seg_dst[i]
-        s = d if src_is_dst else src - src_base
-        _copy_segment(source, s, d, n, seg_doc0[i], seq_len, ids, labels, pos)
+        if seg_n[i]:
+            d = seg_dst[i]
+            _copy_segment(staging, d, d, seg_n[i], seg_doc0[i], seq_len, ids, labels, pos)
 
 
 @numba.njit(nogil=True, cache=True)
 def emit_from_chunks(
     chunks, first, seg_src, seg_n, seg_dst, seg_doc0, nseg, seq_len, ids, labels, pos
 ):
-    """`emit_tokens` over every chunk in one call: chunks is a typed list of the chunks' token
-    arrays, chunk c holding global tokens [first[c], first[c + 1]). A call per chunk cost more
-    in dispatch than in copying once a batch touched tens of chunks (record batches of a large
-    corpus)."""
+    """Copy each segment's tokens to ids and labels, with positions. chunks is a typed list of
+    the chunks' token arrays, chunk c holding global tokens [first[c], first[c + 1]); one call
+    covers them all, since a call per chunk cost more in dispatch than in copying once a batch
+    touched tens of chunks (record batches of a large corpus)."""
     for i in range(nseg):
         n = seg_n[i]
         if n == 0:
@@ -266,7 +242,7 @@ def finish_rows(
     eos_id,
     pad_id,
 ):
-    """After `emit_tokens`: write the EOS tokens, give each segment's first seg_prompt tokens
+    """After `emit_from_chunks`: write the EOS tokens, give each segment's first seg_prompt tokens
     label -100, and pad every position no segment covers (id pad_id, label -100, position 0).
     Segments must be in output order. Returns the positions whose label is not -100.
     """

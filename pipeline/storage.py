@@ -178,22 +178,7 @@ class _PreadReader(_Reader):
         if nbytes < 0:
             raise _short_read(self._chunks[-nbytes - 1])
         self._account(nbytes)
-        collate.emit_tokens(
-            staging,
-            0,
-            True,
-            0,
-            self._first[-1],
-            segs.src,
-            segs.n,
-            segs.dst,
-            segs.doc0,
-            count,
-            seq_len,
-            ids,
-            labels,
-            pos,
-        )
+        collate.emit_staged(staging, segs.n, segs.dst, segs.doc0, count, seq_len, ids, labels, pos)
 
     def _account(self, nbytes: int) -> None:
         """Count bytes read; past the budget, drop the files' cached pages."""

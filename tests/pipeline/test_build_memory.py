@@ -18,13 +18,18 @@ from pipeline.sample_corpus import generate_documents
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 # A fresh interpreter per build, warmed up by a build of one document so that tracemalloc counts
-# what the build holds, not the modules it imports on first use.
+# what the build holds, not the modules it imports on first use. JSON blocks of BLOCK_BYTES: the
+# smaller corpus already keeps every in-flight slot of the build full at times, so the peaks
+# compare what the corpus adds, not how often the threads happened to fill the pipeline.
+BLOCK_BYTES = 128 << 10
 _BUILD = textwrap.dedent("""
     import json, sys, tracemalloc
     import pyarrow as pa
+    from pipeline import records
     from pipeline.build import build_dataset
     from pipeline.config import BuildConfig
     a = json.loads(sys.argv[1])
+    records._JSON_BLOCK_BYTES = a["block_bytes"]
     def build(corpus, out):
         return build_dataset(BuildConfig(inputs=[corpus], out=out, tokenizer=a["tokenizer"],
                                          num_proc=2), progress=False)
@@ -58,6 +63,7 @@ def _peaks(tmp_path: Path, size_bytes: int, tokenizer: str) -> dict:
         "warm_up": str(warm_up),
         "out": str(tmp_path / f"out-{size_bytes}"),
         "tokenizer": tokenizer,
+        "block_bytes": BLOCK_BYTES,
     }
     child = subprocess.run(
         [sys.executable, "-c", _BUILD, json.dumps(args)],

@@ -13,7 +13,8 @@ next builder removes it). Building epoch e of a key removes that key's epochs be
 
 Where: `<dataset>/.index_cache/`; or `<given>/<fingerprint>/` for a folder given to
 `open_dataset(index_cache=...)` or in $LOWMEM_INDEX_CACHE; or, when the dataset folder cannot
-be written, `$XDG_CACHE_HOME/lowmem-pipeline/index/<fingerprint>/` (~/.cache by default).
+be written, `$XDG_CACHE_HOME/lowmem-pipeline/index/<fingerprint>/` (~/.cache by default), where
+folders no dataset has opened for 30 days are removed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import json
 import mmap
 import os
 import re
+import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +42,7 @@ from pipeline.sampler import EpochIndex
 from pipeline.storage import Chunk
 
 ENV_VAR = "LOWMEM_INDEX_CACHE"
+UNUSED_AFTER_S = 30 * 24 * 3600  # a user-cache index folder no open has marked for this long
 FOLDER_NAME = ".index_cache"
 _MAGIC = "lowmem-index/1"
 _PAGE = 4096  # the header's size, and the alignment of every array in a file
@@ -60,12 +64,28 @@ def cache_folder(dataset_dir: Path, fingerprint: str, given: Path | str | None =
         return folder
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem-pipeline"
     for folder in (Path(dataset_dir) / FOLDER_NAME, user / "index" / fingerprint):
-        if _writable(folder):
+        if _writable(folder):  # its probe also marks the folder used now (its mtime)
+            if folder.parent == user / "index":
+                _remove_unused(folder.parent, keep=folder)
             return folder
     raise PipelineError(
         f"neither {Path(dataset_dir) / FOLDER_NAME} nor {user / 'index'} can be written for the "
         f"shared index; set ${ENV_VAR} to a writable folder"
     )
+
+
+def _remove_unused(root: Path, keep: Path) -> None:
+    """Remove the index folders under `root` no dataset has opened for UNUSED_AFTER_S: the user
+    cache outlives the datasets it indexed. A process still mapping a removed file keeps its
+    pages; one that needs a file later builds it again (open_or_build recreates the folder)."""
+    cutoff = time.time() - UNUSED_AFTER_S
+    for folder in root.iterdir():
+        try:
+            unused = folder != keep and folder.is_dir() and folder.stat().st_mtime < cutoff
+        except OSError:
+            continue  # removed by another process meanwhile
+        if unused:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _writable(folder: Path) -> bool:
@@ -305,6 +325,7 @@ def open_or_build(
     found = _open(path, key, fields)
     if found is not None:
         return (*found, False)
+    path.parent.mkdir(parents=True, exist_ok=True)  # removed as unused since the dataset opened
     with _build_lock(path):
         found = _open(path, key, fields)  # built by the process we waited for
         if found is not None:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -343,3 +344,29 @@ def test_the_cost_model_counts_the_shared_files_once_per_node(docs_and_dir):
     without, with_index = plan(**kwargs), plan(**kwargs, index_bytes=ds.shared_index_bytes)
     assert with_index.host_bytes_planned - without.host_bytes_planned == ds.shared_index_bytes
     assert "epoch index (shared, page cache)" in with_index.reasons["host_bytes_planned"].text
+
+
+def test_user_cache_folders_no_dataset_opened_for_30_days_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(index_cache.ENV_VAR, raising=False)
+    dataset = tmp_path / "ds"  # a folder that cannot be written, as a read-only dataset's
+    writable = index_cache._writable
+    monkeypatch.setattr(index_cache, "_writable", lambda f: f.parent != dataset and writable(f))
+    root = tmp_path / "cache" / "lowmem-pipeline" / "index"
+    for name, days in (("gone", 31), ("idle", 29), ("fp", 40)):
+        (root / name).mkdir(parents=True)
+        (root / name / "docs.idx").write_bytes(b"x")
+        then = time.time() - days * 24 * 3600
+        os.utime(root / name, (then, then))
+    assert index_cache.cache_folder(dataset, "fp") == root / "fp"
+    # The folder opened now is marked used and kept, with its files; the one unused for 31 days
+    # is gone, the one unused for 29 stays.
+    assert sorted(p.name for p in root.iterdir()) == ["fp", "idle"]
+    assert (root / "fp" / "docs.idx").is_file()
+    assert time.time() - (root / "fp").stat().st_mtime < 3600
+    # A folder removed under a running job is made again when the job needs a new file.
+    shutil.rmtree(root / "fp")
+    arrays, _, built = index_cache.open_or_build(
+        root / "fp" / "x.idx", {"k": 1}, [("a", np.dtype(np.int64), 3)], lambda a: {}
+    )
+    assert built and arrays["a"].shape == (3,)

@@ -51,7 +51,6 @@ DEFAULT_MAX_LEN = {"qa": 128, "summarise": 512}
 @dataclass(frozen=True)
 class PairSide:
     side: str
-    task: str
     batch: int  # rows (packed) or pairs (padded) per step
     steps: int
     label_tokens: int  # labelled decoder positions of the pass (response tokens + EOS)
@@ -104,10 +103,7 @@ def packed_side(model_dir: Path, data: Path, max_len: int, rows: int, seed: int 
         dec_all += batch["decoder_input_ids"].numel()
         steps += 1
     seconds = time.perf_counter() - start
-    task = data.name.split("-")[1]
-    return PairSide(
-        "packed PairLoader", task, rows, steps, labels, enc / enc_all, dec / dec_all, seconds
-    )
+    return PairSide("packed PairLoader", rows, steps, labels, enc / enc_all, dec / dec_all, seconds)
 
 
 def padded_side(model_dir: Path, data: Path, max_len: int, batch_pairs: int, seed: int = 0):
@@ -143,10 +139,8 @@ def padded_side(model_dir: Path, data: Path, max_len: int, batch_pairs: int, see
         dec_all += batch["labels"].numel()
         steps += 1
     seconds = time.perf_counter() - start
-    task = data.name.split("-")[1]
     return PairSide(
         "DataCollatorForSeq2Seq",
-        task,
         batch_pairs,
         steps,
         labels,
@@ -182,7 +176,7 @@ def compare(
     sides = list(best.values())
     if sides[0].label_tokens != sides[1].label_tokens:
         raise RuntimeError(f"the sides labelled different tokens: {sides}")
-    return [{**asdict(s), "label_tokens_per_s": s.label_tokens_per_s} for s in sides]
+    return [{"task": task, **asdict(s), "label_tokens_per_s": s.label_tokens_per_s} for s in sides]
 
 
 def _main(argv: list[str]) -> None:

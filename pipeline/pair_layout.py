@@ -31,6 +31,16 @@ PACK_WINDOW = 16  # open rows of the first-fit: fuller rows than next-fit, O(pai
 LENS_SAMPLE_PAIRS = 65_536  # pairs pair_row_lens lays out to choose the shorter row length
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def pair_parts(doc, doc_starts, prompt_lengths, enc_len, dec_len):
+    """(prompt tokens, response tokens, and of them what rows of enc_len / dec_len keep) of
+    pair `doc`: the one truncation rule the layout and the batches share (a prompt keeps its
+    first enc_len tokens, a response its first dec_len - 1, the start token or EOS taking one)."""
+    p = np.int64(prompt_lengths[doc])
+    response = doc_starts[doc + 1] - doc_starts[doc] - p
+    return p, response, min(p, enc_len), min(response, dec_len - 1)
+
+
 @numba.njit(nogil=True, cache=True)
 def pair_rows(order, doc_starts, prompt_lengths, enc_len, dec_len, window, row_of, stats):
     """First-fit of pairs order[0], order[1], ... into at most `window` open rows. order: (N,)
@@ -51,11 +61,11 @@ def pair_rows(order, doc_starts, prompt_lengths, enc_len, dec_len, window, row_o
     open_rows = 0
     rows = 0
     for k in range(n):
-        doc = order[k]
-        p = np.int64(prompt_lengths[doc])
-        response = doc_starts[doc + 1] - doc_starts[doc] - p
-        e = max(min(p, enc_len), 1)
-        d = min(response, dec_len - 1) + 1
+        p, response, prompt_n, response_n = pair_parts(
+            order[k], doc_starts, prompt_lengths, enc_len, dec_len
+        )
+        e = max(prompt_n, 1)  # an empty prompt is one EOS
+        d = response_n + 1  # the start token
         s = -1
         for j in range(open_rows):
             if used_e[j] + e <= enc_len and used_d[j] + d <= dec_len:

@@ -29,8 +29,8 @@ from lowmem_core.format import IGNORE_INDEX
 from lowmem_core.stateful import Stateful
 from pipeline.collate import Segments
 from pipeline.loader import Batch
-from pipeline.pair_layout import PACK_WINDOW, PairIndex
-from pipeline.rows import BatchTask, RowSource
+from pipeline.pair_layout import PACK_WINDOW, PairIndex, pair_parts
+from pipeline.rows import BatchTask, RowSource, check_int
 
 STATE_VERSION = 2  # 2 adds pack_window; a version 1 state was written by next-fit (window 1)
 PAIR_KEYS = ("input_ids", "position_ids", "decoder_input_ids", "decoder_position_ids", "labels")
@@ -50,18 +50,19 @@ def pair_segments(
         x_d = (r - r0) * dec_len
         for k in range(row_starts[r], row_starts[r + 1]):
             doc = pairs[k]
-            start = doc_starts[doc]
-            p = prompt_lengths[doc]
-            enc[0][c] = start
-            enc[1][c] = min(p, enc_len)
+            p, _, prompt_n, response_n = pair_parts(
+                doc, doc_starts, prompt_lengths, enc_len, dec_len
+            )
+            enc[0][c] = doc_starts[doc]
+            enc[1][c] = prompt_n
             enc[2][c] = x_e
             enc[3][c] = x_e
-            dec[0][c] = start + p
-            dec[1][c] = min(doc_starts[doc + 1] - start - p, dec_len - 1)
+            dec[0][c] = doc_starts[doc] + p
+            dec[1][c] = response_n
             dec[2][c] = x_d + 1
             dec[3][c] = x_d
-            x_e += max(enc[1][c], 1)
-            x_d += dec[1][c] + 1
+            x_e += max(prompt_n, 1)  # an empty prompt is one EOS
+            x_d += response_n + 1  # the start token
             c += 1
     return c
 
@@ -135,8 +136,7 @@ class PairLoader(RowSource, Stateful):
             ("dec_len", dec_len, 2),
             ("world_size", world_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, {world_size}), got {rank}; check the launcher")
         if dataset.prompt_lengths is None or len(dataset) == 0:
@@ -262,11 +262,18 @@ class PairLoader(RowSource, Stateful):
                 "with the same dataset, seed and row lengths, or start a new run"
             )
         # The window decides the row layout but no buffer size: adopt the state's, so a run
-        # started before first-fit packing (version 1: next-fit) resumes its own order.
-        window = state.get("pack_window", 1)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise CheckpointError(f"pair loader state has pack_window {window!r}; start a new run")
+        # started before first-fit packing resumes its own order.
+        window = saved_layout(state)[2]
         if window != self.pack_window:
             self.pack_window = window
             self._forget_index()
         self._restore_position(int(state["epoch"]), int(state["consumed_rows"]), "pair loader")
+
+
+def saved_layout(state: dict) -> tuple[int, int, int]:
+    """(enc_len, dec_len, pack_window) a saved pair loader state was laid out with; a version 1
+    state, written before first-fit packing, was laid out next-fit (window 1)."""
+    window = state.get("pack_window", 1)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise CheckpointError(f"pair loader state has pack_window {window!r}; start a new run")
+    return int(state["enc_len"]), int(state["dec_len"]), window

@@ -14,6 +14,7 @@ AHEAD_FRACTION of the epoch's rows are handed out, so crossing the boundary wait
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class BatchTask:
     state_after: tuple[int, int]  # (epoch, consumed_rows) once this step is consumed
 
 
-class RowSource:
+class RowSource(ABC):
     """Steps, passes and the (epoch, consumed rows) position over a subclass's row layout."""
 
     def __init__(self, batch_size: int, rank: int, world_size: int, drop_last: bool):
@@ -51,15 +52,17 @@ class RowSource:
         self._index_lock = threading.Lock()
 
     # -- what a subclass supplies -------------------------------------------------------------
+    @abstractmethod
     def _open_index(self, epoch: int):
         """Epoch `epoch`'s row layout (called from a background thread too)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def new_buffers(self, pin_memory: bool = False):
-        raise NotImplementedError
+        """One set of the buffers `fill` writes a batch into."""
 
+    @abstractmethod
     def fill(self, task: BatchTask, buffers):
-        raise NotImplementedError
+        """Write `task`'s rows into `buffers`; returns the Batch."""
 
     # -- layouts ------------------------------------------------------------------------------
     def _epoch_index(self, epoch: int):

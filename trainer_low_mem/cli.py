@@ -67,6 +67,11 @@ def plan_from_config(cfg: PlanConfig):
 
     from pipeline.dataset import open_dataset
     from pipeline.pair_layout import pair_row_lens
+    from trainer_low_mem.hf_model import (
+        check_dataset_matches_model,
+        check_model_folder,
+        is_encoder_decoder,
+    )
     from trainer_low_mem.model import resolve_preset
     from trainer_low_mem.model_setup import job_model_factory
     from trainer_low_mem.planner import plan_for_job
@@ -80,8 +85,8 @@ def plan_from_config(cfg: PlanConfig):
             special_ids = {"vocab_size": ds.vocab_size, "eos_id": ds.eos_id, "bos_id": ds.bos_id}
             index_bytes = ds.shared_index_bytes
             is_sft = ds.prompt_lengths is not None
-            if is_sft:  # rows an encoder-decoder would take; a decoder-only model ignores them
-                pair_lens = pair_row_lens(ds, cfg.data.max_seq_len)
+            if is_sft and m.model is not None and is_encoder_decoder(check_model_folder(m.model)):
+                pair_lens = pair_row_lens(ds, cfg.data.max_seq_len)  # the rows its pairs take
     if m.model is None:
         shape = resolve_preset(m.model_preset, vocab_size)
         what, vocab_size = f"preset {m.model_preset!r}", shape.vocab_size
@@ -99,11 +104,9 @@ def plan_from_config(cfg: PlanConfig):
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); plan on a "
                 "machine where `train` builds it, or check the folder's config"
             ) from exc
-    if hasattr(shape, "row_lens"):
+    if pair_lens is not None:
         shape.row_lens = pair_lens
     if special_ids is not None and m.model is not None and hasattr(shape, "vocab_rows"):
-        from trainer_low_mem.hf_model import check_dataset_matches_model
-
         check_dataset_matches_model(**special_ids, model=shape, data=cfg.data.data)
     if cfg.data.max_seq_len > shape.max_seq_len:
         raise ConfigError(

@@ -21,7 +21,7 @@ from lowmem_core.format import INDEX_NAME
 from pipeline import open_dataset
 from pipeline.loader import Loader
 from pipeline.pair_layout import PACK_WINDOW, pair_row_lens
-from pipeline.pairs import PairLoader
+from pipeline.pairs import PairLoader, saved_layout
 from pipeline.prefetch import Prefetcher
 from trainer_low_mem.distributed import RankContext
 
@@ -66,8 +66,7 @@ class TrainData:
         order (and its plan and step count)."""
         self.start_id = start_id
         if saved is not None and "enc_len" in saved and "dec_len" in saved:
-            self.enc_len, self.dec_len = int(saved["enc_len"]), int(saved["dec_len"])
-            self.pack_window = int(saved.get("pack_window", 1))
+            self.enc_len, self.dec_len, self.pack_window = saved_layout(saved)
         else:
             self.enc_len, self.dec_len = pair_row_lens(self.dataset, self.seq_len)
 

@@ -3,11 +3,14 @@
 Both sides tokenise the same generated JSON Lines corpus with the same `tokenizers` byte-level
 BPE tokenizer (trained here on the sample corpus) and the same number of processes: ours with
 `--num-proc N`, `datasets` with `load_dataset("json")` + `map(batched=True, num_proc=N)` +
-`save_to_disk`. Each side runs in a fresh process pinned to the same N cores (so neither can
-use more), with its own empty cache; its peak memory is the largest sum, over the whole process
-tree, of PSS (shared pages split between the processes that map them) sampled every 50 ms;
-USS (pages no other process maps) is shown beside it, as PSS also moves with whatever else on
-the machine maps the same libraries. Both token counts must agree, or the comparison is void.
+`save_to_disk`. Ours encodes the documents its exact fast path accepts with `tiktoken`
+(pipeline/fast_bpe.py) and the rest with the tokenizer itself. Each side runs in a fresh
+process pinned to the same N cores (so neither can use more), with its own empty cache; its
+peak memory is the largest sum, over the whole process tree, of PSS (shared pages split between
+the processes that map them) sampled every 50 ms; USS (pages no other process maps) is shown
+beside it, as PSS also moves with whatever else on the machine maps the same libraries. Both
+datasets must hold the same documents with the same token ids, every one compared, or the
+comparison is void.
 """
 
 from __future__ import annotations
@@ -228,6 +231,7 @@ def run_pinned(python_args: list[str], cores: list[int], what: str) -> PinnedRun
 def _run_side(
     side: str, corpus: Path, tokenizer: Path, cfg: BuildSpeedConfig, work: Path
 ) -> SideResult:
+    """One side's build into WORK/out (left there for `_same_ids`)."""
     out, cache = work / "out", work / "cache"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -241,7 +245,7 @@ def _run_side(
     cores = sorted(os.sched_getaffinity(0))[: cfg.num_proc]
     script = textwrap.dedent(_OURS if side == SIDES[0] else _HF)
     run = run_pinned(["-c", script, json.dumps(args)], cores, f"bench build: the {side} run")
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
     return SideResult(
         side,
         corpus.stat().st_size / 1e6,
@@ -254,6 +258,35 @@ def _run_side(
         run.peak_rss_bytes,
         run.peak_uss_bytes,
     )
+
+
+def _first_difference(ours: Path, theirs: Path, window_tokens: int = 1 << 24) -> str | None:
+    """Where two built datasets' documents or token ids first differ, or None if equal."""
+    from pipeline.dataset import open_dataset
+
+    a, b = (open_dataset(p, index_cache=p.parent / "index") for p in (ours, theirs))
+    try:
+        return _compare(a, b, window_tokens)
+    finally:
+        a.close()
+        b.close()
+
+
+def _compare(a, b, window_tokens: int) -> str | None:
+    lengths_a, lengths_b = a.doc_lengths, b.doc_lengths
+    if lengths_a.size != lengths_b.size:
+        return f"{lengths_a.size} vs {lengths_b.size} documents"
+    if not np.array_equal(lengths_a, lengths_b):
+        doc = int(np.flatnonzero(lengths_a != lengths_b)[0])
+        return f"document {doc} has {lengths_a[doc]} vs {lengths_b[doc]} tokens"
+    total = int(lengths_a.sum())
+    for start in range(0, total, window_tokens):
+        end = min(total, start + window_tokens)
+        x, y = a.read_tokens(start, end), b.read_tokens(start, end)
+        if not np.array_equal(x, y):
+            at = start + int(np.flatnonzero(x != y)[0])
+            return f"token {at} is {x[at - start]} vs {y[at - start]}"
+    return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -272,14 +305,17 @@ def run_build_bench(cfg: BuildSpeedConfig, progress=print) -> dict:
     results: list[SideResult] = []
     for size_mb in cfg.sizes_mb:
         corpus = _corpus(cache, size_mb, cfg.seed)
-        for side in SIDES:
+        works = [cache / "work" / f"side{i}" for i in range(len(SIDES))]
+        for side, work in zip(SIDES, works, strict=True):
             progress(f"bench build: {side} on {corpus.name} ({cfg.num_proc} processes) ...")
-            results.append(_run_side(side, corpus, tokenizer, cfg, cache / "work"))
-        ours, hf = results[-2], results[-1]
-        if ours.tokens != hf.tokens or ours.documents != hf.documents:
+            results.append(_run_side(side, corpus, tokenizer, cfg, work))
+        try:
+            differs = _first_difference(works[0] / "out", works[1] / "out")
+        finally:
+            shutil.rmtree(cache / "work", ignore_errors=True)
+        if differs is not None:
             raise ConfigError(
-                f"bench build: the two builds disagree on {corpus.name} ({ours.tokens} vs "
-                f"{hf.tokens} tokens, {ours.documents} vs {hf.documents} documents); the "
+                f"bench build: the two builds disagree on {corpus.name} ({differs}); the "
                 "comparison is void"
             )
     return {

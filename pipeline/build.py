@@ -47,7 +47,13 @@ from pipeline.sources import (
     resolve_inputs,
     safe_cut,
 )
-from pipeline.tokenizer import Encoded, load_tokenizer, token_dtype_for, with_prefix
+from pipeline.tokenizer import (
+    Encoded,
+    JsonTokenizer,
+    load_tokenizer,
+    token_dtype_for,
+    with_prefix,
+)
 from pipeline.workers import ordered_map
 
 log = logging.getLogger(__name__)
@@ -296,6 +302,8 @@ def _write(
     cfg: BuildConfig, sources: list[Source], tokenizer, tmp: Path, progress: bool
 ) -> BuildReport:
     dtype = token_dtype_for(tokenizer.vocab_size)
+    if cfg.fast_bpe and isinstance(tokenizer, JsonTokenizer):
+        log.info(tokenizer.use_fast_bpe())
     if cfg.sft:
         fields = SftFields(cfg.prompt_field, cfg.response_field, cfg.messages_field)
         names = (fields.prompt, fields.response, fields.messages)
@@ -364,6 +372,7 @@ def _write(
             "strip": cfg.strip,
             "skipped_records": sum(sum(c) for c in skipped.values()),
             "documents_in_pieces": in_pieces,
+            "fast_bpe_documents": getattr(tokenizer, "fast_documents", 0),
         },
     }
     if cfg.sft:

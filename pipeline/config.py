@@ -60,6 +60,10 @@ class BuildConfig:
     num_proc: int | None = None
     """Threads tokenising chunks of the inputs in parallel, one core each (the tokenizers release
     the GIL); default: the cores this process may use."""
+    fast_bpe: bool = True
+    """With a byte-level BPE tokenizer.json: encode printable-ASCII documents with tiktoken when
+    its ids provably equal the tokenizer's (checked when the build starts; about 4x faster per
+    document). --no-fast-bpe encodes every document with `tokenizers`."""
     max_shard_tokens: int = 1 << 30
     """Tokens per Arrow shard file; a new shard starts past this many."""
     overwrite: bool = False
@@ -123,6 +127,8 @@ class TokenizeDistributedConfig:
     """.txt documents: blocks separated by blank lines, or one document per line."""
     strip: bool = False
     """Trim Unicode whitespace at both ends of each document."""
+    fast_bpe: bool = True
+    """As for `build`: tiktoken for the documents where its ids provably equal the tokenizer's."""
     address: str | None = None
     """Ray cluster to run on: `auto` (the cluster this machine belongs to), `ray://HOST:10001`
     (Ray Client); default: a Ray started on this machine for this command."""

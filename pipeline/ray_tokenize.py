@@ -32,7 +32,7 @@ from pipeline.build import BuildReport, EncodedChunk, encode_chunk
 from pipeline.config import TokenizeDistributedConfig
 from pipeline.inputs import ReadOptions, Source
 from pipeline.sources import read_source, resolve_inputs
-from pipeline.tokenizer import Encoded, load_tokenizer
+from pipeline.tokenizer import Encoded, JsonTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def tokenize_distributed(cfg: TokenizeDistributedConfig, progress: bool = True) 
                 "tokenizer": tokenizer,
                 "options": ReadOptions(text_field=cfg.text_field, split=cfg.split),
                 "strip": cfg.strip,
+                "fast_bpe": cfg.fast_bpe,
                 "out_dir": str(tmp),
             },
         )
@@ -165,10 +166,18 @@ class _TokenizeFiles:
     and writes each to its Parquet file; returns one summary row per input."""
 
     def __init__(
-        self, sources: list[Source], tokenizer, options: ReadOptions, strip: bool, out_dir: str
+        self,
+        sources: list[Source],
+        tokenizer,
+        options: ReadOptions,
+        strip: bool,
+        fast_bpe: bool,
+        out_dir: str,
     ):
         # One core per actor, as the local build's threads: no `tokenizers` pool on top.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if fast_bpe and isinstance(tokenizer, JsonTokenizer):
+            tokenizer.use_fast_bpe()  # set up here: the driver sends the tokenizer without it
         self.sources, self.tokenizer = sources, tokenizer
         self.options, self.strip, self.out_dir = options, strip, Path(out_dir)
 

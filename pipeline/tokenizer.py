@@ -4,7 +4,8 @@ A Hugging Face tokenizer is a `tokenizers` tokenizer.json, given as the file or 
 tokenizer folder holding it; in a folder, BOS/EOS/PAD come from tokenizer_config.json (or
 special_tokens_map.json), as `transformers` reads them. Both kinds encode a whole batch of texts
 at once and return flat token values plus per-document lengths, so the builder never loops per
-token in Python.
+token in Python. With `use_fast_bpe`, a byte-level BPE tokenizer hands the documents where
+`tiktoken` provably gives its ids to `tiktoken` (pipeline/fast_bpe.py), about 4x faster.
 
 Special tokens in stored documents: EOS is never stored (the loader puts `eos_id` after every
 document), and a BOS that the tokenizer's post-processor puts before a text starts every
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from lowmem_core.errors import PipelineError, require_extra
+from pipeline.fast_bpe import FastBPE
 
 # Special tokens of the byte tokenizer sit right after the 256 byte values.
 BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258
@@ -101,6 +103,10 @@ class JsonTokenizer:
             raise PipelineError(
                 f"{file} is not a valid tokenizer.json ({exc}); pass a file saved by `tokenizers`"
             ) from None
+        # A tokenizer.json saved with truncation or padding would cut or pad every document.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._fast: FastBPE | None = None
         self.source = str(path.resolve())
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Added tokens may sit past the base vocabulary with gaps: the largest id decides.
@@ -162,11 +168,43 @@ class JsonTokenizer:
             return int(vocab[token])
         return _first_present(vocab, names)
 
+    def use_fast_bpe(self) -> str:
+        """Encode with `tiktoken` the documents where its ids provably equal this tokenizer's
+        (pipeline/fast_bpe.py); returns a line for the log saying where it applies or why not."""
+        fast = FastBPE.check(self._tok)
+        if isinstance(fast, str):
+            return f"tokenising every document with tokenizers: no exact fast path ({fast})"
+        self._fast = fast
+        return (
+            f"tokenising with tiktoken where its ids equal tokenizers' ({fast.split_name} split): "
+            "printable-ASCII documents without added tokens; tokenizers for the rest"
+        )
+
+    @property
+    def fast_documents(self) -> int:
+        """Documents encoded by the fast path so far."""
+        return self._fast.documents if self._fast is not None else 0
+
     def encode_arrow(self, texts: pa.Array) -> Encoded:
         """Ids of each text without special tokens (the builder adds `prefix` where it belongs)."""
+        strings = texts.to_pylist()
+        if self._fast is None:
+            return self._encode_strings(strings)
+        fast = self._fast.accepts(texts)
+        if fast.all():
+            return Encoded(*self._fast.encode(strings))
+        if not fast.any():
+            return self._encode_strings(strings)
+        where_fast, where_other = np.flatnonzero(fast), np.flatnonzero(~fast)
+        return _interleave(
+            (where_fast, Encoded(*self._fast.encode([strings[i] for i in where_fast]))),
+            (where_other, self._encode_strings([strings[i] for i in where_other])),
+        )
+
+    def _encode_strings(self, strings: list[str]) -> Encoded:
         # The ids equal encode_batch's; skipping the character offsets saves about 15% of the
         # tokenising time. Each Encoding is read once and freed before the flat array is built.
-        encodings = self._tok.encode_batch_fast(texts.to_pylist(), add_special_tokens=False)
+        encodings = self._tok.encode_batch_fast(strings, add_special_tokens=False)
         ids = [e.ids for e in encodings]
         del encodings
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -177,6 +215,24 @@ class JsonTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+def _interleave(*parts: tuple[np.ndarray, Encoded]) -> Encoded:
+    """One batch from encoded parts, each given with the batch positions of its documents."""
+    count = sum(where.size for where, _ in parts)
+    lengths = np.empty(count, dtype=np.int64)
+    for where, part in parts:
+        lengths[where] = part.lengths
+    starts = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    values = np.empty(int(starts[-1]), dtype=np.uint32)
+    for where, part in parts:
+        # Token k of a part's document j lands at its batch start plus k minus the part's own start.
+        own = np.zeros(where.size, dtype=np.int64)
+        np.cumsum(part.lengths[:-1], out=own[1:])
+        shift = np.repeat(starts[where] - own, part.lengths)
+        values[np.arange(part.values.size) + shift] = part.values
+    return Encoded(values=values, lengths=lengths)
 
 
 def _tokenizer_file(path: Path) -> Path:

@@ -112,6 +112,21 @@ def test_a_bare_tokenizer_json_guesses_specials_by_name_and_keeps_the_post_proce
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.prefix) == (0, 1, 2, (0,))
 
 
+@pytest.mark.parametrize("fast_bpe", [True, False])
+def test_truncation_or_padding_saved_in_tokenizer_json_never_cuts_a_document(
+    tmp_path, corpus, fast_bpe
+):
+    tok = train_bpe(corpus, bos_template=False)
+    whole = [tok.encode(d, add_special_tokens=False).ids for d in corpus[:20]]
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(length=16)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = build(tmp_path, corpus[:20], tmp_path / "tokenizer.json", fast_bpe=fast_bpe)
+    ds = open_dataset(out)
+    assert [ds[i].tolist() for i in range(len(ds))] == whole
+    assert max(map(len, whole)) > 16
+
+
 def test_config_naming_a_token_the_tokenizer_lacks(tmp_path, corpus):
     folder = model_folder(tmp_path / "model", corpus, False)
     config = json.loads((folder / "tokenizer_config.json").read_text())

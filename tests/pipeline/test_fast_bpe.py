@@ -1,0 +1,253 @@
+"""The exact fast path of byte-level BPE builds (pipeline/fast_bpe.py): for the tokenizer shapes
+it accepts (GPT-2's, Llama 3's, Qwen2's, trained here on the sample corpus), every document gives
+the ids `tokenizers` gives; documents outside its alphabet or holding an added token go to
+`tokenizers`; and every tokenizer whose ids tiktoken could get wrong is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import fast_bpe, open_dataset
+from pipeline.build import build_dataset
+from pipeline.config import BuildConfig
+from pipeline.fast_bpe import KNOWN_SPLITS, FastBPE, byte_chars
+from pipeline.sample_corpus import generate_documents
+from pipeline.tokenizer import JsonTokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tiktoken")
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_end|>"]
+SHAPES = {
+    "gpt2": (None, False, False),  # ByteLevel's own split, merges
+    "llama3": (KNOWN_SPLITS[1], True, False),  # GPT-4-style split, whole words first
+    "qwen2": (KNOWN_SPLITS[2], False, True),  # GPT-4-style split, NFC
+}
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return generate_documents(400, seed=11)
+
+
+def train(docs, split: str | None, ignore_merges: bool, nfc: bool) -> Tokenizer:
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def trained(corpus) -> dict[str, Tokenizer]:
+    return {name: train(corpus, *shape) for name, shape in SHAPES.items()}
+
+
+def edited(tok: Tokenizer, edit) -> Tokenizer:
+    spec = json.loads(tok.to_str())
+    edit(spec)
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def texts_to_encode(corpus) -> list[str]:
+    """The sample corpus, random text over the fast alphabet (weighted to whitespace, quotes and
+    digits, where the splits branch), and documents the fast path must pass on."""
+    rng = random.Random(3)
+    printable = "\t\n\r" + "".join(chr(c) for c in range(0x20, 0x7F))
+    tricky = "  \n\r\t'sStT1234567890.,-<|>"
+    fuzz = [
+        "".join(rng.choice(tricky if rng.random() < 0.5 else printable) for _ in range(n))
+        for n in (rng.randint(1, 80) for _ in range(3000))
+    ]
+    others = ["café au lait", "tab\x0bvertical", "esc\x1b[0m", "end <|endoftext|> start"]
+    others += ["x<|im_end|>", "  indented\u00a0text", "全角\u3000空白", ""]
+    return corpus + fuzz + others
+
+
+def save(tok: Tokenizer, path) -> JsonTokenizer:
+    tok.save(str(path))
+    return JsonTokenizer(path)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_document_gets_the_ids_tokenizers_gives(tmp_path, corpus, trained, shape):
+    texts = pa.array(texts_to_encode(corpus), type=pa.large_string())
+    plain = save(trained[shape], tmp_path / "tokenizer.json")
+    fast = save(trained[shape], tmp_path / "tokenizer.json")
+    assert fast.use_fast_bpe().startswith("tokenising with tiktoken")
+    want, got = plain.encode_arrow(texts), fast.encode_arrow(texts)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_array_equal(got.values, want.values)
+    assert fast.fast_documents == int(fast._fast.accepts(texts).sum()) > 3000
+    assert plain.fast_documents == 0
+
+
+def test_only_printable_ascii_without_added_tokens_is_accepted(trained):
+    fast = FastBPE.check(trained["gpt2"])
+    texts = ["plain text.\n", "café", "a\x0bb", "esc\x1b", "x <|im_end|> y", None, "<|im_end"]
+    assert fast.accepts(pa.array(texts)).tolist() == [True, False, False, False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda s: s.update(normalizer={"type": "Lowercase"}), "normalizer Lowercase"),
+        (
+            lambda s: s.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}]}),
+            None,
+        ),
+        (lambda s: s["model"].update(dropout=0.1), "dropout"),
+        (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer"),
+        (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+        (
+            lambda s: s.update(
+                pre_tokenizer={
+                    "type": "Sequence",
+                    "pretokenizers": [
+                        {
+                            "type": "Split",
+                            "pattern": {"Regex": r"\w+|\s+"},
+                            "behavior": "Isolated",
+                            "invert": False,
+                        },
+                        {
+                            "type": "ByteLevel",
+                            "add_prefix_space": False,
+                            "trim_offsets": False,
+                            "use_regex": False,
+                        },
+                    ],
+                }
+            ),
+            "pre-tokenizer",
+        ),
+    ],
+)
+def test_tokenizer_shapes_it_cannot_match_are_refused(trained, edit, reason):
+    result = FastBPE.check(edited(trained["gpt2"], edit))
+    if reason is None:
+        assert isinstance(result, FastBPE)
+    else:
+        assert isinstance(result, str) and reason in result
+
+
+def test_subword_prefixes_are_refused(corpus):
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="##"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        show_progress=False,
+        continuing_subword_prefix="##",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    result = FastBPE.check(tok)
+    assert isinstance(result, str) and "marks subwords" in result
+
+
+def test_a_vocabulary_without_every_byte_is_refused(corpus):
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"], show_progress=False)
+    )
+    result = FastBPE.check(tok)
+    assert isinstance(result, str) and "byte tokens are missing" in result
+
+
+def handmade(words: list[str], merges: list[tuple[str, str]], ignore_merges=False) -> Tokenizer:
+    """A byte-level BPE over every byte plus `words`, with the merge table given."""
+    vocab = {c: i for i, c in enumerate(byte_chars())}
+    for word in words:
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tok
+
+
+def test_a_token_its_merges_do_not_make_from_its_own_bytes_is_refused():
+    # "he" merges first, so tokenizers ends "the" at ["t", "he"]: no rule joins them. tiktoken
+    # would take the ranked "the" whole.
+    tok = handmade(["he", "th", "the"], [("h", "e"), ("t", "h"), ("th", "e")])
+    assert tok.encode("the").tokens == ["t", "he"]
+    result = FastBPE.check(tok)
+    assert isinstance(result, str) and "'the'" in result
+
+
+def test_two_merges_making_one_token_are_refused():
+    tok = handmade(["he", "th", "the"], [("t", "h"), ("h", "e"), ("th", "e"), ("t", "he")])
+    result = FastBPE.check(tok)
+    assert isinstance(result, str) and "two merges make the token 'the'" in result
+
+
+def test_whole_words_no_merge_makes_are_refused_when_the_model_takes_whole_words():
+    merges = [("t", "h"), ("th", "e")]
+    assert isinstance(FastBPE.check(handmade(["th", "the", "xyz"], merges)), FastBPE)
+    result = FastBPE.check(handmade(["th", "the", "xyz"], merges, ignore_merges=True))
+    assert isinstance(result, str) and "whole words (1 tokens" in result
+    assert isinstance(FastBPE.check(handmade(["th", "the"], merges, ignore_merges=True)), FastBPE)
+
+
+def test_the_probe_catches_a_split_that_differs(monkeypatch, trained):
+    monkeypatch.setattr(fast_bpe, "_split_pattern", lambda pre: r"\S+|\s+")
+    result = FastBPE.check(trained["gpt2"])
+    assert isinstance(result, str) and result.startswith("tiktoken and tokenizers disagree on")
+
+
+def test_without_tiktoken_every_document_goes_to_tokenizers(monkeypatch, tmp_path, trained):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    tok = save(trained["gpt2"], tmp_path / "tokenizer.json")
+    assert "tiktoken is not installed" in tok.use_fast_bpe()
+    assert tok.encode_arrow(pa.array(["some text"])).lengths.size == 1
+
+
+def build(tmp_path, docs, tokenizer, name, **kwargs):
+    inputs = tmp_path / "docs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / name
+    cfg = BuildConfig(inputs=[inputs], out=out, tokenizer=str(tokenizer), num_proc=2, **kwargs)
+    build_dataset(cfg, progress=False)
+    return out
+
+
+def test_a_build_stores_the_same_dataset_with_or_without_the_fast_path(
+    tmp_path, caplog, corpus, trained
+):
+    trained["llama3"].save(str(tmp_path / "tokenizer.json"))
+    docs = texts_to_encode(corpus)
+    with caplog.at_level(logging.INFO, logger="pipeline.build"):
+        fast = build(tmp_path, docs, tmp_path / "tokenizer.json", "fast")
+    assert "tokenising with tiktoken" in caplog.text
+    plain = build(tmp_path, docs, tmp_path / "tokenizer.json", "plain", fast_bpe=False)
+    a, b = open_dataset(fast), open_dataset(plain)
+    np.testing.assert_array_equal(a.doc_lengths, b.doc_lengths)
+    np.testing.assert_array_equal(a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens))
+    fast_docs = json.loads((fast / "index.json").read_text())["build"]["fast_bpe_documents"]
+    plain_docs = json.loads((plain / "index.json").read_text())["build"]["fast_bpe_documents"]
+    stored = [d for d in docs if d.strip()]  # the build skips blank documents
+    accepted = FastBPE.check(trained["llama3"]).accepts(pa.array(stored))
+    assert (fast_docs, plain_docs) == (int(accepted.sum()), 0)
+    assert fast_docs > 3000

@@ -62,7 +62,7 @@ class BuildConfig:
     the GIL); default: the cores this process may use."""
     fast_bpe: bool = True
     """With a byte-level BPE tokenizer.json: encode printable-ASCII documents with tiktoken when
-    its ids provably equal the tokenizer's (checked when the build starts; about 4x faster per
+    its ids provably equal the tokenizer's (checked when the build starts; about 3.5x faster per
     document). --no-fast-bpe encodes every document with `tokenizers`."""
     max_shard_tokens: int = 1 << 30
     """Tokens per Arrow shard file; a new shard starts past this many."""

@@ -1,14 +1,14 @@
-"""Exact fast path for byte-level BPE tokenizers: `tiktoken` where its ids provably equal
+r"""Exact fast path for byte-level BPE tokenizers: `tiktoken` where its ids provably equal
 `tokenizers'`.
 
 Tokenising is about 90% of `pipeline build`'s CPU, and `tiktoken` encodes the same byte-level
-BPE about 4x faster per document. It is used only where the ids cannot differ:
+BPE about 3.5x faster per document. It is used only where the ids cannot differ:
 
 The tokenizer (checked once, by `FastBPE.check`): a BPE model without dropout or subword
 affixes, a token for every byte, a distinct token made by each merge, and every such token being
 what the merges make of its own bytes; GPT-2's byte-level split or one of the known GPT-4-style
-splits (Llama 3, Qwen2) before a plain byte-level mapping; a normalizer that leaves ASCII as it
-is. Why that suffices: `tokenizers` merges the adjacent pair of lowest merge rank, `tiktoken`
+splits (Llama 3, Qwen2) before a plain byte-level mapping; no normalizer but Unicode normal
+forms. Why that suffices: `tokenizers` merges the adjacent pair of lowest merge rank, `tiktoken`
 the adjacent pair whose joined bytes have the lowest rank, leftmost first in both. Ranking each
 merge's token by the merge's index makes the two orders agree on every pair that is a merge rule.
 A pair that is not a rule but joins into a ranked token t cannot meet in a `tokenizers` state: if
@@ -16,24 +16,35 @@ it did, the merges run on t's bytes alone would reach that same pair and stop sh
 the check rules out. So both take the same pair at every step, and a piece that is a whole token
 (`tiktoken` returns it at once) is what the merges make of it.
 
-Each document (checked per batch, vectorised): only text of printable ASCII, tab, newline and
-carriage return, holding no added token's content, goes to `tiktoken`. There the two regex
-engines (Oniguruma in `tokenizers`, fancy-regex in `tiktoken`) cannot disagree on a character
-class, and no added token splits the text; a probe set over that alphabet is compared with
-`tokenizers` when the fast path is set up. Every other document goes to `tokenizers`.
+The pieces (checked per document, vectorised): the known splits see of a character only whether
+it is a letter (\p{L}), a number (\p{N}) or whitespace (\s), and, in the GPT-4-style contractions,
+its case. So a document goes to `tiktoken` unless it holds a character on which the two regex
+engines (Oniguruma in `tokenizers`, fancy-regex in `tiktoken`) disagree about a class (found by
+running each class over every code point in both, kept in the user's cache), a character that
+case-maps to a contraction's letters, or an added token's text; and, with a normalizer, unless
+it is already in that normal form. With either of the last two, no code point that Python's
+Unicode tables leave unassigned is accepted.
+A probe set is compared with `tokenizers` when the fast path is set up. Every other document goes
+to `tokenizers`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+import os
 import threading
+import unicodedata
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.index_cache import user_cache_root
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # The GPT-4-style splits of Llama 3 (digits in threes) and Qwen2 (single digits), as their
@@ -43,11 +54,11 @@ _GPT4_STYLE = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 KNOWN_SPLITS = (GPT2_SPLIT, _GPT4_STYLE % "{1,3}", _GPT4_STYLE % "")
-# Unicode normalizers leave every ASCII character as it is.
-_ASCII_NEUTRAL_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
-_FAST_ALPHABET = "\t\n\r" + "".join(chr(c) for c in range(0x20, 0x7F))
-# An RE2 pattern (pyarrow.compute) matching any character outside the fast alphabet.
-_OUTSIDE_ALPHABET = r"[^\t\n\r\x20-\x7e]"
+# Normalizers that leave a text already in their normal form as it is.
+_NORMAL_FORMS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
+_CONTRACTIONS = frozenset({"s", "t", "re", "ve", "m", "ll", "d"})
+_LAST_CODE_POINT = 0x10FFFF
+_FACTS = ("classes_differ", "case_maps_to_contraction", "unassigned")
 
 
 def byte_chars() -> list[str]:
@@ -71,8 +82,8 @@ class FastBPE:
 
     encoding: object  # tiktoken.Encoding over merge-ordered ranks
     rank_to_id: np.ndarray  # (256 + merges,) uint32: the tokenizer's id of each tiktoken rank
-    outside: str  # RE2 pattern: a document matching it goes to `tokenizers`
-    added: tuple[str, ...]  # added tokens' contents within the fast alphabet
+    outside: str | None  # RE2 pattern: a document matching it goes to `tokenizers`
+    forms: tuple[str, ...]  # the normalizer's Unicode normal forms, in order
     split_name: str
     documents: int = 0  # documents encoded here so far (all threads)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -134,12 +145,13 @@ class FastBPE:
             )
         name = "lowmem-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
         encoding = tiktoken.Encoding(name, pat_str=split, mergeable_ranks=ranks, special_tokens={})
-        ascii_added = tuple(sorted(t for t in added if all(c in _FAST_ALPHABET for c in t)))
-        outside = "|".join(
-            [_OUTSIDE_ALPHABET, *("".join(f"\\x{{{ord(c):02x}}}" for c in t) for t in ascii_added)]
-        )
+        forms = _normal_forms(spec.get("normalizer"))
+        unsafe = unsafe_code_points("(?i" in split, bool(forms))
+        added_texts = tuple(sorted(added))
+        escaped = ["".join(f"\\x{{{ord(c):x}}}" for c in t) for t in added_texts]
+        outside = "|".join(([_re2_class(unsafe)] if unsafe.size else []) + escaped) or None
         split_name = "GPT-2" if split == GPT2_SPLIT else "GPT-4-style"
-        fast = cls(encoding, rank_to_id, outside, ascii_added, split_name)
+        fast = cls(encoding, rank_to_id, outside, forms, split_name)
         mismatch = fast._probe(tok)
         if mismatch is not None:
             return f"tiktoken and tokenizers disagree on {mismatch!r}"
@@ -147,9 +159,20 @@ class FastBPE:
 
     def accepts(self, texts: pa.Array) -> np.ndarray:
         """(len(texts),) bool: the documents this path encodes (null texts never)."""
-        other = pc.fill_null(pc.match_substring_regex(texts, self.outside), True)
-        # As uint8, the array converts without a copy (and without importing pandas).
-        return other.cast(pa.uint8()).to_numpy() == 0
+        if self.outside is None:
+            other = pc.is_null(texts)
+        else:
+            other = pc.fill_null(pc.match_substring_regex(texts, self.outside), True)
+        accepted = ~other.to_numpy(zero_copy_only=False)
+        if self.forms:
+            # ASCII is in every normal form; other text is checked as the normalizer would see it.
+            ascii_text = pc.fill_null(pc.string_is_ascii(texts), True).to_numpy(
+                zero_copy_only=False
+            )
+            check = np.flatnonzero(accepted & ~ascii_text)
+            for i, text in zip(check, texts.take(check).to_pylist(), strict=True):
+                accepted[i] = all(unicodedata.is_normalized(form, text) for form in self.forms)
+        return accepted
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(uint32 ids back to back, int64 lengths) of `texts`, each accepted by `accepts`."""
@@ -165,9 +188,9 @@ class FastBPE:
 
     def _probe(self, tok) -> str | None:
         """The first probe text whose ids differ between the two paths, or None."""
-        # Every probe is in the fast alphabet; those holding an added token are not accepted.
-        # (Filtered here, as pa.array() on Python strings would import pandas: 0.3 s.)
-        texts = [t for t in _probe_texts() if not any(a in t for a in self.added)]
+        texts = _probe_texts()
+        accepted = self.accepts(pa.array(texts, type=pa.large_string()))  # as documents are
+        texts = [t for t, ok in zip(texts, accepted, strict=True) if ok]
         values, lengths = self.encode(texts)
         self.documents = 0
         expected = tok.encode_batch_fast(texts, add_special_tokens=False)
@@ -178,14 +201,24 @@ class FastBPE:
         return None
 
 
+def _normal_forms(normalizer: dict | None) -> tuple[str, ...]:
+    """The normal forms a normalizer applies in order; () for none. Call after the shape check."""
+    if normalizer is None:
+        return ()
+    steps = (
+        normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    )
+    return tuple(step["type"] for step in steps)
+
+
 def _unsupported_shape(spec: dict) -> str | None:
     normalizer = spec.get("normalizer")
-    steps = [] if normalizer is None else normalizer.get("normalizers", [normalizer])
-    if normalizer is not None and normalizer.get("type") != "Sequence":
-        steps = [normalizer]
+    steps = [] if normalizer is None else [normalizer]
+    if normalizer is not None and normalizer.get("type") == "Sequence":
+        steps = normalizer.get("normalizers", [])
     for step in steps:
-        if step.get("type") not in _ASCII_NEUTRAL_NORMALIZERS:
-            return f"its normalizer {step.get('type')} may change ASCII text"
+        if step.get("type") not in _NORMAL_FORMS:
+            return f"its normalizer {step.get('type')} changes text a Unicode normal form keeps"
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         return f"its model is {model.get('type')}, not BPE"
@@ -235,18 +268,109 @@ def _unreachable(
     return None
 
 
+@functools.cache
+def unsafe_code_points(case_insensitive: bool, normalized: bool) -> np.ndarray:
+    """Sorted code points (uint32) that may split differently in the two regex engines: those
+    whose letter/number/whitespace class the engines disagree on; with `case_insensitive`,
+    those that case-map to a contraction's letters; with either, those Python's Unicode tables
+    leave unassigned (the other tables may map or normalise them)."""
+    found = _code_point_facts()
+    parts = [found["classes_differ"]]
+    if case_insensitive:
+        parts.append(found["case_maps_to_contraction"])
+    if case_insensitive or normalized:
+        parts.append(found["unassigned"])
+    return np.unique(np.concatenate(parts))
+
+
+def _code_point_facts() -> dict[str, np.ndarray]:
+    """What `unsafe_code_points` combines, for every code point. Finding it takes 2-3 s, so it
+    is kept in the user's cache, one file per version of the libraries and tables it reads."""
+    import tiktoken
+    import tokenizers
+
+    versions = f"{tokenizers.__version__}-{tiktoken.__version__}-{unicodedata.unidata_version}"
+    path = user_cache_root() / "fast-bpe" / f"code-points-{versions}.npz"
+    try:
+        with np.load(path) as saved:
+            return {key: saved[key] for key in _FACTS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # not there yet, or damaged: find it again
+    facts = _find_code_point_facts()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **facts)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only means finding it again next time
+    return facts
+
+
+def _find_code_point_facts() -> dict[str, np.ndarray]:
+    import tiktoken
+    from tokenizers import Regex, pre_tokenizers
+
+    every = np.concatenate([np.arange(0xD800), np.arange(0xE000, _LAST_CODE_POINT + 1)])
+    every = every.astype(np.uint32)
+    text = every.tobytes().decode("utf-32-le")
+    byte_ranks = {bytes([b]): b for b in range(256)}
+    differ = [np.zeros(0, dtype=np.uint32)]
+    for cls in (r"\p{L}", r"\p{N}", r"\s"):
+        # tiktoken keeps only the text its pattern matches; a "removed" split only the rest.
+        only = tiktoken.Encoding(
+            "lowmem-class", pat_str=cls, mergeable_ranks=byte_ranks, special_tokens={}
+        )
+        matched = bytes(only.encode_ordinary(text)).decode("utf-8").encode("utf-32-le")
+        member = np.ones(every.size, dtype=bool)
+        for _, (start, end) in pre_tokenizers.Split(Regex(cls), "removed").pre_tokenize_str(text):
+            member[start:end] = False
+        differ.append(np.setxor1d(every[member], np.frombuffer(matched, dtype=np.uint32)))
+    beyond_ascii = [chr(c) for c in every.tolist() if c >= 0x80]
+    # A subject character matches a case-insensitive pattern letter only as a whole: long s
+    # (folds to s) can stand for "s", while sharp s (folds to "ss") cannot.
+    case_maps = [
+        ord(c)
+        for c in beyond_ascii
+        if any(m.casefold() in _CONTRACTIONS for m in (c, c.lower(), c.upper()))
+    ]
+    unassigned = [ord(c) for c in beyond_ascii if unicodedata.category(c) == "Cn"]
+    return {
+        "classes_differ": np.unique(np.concatenate(differ)),
+        "case_maps_to_contraction": np.array(case_maps, dtype=np.uint32),
+        "unassigned": np.array(unassigned, dtype=np.uint32),
+    }
+
+
+def _re2_class(code_points: np.ndarray) -> str:
+    """An RE2 character class matching exactly `code_points` (sorted, unique), as ranges."""
+    breaks = np.flatnonzero(np.diff(code_points.astype(np.int64)) != 1)
+    starts = code_points[np.concatenate([[0], breaks + 1])]
+    ends = code_points[np.concatenate([breaks, [code_points.size - 1]])]
+    ranges = (
+        f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}"
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+    )
+    return "[" + "".join(ranges) + "]"
+
+
 def _probe_texts() -> list[str]:
-    """Short texts over the fast alphabet that exercise every branch of the known splits:
-    each character alone and beside each other one, three-character runs of class
-    representatives, contractions in both cases, digit runs and whitespace runs."""
-    texts = list(_FAST_ALPHABET)
-    texts += [a + b for a in _FAST_ALPHABET for b in _FAST_ALPHABET]
-    representatives = "aZsSlLdD7 \t\n\r'.<"
+    """Short texts that exercise every branch of the known splits: each printable ASCII
+    character and one of each kind beyond (letters of several scripts, numbers that are not
+    digits, Unicode spaces, marks, symbols) alone and beside each other; three-character runs of
+    class representatives; contractions in both cases; digit runs and whitespace runs."""
+    ascii_chars = "\t\n\r\x0b\x0c" + "".join(chr(c) for c in range(0x20, 0x7F))
+    beyond = "éßİıΣσ中ー한٣Ⅻ½\u00a0\u3000\u2028\u0085\u0301\u200d€😀\U000e0041"
+    alphabet = ascii_chars + beyond
+    texts = list(alphabet)
+    texts += [a + b for a in alphabet for b in alphabet]
+    representatives = "aZsSlLdD7 \t\n\r'.<é中٣\u3000"
     texts += ["".join(p) for p in itertools.product(representatives, repeat=3)]
     for suffix in ("s", "t", "re", "ve", "m", "ll", "d"):
         for case in (suffix, suffix.upper()):
-            texts += [f"it'{case}", f"It '{case} x", f"'{case}'{case}"]
-    texts += ["1" * n + " " + "9" * n + "x" for n in range(1, 9)]
+            texts += [f"it'{case}", f"It '{case} x", f"'{case}'{case}", f"l'{case}é"]
+    texts += ["1" * n + " " + "9" * n + "x" + "٣" * n for n in range(1, 9)]
     texts += [
         " " * n + w + " " * m for n in range(4) for m in range(4) for w in ("word", "\n", "x\ty")
     ]
@@ -254,5 +378,9 @@ def _probe_texts() -> list[str]:
         "Hello world!  How are you?\r\n\r\nFine,\tthanks...\n\n   indented\n",
         "x = f(a_b, c-d) // 2; <tag attr='v'>text</tag>\n    return None  \n",
         "Numbers: 3.14159, 1,000,000 and 2026-12-02T10:00Z; email me@host.org",
+        "Ça coûte 12 € — « très » cher !\u00a0Déjà vu.\n",
+        "東京は晴れ。気温は２５度です。\u3000次の段落\n",
+        "Привет, мир! Ёлка 2024 г.\n",
+        "مرحبا ٣٤٥ بالعالم\n",
     ]
     return texts

@@ -51,6 +51,11 @@ _PIECE_ROWS = 1 << 16  # documents whose offsets are copied (and checked) at a t
 Fields = list[tuple[str, np.dtype, int]]  # (name, dtype, count) of each array, in file order
 
 
+def user_cache_root() -> Path:
+    """This project's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem-pipeline"
+
+
 def cache_folder(dataset_dir: Path, fingerprint: str, given: Path | str | None = None) -> Path:
     """The writable folder that holds `fingerprint`'s index files (see the module docstring)."""
     given = given or os.environ.get(ENV_VAR) or None
@@ -62,7 +67,7 @@ def cache_folder(dataset_dir: Path, fingerprint: str, given: Path | str | None =
                 f"open_dataset(index_cache=...) or ${ENV_VAR}"
             )
         return folder
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem-pipeline"
+    user = user_cache_root()
     for folder in (Path(dataset_dir) / FOLDER_NAME, user / "index" / fingerprint):
         if _writable(folder):  # its probe also marks the folder used now (its mtime)
             if folder.parent == user / "index":

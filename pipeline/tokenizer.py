@@ -5,7 +5,7 @@ tokenizer folder holding it; in a folder, BOS/EOS/PAD come from tokenizer_config
 special_tokens_map.json), as `transformers` reads them. Both kinds encode a whole batch of texts
 at once and return flat token values plus per-document lengths, so the builder never loops per
 token in Python. With `use_fast_bpe`, a byte-level BPE tokenizer hands the documents where
-`tiktoken` provably gives its ids to `tiktoken` (pipeline/fast_bpe.py), about 3.5x faster.
+`tiktoken` provably gives its ids to `tiktoken` (pipeline/fast_bpe.py), about 4x faster.
 
 Special tokens in stored documents: EOS is never stored (the loader puts `eos_id` after every
 document), and a BOS that the tokenizer's post-processor puts before a text starts every

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -71,14 +71,17 @@ class BuildReport:
     samples_truncated: int = 0  # --long-samples truncate: responses cut to fit
     samples_dropped: int = 0  # --long-samples drop (or no room left for a response)
     max_sample_tokens: int | None = None
+    tokenizing: str | None = None  # how a tokenizer.json encoded the texts, for the user
 
     @property
     def tokens_per_s(self) -> float:
         return self.num_tokens / max(self.seconds, 1e-9)
 
     def notes(self, text_field: str) -> list[str]:
-        """One line per thing the user should know about what was left out or cut."""
-        lines = [
+        """One line per thing the user should know: how texts were tokenised, and what was
+        left out or cut."""
+        lines = [self.tokenizing] if self.tokenizing else []
+        lines += [
             f"skipped {empty + null} records of {path} without text ({empty} empty or "
             f"whitespace only, {null} null or without the field {text_field!r})"
             for path, (empty, null) in self.skipped.items()
@@ -256,18 +259,7 @@ def build_dataset(cfg: BuildConfig, progress: bool = True) -> BuildReport:
         raise
     for line in report.notes(cfg.text_field):
         log.info(line)
-    return BuildReport(
-        out,
-        report.num_documents,
-        report.num_tokens,
-        report.num_shards,
-        time.perf_counter() - started,
-        report.skipped,
-        report.documents_in_pieces,
-        report.samples_truncated,
-        report.samples_dropped,
-        report.max_sample_tokens,
-    )
+    return replace(report, out_dir=out, seconds=time.perf_counter() - started)
 
 
 @contextlib.contextmanager
@@ -302,8 +294,9 @@ def _write(
     cfg: BuildConfig, sources: list[Source], tokenizer, tmp: Path, progress: bool
 ) -> BuildReport:
     dtype = token_dtype_for(tokenizer.vocab_size)
+    refused = None  # why a tokenizer.json has no exact fast path
     if cfg.fast_bpe and isinstance(tokenizer, JsonTokenizer):
-        log.info(tokenizer.use_fast_bpe())
+        refused = tokenizer.use_fast_bpe()
     if cfg.sft:
         fields = SftFields(cfg.prompt_field, cfg.response_field, cfg.messages_field)
         names = (fields.prompt, fields.response, fields.messages)
@@ -372,7 +365,7 @@ def _write(
             "strip": cfg.strip,
             "skipped_records": sum(sum(c) for c in skipped.values()),
             "documents_in_pieces": in_pieces,
-            "fast_bpe_documents": getattr(tokenizer, "fast_documents", 0),
+            "fast_bpe": _fast_bpe(tokenizer, refused),
         },
     }
     if cfg.sft:
@@ -401,4 +394,24 @@ def _write(
         cut[0],
         cut[1],
         cfg.max_sample_tokens,
+        _tokenizing_note(index["build"]["fast_bpe"]),
+    )
+
+
+def _fast_bpe(tokenizer, refused: str | None) -> dict | None:
+    """index.json's account of the fast path: its counts, why there was none, or None (off)."""
+    if refused is not None:
+        return {"refused": refused}
+    return tokenizer.fast_bpe_report() if isinstance(tokenizer, JsonTokenizer) else None
+
+
+def _tokenizing_note(fast_bpe: dict | None) -> str | None:
+    if fast_bpe is None:
+        return None
+    if "refused" in fast_bpe:
+        return f"tokenised with tokenizers alone, no exact fast path: {fast_bpe['refused']}"
+    rest = "" if fast_bpe["fast_texts"] == fast_bpe["texts"] else "; the rest with tokenizers"
+    return (
+        f"tokenised {fast_bpe['fast_texts']:,} of {fast_bpe['texts']:,} texts with tiktoken, "
+        f"whose ids provably equal the tokenizer's ({fast_bpe['split']} split){rest}"
     )

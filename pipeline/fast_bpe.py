@@ -35,10 +35,9 @@ import hashlib
 import itertools
 import json
 import os
-import threading
 import unicodedata
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -85,8 +84,6 @@ class FastBPE:
     outside: str | None  # RE2 pattern: a document matching it goes to `tokenizers`
     forms: tuple[str, ...]  # the normalizer's Unicode normal forms, in order
     split_name: str
-    documents: int = 0  # documents encoded here so far (all threads)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def check(cls, tok) -> FastBPE | str:
@@ -182,8 +179,6 @@ class FastBPE:
         flat = np.fromiter(
             itertools.chain.from_iterable(ranks), dtype=np.uint32, count=int(lengths.sum())
         )
-        with self._lock:
-            self.documents += len(texts)
         return self.rank_to_id[flat], lengths
 
     def _probe(self, tok) -> str | None:
@@ -192,7 +187,6 @@ class FastBPE:
         accepted = self.accepts(pa.array(texts, type=pa.large_string()))  # as documents are
         texts = [t for t, ok in zip(texts, accepted, strict=True) if ok]
         values, lengths = self.encode(texts)
-        self.documents = 0
         expected = tok.encode_batch_fast(texts, add_special_tokens=False)
         ends = np.cumsum(lengths)
         for text, end, length, want in zip(texts, ends, lengths, expected, strict=True):

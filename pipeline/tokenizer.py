@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,8 @@ class JsonTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self._fast: FastBPE | None = None
+        self._texts = [0, 0]  # encoded by the fast path, encoded in all (with it in use)
+        self._count_lock = threading.Lock()  # --num-proc threads encode at once
         self.source = str(path.resolve())
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Added tokens may sit past the base vocabulary with gaps: the largest id decides.
@@ -168,23 +171,22 @@ class JsonTokenizer:
             return int(vocab[token])
         return _first_present(vocab, names)
 
-    def use_fast_bpe(self) -> str:
-        """Encode with `tiktoken` the documents where its ids provably equal this tokenizer's
-        (pipeline/fast_bpe.py); returns a line for the log saying where it applies or why not."""
+    def use_fast_bpe(self) -> str | None:
+        """Encode with `tiktoken` the texts whose ids it provably gives as this tokenizer would
+        (pipeline/fast_bpe.py). None when set up, else why not (one line)."""
         fast = FastBPE.check(self._tok)
         if isinstance(fast, str):
-            return f"tokenising every document with tokenizers: no exact fast path ({fast})"
+            return fast
         self._fast = fast
-        return (
-            f"tokenising with tiktoken where its ids equal tokenizers' ({fast.split_name} split); "
-            "tokenizers takes documents holding an added token or a character the two could "
-            "split differently"
-        )
+        return None
 
-    @property
-    def fast_documents(self) -> int:
-        """Documents encoded by the fast path so far."""
-        return self._fast.documents if self._fast is not None else 0
+    def fast_bpe_report(self) -> dict | None:
+        """The split and how many texts `tiktoken` encoded, of all since `use_fast_bpe`; None
+        when it is not in use."""
+        if self._fast is None:
+            return None
+        fast, total = self._texts
+        return {"split": self._fast.split_name, "texts": total, "fast_texts": fast}
 
     def encode_arrow(self, texts: pa.Array) -> Encoded:
         """Ids of each text without special tokens (the builder adds `prefix` where it belongs)."""
@@ -192,6 +194,9 @@ class JsonTokenizer:
         if self._fast is None:
             return self._encode_strings(strings)
         fast = self._fast.accepts(texts)
+        with self._count_lock:
+            self._texts[0] += int(fast.sum())
+            self._texts[1] += fast.size
         if fast.all():
             return Encoded(*self._fast.encode(strings))
         if not fast.any():

@@ -6,7 +6,6 @@ the ids `tokenizers` gives; documents outside its alphabet or holding an added t
 from __future__ import annotations
 
 import json
-import logging
 import random
 import sys
 
@@ -100,12 +99,14 @@ def test_every_document_gets_the_ids_tokenizers_gives(tmp_path, corpus, trained,
     texts = pa.array(texts_to_encode(corpus), type=pa.large_string())
     plain = save(trained[shape], tmp_path / "tokenizer.json")
     fast = save(trained[shape], tmp_path / "tokenizer.json")
-    assert fast.use_fast_bpe().startswith("tokenising with tiktoken")
+    assert fast.use_fast_bpe() is None
     want, got = plain.encode_arrow(texts), fast.encode_arrow(texts)
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_array_equal(got.values, want.values)
-    assert fast.fast_documents == int(fast._fast.accepts(texts).sum()) > 2500
-    assert plain.fast_documents == 0
+    report = fast.fast_bpe_report()
+    assert report["texts"] == len(texts)
+    assert report["fast_texts"] == int(fast._fast.accepts(texts).sum()) > 2500
+    assert plain.fast_bpe_report() is None
 
 
 @pytest.mark.parametrize(
@@ -270,7 +271,7 @@ def test_the_probe_catches_a_split_that_differs(monkeypatch, trained):
 def test_without_tiktoken_every_document_goes_to_tokenizers(monkeypatch, tmp_path, trained):
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     tok = save(trained["gpt2"], tmp_path / "tokenizer.json")
-    assert "tiktoken is not installed" in tok.use_fast_bpe()
+    assert tok.use_fast_bpe() == "tiktoken is not installed (pip install tiktoken)"
     assert tok.encode_arrow(pa.array(["some text"])).lengths.size == 1
 
 
@@ -279,25 +280,35 @@ def build(tmp_path, docs, tokenizer, name, **kwargs):
     inputs.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / name
     cfg = BuildConfig(inputs=[inputs], out=out, tokenizer=str(tokenizer), num_proc=2, **kwargs)
-    build_dataset(cfg, progress=False)
-    return out
+    report = build_dataset(cfg, progress=False)
+    return out, json.loads((out / "index.json").read_text())["build"]["fast_bpe"], report
 
 
-def test_a_build_stores_the_same_dataset_with_or_without_the_fast_path(
-    tmp_path, caplog, corpus, trained
-):
+def test_a_build_stores_the_same_dataset_with_or_without_the_fast_path(tmp_path, corpus, trained):
     trained["llama3"].save(str(tmp_path / "tokenizer.json"))
     docs = texts_to_encode(corpus)
-    with caplog.at_level(logging.INFO, logger="pipeline.build"):
-        fast = build(tmp_path, docs, tmp_path / "tokenizer.json", "fast")
-    assert "tokenising with tiktoken" in caplog.text
-    plain = build(tmp_path, docs, tmp_path / "tokenizer.json", "plain", fast_bpe=False)
+    fast, fast_bpe, report = build(tmp_path, docs, tmp_path / "tokenizer.json", "fast")
+    plain, off, _ = build(tmp_path, docs, tmp_path / "tokenizer.json", "plain", fast_bpe=False)
     a, b = open_dataset(fast), open_dataset(plain)
     np.testing.assert_array_equal(a.doc_lengths, b.doc_lengths)
     np.testing.assert_array_equal(a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens))
-    fast_docs = json.loads((fast / "index.json").read_text())["build"]["fast_bpe_documents"]
-    plain_docs = json.loads((plain / "index.json").read_text())["build"]["fast_bpe_documents"]
     stored = [d for d in docs if d.strip()]  # the build skips blank documents
-    accepted = FastBPE.check(trained["llama3"]).accepts(pa.array(stored))
-    assert (fast_docs, plain_docs) == (int(accepted.sum()), 0)
-    assert fast_docs > 3000
+    accepted = int(FastBPE.check(trained["llama3"]).accepts(pa.array(stored)).sum())
+    assert fast_bpe == {"split": "GPT-4-style", "texts": len(stored), "fast_texts": accepted}
+    assert off is None
+    assert report.notes("text")[0] == (
+        f"tokenised {accepted:,} of {len(stored):,} texts with tiktoken, whose ids provably "
+        "equal the tokenizer's (GPT-4-style split); the rest with tokenizers"
+    )
+
+
+def test_a_build_says_why_its_tokenizer_has_no_fast_path(tmp_path, corpus, trained):
+    lowercase = edited(trained["gpt2"], lambda s: s.update(normalizer={"type": "Lowercase"}))
+    lowercase.save(str(tmp_path / "tokenizer.json"))
+    out, fast_bpe, report = build(tmp_path, corpus[:20], tmp_path / "tokenizer.json", "out")
+    reason = "its normalizer Lowercase changes text a Unicode normal form keeps"
+    assert fast_bpe == {"refused": reason}
+    assert report.notes("text")[0] == (
+        f"tokenised with tokenizers alone, no exact fast path: {reason}"
+    )
+    assert len(open_dataset(out)) == 20

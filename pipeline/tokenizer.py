@@ -171,6 +171,16 @@ class JsonTokenizer:
             return int(vocab[token])
         return _first_present(vocab, names)
 
+    def __getstate__(self) -> dict:
+        # Sent to other processes (Ray workers) without the fast path or its lock: a receiver
+        # sets up its own with `use_fast_bpe`, and counts its own texts.
+        state = dict(self.__dict__, _fast=None, _texts=[0, 0])
+        del state["_count_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _count_lock=threading.Lock())
+
     def use_fast_bpe(self) -> str | None:
         """Encode with `tiktoken` the texts whose ids it provably gives as this tokenizer would
         (pipeline/fast_bpe.py). None when set up, else why not (one line)."""

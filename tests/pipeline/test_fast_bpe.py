@@ -6,6 +6,7 @@ the ids `tokenizers` gives; documents outside its alphabet or holding an added t
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import sys
 
@@ -266,6 +267,20 @@ def test_the_probe_catches_a_split_that_differs(monkeypatch, trained):
     monkeypatch.setattr(fast_bpe, "_split_pattern", lambda pre: r"\S+|\s+")
     result = FastBPE.check(trained["gpt2"])
     assert isinstance(result, str) and result.startswith("tiktoken and tokenizers disagree on")
+
+
+def test_a_tokenizer_sent_to_another_process_sets_up_its_own_fast_path(tmp_path, trained):
+    tok = save(trained["gpt2"], tmp_path / "tokenizer.json")
+    assert tok.use_fast_bpe() is None
+    tok.encode_arrow(pa.array(["counted here"]))
+    received = pickle.loads(pickle.dumps(tok))
+    assert received.fast_bpe_report() is None
+    assert received.use_fast_bpe() is None
+    texts = pa.array(["some text", "mehr Text"])
+    np.testing.assert_array_equal(
+        received.encode_arrow(texts).values, tok.encode_arrow(texts).values
+    )
+    assert received.fast_bpe_report()["texts"] == 2
 
 
 def test_without_tiktoken_every_document_goes_to_tokenizers(monkeypatch, tmp_path, trained):

@@ -22,10 +22,9 @@ its case. So a document goes to `tiktoken` unless it holds a character on which 
 engines (Oniguruma in `tokenizers`, fancy-regex in `tiktoken`) disagree about a class (found by
 running each class over every code point in both, kept in the user's cache), a character that
 case-maps to a contraction's letters, or an added token's text; and, with a normalizer, unless
-it is already in that normal form. With either of the last two, no code point that Python's
-Unicode tables leave unassigned is accepted.
-A probe set is compared with `tokenizers` when the fast path is set up. Every other document goes
-to `tokenizers`.
+it is already in that normal form. Under a case-insensitive split or a normalizer, a code point
+that Python's Unicode tables leave unassigned also sends it to `tokenizers`. A probe set is
+compared with `tokenizers` when the fast path is set up.
 """
 
 from __future__ import annotations

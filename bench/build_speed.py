@@ -231,7 +231,7 @@ def run_pinned(python_args: list[str], cores: list[int], what: str) -> PinnedRun
 def _run_side(
     side: str, corpus: Path, tokenizer: Path, cfg: BuildSpeedConfig, work: Path
 ) -> SideResult:
-    """One side's build into WORK/out (left there for `_same_ids`)."""
+    """One side's build into WORK/out (left there for `_first_difference`)."""
     out, cache = work / "out", work / "cache"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -264,12 +264,11 @@ def _first_difference(ours: Path, theirs: Path, window_tokens: int = 1 << 24) ->
     """Where two built datasets' documents or token ids first differ, or None if equal."""
     from pipeline.dataset import open_dataset
 
-    a, b = (open_dataset(p, index_cache=p.parent / "index") for p in (ours, theirs))
-    try:
+    with (
+        open_dataset(ours, index_cache=ours.parent / "index") as a,
+        open_dataset(theirs, index_cache=theirs.parent / "index") as b,
+    ):
         return _compare(a, b, window_tokens)
-    finally:
-        a.close()
-        b.close()
 
 
 def _compare(a, b, window_tokens: int) -> str | None:

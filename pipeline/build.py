@@ -294,9 +294,8 @@ def _write(
     cfg: BuildConfig, sources: list[Source], tokenizer, tmp: Path, progress: bool
 ) -> BuildReport:
     dtype = token_dtype_for(tokenizer.vocab_size)
-    refused = None  # why a tokenizer.json has no exact fast path
     if cfg.fast_bpe and isinstance(tokenizer, JsonTokenizer):
-        refused = tokenizer.use_fast_bpe()
+        tokenizer.use_fast_bpe()  # the report below says how it went
     if cfg.sft:
         fields = SftFields(cfg.prompt_field, cfg.response_field, cfg.messages_field)
         names = (fields.prompt, fields.response, fields.messages)
@@ -365,7 +364,9 @@ def _write(
             "strip": cfg.strip,
             "skipped_records": sum(sum(c) for c in skipped.values()),
             "documents_in_pieces": in_pieces,
-            "fast_bpe": _fast_bpe(tokenizer, refused),
+            "fast_bpe": (
+                tokenizer.fast_bpe_report() if isinstance(tokenizer, JsonTokenizer) else None
+            ),
         },
     }
     if cfg.sft:
@@ -396,13 +397,6 @@ def _write(
         cfg.max_sample_tokens,
         _tokenizing_note(index["build"]["fast_bpe"]),
     )
-
-
-def _fast_bpe(tokenizer, refused: str | None) -> dict | None:
-    """index.json's account of the fast path: its counts, why there was none, or None (off)."""
-    if refused is not None:
-        return {"refused": refused}
-    return tokenizer.fast_bpe_report() if isinstance(tokenizer, JsonTokenizer) else None
 
 
 def _tokenizing_note(fast_bpe: dict | None) -> str | None:

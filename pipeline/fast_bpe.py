@@ -91,7 +91,8 @@ class FastBPE:
             import tiktoken
         except ImportError:
             return "tiktoken is not installed (pip install tiktoken)"
-        spec = json.loads(tok.to_str())
+        saved = tok.to_str()
+        spec = json.loads(saved)
         reason = _unsupported_shape(spec)
         if reason:
             return reason
@@ -139,9 +140,9 @@ class FastBPE:
                 f"its merges do not make {unreachable!r} from that token's own bytes, so "
                 "tiktoken's merge order would differ"
             )
-        name = "lowmem-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+        name = "lowmem-" + hashlib.sha256(saved.encode()).hexdigest()[:16]
         encoding = tiktoken.Encoding(name, pat_str=split, mergeable_ranks=ranks, special_tokens={})
-        forms = _normal_forms(spec.get("normalizer"))
+        forms = tuple(step["type"] for step in _normalizer_steps(spec.get("normalizer")))
         unsafe = unsafe_code_points("(?i" in split, bool(forms))
         added_texts = tuple(sorted(added))
         escaped = ["".join(f"\\x{{{ord(c):x}}}" for c in t) for t in added_texts]
@@ -153,8 +154,9 @@ class FastBPE:
             return f"tiktoken and tokenizers disagree on {mismatch!r}"
         return fast
 
-    def accepts(self, texts: pa.Array) -> np.ndarray:
-        """(len(texts),) bool: the documents this path encodes (null texts never)."""
+    def accepts(self, texts: pa.Array, strings: list | None = None) -> np.ndarray:
+        """(len(texts),) bool: the documents this path encodes (null texts never). `strings`:
+        the same texts as Python strings, where the caller has them already."""
         if self.outside is None:
             other = pc.is_null(texts)
         else:
@@ -166,7 +168,11 @@ class FastBPE:
                 zero_copy_only=False
             )
             check = np.flatnonzero(accepted & ~ascii_text)
-            for i, text in zip(check, texts.take(check).to_pylist(), strict=True):
+            if strings is None:
+                found = texts.take(check).to_pylist()
+            else:
+                found = [strings[i] for i in check]
+            for i, text in zip(check, found, strict=True):
                 accepted[i] = all(unicodedata.is_normalized(form, text) for form in self.forms)
         return accepted
 
@@ -183,7 +189,7 @@ class FastBPE:
     def _probe(self, tok) -> str | None:
         """The first probe text whose ids differ between the two paths, or None."""
         texts = _probe_texts()
-        accepted = self.accepts(pa.array(texts, type=pa.large_string()))  # as documents are
+        accepted = self.accepts(pa.array(texts, type=pa.large_string()), texts)  # as documents
         texts = [t for t, ok in zip(texts, accepted, strict=True) if ok]
         values, lengths = self.encode(texts)
         expected = tok.encode_batch_fast(texts, add_special_tokens=False)
@@ -194,22 +200,17 @@ class FastBPE:
         return None
 
 
-def _normal_forms(normalizer: dict | None) -> tuple[str, ...]:
-    """The normal forms a normalizer applies in order; () for none. Call after the shape check."""
+def _normalizer_steps(normalizer: dict | None) -> list[dict]:
+    """The normalizers a tokenizer.json applies, in order."""
     if normalizer is None:
-        return ()
-    steps = (
-        normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
-    )
-    return tuple(step["type"] for step in steps)
+        return []
+    if normalizer.get("type") == "Sequence":
+        return normalizer.get("normalizers", [])
+    return [normalizer]
 
 
 def _unsupported_shape(spec: dict) -> str | None:
-    normalizer = spec.get("normalizer")
-    steps = [] if normalizer is None else [normalizer]
-    if normalizer is not None and normalizer.get("type") == "Sequence":
-        steps = normalizer.get("normalizers", [])
-    for step in steps:
+    for step in _normalizer_steps(spec.get("normalizer")):
         if step.get("type") not in _NORMAL_FORMS:
             return f"its normalizer {step.get('type')} changes text a Unicode normal form keeps"
     model = spec.get("model") or {}
@@ -253,8 +254,7 @@ def _unreachable(
     from tokenizers import Tokenizer, models
 
     merges_only = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    multi = [(raw, rank) for raw, rank in ranks.items() if len(raw) > 1]
-    words = ["".join(chars[b] for b in raw) for raw, _ in multi]
+    words = ["".join(chars[b] for b in raw) for raw in ranks if len(raw) > 1]
     for word, encoding in zip(words, merges_only.encode_batch_fast(words), strict=True):
         if len(encoding.ids) != 1 or encoding.ids[0] != vocab[word]:
             return word

@@ -108,6 +108,7 @@ class JsonTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self._fast: FastBPE | None = None
+        self._fast_refused: str | None = None  # why `use_fast_bpe` found no exact fast path
         self._texts = [0, 0]  # encoded by the fast path, encoded in all (with it in use)
         self._count_lock = threading.Lock()  # --num-proc threads encode at once
         self.source = str(path.resolve())
@@ -174,7 +175,7 @@ class JsonTokenizer:
     def __getstate__(self) -> dict:
         # Sent to other processes (Ray workers) without the fast path or its lock: a receiver
         # sets up its own with `use_fast_bpe`, and counts its own texts.
-        state = dict(self.__dict__, _fast=None, _texts=[0, 0])
+        state = dict(self.__dict__, _fast=None, _fast_refused=None, _texts=[0, 0])
         del state["_count_lock"]
         return state
 
@@ -186,13 +187,16 @@ class JsonTokenizer:
         (pipeline/fast_bpe.py). None when set up, else why not (one line)."""
         fast = FastBPE.check(self._tok)
         if isinstance(fast, str):
+            self._fast_refused = fast
             return fast
         self._fast = fast
         return None
 
     def fast_bpe_report(self) -> dict | None:
-        """The split and how many texts `tiktoken` encoded, of all since `use_fast_bpe`; None
-        when it is not in use."""
+        """Since `use_fast_bpe`: the split and how many texts `tiktoken` encoded, of all; or why
+        there was no fast path. None when `use_fast_bpe` was not called."""
+        if self._fast_refused is not None:
+            return {"refused": self._fast_refused}
         if self._fast is None:
             return None
         fast, total = self._texts
@@ -203,7 +207,7 @@ class JsonTokenizer:
         strings = texts.to_pylist()
         if self._fast is None:
             return self._encode_strings(strings)
-        fast = self._fast.accepts(texts)
+        fast = self._fast.accepts(texts, strings)
         with self._count_lock:
             self._texts[0] += int(fast.sum())
             self._texts[1] += fast.size

@@ -17,13 +17,8 @@ class Source:
     """One input file or `datasets` folder and how to read it."""
 
     path: Path
-    kind: str  # "txt", "json" (JSON Lines or a JSON array), "parquet" or "datasets"
+    kind: str  # its format in pipeline/sources.py's FORMATS: "txt", "json", "parquet", ...
     compression: str | None = None  # "gzip", "bz2" or "zstd"
-
-    @property
-    def counts_skipped(self) -> bool:
-        """Whether a document without text is a skipped record (not so for .txt separators)."""
-        return self.kind != "txt"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Readers of record formats: JSON Lines, JSON arrays, Parquet files and `datasets` folders.
 
-`text_chunks` yields one field of every record as `Chunk`s of texts or token-id lists (plain
-builds: the field alone is parsed where the format allows); `record_chunks` yields whole records
-as `RecordChunk`s (prompt/response builds). Both read about `chunk_bytes` at a time, in order.
+Each format has two readers, which its object in pipeline/sources.py calls: `<format>_texts`
+yields one field of every record as `Chunk`s of texts or token-id lists (plain builds: the field
+alone is parsed where the format allows); `<format>_records` yields whole records as
+`RecordChunk`s (prompt/response builds). Both read about `chunk_bytes` at a time, in order.
 """
 
 from __future__ import annotations
@@ -27,25 +28,22 @@ _JSON_BLOCK_BYTES = 1 << 20
 _RECORDS_PER_CHUNK = 1 << 10  # records of a JSON array or table per chunk
 
 
-def text_chunks(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    """The `field` of every record of `source` (JSON, Parquet or `datasets`), in order."""
-    if source.kind == "json":
-        return _read_json(source, field, chunk_bytes)
-    if source.kind == "parquet":
-        return _read_parquet(source, field, chunk_bytes)
-    return _read_datasets_folder(source, field, chunk_bytes)
-
-
-def _read_json(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    first = first_byte(source, chunk_bytes)
-    if first == b"[":
+def json_texts(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """The `field` of every record of a JSON Lines file or JSON array of records, in order."""
+    if _is_json_array(source, chunk_bytes):
         return _read_json_array(source, field, chunk_bytes)
-    if first != b"{":
+    return _read_jsonl(source, field, chunk_bytes)
+
+
+def _is_json_array(source: Source, chunk_bytes: int) -> bool:
+    """Whether `source` is a JSON array of records rather than JSON Lines; fails if neither."""
+    first = first_byte(source, chunk_bytes)
+    if first not in (b"[", b"{"):
         raise PipelineError(
             f"{source.path} is neither JSON Lines nor a JSON array of records (it starts with "
             f"{first!r}); pass one record per line or a [...] of records"
         )
-    return _read_jsonl(source, field, chunk_bytes)
+    return first == b"["
 
 
 def _check_field(path: Path, schema: pa.Schema, field: str) -> pa.DataType:
@@ -238,7 +236,8 @@ def _records_array(values: list, kind: str | None) -> pa.Array:
     return pa.array(values, type=pa.large_string())
 
 
-def _read_parquet(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+def parquet_texts(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """The `field` of every row of a Parquet file, in order."""
     pfile = _open_parquet(source)
     kind = _check_field(source.path, pfile.schema_arrow, field)
     meta = pfile.metadata
@@ -276,7 +275,8 @@ def _rows_per_chunk(nbytes: int, num_rows: int, chunk_bytes: int) -> int:
     return max(1, min(1 << 16, chunk_bytes * max(num_rows, 1) // max(nbytes, 1)))
 
 
-def _read_datasets_folder(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+def datasets_texts(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """The `field` of every row of a `datasets` save_to_disk folder, in order."""
     ds = _load_datasets(source)
     table = ds.data.table.select([field]) if field in ds.column_names else ds.data.table
     kind = _check_field(source.path, table.schema, field)
@@ -288,37 +288,38 @@ def _read_datasets_folder(source: Source, field: str, chunk_bytes: int) -> Itera
 # ----------------------------------------------------------------------------- whole records
 
 
-def record_chunks(
-    source: Source, fields: tuple[str, ...], chunk_bytes: int
-) -> Iterator[RecordChunk]:
-    """The records of `source` in chunks of about `chunk_bytes`, with only `fields` where the
-    format stores columns (Parquet, `datasets`); JSON records are kept whole."""
-    if source.kind == "json":
-        first = first_byte(source, chunk_bytes)
-        if first == b"[":
-            return _array_records(source, chunk_bytes)
-        if first != b"{":
-            raise PipelineError(
-                f"{source.path} is neither JSON Lines nor a JSON array of records (it starts "
-                f"with {first!r}); pass one record per line or a [...] of records"
-            )
-        return _jsonl_records(source, chunk_bytes)
-    if source.kind == "parquet":
-        pfile = _open_parquet(source)
-        names = pfile.schema_arrow.names
-        columns = [f for f in fields if f in names]
-        batches = pfile.iter_batches(batch_size=_RECORDS_PER_CHUNK, columns=columns or None)
-    else:
-        data = _load_datasets(source).data.table
-        names = data.schema.names
-        columns = [f for f in fields if f in names]
-        batches = data.select(columns or names).to_batches(max_chunksize=_RECORDS_PER_CHUNK)
+def json_records(source: Source, chunk_bytes: int) -> Iterator[RecordChunk]:
+    """The records of a JSON Lines file or JSON array, each kept whole."""
+    if _is_json_array(source, chunk_bytes):
+        return _array_records(source, chunk_bytes)
+    return _jsonl_records(source, chunk_bytes)
+
+
+def parquet_records(source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+    """The rows of a Parquet file, with only those of `fields` that it has."""
+    pfile = _open_parquet(source)
+    columns = _record_columns(source, pfile.schema_arrow.names, fields)
+    batches = pfile.iter_batches(batch_size=_RECORDS_PER_CHUNK, columns=columns)
+    return _table_records(source, batches)
+
+
+def datasets_records(source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+    """The rows of a `datasets` save_to_disk folder, with only those of `fields` that it has."""
+    data = _load_datasets(source).data.table
+    columns = _record_columns(source, data.schema.names, fields)
+    batches = data.select(columns).to_batches(max_chunksize=_RECORDS_PER_CHUNK)
+    return _table_records(source, batches)
+
+
+def _record_columns(source: Source, names: list[str], fields: tuple[str, ...]) -> list[str]:
+    """The columns of `fields` among a table's `names`; fails when it has none of them."""
+    columns = [f for f in fields if f in names]
     if not columns:
         raise PipelineError(
             f"{source.path} has none of the fields {', '.join(map(repr, fields))} (fields: "
             f"{', '.join(names)}); name them with --prompt-field/--response-field/--messages-field"
         )
-    return _table_records(source, batches)
+    return columns
 
 
 def _table_records(source: Source, batches) -> Iterator[RecordChunk]:

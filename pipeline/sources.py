@@ -3,6 +3,8 @@
 Inputs: .txt/.md text (documents separated by blank lines, or one per line), JSON Lines, a JSON
 array of records (Alpaca style), Parquet files or a folder of Parquet shards, and a `datasets`
 save_to_disk folder; text and JSON may be compressed (.gz, .bz2, .zst), decompressed while read.
+Each format is one `InputFormat` object in `FORMATS`, keyed by the `Source.kind` it gives its
+inputs: it says which files or folders are of it and reads them, so nothing else tests a kind.
 This module resolves inputs, reads .txt files and cleans chunks; the record formats are read in
 pipeline/records.py. Every reader yields `Chunk`s of a bounded size in input order: an Arrow
 array of texts (or of token-id lists), with nulls where a record has no text; `--sft` builds
@@ -21,6 +23,7 @@ import codecs
 import glob
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +39,123 @@ from pipeline.inputs import Chunk, ReadOptions, RecordChunk, Source, read_blocks
 
 CHUNK_BYTES = 256 << 10  # text per chunk: amortises a tokenizer call; its encodings stay small
 PIECE_CHARS = 512 << 10  # a longer document is read and tokenised in pieces of about this size
-_TEXT_SUFFIXES = (".txt", ".text", ".md")
-_JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 # A blank-line separator: the line break ending a document, then one or more blank lines
 # (whitespace only); the next document's leading whitespace is kept.
 _BLANK_RUN = re.compile(r"\r?\n(?:[^\S\n]*\n)+")
 _SPLIT_SHARD = re.compile(r"(.+?)-\d+-of-\d+\.parquet$")
+
+
+# ----------------------------------------------------------------------------- input formats
+
+
+class InputFormat(ABC):
+    """One input format: which files or folders are of it, and how it reads them."""
+
+    kind: str  # the `Source.kind` of its inputs
+    counts_skipped = True  # a document without text is a skipped record, and counted
+
+    def reads_file(self, suffix: str, compression: str | None) -> bool:
+        """Whether a file of `suffix` (the one before any compression suffix) is of this
+        format."""
+        return False
+
+    def reads_folder(self, path: Path) -> bool:
+        """Whether the folder `path` is one input of this format."""
+        return False
+
+    @abstractmethod
+    def read_texts(self, source: Source, options: ReadOptions) -> Iterator[Chunk]:
+        """The documents of `source` in chunks of about CHUNK_BYTES, in order."""
+
+    @abstractmethod
+    def read_records(self, source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+        """The records of `source` in chunks of about CHUNK_BYTES, in order, with only `fields`
+        where the format stores columns."""
+
+
+class _Text(InputFormat):
+    kind = "txt"
+    counts_skipped = False  # blank runs between documents are separators, not records
+
+    def reads_file(self, suffix: str, compression: str | None) -> bool:
+        return suffix in (".txt", ".text", ".md")
+
+    def read_texts(self, source: Source, options: ReadOptions) -> Iterator[Chunk]:
+        return _read_txt(source, options.split)
+
+    def read_records(self, source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+        raise PipelineError(
+            f"{source.path} is plain text, but --sft needs records with a prompt and a response; "
+            "pass .jsonl, .json or .parquet records"
+        )
+
+
+class _Json(InputFormat):
+    kind = "json"  # JSON Lines or a JSON array of records
+
+    def reads_file(self, suffix: str, compression: str | None) -> bool:
+        return suffix in (".jsonl", ".ndjson", ".json")
+
+    def read_texts(self, source: Source, options: ReadOptions) -> Iterator[Chunk]:
+        return records.json_texts(source, options.text_field, CHUNK_BYTES)
+
+    def read_records(self, source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+        return records.json_records(source, CHUNK_BYTES)
+
+
+class _Parquet(InputFormat):
+    kind = "parquet"
+
+    def reads_file(self, suffix: str, compression: str | None) -> bool:
+        return suffix == ".parquet" and compression is None  # Parquet compresses inside
+
+    def read_texts(self, source: Source, options: ReadOptions) -> Iterator[Chunk]:
+        return records.parquet_texts(source, options.text_field, CHUNK_BYTES)
+
+    def read_records(self, source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+        return records.parquet_records(source, fields)
+
+
+class _Datasets(InputFormat):
+    kind = "datasets"  # a `datasets` save_to_disk folder of one split
+
+    def reads_folder(self, path: Path) -> bool:
+        """Whether `path` is a save_to_disk folder of one split; fails for one of several splits
+        (a DatasetDict), naming them."""
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            return True
+        if (path / "dataset_dict.json").is_file():
+            try:
+                splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            except (ValueError, KeyError, TypeError):
+                splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise PipelineError(
+                f"input {path} is a `datasets` DatasetDict with splits "
+                f"{', '.join(map(str, splits))}; pass one split's folder, e.g. "
+                f"{path / str(splits[0] if splits else 'train')}"
+            )
+        return False
+
+    def read_texts(self, source: Source, options: ReadOptions) -> Iterator[Chunk]:
+        return records.datasets_texts(source, options.text_field, CHUNK_BYTES)
+
+    def read_records(self, source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
+        return records.datasets_records(source, fields)
+
+
+# In the order a file's suffix or a folder is matched against them.
+FORMATS: dict[str, InputFormat] = {f.kind: f for f in (_Text(), _Json(), _Parquet(), _Datasets())}
+
+
+def input_format(kind: str) -> InputFormat:
+    """The format whose inputs have `kind` (a `Source.kind`)."""
+    try:
+        return FORMATS[kind]
+    except KeyError:
+        raise PipelineError(
+            f"unknown input kind {kind!r}; the known kinds are {', '.join(FORMATS)}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- resolving inputs
@@ -77,12 +190,9 @@ def _source(path: Path) -> Source:
     suffixes = [s.lower() for s in path.suffixes]
     compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
     suffix = (suffixes[-2] if len(suffixes) > 1 else "") if compression else path.suffix.lower()
-    if suffix in _TEXT_SUFFIXES:
-        return Source(path, "txt", compression)
-    if suffix in _JSON_SUFFIXES:
-        return Source(path, "json", compression)
-    if suffix == ".parquet" and compression is None:
-        return Source(path, "parquet")
+    for fmt in FORMATS.values():
+        if fmt.reads_file(suffix, compression):
+            return Source(path, fmt.kind, compression)
     shown = "".join(path.suffixes[-2 if compression else -1 :]) or "(no suffix)"
     raise PipelineError(
         f"{path}: unknown input type {shown}; inputs are "
@@ -92,18 +202,11 @@ def _source(path: Path) -> Source:
 
 
 def _folder_sources(path: Path) -> list[Source]:
-    """A `datasets` save_to_disk folder, or a folder of Parquet shards (sorted by name)."""
-    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        return [Source(path, "datasets")]
-    if (path / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        except (ValueError, KeyError, TypeError):
-            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise PipelineError(
-            f"input {path} is a `datasets` DatasetDict with splits {', '.join(map(str, splits))}; "
-            f"pass one split's folder, e.g. {path / str(splits[0] if splits else 'train')}"
-        )
+    """A folder that a format reads as one input, or a folder of Parquet shards (sorted by
+    name)."""
+    for fmt in FORMATS.values():
+        if fmt.reads_folder(path):
+            return [Source(path, fmt.kind)]
     if (path / INDEX_NAME).is_file():
         raise PipelineError(
             f"input {path} is a dataset built by `pipeline build` (already token ids); train on it "
@@ -131,20 +234,13 @@ def _folder_sources(path: Path) -> list[Source]:
 
 def read_source(source: Source, options: ReadOptions) -> Iterator[Chunk]:
     """The documents of `source` in chunks of about CHUNK_BYTES, in order."""
-    if source.kind == "txt":
-        return _read_txt(source, options.split)
-    return records.text_chunks(source, options.text_field, CHUNK_BYTES)
+    return input_format(source.kind).read_texts(source, options)
 
 
 def read_records(source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
     """The records of `source` (prompt/response builds) in chunks of about CHUNK_BYTES, with
     only `fields` where the format stores columns (Parquet, `datasets`)."""
-    if source.kind == "txt":
-        raise PipelineError(
-            f"{source.path} is plain text, but --sft needs records with a prompt and a response; "
-            "pass .jsonl, .json or .parquet records"
-        )
-    return records.record_chunks(source, fields, CHUNK_BYTES)
+    return input_format(source.kind).read_records(source, fields)
 
 
 def _read_txt(source: Source, split: str) -> Iterator[Chunk]:
@@ -246,7 +342,7 @@ def clean(chunk: Chunk, strip: bool) -> Cleaned:
     drop = pc.and_(pc.or_(pc.fill_null(empty, False), null), pc.invert(edge))
     skipped_null = pc.sum(null).as_py() or 0
     skipped_empty = (pc.sum(drop).as_py() or 0) - skipped_null
-    count = chunk.source.counts_skipped
+    count = input_format(chunk.source.kind).counts_skipped
     return Cleaned(
         docs=pc.filter(docs, pc.invert(drop)),
         head_continues=chunk.head_continues,

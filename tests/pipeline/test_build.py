@@ -80,6 +80,36 @@ def test_txt_jsonl_parquet_and_datasets_folder_give_the_same_documents(tmp_path)
         assert doc_texts(out) == DOCS, name
 
 
+def write_input(kind: str, folder: Path, docs: list[str]) -> Path:
+    """`docs` as one input of the registered format `kind`, in `folder`."""
+    import datasets
+
+    if kind == "txt":
+        path = folder / "a.txt"
+        path.write_text("\n\n".join(docs) + "\n")
+    elif kind == "json":
+        path = folder / "a.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    elif kind == "parquet":
+        path = folder / "a.parquet"
+        pq.write_table(pa.table({"text": docs}), path)
+    elif kind == "datasets":
+        path = folder / "hf"
+        datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(path))
+    else:
+        raise AssertionError(f"no writer for the input format {kind!r}; add one here")
+    return path
+
+
+@pytest.mark.parametrize("kind", list(sources.FORMATS))
+def test_every_registered_format_round_trips_through_a_build(tmp_path, kind):
+    path = write_input(kind, tmp_path, DOCS)
+    assert [s.kind for s in sources.resolve_inputs([path])] == [kind]
+    report = build([path], tmp_path / "out")
+    assert (report.num_documents, report.num_tokens) == (4, sum(len(d.encode()) for d in DOCS))
+    assert doc_texts(tmp_path / "out") == DOCS
+
+
 def test_split_lines_and_the_one_doc_per_line_alias(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\n\nthree\n")
     build([tmp_path / "a.txt"], tmp_path / "out", split="lines")

@@ -21,6 +21,7 @@ from pipeline.sources import (
     ReadOptions,
     Source,
     clean,
+    read_records,
     read_source,
     resolve_inputs,
     safe_cut,
@@ -316,3 +317,21 @@ def test_clean_keeps_continuing_pieces_even_when_blank():
     assert np.array_equal(
         np.array(clean(Chunk(pa.array(["", "b"], pa.large_string()), source), False).docs), ["b"]
     )
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda source: read_source(source, ReadOptions()),
+        lambda source: read_records(source, ("prompt", "response")),
+        lambda source: clean(Chunk(pa.array(["a"], pa.large_string()), source), False),
+    ],
+    ids=["read_source", "read_records", "clean"],
+)
+def test_an_unknown_input_kind_is_one_line_naming_the_known_kinds(tmp_path, read):
+    (tmp_path / "a.xml").write_text("<doc>a</doc>")
+    with pytest.raises(
+        PipelineError,
+        match=r"^unknown input kind 'xml'; the known kinds are txt, json, parquet, datasets$",
+    ):
+        read(Source(tmp_path / "a.xml", "xml"))

@@ -33,7 +33,6 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lowmem_core.durable import atomic_file
 from pipeline.index_cache import user_cache_root
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -292,10 +292,8 @@ def _code_point_facts() -> dict[str, np.ndarray]:
     facts = _find_code_point_facts()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             np.savez_compressed(f, **facts)
-        os.replace(tmp, path)
     except OSError:
         pass  # an unwritable cache only means finding it again next time
     return facts

@@ -6,7 +6,7 @@ document in every rank. Here each is written once into a file and mapped read-on
 rank, reader and process of the node, so they share its page-cache pages.
 
 Writing: whichever process needs a file first takes an flock beside it (it dies with its holder),
-writes `NAME.tmp-PID` through a shared mapping, fsyncs it and renames it into place; the others
+writes `NAME.tmp-*` through a shared mapping, fsyncs it and renames it into place; the others
 wait on the lock and then map the finished file. A file is only ever read under its final name
 and after its header matches the key, so a temporary left by a killed builder is never used (the
 next builder removes it). Building epoch e of a key removes that key's epochs before e - 1.
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lowmem_core.durable import fsync_path
+from lowmem_core.durable import atomic_file
 from lowmem_core.errors import PipelineError
 from lowmem_core.format import PROMPT_LENGTHS_COLUMN
 from pipeline import sampler
@@ -383,11 +383,10 @@ def _open(path: Path, key: dict, fields: Fields) -> tuple[dict[str, np.ndarray],
 
 def _write(path: Path, key: dict, fields: Fields, fill) -> None:
     offsets, size = _offsets(fields)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        mapping = mmap.mmap(fd, size)  # shared: the pages written are the file's page cache
+    with atomic_file(path) as f:
+        os.ftruncate(f.fileno(), size)
+        # Shared: the pages written are the file's page cache, and no private copy is made.
+        mapping = mmap.mmap(f.fileno(), size)
         arrays = {
             name: np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
             for (name, dtype, count), offset in zip(fields, offsets, strict=True)
@@ -400,14 +399,6 @@ def _write(path: Path, key: dict, fields: Fields, fill) -> None:
         mapping[: len(header)] = header
         mapping.flush()
         mapping.close()
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from lowmem_core.durable import file_sha256
+from lowmem_core.durable import file_sha256, write_atomic
 from lowmem_core.errors import PipelineError
 from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME, KIND_SFT, KIND_TEXT
 
@@ -221,9 +221,7 @@ def verify_checksums(dataset_dir: Path | str, manifest: Manifest) -> list[str]:
     if hashed:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            tmp.replace(cache)
+            write_atomic(cache, json.dumps(known))
         except OSError:
             pass  # an unwritable cache only means hashing again next time
     return hashed

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lowmem_core.durable import fsync_path
+from lowmem_core.durable import swap_in_folder
 from lowmem_core.errors import PipelineError
 from lowmem_core.format import INDEX_NAME
 from pipeline.inputs import Source
@@ -108,15 +108,9 @@ def recover_interrupted(out: Path) -> None:
 
 
 def commit_out(tmp: Path, out: Path) -> None:
-    fsync_path(tmp)
-    old = None
-    if out.exists():
-        old = aside(out, "old")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the finished build `tmp` (its files already fsynced) at `out`; a dataset there is
+    moved aside until then, where `recover_interrupted` finds it after a crash."""
+    swap_in_folder(tmp, out, aside(out, "old"))
 
 
 def disk_full(exc: BaseException) -> bool:

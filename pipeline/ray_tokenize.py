@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lowmem_core.durable import atomic_folder
 from lowmem_core.errors import LowMemError, PipelineError, require_extra
 from pipeline import output
 from pipeline.build import BuildReport, EncodedChunk, encode_chunk
@@ -56,47 +56,43 @@ def tokenize_distributed(cfg: TokenizeDistributedConfig, progress: bool = True) 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PipelineError(f"--out {out} exists and is not an empty folder; give a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.aside(out, "tmp")
-    tmp.mkdir()
     started_ray = False
     try:
-        started_ray = _connect(ray, cfg.address)
-        workers = cfg.num_workers or int(ray.cluster_resources().get("CPU", 1))
-        context = rdata.DataContext.get_current()
-        context.enable_progress_bars = progress
-        context.raise_original_map_exception = True  # a worker's own error, not Ray's wrapper
-        files = rdata.from_items(
-            [{"source": i} for i in range(len(sources))], override_num_blocks=len(sources)
-        )
-        summaries = files.map_batches(
-            _TokenizeFiles,
-            batch_size=1,
-            batch_format="numpy",
-            compute=rdata.ActorPoolStrategy(size=max(1, min(workers, len(sources)))),
-            num_cpus=1,
-            fn_constructor_kwargs={
-                "sources": sources,
-                "tokenizer": tokenizer,
-                "options": ReadOptions(text_field=cfg.text_field, split=cfg.split),
-                "strip": cfg.strip,
-                "fast_bpe": cfg.fast_bpe,
-                "out_dir": str(tmp),
-            },
-        )
-        try:
-            rows = sorted(summaries.take_all(), key=lambda r: int(r["source"]))
-        except Exception as exc:
-            error = _project_error(exc)
-            if error is None:
-                raise
-            raise error from None
-        report = _report(rows, sources, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(out, output.aside(out, "tmp"), output.aside(out, "old")) as tmp:
+            started_ray = _connect(ray, cfg.address)
+            workers = cfg.num_workers or int(ray.cluster_resources().get("CPU", 1))
+            context = rdata.DataContext.get_current()
+            context.enable_progress_bars = progress
+            # A worker's own error, not Ray's wrapper.
+            context.raise_original_map_exception = True
+            files = rdata.from_items(
+                [{"source": i} for i in range(len(sources))], override_num_blocks=len(sources)
+            )
+            summaries = files.map_batches(
+                _TokenizeFiles,
+                batch_size=1,
+                batch_format="numpy",
+                compute=rdata.ActorPoolStrategy(size=max(1, min(workers, len(sources)))),
+                num_cpus=1,
+                fn_constructor_kwargs={
+                    "sources": sources,
+                    "tokenizer": tokenizer,
+                    "options": ReadOptions(text_field=cfg.text_field, split=cfg.split),
+                    "strip": cfg.strip,
+                    "fast_bpe": cfg.fast_bpe,
+                    "out_dir": str(tmp),
+                },
+            )
+            try:
+                rows = sorted(summaries.take_all(), key=lambda r: int(r["source"]))
+            except Exception as exc:
+                error = _project_error(exc)
+                if error is None:
+                    raise
+                raise error from None
+            report = _report(rows, sources, tmp)
+            if out.exists():
+                out.rmdir()  # the empty folder checked above: one filled since stays
     finally:
         if started_ray:
             ray.shutdown()

@@ -31,7 +31,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
-from lowmem_core.durable import file_sha256, fsync_path
+from lowmem_core.durable import (
+    file_sha256,
+    fsync_path,
+    fsync_tree,
+    swap_in_folder,
+    write_atomic,
+)
 from lowmem_core.errors import CheckpointError, ConfigError
 from lowmem_core.memory import format_bytes
 from trainer_low_mem.distributed import RankContext
@@ -62,15 +68,6 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
         seen.add(id(tensor))
         tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
     save_file(tensors, str(path))
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -199,18 +196,15 @@ class Checkpointer:
         ) from failure
 
     def _finalise(self, tmp: Path, state: TrainingState) -> None:
-        files = []
-        for file_path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            fsync_path(file_path)
-            files.append(
-                {
-                    "name": str(file_path.relative_to(tmp)),
-                    "bytes": file_path.stat().st_size,
-                    "sha256": file_sha256(file_path),
-                }
-            )
-        for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
-            fsync_path(sub)
+        fsync_tree(tmp)
+        files = [
+            {
+                "name": str(file_path.relative_to(tmp)),
+                "bytes": file_path.stat().st_size,
+                "sha256": file_sha256(file_path),
+            }
+            for file_path in sorted(p for p in tmp.rglob("*") if p.is_file())
+        ]
         manifest = {
             "format": FORMAT,
             "step": state.step,
@@ -221,24 +215,17 @@ class Checkpointer:
             "plan": state.plan,
             "files": files,
         }
-        _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        fsync_path(tmp)
+        write_atomic(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True))
         latest, prev = self.latest_dir, self.prev_dir
-        if latest.exists():
-            if self._latest_good or not prev.exists() or _verifies(latest):
-                # latest is complete: it is the state to keep until the new one lands; a .prev
-                # still present then is older and goes.
-                shutil.rmtree(prev, ignore_errors=True)
-                os.rename(latest, prev)
-            else:
-                # latest is damaged and .prev is the last good state: keep .prev until the new
-                # state is in place, drop the damaged one.
-                shutil.rmtree(latest)
-                fsync_path(self.output_dir)
-        os.rename(tmp, latest)
-        fsync_path(self.output_dir)
-        shutil.rmtree(prev, ignore_errors=True)
-        fsync_path(self.output_dir)
+        known_good = self._latest_good or not prev.exists()
+        if latest.exists() and not (known_good or _verifies(latest)):
+            # latest is damaged and .prev is the last good state: keep .prev until the new
+            # state is in place, drop the damaged one.
+            shutil.rmtree(latest)
+            fsync_path(self.output_dir)
+        # A complete latest is the state to keep until the new one lands: it becomes .prev (an
+        # older .prev goes), and is removed once the new state is in place.
+        swap_in_folder(tmp, latest, prev)
 
     # -- load -------------------------------------------------------------------------------
     def locate_resume(self, keep_training: bool) -> tuple[Path, dict[str, Any]] | None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lowmem_core.durable import fsync_path
+from lowmem_core.durable import atomic_folder
 from lowmem_core.errors import CheckpointError, ConfigError, require_extra
 from trainer_low_mem.model import ROPE_BASE, DecoderLM
 
@@ -165,30 +165,24 @@ def export_model(
     """Write `model` (and its tokenizer) to `out_dir` atomically; returns `out_dir`."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
+    old = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        _write_weights(model, tmp, special_ids, adapter_only)
-        if tokenizer_dir is not None:
-            for item in Path(tokenizer_dir).iterdir():
-                if item.is_file() and _is_tokenizer_file(item.name):
-                    shutil.copy2(item, tmp / item.name)
-        elif getattr(model, "hf_model", None) is None:
-            byte_tokenizer_folder(tmp)
-        for item in tmp.iterdir():
-            os.chmod(item, 0o644)
-            fsync_path(item)
-        fsync_path(tmp)
-        _replace(tmp, out_dir)
+        with atomic_folder(out_dir, tmp, old):
+            _write_weights(model, tmp, special_ids, adapter_only)
+            if tokenizer_dir is not None:
+                for item in Path(tokenizer_dir).iterdir():
+                    if item.is_file() and _is_tokenizer_file(item.name):
+                        shutil.copy2(item, tmp / item.name)
+            elif getattr(model, "hf_model", None) is None:
+                byte_tokenizer_folder(tmp)
+            for item in tmp.iterdir():
+                os.chmod(item, 0o644)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"cannot write the export to {out_dir} ({exc}); free space or fix the "
             "folder's permissions, the training state is intact"
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -212,15 +206,6 @@ def _write_weights(model: nn.Module, tmp: Path, special_ids: dict, adapter_only:
         )
     llama_config(model, special_ids).save_pretrained(tmp)
     save_file(_llama_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    old = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    fsync_path(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # What a Hugging Face tokenizer folder holds; a model folder's weights and config never travel

@@ -1,9 +1,9 @@
 """The project's one exception hierarchy, and the CLI wrapper that turns it into one line.
 
-Every error a user can cause (bad input, impossible config, broken checkpoint, memory limit)
-is raised as a subclass of `LowMemError` with a message that says what was expected, what was
-found and what to do. Entry points call `run_cli` so the user sees that one line and a non-zero
-exit, and the traceback only with `--debug`.
+Every error a user can cause (bad input, impossible config, broken checkpoint, memory limit,
+diverged training) is raised as a subclass of `LowMemError` with a message that says what was
+expected, what was found and what to do. Entry points call `run_cli` so the user sees that one
+line and its class's `exit_code`, and the traceback only with `--debug`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ class MemoryLimitError(LowMemError):
     """The host-RAM or GPU budget cannot hold what was asked for."""
 
     exit_code = 3
+
+
+class DivergenceError(LowMemError):
+    """Training diverged: too many consecutive steps with a non-finite loss or gradient norm."""
+
+    exit_code = 4
 
 
 def require_extra(module_name: str, extra: str, purpose: str) -> ModuleType:

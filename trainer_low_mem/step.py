@@ -23,19 +23,13 @@ import weakref
 
 import torch
 
-from lowmem_core.errors import LowMemError, MemoryLimitError
+from lowmem_core.errors import DivergenceError, MemoryLimitError
 from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem import oom
 from trainer_low_mem.distributed import RankContext
 from trainer_low_mem.loss import shift_labels
 
 StepOutcome = tuple[torch.Tensor, int, float]  # (local loss sum, global tokens, forward seconds)
-
-
-class DivergenceError(LowMemError):
-    """Training diverged: too many consecutive steps with a non-finite loss or gradient norm."""
-
-    exit_code = 4
 
 
 class Stepper:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowmem_core.errors import CheckpointError, ConfigError
+from lowmem_core.errors import CheckpointError, ConfigError, DivergenceError
 from trainer_low_mem.checkpoint import (
     MANIFEST_NAME,
     MODEL_NAME,
@@ -361,7 +361,7 @@ def test_output_dir_that_is_a_file_or_read_only_fails_at_start(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
-    from trainer_low_mem.step import DivergenceError, Stepper
+    from trainer_low_mem.step import Stepper
 
     run = _Run(tmp_path)
     stepper = Stepper(

@@ -4,31 +4,39 @@ from __future__ import annotations
 
 import sys
 
+import tyro
+
+from bench.config import BuildSpeedConfig, PlanCheckConfig, SftSpeedConfig, ThroughputConfig
 from lowmem_core.errors import run_cli
 from lowmem_core.flags import parse_flags
 
 
-def _main(argv: list[str]) -> int:
-    import tyro
-
-    from bench.config import BuildSpeedConfig, PlanCheckConfig, SftSpeedConfig, ThroughputConfig
-
-    cfg = parse_flags(
-        lambda: tyro.extras.subcommand_cli_from_dict(
-            {
-                "throughput": ThroughputConfig,
-                "plan": PlanCheckConfig,
-                "build": BuildSpeedConfig,
-                "sft": SftSpeedConfig,
-            },
-            args=argv,
+def parse_args(
+    argv: list[str],
+) -> ThroughputConfig | PlanCheckConfig | BuildSpeedConfig | SftSpeedConfig:
+    """The config of the benchmark `argv` names: throughput, plan, build or sft."""
+    configs = {
+        "throughput": ThroughputConfig,
+        "plan": PlanCheckConfig,
+        "build": BuildSpeedConfig,
+        "sft": SftSpeedConfig,
+    }
+    return parse_flags(
+        lambda args: tyro.extras.subcommand_cli_from_dict(
+            configs,
+            args=args,
             prog="bench",
             description="Measure this project's data path against its baselines, and check the "
             "planner's memory trace against real steps.",
         ),
         argv,
         "bench",
+        configs,
     )
+
+
+def _main(argv: list[str]) -> int:
+    cfg = parse_args(argv)
     if isinstance(cfg, BuildSpeedConfig):
         from bench.build_speed import run_and_report as run_build_bench
 

@@ -55,23 +55,30 @@ SUBCOMMANDS = {
 }
 
 
-def _main(argv: list[str]) -> int:
-    if argv and argv[0] == "plan":
-        from trainer_low_mem.cli import plan_main
-
-        return plan_main(argv[1:], prog="python -m pipeline plan")
-    cfg = parse_flags(
-        lambda: tyro.extras.subcommand_cli_from_dict(
-            {name: cls for name, (cls, _) in SUBCOMMANDS.items()},
+def parse_args(argv: list[str]) -> BuildConfig | TokenizeDistributedConfig | DemoConfig:
+    """The config of the subcommand `argv` names (`plan` aside: the trainer parses it)."""
+    configs = {name: cls for name, (cls, _) in SUBCOMMANDS.items()}
+    return parse_flags(
+        lambda args: tyro.extras.subcommand_cli_from_dict(
+            configs,
             prog="python -m pipeline",
-            args=argv,
+            args=args,
             description="build: tokenise inputs; tokenize-distributed: tokenise on a Ray "
             "cluster into Parquet shards that build ingests; demo: the quick start; plan: size a "
             "run (`python -m pipeline plan --help`)",
         ),
         argv,
         "python -m pipeline",
+        configs,
     )
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "plan":
+        from trainer_low_mem.cli import plan_main
+
+        return plan_main(argv[1:], prog="python -m pipeline plan")
+    cfg = parse_args(argv)
     handler = next(fn for cls, fn in SUBCOMMANDS.values() if isinstance(cfg, cls))
     handler(cfg)
     return 0

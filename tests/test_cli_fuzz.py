@@ -46,7 +46,7 @@ def _values(hint, a_file: Path, a_dir: Path) -> list[str]:
     if "Path" in text:
         return ["", str(a_file), str(a_dir), str(a_dir / "missing" / "x")]
     if "bool" in text:
-        return ["maybe", ""]
+        return ["maybe", "", "true", "FALSE"]
     if "int" in text or "float" in text:
         return NUMBERS
     return TEXT

@@ -3,9 +3,9 @@
 `train_low_mem.py` and the `train-low-mem` console script both call `main`; `python -m pipeline
 plan` delegates to `plan_main`, which plans the model `train` would build (a preset or `--model
 DIR`, LoRA included) and says which memory estimate it used. Flags are generated from
-`trainer_low_mem.config` by tyro: flat names with underscores, booleans given as values
-(`--is_keep_training=True`, `--auto_plan False`), as the seed's users type them; `plan` takes the
-same names as `train`.
+`trainer_low_mem.config` by tyro: flat names with underscores; a boolean is a flag (`--json`,
+`--no_json` or `--no-json`) or takes true/false as its value (`--is_keep_training=True`,
+`--auto_plan False`), as the seed's users type it; `plan` takes the same names as `train`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from trainer_low_mem.config import JobConfig, PlanConfig
 
 PROG = "train_low_mem.py"
 SUBCOMMANDS = ("train", "plan")
-_TYRO_MARKERS = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
+_TYRO_MARKERS = (tyro.conf.OmitArgPrefixes,)
 
 
 def parse_job_config(argv: list[str]) -> JobConfig:
     """Parse the flags of the `train` subcommand (without the word `train`) into a JobConfig."""
     return parse_flags(
-        lambda: tyro.cli(
+        lambda args: tyro.cli(
             JobConfig,
-            args=argv,
+            args=args,
             prog=f"{PROG} train",
             use_underscores=True,
             config=_TYRO_MARKERS,
@@ -41,15 +41,16 @@ def parse_job_config(argv: list[str]) -> JobConfig:
         ),
         argv,
         f"{PROG} train",
+        JobConfig,
     )
 
 
 def parse_plan_config(argv: list[str], prog: str = f"{PROG} plan") -> PlanConfig:
     """Parse the flags of the `plan` subcommand (without the word `plan`) into a PlanConfig."""
     return parse_flags(
-        lambda: tyro.cli(
+        lambda args: tyro.cli(
             PlanConfig,
-            args=argv,
+            args=args,
             prog=prog,
             use_underscores=True,
             config=_TYRO_MARKERS,
@@ -57,6 +58,7 @@ def parse_plan_config(argv: list[str], prog: str = f"{PROG} plan") -> PlanConfig
         ),
         argv,
         prog,
+        PlanConfig,
     )
 
 

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import tyro
 
-from bench.__main__ import main
+from bench.__main__ import main, parse_args
 from bench.config import ThroughputConfig
 from bench.measure import Check
 from bench.report import RESULT_KEYS
@@ -23,9 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def parse(*args: str) -> ThroughputConfig:
-    return tyro.extras.subcommand_cli_from_dict(
-        {"throughput": ThroughputConfig}, args=["throughput", *args]
-    )
+    return parse_args(["throughput", *args])
 
 
 def test_flags_are_generated_from_the_config():
@@ -48,8 +45,9 @@ def test_flags_are_generated_from_the_config():
     assert parse().stages == ("loader", "memory", "h2d", "step")
 
 
-def test_quick_shortens_every_stage():
-    cfg = parse("--quick", "--synthetic", "100000")
+@pytest.mark.parametrize("quick", [["--quick"], ["--quick=True"], ["--quick", "true"]])
+def test_quick_shortens_every_stage(quick):
+    cfg = parse(*quick, "--synthetic", "100000")
     assert (cfg.seconds, cfg.repeats, cfg.synthetic, cfg.readers) == (0.2, 3, 5000, (1, 4))
     assert cfg.memory_corpus_gb == 0.05 and cfg.step_count == 2 and cfg.step_batch_size == 2
 

@@ -49,6 +49,23 @@ def test_both_entry_points_take_the_trainer_flags_and_print_the_same_plan(capsys
     assert ours["host_limit_bytes"] <= int(8 * GiB * 0.9)
 
 
+@pytest.mark.parametrize("main", [trainer_main, pipeline_main])
+@pytest.mark.parametrize(
+    "form, is_json",
+    [
+        (["--json"], True),
+        (["--no_json"], False),
+        (["--json=true"], True),
+        (["--json", "False"], False),
+    ],
+)
+def test_json_is_a_flag_or_takes_a_value_from_both_entry_points(capsys, main, form, is_json):
+    argv = ["plan", "--model_preset", "tiny", *form, "--max_seq_len", "128", "--global_batch", "16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("{") is is_json and ('"seq_len": 128' in out) is is_json
+
+
 def test_byte_sizes_take_decimal_and_binary_units(capsys):
     flags = ["2GB" if f == "2GiB" else f for f in FLAGS]
     d = plan_json(trainer_main, ["plan", *flags], capsys)

@@ -4,7 +4,8 @@ Both sides train the same tiny T5 (trainer_low_mem.seq2seq.write_sample_t5) on t
 one full pass each, with the same AdamW, on CPU:
 
 - packed: `pipeline build --sft` -> `PairLoader` (pairs packed into encoder and decoder rows of
-  at most `max_len` tokens, sized by `pair_row_lens`; block-diagonal masks) -> `Seq2SeqLM`;
+  at most `max_len` tokens, sized by `pair_row_lens`; block-diagonal masks) -> `Seq2SeqLM`, both
+  as the trainer makes them (the model's kind and its `PairRows`);
 - padded: the dataset's own pairs (truncated as the loader truncates, so both label the same
   tokens) -> a DataLoader with `DataCollatorForSeq2Seq` (each batch padded to its longest pair)
   -> `AutoModelForSeq2SeqLM(input_ids, attention_mask, labels)`.
@@ -43,7 +44,9 @@ from pipeline.config import BuildConfig
 from pipeline.pair_layout import pair_row_lens
 from pipeline.pairs import PairLoader
 from pipeline.sample_corpus import write_sample_sft
-from trainer_low_mem.seq2seq import load_seq2seq_folder, write_sample_t5
+from trainer_low_mem.config import ModelConfig
+from trainer_low_mem.models import resolve_model_kind
+from trainer_low_mem.seq2seq import write_sample_t5
 
 DEFAULT_MAX_LEN = {"qa": 128, "summarise": 512}
 
@@ -85,10 +88,12 @@ def rows_for(data: Path, max_len: int, batch_pairs: int) -> int:
 
 def packed_side(model_dir: Path, data: Path, max_len: int, rows: int, seed: int = 0) -> PairSide:
     ds = open_dataset(data)
+    kind = resolve_model_kind(ModelConfig(model=model_dir))  # as the trainer builds and feeds it
     torch.manual_seed(seed)
-    model = load_seq2seq_folder(model_dir)
+    model = kind.build(ds.vocab_size, document_masking=True, weights=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = PairLoader(ds, rows, *pair_row_lens(ds, max_len), start_id=model.start_id)
+    spec = kind.batch_spec(ds, max_len, packing=True, saved_loader_state=None)
+    loader = spec.loader(ds, rows, rank=0, world_size=1, seed=0)
     labels = enc = dec = enc_all = dec_all = steps = 0
     start = time.perf_counter()
     for batch in loader:

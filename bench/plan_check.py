@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -76,8 +77,12 @@ def _preset(name: str, grad_checkpointing: bool) -> Callable[[], nn.Module]:
 
 
 def _hf(arch: str, grad_checkpointing: bool, lora_rank: int = 0) -> Callable[[], nn.Module]:
+    """The model the trainer trains on a folder of this architecture (its config alone, so
+    randomly initialised), LoRA adapters of `lora_rank` on every linear layer but the head."""
+
     def build() -> nn.Module:
-        from trainer_low_mem.hf_model import HFCausalLM
+        from trainer_low_mem.config import ModelConfig
+        from trainer_low_mem.models import resolve_model_kind
 
         transformers = require_extra("transformers", "hf", "Hugging Face models")
 
@@ -100,22 +105,14 @@ def _hf(arch: str, grad_checkpointing: bool, lora_rank: int = 0) -> Callable[[],
                 bos_token_id=0,
                 eos_token_id=0,
             )
-        hf_model = transformers.AutoModelForCausalLM.from_config(config)
-        if grad_checkpointing:
-            hf_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+        lora = {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank} if lora_rank else {}
+        with tempfile.TemporaryDirectory() as folder:  # the module needs it only to be built
+            config.save_pretrained(folder)
+            model = ModelConfig(
+                model=folder, from_scratch=True, grad_checkpointing=grad_checkpointing, **lora
             )
-        model = HFCausalLM(hf_model)
-        if lora_rank:
-            from trainer_low_mem.lora import LoraSettings, apply_lora
-
-            apply_lora(
-                model,
-                LoraSettings(
-                    rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules=None
-                ),
-            )
-        return model
+            kind = resolve_model_kind(model)
+            return kind.build(config.vocab_size, document_masking=True, weights=False)
 
     return build
 

@@ -322,8 +322,8 @@ CASES = [
     Case(
         "plan-unsupported-zero-stage",
         _plan("--model_preset", "tiny", "--zero_stage", "3"),
-        problem=r"--zero_stage must be 0, 1 or 2, got 3",
-        fix=r"0, 1 or 2",
+        problem=r"ZeRO stage 3 \(sharded parameters\) is not supported",
+        fix=r"use --zero_stage 2",
     ),
     Case(
         "plan-missing-dataset",

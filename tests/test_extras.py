@@ -56,10 +56,11 @@ def _bench_plot(tmp_path):
 
 
 def _lora(tmp_path):
-    from trainer_low_mem.lora import LoraSettings, apply_lora
-    from trainer_low_mem.model import build_model
+    from trainer_low_mem.config import ModelConfig
+    from trainer_low_mem.models import resolve_model_kind
 
-    apply_lora(build_model("tiny"), LoraSettings(4, 8.0, 0.0, None))
+    kind = resolve_model_kind(ModelConfig(model_preset="tiny", lora_rank=4))
+    kind.build(259, document_masking=False, weights=True)
 
 
 @pytest.mark.parametrize(

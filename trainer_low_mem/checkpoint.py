@@ -2,10 +2,12 @@
 
 `accelerator.save_state` writes the content: weights (model.safetensors, from the unwrapped
 module through a save hook, so a state of N ranks loads with any number), optimizer
-(optimizer.bin; under DeepSpeed each rank's ZeRO shard in pytorch_model/), grad scaler, each
-rank's RNG (random_states_<rank>.pkl) and the objects registered for checkpointing
-(custom_checkpoint_<i>.pkl: schedule, run progress and data position, watchdog).
-training_state.json is the readable record of the same save, checked before anything is loaded.
+(optimizer.bin; under DeepSpeed each rank's ZeRO shard in pytorch_model/), grad scaler and each
+rank's RNG (random_states_<rank>.pkl). The objects registered here by name (`register`: the
+learning-rate schedule) are saved as <name>.pt; states written before they had names hold them
+as accelerate's custom_checkpoint_<i>.pkl, read in `LEGACY_OBJECT_ORDER`. training_state.json is
+the readable record of the same save (step, data position, watchdog, plan, config), checked
+before anything is loaded; each of these states is saved once, in one of these files.
 
 Save (collective), atomic around `save_state`: rank 0 creates `train_latest_state.tmp-<pid>`;
 every rank runs `save_state` into it and rank 0 adds training_state.json; once every rank reports
@@ -21,9 +23,12 @@ none does. Resume cost does not depend on the step count: the loader seeks, noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ from lowmem_core.durable import (
 )
 from lowmem_core.errors import CheckpointError, ConfigError
 from lowmem_core.memory import format_bytes
+from lowmem_core.stateful import Stateful
 from trainer_low_mem.distributed import RankContext
 from trainer_low_mem.state_files import (
     FORMAT,
@@ -55,6 +61,9 @@ from trainer_low_mem.state_files import (
 STATE_DIR_NAME = "train_latest_state"
 MODEL_NAME = "model.safetensors"  # accelerate's name for the first model's weights
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's tag for the first DeepSpeed engine
+# What accelerate's custom_checkpoint_<i>.pkl held, by i, in states written before objects were
+# saved by name (the progress and watchdog entries are read from training_state.json instead).
+LEGACY_OBJECT_ORDER = ("scheduler", "progress", "watchdog")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -84,6 +93,7 @@ class Checkpointer:
         # True when train_latest_state is known complete (saved or resumed by this run): only
         # then may it become .prev and the older .prev go; otherwise .prev is the state to keep.
         self._latest_good = False
+        self._objects: dict[str, Stateful] = {}
         if accelerator is not None:
             accelerator.register_save_state_pre_hook(self._save_weights_hook)
             accelerator.register_load_state_pre_hook(self._load_weights_hook)
@@ -99,6 +109,12 @@ class Checkpointer:
     def has_state(self) -> bool:
         """True when a latest or previous state directory exists (complete or not)."""
         return self.latest_dir.exists() or self.prev_dir.exists()
+
+    def register(self, name: str, obj: Stateful) -> None:
+        """Save `obj.state_dict()` with every state as <name>.pt, and restore it on load."""
+        if name in self._objects:
+            raise ValueError(f"a checkpoint object named {name!r} is registered already")
+        self._objects[name] = obj
 
     # -- save -------------------------------------------------------------------------------
     def save(self, record: TrainingState) -> Path:
@@ -120,6 +136,8 @@ class Checkpointer:
             kwargs = {"save_latest": False} if ctx.uses_deepspeed else {}
             self.accelerator.save_state(str(tmp), **kwargs)
             if ctx.is_main:
+                for name, obj in self._objects.items():
+                    torch.save(obj.state_dict(), tmp / f"{name}.pt")
                 (tmp / TRAINING_STATE_NAME).write_text(
                     json.dumps(record.to_dict(), indent=1, sort_keys=True)
                 )
@@ -314,7 +332,10 @@ class Checkpointer:
                 )
             kwargs = {"load_optimizer_states": True, "load_lr_scheduler_states": False}
         try:
-            self.accelerator.load_state(str(path), **kwargs)
+            with _without_positional_objects(path) as view:
+                self.accelerator.load_state(str(view), **kwargs)
+            for name, obj in self._objects.items():
+                obj.load_state_dict(torch.load(_object_file(path, name), weights_only=True))
         except CheckpointError:
             raise
         except Exception as exc:  # unpickling a foreign or damaged file fails in many ways
@@ -342,6 +363,31 @@ def _pid_alive(text: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def _without_positional_objects(state_dir: Path) -> Iterator[Path]:
+    """`state_dir` as accelerate's load_state must see it: without the positional objects of an
+    older state (it refuses files that no registered object matches). Those are hidden behind a
+    temporary folder of links to everything else."""
+    positional = {p.name for p in state_dir.glob("custom_checkpoint_*.pkl")}
+    if not positional:
+        yield state_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="state-view-") as view:
+        for entry in state_dir.iterdir():
+            if entry.name not in positional:
+                (Path(view) / entry.name).symlink_to(entry.resolve())
+        yield Path(view)
+
+
+def _object_file(state_dir: Path, name: str) -> Path:
+    """Where a registered object's state is: <name>.pt, or in a state written before objects
+    had names, accelerate's positional custom_checkpoint_<i>.pkl."""
+    named = state_dir / f"{name}.pt"
+    if named.is_file() or name not in LEGACY_OBJECT_ORDER:
+        return named
+    return state_dir / f"custom_checkpoint_{LEGACY_OBJECT_ORDER.index(name)}.pkl"
 
 
 def _weights_name(index: int) -> str:

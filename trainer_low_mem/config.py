@@ -63,6 +63,27 @@ class DataConfig:
         self.data = Path(self.data)
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA flags of a job as one object: what builds the adapters and what a resumed run
+    must match."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...] | None  # None: every linear layer but the output head
+
+    def identity(self) -> dict[str, Any]:
+        """The adapters' identity, as training states have recorded it since LoRA was added."""
+        targets = None if self.target_modules is None else list(self.target_modules)
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "targets": str(targets),
+        }
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Which model to train: a built-in preset or your own Hugging Face folder, optionally LoRA."""
@@ -106,6 +127,19 @@ class ModelConfig:
 
     load_in_4bit: bool = False
     """QLoRA: load --model's weights in 4-bit (bitsandbytes, CUDA only); needs --lora_rank."""
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """The LoRA settings, or None when the whole model trains."""
+        if self.lora_rank is None:
+            return None
+        targets = self.lora_target_modules
+        return LoraSettings(
+            self.lora_rank,
+            self.lora_alpha,
+            self.lora_dropout,
+            None if targets is None else tuple(targets),
+        )
 
     def __post_init__(self) -> None:
         self.model = None if self.model is None else Path(self.model)
@@ -338,7 +372,12 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        t = self.training
+        t, m = self.training, self.model
+        if self.checkpoint.export_adapter_only and (m.lora_rank is None or m.model is None):
+            raise ConfigError(
+                "--export_adapter_only writes LoRA adapters in peft's format, which needs "
+                "--lora_rank and a Hugging Face --model; drop it to export merged weights"
+            )
         if not self.memory.auto_plan and t.batch_size_per_gpu is None:
             raise ConfigError(
                 "--auto_plan=False needs --batch_size_per_gpu (and --gradient_accumulation_steps "
@@ -417,12 +456,7 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         for name in ("world_size", "ranks_per_node", "num_cores"):
             _require_positive(name, getattr(self, name), allow_none=name != "world_size")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(
-                f"--zero_stage must be 0, 1 or 2, got {self.zero_stage} (stage 3 is not supported)"
-            )
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("--offload_optimizer=True needs --zero_stage 1 or 2")
+        # The ZeRO rules are the launch's, checked for `plan` and `train` alike (sanity.py).
 
 
 @dataclass(kw_only=True)

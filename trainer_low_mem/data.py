@@ -1,8 +1,7 @@
 """The run's data path: the dataset opened once, loader + prefetcher built from a Plan.
 
-An encoder-decoder model (`pair_with(start_id)`) reads prompt/response pairs through
-`pipeline.pairs.PairLoader`: encoder and decoder rows of at most --max_seq_len tokens, the side
-with fewer tokens shorter (`pair_row_lens`); the rest is the same.
+The batches are the model's `BatchSpec` (pipeline/batch_spec.py: token rows, or an
+encoder-decoder's prompt/response pairs), which makes the loaders; the rest is the same.
 The OOM backoff and the host-RAM watchdog rebuild the loader and prefetcher (new micro-batch,
 prefetch depth or reader mode) at the data position of the last completed optimizer step, so no
 batch is lost or repeated.
@@ -19,9 +18,9 @@ import torch
 from lowmem_core.errors import LowMemError, PipelineError
 from lowmem_core.format import INDEX_NAME
 from pipeline import open_dataset
+from pipeline.batch_spec import BatchSpec
 from pipeline.loader import Loader
-from pipeline.pair_layout import PACK_WINDOW, pair_row_lens
-from pipeline.pairs import PairLoader, saved_layout
+from pipeline.pairs import PairLoader
 from pipeline.prefetch import Prefetcher
 from trainer_low_mem.distributed import RankContext
 
@@ -35,8 +34,6 @@ class TrainData:
         self,
         path: Path,
         *,
-        seq_len: int,
-        packing: bool,
         seed: int,
         rank: int,
         world_size: int,
@@ -45,33 +42,20 @@ class TrainData:
     ):
         self.dataset = open_dataset(path)
         self.shard_check_every_s = shard_check_every_s
-        self.seq_len, self.packing, self.seed = seq_len, packing, seed
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.loader: Loader | None = None
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.batch_spec: BatchSpec | None = None  # set by `configure`, from the model's kind
+        self.loader: Loader | PairLoader | None = None
         self.prefetcher: Prefetcher | None = None
         self._plan = None
         self._batches = None
         self._closed_wait_s = 0.0  # wait of prefetchers already closed
         self._next_size_check = 0.0
-        self.start_id: int | None = None  # the decoder start token of an encoder-decoder
-        self.enc_len: int | None = None
-        self.dec_len: int | None = None
-        self.pack_window = PACK_WINDOW
 
     # -- building ---------------------------------------------------------------------------
-    def pair_with(self, start_id: int, saved: dict[str, Any] | None = None) -> None:
-        """Read prompt/response pairs for an encoder-decoder whose decoder starts at start_id.
-        `saved`: the loader state a resume continues from; its row lengths and packing window
-        are kept, so a run started by a release that chose them otherwise resumes its own
-        order (and its plan and step count)."""
-        self.start_id = start_id
-        if saved is not None and "enc_len" in saved and "dec_len" in saved:
-            self.enc_len, self.dec_len, self.pack_window = saved_layout(saved)
-        else:
-            self.enc_len, self.dec_len = pair_row_lens(self.dataset, self.seq_len)
-
-    def configure(self, plan) -> None:
-        """Make the loader for `plan` (reader mode, micro-batch); the data path must be closed."""
+    def configure(self, plan, batch_spec: BatchSpec | None = None) -> None:
+        """Make the loader for `plan` (reader mode, micro-batch) and `batch_spec` (kept from
+        the last call when None); the data path must be closed."""
+        self.batch_spec = batch_spec or self.batch_spec
         if plan.ultra_low_mem and not self.dataset.ultra_low_mem:
             previous, self.dataset = self.dataset, self.dataset.reopen(ultra_low_mem=True)
             previous.close()
@@ -80,26 +64,8 @@ class TrainData:
 
     def make_loader(self, dataset, batch_size: int) -> Loader | PairLoader:
         """This rank's loader of `dataset` (the training set, or an eval set for one epoch)."""
-        if self.start_id is not None:
-            return PairLoader(
-                dataset,
-                batch_size,
-                self.enc_len,
-                self.dec_len,
-                start_id=self.start_id,
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.seed,
-                pack_window=self.pack_window,
-            )
-        return Loader(
-            dataset,
-            batch_size=batch_size,
-            seq_len=self.seq_len,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            packing=self.packing,
+        return self.batch_spec.loader(
+            dataset, batch_size, rank=self.rank, world_size=self.world_size, seed=self.seed
         )
 
     @property
@@ -107,25 +73,9 @@ class TrainData:
         """Rows (sequences of seq_len) in one epoch; the same in every epoch."""
         return self.loader.state_dict()["total_rows"]
 
-    def sft_summary(self) -> str | None:
-        """One line on a prompt/response dataset's layout (None for plain text)."""
-        if self.dataset.prompt_lengths is None:
-            return None
-        if self.start_id is not None:
-            index = self.loader.index
-            enc_pad, dec_pad = index.padding_pct()
-            return (
-                f"data: {len(self.dataset):,} prompt/response pairs packed by tokens into "
-                f"encoder rows of {self.enc_len} and decoder rows of {self.dec_len}; padding "
-                f"{enc_pad:.1f}% encoder, {dec_pad:.1f}% decoder; truncated: "
-                f"{index.cut_prompts:,} prompts, {index.cut_responses:,} responses"
-            )
-        layout = "whole samples packed into rows" if self.packing else "one sample per row"
-        return (
-            f"data: {len(self.dataset):,} prompt/response samples, {layout}, loss on the "
-            f"responses; {self.loader.split_samples:,} longer than --max_seq_len "
-            f"{self.seq_len} continue across rows"
-        )
+    def summary(self) -> str:
+        """One line on how the dataset is laid out into rows."""
+        return self.batch_spec.summary(self.loader, self.dataset)
 
     def start(self, loader_state: dict[str, Any] | None) -> None:
         """Start the prefetcher at `loader_state` (None: the beginning of the first epoch)."""

@@ -12,7 +12,6 @@ job, never three independent jobs writing one output directory.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +23,17 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
-def deepspeed_requested() -> bool:
-    """True when `accelerate launch` was given a DeepSpeed config (it exports this variable)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
 def create_accelerator(
     *,
     mixed_precision: str,
     cpu_multiprocess: bool,
+    deepspeed: bool = False,
     log_with: str | None = None,
     project_dir: Path | None = None,
 ):
     """The job's Accelerator; gradient accumulation is set later from the plan.
 
-    `cpu_multiprocess` (several processes, no CUDA; see sanity.detect_cpu_multiprocess): DDP runs
+    `cpu_multiprocess` (several processes, no CUDA; see launch.detect_cpu_multiprocess): DDP runs
     get `cpu=True`, accelerate's MULTI_CPU/gloo path; DeepSpeed ignores `cpu=True`, so it gets an
     explicit gloo process group instead.
     """
@@ -47,7 +42,7 @@ def create_accelerator(
 
     kwargs: dict = {}
     if cpu_multiprocess:
-        if deepspeed_requested():
+        if deepspeed:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         else:
             kwargs["cpu"] = True

@@ -1,39 +1,50 @@
 """Export the trained model as a folder `transformers` loads: `OUTPUT_DIR/final/`.
 
-A Hugging Face model (decoder-only, or an encoder-decoder that `AutoModelForSeq2SeqLM` loads
-back) is written in its own format; the built-in `DecoderLM` as a `LlamaForCausalLM` (same
-RMSNorm, rotary convention, SwiGLU MLP and tied head, so the logits match). LoRA adapters are
-merged into the exported weights without touching the live model (each merged weight is computed
-beside it), or written alone in peft's format (`adapter_only`). The tokenizer is copied from the
-dataset's tokenizer folder, or made for the built-in byte tokenizer. Written like the training
-state: a temp folder, fsynced, renamed; the previous export is removed
-only once the new one is in place. Files are world-readable (0644).
+`export_model` writes the folder atomically; the model's kind (trainer_low_mem/models/) fills it
+with the writers here. A Hugging Face model (decoder-only, or an encoder-decoder that
+`AutoModelForSeq2SeqLM` loads back) is written in its own format; the built-in `DecoderLM` as a
+`LlamaForCausalLM` (same RMSNorm, rotary convention, SwiGLU MLP and tied head, so the logits
+match). LoRA adapters are merged into the exported weights without touching the live model (each
+merged weight is computed beside it), or written alone in peft's format (`adapter_only`). The
+tokenizer is copied from the model folder or the dataset's tokenizer folder, or made for the
+built-in byte tokenizer. Written like the training state: a temp folder, fsynced, renamed; the
+previous export is removed only once the new one is in place. Files are world-readable (0644).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from lowmem_core.durable import atomic_folder
-from lowmem_core.errors import CheckpointError, ConfigError, require_extra
+from lowmem_core.errors import CheckpointError, require_extra
+from lowmem_core.format import INDEX_NAME
 from trainer_low_mem.model import ROPE_BASE, DecoderLM
 
+if TYPE_CHECKING:
+    from trainer_low_mem.models.kind import DataFacts, ModelKind
+
 EXPORT_DIR_NAME = "final"
+ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter tensor (peft's naming)
 BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
 
 def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copy of `module`'s weights with every LoRA adapter folded in, under the plain names."""
     merged: dict[str, torch.Tensor] = {}
+    adapted = any(ADAPTER_MARK in name for name, _ in module.named_parameters())
+    # Only a module with adapters needs peft (the `lora` extra) to find its adapted layers.
+    tuner = require_extra("peft", "lora", "--lora_rank").tuners.tuners_utils if adapted else None
     with torch.no_grad():
         for name, sub in module.named_modules():
-            if hasattr(sub, "get_delta_weight") and hasattr(sub, "get_base_layer"):
+            if tuner is not None and isinstance(sub, tuner.BaseTunerLayer):
                 base = sub.get_base_layer()
                 delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
                 merged[f"{name}.weight"] = (
@@ -41,7 +52,7 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
                 )
         out = {}
         for key, value in module.state_dict().items():
-            if "lora_" in key:
+            if ADAPTER_MARK in key:
                 continue
             plain = key.replace(".base_layer.", ".")
             out[plain] = merged.get(plain, value.detach().cpu())
@@ -155,27 +166,17 @@ def _byte_of_char(ch: str) -> int:
 
 
 def export_model(
-    model: nn.Module,
-    out_dir: Path,
-    *,
-    special_ids: dict[str, int | None],
-    tokenizer_dir: Path | None,
-    adapter_only: bool = False,
+    kind: ModelKind, model: nn.Module, out_dir: Path, data: DataFacts, *, adapter_only: bool
 ) -> Path:
-    """Write `model` (and its tokenizer) to `out_dir` atomically; returns `out_dir`."""
+    """Write `model` as its kind exports it (weights, config, tokenizer) to `out_dir`
+    atomically; returns `out_dir`."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     old = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with atomic_folder(out_dir, tmp, old):
-            _write_weights(model, tmp, special_ids, adapter_only)
-            if tokenizer_dir is not None:
-                for item in Path(tokenizer_dir).iterdir():
-                    if item.is_file() and _is_tokenizer_file(item.name):
-                        shutil.copy2(item, tmp / item.name)
-            elif getattr(model, "hf_model", None) is None:
-                byte_tokenizer_folder(tmp)
+            kind.export_files(model, tmp, data, adapter_only)
             for item in tmp.iterdir():
                 os.chmod(item, 0o644)
     except OSError as exc:
@@ -186,26 +187,40 @@ def export_model(
     return out_dir
 
 
-def _write_weights(model: nn.Module, tmp: Path, special_ids: dict, adapter_only: bool) -> None:
-    hf_model = getattr(model, "hf_model", None)
-    if adapter_only:
-        peft_model = getattr(model, "peft_model", None)
-        if peft_model is None:
-            raise ConfigError(
-                "--export_adapter_only needs LoRA on a Hugging Face --model; drop it to export "
-                "merged weights"
-            )
-        peft_model.save_pretrained(tmp)
-        return
-    if hf_model is not None:
-        hf_model.save_pretrained(tmp, state_dict=merged_state_dict(hf_model))
-        return
-    if not isinstance(model, DecoderLM):
-        raise ConfigError(
-            f"cannot export a {type(model).__name__}; expected DecoderLM or HFCausalLM"
-        )
-    llama_config(model, special_ids).save_pretrained(tmp)
-    save_file(_llama_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+def write_hf_weights(hf_model: nn.Module, folder: Path) -> None:
+    """A transformers model in its own format, adapters folded into its weights."""
+    hf_model.save_pretrained(folder, state_dict=merged_state_dict(hf_model))
+
+
+def write_llama_weights(model: DecoderLM, folder: Path, special_ids: dict[str, int | None]) -> None:
+    """The built-in decoder as the `LlamaForCausalLM` that computes the same logits."""
+    llama_config(model, special_ids).save_pretrained(folder)
+    save_file(_llama_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """Copy the tokenizer files of `source` (never its weights or config) into `folder`."""
+    for item in Path(source).iterdir():
+        if item.is_file() and _is_tokenizer_file(item.name):
+            shutil.copy2(item, folder / item.name)
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any(item.is_file() and _is_tokenizer_file(item.name) for item in folder.iterdir())
+
+
+def dataset_tokenizer_folder(data_path: Path) -> Path | None:
+    """The folder of the tokenizer a dataset was built with (index.json's tokenizer source),
+    when it still exists and holds tokenizer files; None for the byte tokenizer."""
+    try:
+        index = json.loads((Path(data_path) / INDEX_NAME).read_text())
+        source = index.get("tokenizer", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not source:
+        return None
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    return folder if folder.is_dir() and has_tokenizer_files(folder) else None
 
 
 # What a Hugging Face tokenizer folder holds; a model folder's weights and config never travel

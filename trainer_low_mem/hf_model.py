@@ -71,10 +71,17 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def is_encoder_decoder(folder: Path) -> bool:
-    """True for T5/BART-style folders (their config says is_encoder_decoder)."""
-    config = _transformers().AutoConfig.from_pretrained(folder, local_files_only=True)
-    return bool(getattr(config, "is_encoder_decoder", False))
+def read_folder_config(folder: Path):
+    """The folder's config.json as transformers reads it, or one ConfigError saying why not."""
+    transformers = _transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"{folder / 'config.json'} cannot be read by transformers ({first}); fix the file or "
+            "save the model again with model.save_pretrained(DIR)"
+        ) from None
 
 
 def load_model_folder(
@@ -89,14 +96,8 @@ def load_model_folder(
     """The causal LM in `path`, fp32, wrapped in `HFCausalLM` (see the module docstring)."""
     folder = check_model_folder(path)
     transformers = _transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"{folder / 'config.json'} cannot be read by transformers ({first})"
-        ) from None
-    if getattr(config, "is_encoder_decoder", False):
+    config = read_folder_config(folder)
+    if config.is_encoder_decoder:
         raise ConfigError(
             f"--model {folder} is an encoder-decoder ({config.model_type}); this trainer's "
             "causal-LM path needs a decoder-only model"
@@ -194,13 +195,6 @@ class HFCausalLM(HFWrapper):
         self.hf_model = hf_model
         self.document_masking = document_masking
         self.loss_chunk_tokens = loss_chunk_tokens
-        config = hf_model.config
-        # A config without a position limit (e.g. ALiBi models) means any row length is accepted.
-        self.max_seq_len = int(
-            getattr(config, "max_position_embeddings", None)
-            or getattr(config, "n_positions", None)
-            or 2**31 - 1
-        )
         self.loss_path, self.loss_path_reason = self._choose_loss_path()
 
     # -- shape facts (read by the planner and the dataset check) ----------------------------
@@ -311,24 +305,3 @@ class HFCausalLM(HFWrapper):
         else:
             loss, n_loss_tokens = self._logits_loss(input_ids, position_ids, labels)
         return ModelOutput(loss=loss, n_loss_tokens=n_loss_tokens, logits=None)
-
-
-def check_dataset_matches_model(
-    *, vocab_size: int, eos_id: int, bos_id: int | None, model: HFCausalLM, data: Path
-) -> None:
-    """Refuse, before any step, token ids the model's embedding cannot take or another EOS."""
-    rows = model.vocab_rows
-    if vocab_size > rows:
-        raise ConfigError(
-            f"dataset {data} has a vocabulary of {vocab_size} ids but the model's embedding has "
-            f"{rows} rows; rebuild the dataset with the model's tokenizer "
-            f"(`python -m pipeline build ... --tokenizer MODEL_DIR`)"
-        )
-    model_eos = getattr(model.config, "eos_token_id", None)
-    eos_ids = model_eos if isinstance(model_eos, list) else [model_eos]
-    if model_eos is not None and eos_id not in eos_ids:
-        raise ConfigError(
-            f"dataset {data} ends documents with token {eos_id} but the model's EOS is "
-            f"{model_eos}; rebuild the dataset with the model's tokenizer "
-            "(`--tokenizer MODEL_DIR`) or pass --eos-token to the build"
-        )

@@ -1,9 +1,9 @@
 """The training loop: `train(config) -> TrainResult`.
 
-Order of work: launch sanity checks (before anything touches a GPU) -> Accelerator and rank
-context -> dataset -> model -> plan (ranks agree on it) -> optimizer and schedule -> accelerate /
-DeepSpeed prepare -> resume -> loader + prefetcher -> optimizer steps until --max_steps or
---epochs -> final state and weights.
+Order of work: the launch read and checked (before anything touches a GPU) -> Accelerator and
+rank context -> `_Run`'s start-up phases (dataset, the job built as `plan` builds it, model,
+plan, loader, optimizer and prepare, resume) -> optimizer steps until --max_steps or --epochs ->
+final state and weights.
 
 Components: `data` (dataset opened once; loader + prefetcher), `planner`, `optim` (optimizer and
 schedule), `step` (one optimizer step, accumulation driven explicitly), `oom` (agreement and
@@ -39,25 +39,20 @@ from trainer_low_mem.checkpoint import (
 )
 from trainer_low_mem.config import JobConfig
 from trainer_low_mem.data import TrainData, check_shard_sizes, verify_dataset
-from trainer_low_mem.distributed import RankContext, create_accelerator, deepspeed_requested
+from trainer_low_mem.distributed import RankContext, create_accelerator
 from trainer_low_mem.evaluate import evaluate
 from trainer_low_mem.export import EXPORT_DIR_NAME, export_model
+from trainer_low_mem.job import build_job
+from trainer_low_mem.launch import Launch, detect_cpu_multiprocess
 from trainer_low_mem.metrics import Metrics
-from trainer_low_mem.model import resolve_preset
-from trainer_low_mem.model_setup import (
-    build_job_model,
-    data_facts,
-    model_identity,
-    tokenizer_folder,
-)
+from trainer_low_mem.models import trainable_parameter_count
+from trainer_low_mem.models.init_weights import load_initial_weights
 from trainer_low_mem.optim import (
     build_optimizer,
     build_scheduler,
     fill_deepspeed_config,
     optimizer_chain,
-    zero_settings,
 )
-from trainer_low_mem.planner import Plan, plan_for_job
 from trainer_low_mem.progress import RunProgress, TrainResult, check_resume_settings, total_steps
 from trainer_low_mem.run_lock import lock_output_dir
 from trainer_low_mem.signals import EXIT_CODES, StopSignals
@@ -67,90 +62,29 @@ from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, job_memory
 
 
 class _Run:
-    """One training job on this rank; `train()` builds it and calls `run()`."""
+    """One training job on this rank; `train()` builds it and calls `run()`.
 
-    def __init__(self, config: JobConfig, accelerator, ctx: RankContext, stop: StopSignals):
-        self.config, self.accelerator, self.ctx, self.stop = config, accelerator, ctx, stop
+    Start-up runs in this order, each phase a method (a later one reads what the earlier ones
+    set): `_open_data` (the dataset, its checksums, the state to resume) -> `_build_job` (every
+    check, shared with `plan`) -> `_build_model` (weights, --init_from, LoRA, placed on the
+    device) -> `_make_plan` (ranks agree) -> `_configure_data` (loader for the plan, steps of the
+    run) -> `_prepare` (optimizer, schedule, accelerate/DeepSpeed) -> `_restore` (resume, then
+    the prefetcher starts at the restored position).
+    """
+
+    def __init__(
+        self, config: JobConfig, launch: Launch, accelerator, ctx: RankContext, stop: StopSignals
+    ):
+        self.config, self.launch, self.accelerator = config, launch, accelerator
+        self.ctx, self.stop = ctx, stop
         self.checkpointer = Checkpointer(config.checkpoint.output_dir, ctx, accelerator)
-        resume = self.checkpointer.locate_resume(config.checkpoint.is_keep_training)
-        d, t = config.data, config.training
-        self.data = TrainData(
-            d.data,
-            seq_len=d.max_seq_len,
-            packing=d.packing,
-            seed=t.seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=ctx.device,
-        )
-        if not d.no_verify:
-            verify_dataset(d.data, ctx)
-        self.preset = resolve_preset(config.model.model_preset, self.data.dataset.vocab_size)
-        torch.manual_seed(t.seed)
-        self.job_model = build_job_model(config.model, data_facts(d.data, self.data.dataset))
-        self.module = self.job_model.model
-        if getattr(self.module, "start_id", None) is not None:  # an encoder-decoder: pairs
-            saved = read_training_state(resume[0]).loader_state if resume else None
-            self.data.pair_with(self.module.start_id, saved)
-            self.module.row_lens = (self.data.enc_len, self.data.dec_len)  # what plans measure
-        jm = self.job_model
-        self._print(f"model: {jm.description}")
-        self._print(
-            f"trainable parameters: {jm.trainable_params:,} of {jm.total_params:,} "
-            f"({100.0 * jm.trainable_params / max(jm.total_params, 1):.2f}%)"
-        )
-        self.global_batch = config.resolve_global_batch(ctx.world_size)
-        self.plan = self._make_plan()
-        # The watchdog guards the job's own limit (no planning margin): --host_ram_limit, else the
-        # cgroup's, else the machine's. Its reading is a collective, taken by every rank at once.
-        self.watchdog = HostRamWatchdog(
-            effective_host_limit_bytes(config.memory.host_ram_limit_bytes, safety_frac=0.0),
-            read_used_bytes=lambda: job_memory_bytes(ctx.gather, self.plan.ranks_per_node),
-        )
-        self.data.configure(self.plan)
-        self.total_steps = total_steps(config, self.data.rows_per_epoch, self.global_batch)
-        self._print(self.data.sft_summary() or "data: plain text, loss on every token")
-        self.compat = {
-            "model": model_identity(config, self.preset),
-            "dataset_fingerprint": self.data.dataset.fingerprint,
-            "max_seq_len": d.max_seq_len,
-            "packing": d.packing,
-            "seed": t.seed,
-            "global_batch": self.global_batch,
-        }
-
-        o = config.optim
-        optimizer = build_optimizer(
-            self.module, o, cpu_offload=ctx.uses_deepspeed and zero_settings(accelerator)[1]
-        )
-        self.scheduler = build_scheduler(optimizer, o, self.total_steps)
-        if ctx.uses_deepspeed:
-            fill_deepspeed_config(
-                accelerator,
-                self.plan.micro_batch_per_rank,
-                self.plan.grad_accum_steps,
-                ctx.world_size,
-                o.max_grad_norm,
-            )
-        model, optimizer = accelerator.prepare(self.module, optimizer)
-        self.stepper = Stepper(
-            accelerator,
-            ctx,
-            model,
-            optimizer,
-            self.scheduler,
-            max_grad_norm=o.max_grad_norm,
-            max_bad_steps=o.max_bad_steps,
-        )
-        self._apply_plan_sizes()
-
-        # Saved and restored by accelerate's save_state / load_state, with the model and optimizer.
-        self.progress = RunProgress()
-        accelerator.register_for_checkpointing(self.scheduler, self.progress, self.watchdog)
-        if resume is not None:
-            self._resume(*resume)
-        self.data.start(self.progress.loader_state)
-        self.progress.loader_state = self.data.state_dict()
+        self._open_data()
+        self._build_job()
+        self._build_model()
+        self._make_plan()
+        self._configure_data()
+        self._prepare()
+        self._restore()
         self.backoffs: list[str] = []
         e = config.eval
         self.eval_dataset = open_dataset(e.eval_data) if e.eval_data is not None else None
@@ -159,30 +93,104 @@ class _Run:
             accelerator,
             wait_s_total=lambda: self.data.wait_s_total,
             grad_norm=lambda: self.stepper.last_grad_norm,
-            use_trackers=config.log.log_with is not None,
+            use_trackers=self.config.log.log_with is not None,
         )
 
-    # -- setup ------------------------------------------------------------------------------
-    def _make_plan(self) -> Plan:
-        ctx = self.ctx
-        zero_stage, offload = zero_settings(self.accelerator)
-        # A model folder describes its own shape; a preset's shape is the preset.
-        from_folder = self.config.model.model is not None and hasattr(self.module, "n_layers")
-        plan = plan_for_job(
-            self.config,
-            self.module if from_folder else self.preset,
-            world_size=ctx.world_size,
-            device=ctx.device.type,
-            zero_stage=zero_stage,
-            offload_optimizer=offload,
-            deepspeed=ctx.uses_deepspeed,
-            model=self.module,
-            dataset_bytes=self.data.dataset.token_bytes,
-            index_bytes=self.data.dataset.shared_index_bytes,
-            all_reduce_min=ctx.all_reduce_min,
+    # -- start-up phases --------------------------------------------------------------------
+    def _open_data(self) -> None:
+        d, t, ctx = self.config.data, self.config.training, self.ctx
+        self.resume = self.checkpointer.locate_resume(self.config.checkpoint.is_keep_training)
+        self.data = TrainData(
+            d.data, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device
         )
-        self._print(plan.table())
-        return plan
+        if not d.no_verify:
+            verify_dataset(d.data, ctx)
+
+    def _build_job(self) -> None:
+        saved = read_training_state(self.resume[0]).loader_state if self.resume else None
+        self.job = build_job(self.config, self.launch, self.data.dataset, saved)
+        self.global_batch = self.job.global_batch
+
+    def _build_model(self) -> None:
+        torch.manual_seed(self.config.training.seed)
+        job, m = self.job, self.config.model
+        self.module = job.build_model()
+        description = job.kind.describe(self.module)
+        if m.init_from is not None:
+            load_initial_weights(job.kind, self.module, m.init_from)
+            description += f", weights from {m.init_from}"
+        self._print(f"model: {description}")
+        trainable, total = trainable_parameter_count(self.module)
+        self._print(
+            f"trainable parameters: {trainable:,} of {total:,} "
+            f"({100.0 * trainable / max(total, 1):.2f}%)"
+        )
+        if not self.launch.deepspeed:
+            # Where it trains, before planning: a GPU plan probes it there. DeepSpeed places
+            # the model itself in `prepare`.
+            self.module.to(self.ctx.device)
+
+    def _make_plan(self) -> None:
+        ctx = self.ctx
+        self.plan = self.job.plan(
+            device=ctx.device.type, model=self.module, all_reduce_min=ctx.all_reduce_min
+        )
+        self._print(self.plan.table())
+        # The watchdog guards the job's own limit (no planning margin): --host_ram_limit, else
+        # the cgroup's, else the machine's. Its reading is a collective, taken by every rank.
+        self.watchdog = HostRamWatchdog(
+            effective_host_limit_bytes(self.config.memory.host_ram_limit_bytes, safety_frac=0.0),
+            read_used_bytes=lambda: job_memory_bytes(ctx.gather, self.plan.ranks_per_node),
+        )
+
+    def _configure_data(self) -> None:
+        c = self.config
+        self.data.configure(self.plan, self.job.batch_spec)
+        self.total_steps = total_steps(c, self.data.rows_per_epoch, self.global_batch)
+        self._print(self.data.summary())
+        self.compat = {
+            "model": self.job.identity,
+            "dataset_fingerprint": self.data.dataset.fingerprint,
+            "max_seq_len": c.data.max_seq_len,
+            "packing": c.data.packing,
+            "seed": c.training.seed,
+            "global_batch": self.global_batch,
+        }
+
+    def _prepare(self) -> None:
+        o, launch, accelerator = self.config.optim, self.launch, self.accelerator
+        optimizer = build_optimizer(self.module, o, cpu_offload=launch.offloads_optimizer)
+        self.scheduler = build_scheduler(optimizer, o, self.total_steps)
+        if launch.deepspeed:
+            fill_deepspeed_config(
+                accelerator,
+                self.plan.micro_batch_per_rank,
+                self.plan.grad_accum_steps,
+                launch.world_size,
+                o.max_grad_norm,
+            )
+        model, optimizer = accelerator.prepare(self.module, optimizer)
+        self.stepper = Stepper(
+            accelerator,
+            self.ctx,
+            model,
+            optimizer,
+            self.scheduler,
+            labels_shifted=self.job.batch_spec.labels_shifted,
+            max_grad_norm=o.max_grad_norm,
+            max_bad_steps=o.max_bad_steps,
+        )
+        self._apply_plan_sizes()
+
+    def _restore(self) -> None:
+        # Model, optimizer and RNG are accelerate's; the schedule is saved by name; progress,
+        # data position and watchdog live in the state's record (training_state.json).
+        self.progress = RunProgress()
+        self.checkpointer.register("scheduler", self.scheduler)
+        if self.resume is not None:
+            self._resume(*self.resume)
+        self.data.start(self.progress.loader_state)
+        self.progress.loader_state = self.data.state_dict()
 
     def _apply_plan_sizes(self) -> None:
         plan = self.plan
@@ -196,6 +204,14 @@ class _Run:
                 f"resuming from {path}"
             )
         record = self.checkpointer.load(path, manifest, compat=self.compat)
+        self.progress.load_state_dict(
+            {
+                "step": record.step,
+                "tokens_seen": record.tokens_seen,
+                "loader_state": record.loader_state,
+            }
+        )
+        self.watchdog.load_state_dict(record.watchdog)
         if record.world_size != self.ctx.world_size:
             self._print(
                 f"resuming a {record.world_size}-rank state with {self.ctx.world_size} "
@@ -373,17 +389,10 @@ class _Run:
         """Collective: score the eval set once (document masking on), log it; returns the step."""
         c, ctx, step = self.config, self.ctx, self.progress.step
         loader = self.data.make_loader(self.eval_dataset, self.plan.micro_batch_per_rank)
-        inner = self.accelerator.unwrap_model(self.stepper.model)
-        had = getattr(inner, "document_masking", None)
-        if had is not None:
-            inner.document_masking = True
-        try:
+        with self.job.kind.eval_mode(self.module):
             result = evaluate(
                 self.stepper.model, loader, device=ctx.device, sum_over_ranks=ctx.sum_over_ranks
             )
-        finally:
-            if had is not None:
-                inner.document_masking = had
         self._print(f"step: {step}/{self.total_steps}, eval_loss: {result.loss:.4f}")
         if c.log.log_with is not None:
             self.accelerator.log(result.to_dict(), step=step)
@@ -393,16 +402,11 @@ class _Run:
         """Collective: rank 0 writes OUTPUT_DIR/final, a folder transformers loads."""
         out = self.config.checkpoint.output_dir / EXPORT_DIR_NAME
         if self.ctx.is_main:
-            facts = data_facts(self.config.data.data, self.data.dataset)
             export_model(
+                self.job.kind,
                 self.module,
                 out,
-                special_ids={
-                    "bos_id": facts.bos_id,
-                    "eos_id": facts.eos_id,
-                    "pad_id": facts.pad_id,
-                },
-                tokenizer_dir=tokenizer_folder(self.config.model.model, self.config.data.data),
+                self.job.data,
                 adapter_only=self.config.checkpoint.export_adapter_only,
             )
             self._print(f"exported step {self.progress.step} to {out}")
@@ -414,25 +418,19 @@ def train(config: JobConfig) -> TrainResult:
     """Run the job described by `config` on this process's rank; see the module docstring."""
     sanity.set_cuda_alloc_conf()  # before anything can initialise CUDA
     t = config.training
-    sanity.check_launch(
-        sanity.launch_facts_from_env(
-            global_batch=t.global_batch,
-            micro_batch_per_gpu=t.batch_size_per_gpu or 1,
-            grad_accum_steps=t.gradient_accumulation_steps,
-            seq_len=config.data.max_seq_len,
-            model_max_seq_len=resolve_preset(config.model.model_preset).max_seq_len,
-        )
-    )
+    launch = Launch.from_env(t.mixed_precision)
+    sanity.check_launch(launch)  # before any GPU work; the job builder checks it again
     if config.log.log_with == "tensorboard":
         require_extra("tensorboard", "tensorboard", "--log_with tensorboard")
     accelerator = create_accelerator(
-        mixed_precision=t.mixed_precision,
-        cpu_multiprocess=sanity.detect_cpu_multiprocess(),
+        mixed_precision=launch.mixed_precision,
+        cpu_multiprocess=detect_cpu_multiprocess(),
+        deepspeed=launch.deepspeed,
         log_with=config.log.log_with,
         project_dir=config.checkpoint.output_dir / "runs",
     )
     ctx = RankContext.from_accelerator(accelerator)
-    if deepspeed_requested() and not ctx.uses_deepspeed:
+    if launch.deepspeed and not ctx.uses_deepspeed:
         raise ConfigError(
             "the accelerate config asks for DeepSpeed but accelerate did not enable "
             "it; check that deepspeed is installed and the config's "
@@ -441,7 +439,7 @@ def train(config: JobConfig) -> TrainResult:
     lock = lock_output_dir(config.checkpoint.output_dir, ctx)
     try:
         with StopSignals() as stop:
-            return _Run(config, accelerator, ctx, stop).run()
+            return _Run(config, launch, accelerator, ctx, stop).run()
     finally:
         if lock is not None:
             lock.release()

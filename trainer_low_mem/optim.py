@@ -41,15 +41,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def zero_settings(accelerator) -> tuple[int, bool]:
-    """(ZeRO stage, optimizer offloaded to the CPU) of the run; (0, False) without DeepSpeed."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return 0, False
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
-    return int(zero.get("stage", 0)), zero.get("offload_optimizer", {}).get("device") == "cpu"
-
-
 def build_optimizer(model: torch.nn.Module, o: OptimConfig, *, cpu_offload: bool):
     """AdamW over `param_groups`; DeepSpeed's CPU Adam when ZeRO offloads the optimizer."""
     groups = param_groups(model, o.weight_decay)

@@ -31,8 +31,8 @@ class TrainResult:
 
 @dataclass
 class RunProgress:
-    """What a resume continues from (registered for checkpointing): optimizer steps done, counted
-    target tokens, and the data position after the last completed step."""
+    """What a resume continues from: optimizer steps done, counted target tokens, and the data
+    position after the last completed step (saved in the state's record, training_state.json)."""
 
     step: int = 0
     tokens_seen: int = 0

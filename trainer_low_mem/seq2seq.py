@@ -12,11 +12,8 @@ Batch contract (int64 [B, Le] and [B, Ld]):
     decoder_input_ids, decoder_position_ids  decoder start token + response, 0 at each pair start
     labels                                   response + EOS aligned with the decoder positions
                                              (already shifted), -100 at padding
-Without decoder inputs (the planner's trace and probe call model(input_ids, labels=...) with rows
-of --max_seq_len) the row is cut to `row_lens`, the encoder and decoder lengths the data gives,
-and the decoder reads its own cut: a plan measures the rows the run will take. Without
-position ids a row is one pair.
-pipeline/pairs.py fills these batches; LoRA goes through peft as a SEQ_2_SEQ_LM.
+Without position ids a row is one pair. pipeline/pairs.py fills these batches and
+pipeline/batch_spec.py's `PairRows` sizes them (the planner traces its example batches).
 """
 
 from __future__ import annotations
@@ -27,7 +24,13 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
-from trainer_low_mem.hf_model import HFWrapper, _transformers, check_model_folder, has_weights
+from trainer_low_mem.hf_model import (
+    HFWrapper,
+    _transformers,
+    check_model_folder,
+    has_weights,
+    read_folder_config,
+)
 from trainer_low_mem.loss import chunked_cross_entropy
 from trainer_low_mem.model import ModelOutput
 
@@ -75,8 +78,8 @@ def load_seq2seq_folder(
     """The encoder-decoder model in `path`, fp32, wrapped in `Seq2SeqLM`."""
     folder = check_model_folder(path)
     transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    if not getattr(config, "is_encoder_decoder", False):
+    config = read_folder_config(folder)
+    if not config.is_encoder_decoder:
         raise ConfigError(f"--model {folder} is not an encoder-decoder ({config.model_type})")
     if from_scratch or not has_weights(folder):
         hf_model = transformers.AutoModelForSeq2SeqLM.from_config(config)
@@ -98,8 +101,6 @@ def load_seq2seq_folder(
 class Seq2SeqLM(HFWrapper):
     """A `transformers` encoder-decoder with the packed-pair batch contract above."""
 
-    peft_task_type = "SEQ_2_SEQ_LM"  # what trainer_low_mem.lora tells peft (T5 targets: q k v o)
-
     def __init__(self, hf_model: nn.Module, loss_chunk_tokens: int = 4096) -> None:
         super().__init__()
         self.hf_model = hf_model
@@ -115,15 +116,6 @@ class Seq2SeqLM(HFWrapper):
         self.head_scale = config.d_model**-0.5 if scaled else 1.0
         head = hf_model.get_output_embeddings()
         self.chunked = isinstance(head, nn.Linear) and head.bias is None
-        # (encoder, decoder) row lengths of the data (pipeline.pair_layout.pair_row_lens), set
-        # once known; None: both are the row given.
-        self.row_lens: tuple[int, int] | None = None
-
-    @property
-    def start_id(self) -> int:
-        """The decoder start token (T5: the pad token)."""
-        start = self.config.decoder_start_token_id
-        return int(start if start is not None else self.config.pad_token_id)
 
     # The planner's ModelShape (config names mapped by transformers: d_model, num_layers, ...).
     @property
@@ -136,11 +128,6 @@ class Seq2SeqLM(HFWrapper):
     def d_ff(self) -> int:
         c = self.config
         return int(getattr(c, "d_ff", None) or getattr(c, "encoder_ffn_dim", 4 * self.d_model))
-
-    @property
-    def max_seq_len(self) -> int:
-        """Longest row the model takes (BART: its position table; T5's relative positions: any)."""
-        return int(getattr(self.config, "max_position_embeddings", None) or 2**31 - 1)
 
     def decoder_hidden(self, input_ids, position_ids, decoder_input_ids, decoder_position_ids):
         dtype = self.hf_model.get_input_embeddings().weight.dtype
@@ -164,17 +151,19 @@ class Seq2SeqLM(HFWrapper):
         decoder_position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        if position_ids is None:
-            row = torch.arange(input_ids.shape[1], device=input_ids.device)
-            position_ids = row.expand_as(input_ids)
-        if decoder_input_ids is None:  # a planning batch: cut to the data's row lengths
-            enc_len, dec_len = self.row_lens or (input_ids.shape[1],) * 2
-            decoder_input_ids, decoder_position_ids = (
-                input_ids[:, :dec_len],
-                position_ids[:, :dec_len],
+        if decoder_input_ids is None:
+            raise ConfigError(
+                "an encoder-decoder takes decoder_input_ids: feed it batches of "
+                "pipeline.batch_spec.PairRows (a prompt/response dataset built with --sft)"
             )
-            input_ids, position_ids = input_ids[:, :enc_len], position_ids[:, :enc_len]
-            labels = None if labels is None else labels[:, :dec_len]
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
+                input_ids
+            )
+        if decoder_position_ids is None:
+            decoder_position_ids = torch.arange(
+                decoder_input_ids.shape[1], device=input_ids.device
+            ).expand_as(decoder_input_ids)
         hidden = self.decoder_hidden(
             input_ids, position_ids, decoder_input_ids, decoder_position_ids
         )

@@ -43,10 +43,12 @@ class Stepper:
         optimizer,
         scheduler,
         *,
+        labels_shifted: bool = False,
         max_grad_norm: float,
         max_bad_steps: int = 3,
     ):
         self.accelerator, self.ctx = accelerator, ctx
+        self.labels_shifted = labels_shifted  # the batch spec's (pipeline/batch_spec.py)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.engine = model if ctx.uses_deepspeed else None  # the DeepSpeed engine
         self.max_grad_norm = max_grad_norm
@@ -67,7 +69,7 @@ class Stepper:
         """Optimizer step `step` (1-based) over this rank's micro-batches, or the agreed reason
         of an out-of-memory error (every rank returns the same one; nothing was updated)."""
         ctx, accum = self.ctx, len(micro_batches)
-        counts = [_target_count(mb) for mb in micro_batches]
+        counts = [_target_count(mb["labels"], self.labels_shifted) for mb in micro_batches]
         global_tokens = int(ctx.all_reduce_sum(int(torch.stack(counts).sum().item())))
         scale = accum * ctx.world_size / max(global_tokens, 1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
@@ -192,10 +194,7 @@ class Stepper:
             )
 
 
-def _target_count(micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens with a target: an encoder-decoder batch's labels are aligned with the decoder
-    positions already; a decoder-only batch's are shifted by the model."""
-    labels = micro_batch["labels"]
-    if "decoder_input_ids" not in micro_batch:
-        labels = shift_labels(labels)
-    return (labels != IGNORE_INDEX).sum()
+def _target_count(labels: torch.Tensor, labels_shifted: bool) -> torch.Tensor:
+    """Tokens with a target: labels already aligned with their positions (an encoder-decoder's)
+    count as they are; a decoder-only batch's are shifted by the model first."""
+    return ((labels if labels_shifted else shift_labels(labels)) != IGNORE_INDEX).sum()

@@ -14,7 +14,9 @@ from accelerate.commands.config import load_config_from_file
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import ComputeEnvironment
 
-from trainer_low_mem.sanity import check_launch, launch_facts_from_env
+from trainer_low_mem.launch import Launch
+from trainer_low_mem.planner.batch import check_split
+from trainer_low_mem.sanity import check_launch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "accelerate_configs"
@@ -58,19 +60,17 @@ def test_each_yaml_passes_the_launch_checks_for_the_launch_it_makes(name, monkey
             "ACCELERATE_USE_DEEPSPEED": "true",
             "ACCELERATE_DEEPSPEED_CONFIG_FILE": _deepspeed_file(config),
         }
-    facts = launch_facts_from_env(
-        global_batch=96 * config.num_processes,
-        micro_batch_per_gpu=16,
-        grad_accum_steps=6,
-        seq_len=1024,
-        model_max_seq_len=2048,
+    launch = Launch.from_env(
+        "no",
         accelerate_config_file=CONFIGS / name,
         env=env,
         cuda_device_count=3,
         deepspeed_installed=True,
     )
-    assert check_launch(facts) is None
-    assert facts.world_size == config.num_processes
+    assert check_launch(launch) is None
+    assert launch.world_size == config.num_processes
+    # 16 rows per GPU x 6 accumulation steps on every process.
+    assert check_split(96 * launch.world_size, launch.world_size, 16, 6) is None
 
 
 @pytest.mark.parametrize("name", DS_JSONS)
@@ -125,14 +125,15 @@ import os
 import sys
 from accelerate import PartialState
 from accelerate.utils import DeepSpeedPlugin
-from trainer_low_mem.sanity import check_launch, detect_cpu_multiprocess, launch_facts_from_env
+from trainer_low_mem.launch import Launch, detect_cpu_multiprocess
+from trainer_low_mem.sanity import check_launch
 
-facts = launch_facts_from_env(
-    global_batch=12, micro_batch_per_gpu=2, grad_accum_steps=None, seq_len=8, model_max_seq_len=8
+launch = Launch.from_env("no")
+check_launch(launch)
+report = (
+    f"{launch.distributed_type} {launch.world_size} {launch.zero_stage} {launch.optimizer_offload}"
 )
-check_launch(facts)
-report = f"{facts.distributed_type} {facts.world_size} {facts.zero_stage} {facts.offload_optimizer}"
-if facts.distributed_type == "DEEPSPEED":
+if launch.distributed_type == "DEEPSPEED":
     # What Accelerator does first: accelerate refuses a YAML that sets what the JSON owns.
     DeepSpeedPlugin()
     rank = os.environ["RANK"]
@@ -171,14 +172,12 @@ def _launch(config_name: str, tmp_path: Path, *extra_args: str) -> dict[str, str
 def test_cpu_3proc_yaml_starts_three_ranks_in_one_gloo_group(tmp_path):
     """The real launcher: three processes in one gloo group, not three single-process runs."""
     reports = _launch("cpu_3proc.yaml", tmp_path)
-    assert reports == {
-        f"rank{rank}": "MULTI_CPU 3 None False 3 MULTI_CPU gloo" for rank in range(3)
-    }
+    assert reports == {f"rank{rank}": "MULTI_CPU 3 0 None 3 MULTI_CPU gloo" for rank in range(3)}
 
 
 @pytest.mark.slow
 def test_zero2_yaml_launch_reaches_the_trainer_as_zero2_with_cpu_offload(tmp_path):
     """The real launcher hands each rank the DeepSpeed JSON, which accelerate accepts with the
-    YAML; the facts read from it are stage 2 + offload."""
+    YAML; the launch read from it is stage 2 + CPU offload."""
     reports = _launch("zero2_offload_3gpu.yaml", tmp_path, "--num_processes", "2")
-    assert reports == {f"rank{rank}": "DEEPSPEED 2 2 True" for rank in range(2)}
+    assert reports == {f"rank{rank}": "DEEPSPEED 2 2 cpu" for rank in range(2)}

@@ -64,8 +64,9 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.progress = _Progress()
-        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.ckpt = Checkpointer(output_dir, RankContext.single(), self.accelerator)
+        self.ckpt.register("scheduler", self.scheduler)
+        self.ckpt.register("progress", self.progress)
 
     def train_a_step(self):
         ids = torch.randint(0, 259, (2, 16))
@@ -108,7 +109,7 @@ def test_round_trip_restores_everything_exactly(tmp_path):
     path, manifest = fresh.ckpt.find_resumable()
     assert path == latest and manifest["step"] == 3 and manifest["dataset_fingerprint"] == "abc"
     assert fresh.ckpt.load(path, manifest, compat=COMPAT) == _state(3)
-    assert fresh.progress == run.progress  # registered objects come back through load_state
+    assert fresh.progress == run.progress  # registered objects come back by name
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
     for a, b in zip(
         run.model.state_dict().values(), fresh.model.state_dict().values(), strict=True
@@ -231,7 +232,7 @@ def test_load_refuses_a_state_whose_registered_objects_differ(tmp_path):
     run = _Run(tmp_path)
     run.save(1)
     path, manifest = run.ckpt.find_resumable()
-    (path / "custom_checkpoint_1.pkl").unlink()  # saved by a run that registered one object less
+    (path / "progress.pt").unlink()  # saved by a run that registered one object less
     with pytest.raises(CheckpointError, match=f"cannot load the training state in {path}"):
         _Run(tmp_path).ckpt.load(path, manifest, compat=COMPAT)
 
@@ -433,20 +434,20 @@ def test_a_shard_truncated_mid_run_is_found_by_the_periodic_check(make_dataset):
     from types import SimpleNamespace
 
     from lowmem_core.errors import PipelineError
+    from pipeline.batch_spec import TokenRows
     from trainer_low_mem.data import TrainData
 
     path = make_dataset(200)
     data = TrainData(
-        path, seq_len=32, packing=True, seed=0, rank=0, world_size=1,
-        device=torch.device("cpu"), shard_check_every_s=0.0,
-    )  # fmt: skip
+        path, seed=0, rank=0, world_size=1, device=torch.device("cpu"), shard_check_every_s=0.0
+    )
     # pread readers: the batches read ahead of the check meet a short read, not SIGBUS (which
     # would end this process, as it ends a training run in mmap mode).
     plan = SimpleNamespace(
         ultra_low_mem=True, micro_batch_per_rank=2, prefetch_depth=2, pinned_pool_bytes=0,
         num_readers=1,
     )  # fmt: skip
-    data.configure(plan)
+    data.configure(plan, TokenRows(seq_len=32))
     data.start(None)
     data.next_batch()
     shard = next(path.glob("shard-*"))

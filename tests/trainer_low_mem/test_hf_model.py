@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from lowmem_core.errors import ConfigError
-from trainer_low_mem.hf_model import HFCausalLM, check_dataset_matches_model, load_model_folder
+from trainer_low_mem.config import ModelConfig
+from trainer_low_mem.hf_model import HFCausalLM, load_model_folder, read_folder_config
 from trainer_low_mem.model import build_model
+from trainer_low_mem.models import DataFacts, resolve_model_kind
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,16 +187,40 @@ def test_4bit_without_cuda_says_it_needs_a_gpu(model_dir):
 
 
 def test_dataset_vocabulary_and_eos_are_checked_against_the_model(model_dir):
-    model = load_model_folder(model_dir)
-    check_dataset_matches_model(vocab_size=VOCAB, eos_id=1, bos_id=0, model=model, data=model_dir)
+    kind = resolve_model_kind(ModelConfig(model=model_dir))
+
+    def data(vocab_size: int, eos_id: int) -> DataFacts:
+        return DataFacts(
+            path=Path("data"),
+            vocab_size=vocab_size,
+            bos_id=0,
+            eos_id=eos_id,
+            pad_id=0,
+            is_sft=False,
+            token_bytes=0,
+            index_bytes=None,
+            tokenizer_dir=None,
+        )
+
+    kind.check_data(data(VOCAB, 1))
     with pytest.raises(ConfigError, match=f"{VOCAB + 5} ids .* {VOCAB} rows"):
-        check_dataset_matches_model(
-            vocab_size=VOCAB + 5, eos_id=1, bos_id=0, model=model, data=model_dir
-        )
+        kind.check_data(data(VOCAB + 5, 1))
     with pytest.raises(ConfigError, match="EOS is 1"):
-        check_dataset_matches_model(
-            vocab_size=VOCAB, eos_id=7, bos_id=0, model=model, data=model_dir
-        )
+        kind.check_data(data(VOCAB, 7))
+
+
+def test_the_row_limit_is_the_configs_position_limit(model_dir):
+    # max_position_embeddings (Llama, Qwen2) or n_positions (GPT-2): 64 in every config here.
+    assert resolve_model_kind(ModelConfig(model=model_dir)).max_seq_len == 64
+
+
+def test_an_unreadable_config_json_gets_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ConfigError) as info:
+        read_folder_config(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'config.json'} cannot be read by transformers (")
+    assert "\n" not in message and "save the model again" in message
 
 
 def test_adapter_is_an_nn_module_with_the_contract(model_dir):

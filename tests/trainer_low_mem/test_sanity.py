@@ -1,140 +1,92 @@
 """trainer_low_mem.sanity: each launch mistake refused in one line that names what was found and
-the fix; launch facts read from the environment."""
+the fix, spelled as the user changes it in the command they ran (`plan` flags, `train` config
+files); the CUDA allocator set up before CUDA starts."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 
 from lowmem_core.errors import ConfigError
-from trainer_low_mem.sanity import (
-    LaunchFacts,
-    check_launch,
-    detect_cpu_multiprocess,
-    launch_facts_from_env,
-    set_cuda_alloc_conf,
-)
+from trainer_low_mem.config import LaunchConfig
+from trainer_low_mem.launch import Launch
+from trainer_low_mem.sanity import check_launch, set_cuda_alloc_conf
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = REPO_ROOT / "accelerate_configs"
-
-# A sane launch: DDP over 3 GPUs, global batch 384 = 16 per GPU x 8 accumulation x 3 processes.
-DDP_3GPU = LaunchFacts(
+# A sane launch: DDP over 3 GPUs of one node.
+DDP_3GPU = Launch(
     distributed_type="MULTI_GPU",
-    num_processes=None,
     world_size=3,
-    local_world_size=3,
+    ranks_per_node=3,
     cuda_device_count=3,
-    uses_deepspeed=False,
     deepspeed_installed=True,
-    device_map=None,
-    global_batch=384,
-    micro_batch_per_gpu=16,
-    grad_accum_steps=8,
-    seq_len=1024,
-    model_max_seq_len=2048,
-    zero_stage=None,
-    offload_optimizer=False,
+)
+ZERO2 = dataclasses.replace(
+    DDP_3GPU,
+    distributed_type="DEEPSPEED",
+    deepspeed=True,
+    zero_stage=2,
+    optimizer_offload="cpu",
+    config_file="ds.json",
 )
 
 
-def _assert_refused(facts: LaunchFacts, *key_facts: str) -> None:
-    """check_launch refuses `facts` with one line that contains every one of `key_facts`."""
+def _assert_refused(launch: Launch, *key_facts: str) -> None:
+    """check_launch refuses `launch` with one line that contains every one of `key_facts`."""
     with pytest.raises(ConfigError) as exc:
-        check_launch(facts)
+        check_launch(launch)
     message = str(exc.value)
     assert "\n" not in message
     for fact in key_facts:
         assert fact in message
 
 
-def _env_facts(env: dict[str, str], **overrides) -> LaunchFacts:
-    kwargs = dict(
-        global_batch=384,
-        micro_batch_per_gpu=16,
-        grad_accum_steps=None,
-        seq_len=1024,
-        model_max_seq_len=2048,
-        env=env,
-        cuda_device_count=3,
-        deepspeed_installed=True,
-    )
-    kwargs.update(overrides)
-    return launch_facts_from_env(**kwargs)
-
-
-def _torchrun_env(world_size: int, local_world_size: int | None = None) -> dict[str, str]:
-    return {
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(local_world_size or world_size),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-    }
-
-
-# ------------------------------------------------------------------------------------ check_launch
+def _message(launch: Launch) -> str:
+    with pytest.raises(ConfigError) as exc:
+        check_launch(launch)
+    return str(exc.value)
 
 
 def test_sane_launches_pass():
     assert check_launch(DDP_3GPU) is None
     single = dataclasses.replace(
-        DDP_3GPU,
-        distributed_type="NO",
-        world_size=1,
-        local_world_size=1,
-        global_batch=128,
-        cuda_device_count=1,
+        DDP_3GPU, distributed_type="NO", world_size=1, ranks_per_node=1, cuda_device_count=1
     )
     assert check_launch(single) is None
-    zero2 = dataclasses.replace(
-        DDP_3GPU,
-        distributed_type="DEEPSPEED",
-        uses_deepspeed=True,
-        zero_stage=2,
-        offload_optimizer=True,
-    )
-    assert check_launch(zero2) is None
-    derived_accumulation = dataclasses.replace(DDP_3GPU, grad_accum_steps=None)
-    assert check_launch(derived_accumulation) is None
+    assert check_launch(ZERO2) is None
+    assert check_launch(dataclasses.replace(ZERO2, zero_stage=1)) is None
+    assert check_launch(Launch.from_flags(LaunchConfig(world_size=4), "bf16")) is None
+    zero2_flags = LaunchConfig(world_size=4, zero_stage=2, offload_optimizer=True)
+    assert check_launch(Launch.from_flags(zero2_flags, "bf16")) is None
 
 
 def test_multi_gpu_with_one_process():
-    facts = dataclasses.replace(DDP_3GPU, world_size=1, local_world_size=1, global_batch=None)
+    launch = dataclasses.replace(DDP_3GPU, world_size=1, ranks_per_node=1)
     _assert_refused(
-        facts, "MULTI_GPU", "num_processes is 1", "--num_processes 3", "single_gpu.yaml"
+        launch, "MULTI_GPU", "num_processes is 1", "--num_processes 3", "single_gpu.yaml"
     )
 
 
 def test_multi_gpu_with_one_process_in_the_config_file():
-    facts = dataclasses.replace(
-        DDP_3GPU,
-        num_processes=1,
-        world_size=1,
-        local_world_size=1,
-        cuda_device_count=1,
-        global_batch=None,
+    launch = dataclasses.replace(
+        DDP_3GPU, num_processes=1, world_size=1, ranks_per_node=1, cuda_device_count=1
     )
     _assert_refused(
-        facts, "MULTI_GPU", "num_processes is 1", "--num_processes N", "single_gpu.yaml"
+        launch, "MULTI_GPU", "num_processes is 1", "--num_processes N", "single_gpu.yaml"
     )
 
 
 def test_config_asks_for_more_processes_than_are_running():
-    facts = dataclasses.replace(
-        DDP_3GPU, num_processes=3, world_size=1, local_world_size=1, global_batch=None
-    )
+    launch = dataclasses.replace(DDP_3GPU, num_processes=3, world_size=1, ranks_per_node=1)
     _assert_refused(
-        facts, "asks for 3 processes but 1 are running", "accelerate launch --config_file"
+        launch, "asks for 3 processes but 1 are running", "accelerate launch --config_file"
     )
 
 
 def test_more_processes_per_node_than_gpus():
-    facts = dataclasses.replace(DDP_3GPU, world_size=4, local_world_size=4, global_batch=None)
+    launch = dataclasses.replace(DDP_3GPU, world_size=4, ranks_per_node=4)
     _assert_refused(
-        facts, "4 processes", "3 CUDA devices", "--num_processes 3", "CUDA_VISIBLE_DEVICES"
+        launch, "4 processes", "3 CUDA devices", "--num_processes 3", "CUDA_VISIBLE_DEVICES"
     )
 
 
@@ -158,211 +110,80 @@ def test_device_map_spreading_the_model_under_ddp(device_map):
 def test_device_map_on_one_device_or_one_process_is_fine():
     assert check_launch(dataclasses.replace(DDP_3GPU, device_map={"": 0})) is None
     single = dataclasses.replace(
-        DDP_3GPU,
-        distributed_type="NO",
-        world_size=1,
-        local_world_size=1,
-        global_batch=None,
-        device_map="auto",
+        DDP_3GPU, distributed_type="NO", world_size=1, ranks_per_node=1, device_map="auto"
     )
     assert check_launch(single) is None
 
 
-def test_global_batch_not_divisible_by_processes_times_micro_batch():
-    _assert_refused(
-        dataclasses.replace(DDP_3GPU, global_batch=100, grad_accum_steps=None),
-        "global batch 100",
-        "3 x 16 = 48",
-        "--global_batch to a multiple of 48 (e.g. 96)",
-    )
-
-
-def test_global_batch_smaller_than_one_micro_step_suggests_one_micro_step():
-    _assert_refused(
-        dataclasses.replace(DDP_3GPU, global_batch=8, grad_accum_steps=None),
-        "global batch 8",
-        "a multiple of 48 (e.g. 48)",
-    )
-
-
-def test_batch_accumulation_and_processes_disagree_with_global_batch():
-    _assert_refused(
-        dataclasses.replace(DDP_3GPU, grad_accum_steps=2), "16 x 2 x 3 = 96", "global_batch is 384"
-    )
-
-
-def test_non_positive_micro_batch():
-    _assert_refused(
-        dataclasses.replace(DDP_3GPU, micro_batch_per_gpu=0), "batch_size_per_gpu", "got 0"
-    )
-
-
 def test_zero_config_without_the_deepspeed_extra_names_the_extra_and_the_ddp_config():
-    facts = dataclasses.replace(
-        DDP_3GPU,
-        distributed_type="DEEPSPEED",
-        uses_deepspeed=True,
-        deepspeed_installed=False,
-        zero_stage=2,
-    )
-    _assert_refused(facts, "pip install 'lowmem-pipeline[deepspeed]'", "multi_gpu_3.yaml")
+    launch = dataclasses.replace(ZERO2, deepspeed_installed=False)
+    _assert_refused(launch, "pip install 'lowmem-pipeline[deepspeed]'", "multi_gpu_3.yaml")
 
 
-def test_sequence_longer_than_the_model_accepts():
-    _assert_refused(
-        dataclasses.replace(DDP_3GPU, seq_len=4096), "seq_len 4096", "--max_seq_len to at most 2048"
-    )
+# `train` (a DeepSpeed config) and `plan` (flags): the same check, each with its own levers
+# (their wording: tests/trainer_low_mem/test_launch_levers.py).
+TRAIN_AND_PLAN = {
+    "train": lambda **zero: dataclasses.replace(ZERO2, **zero),
+    "plan": lambda **zero: Launch.from_flags(
+        LaunchConfig(
+            world_size=3,
+            zero_stage=zero["zero_stage"],
+            offload_optimizer=zero.get("optimizer_offload") == "cpu",
+        ),
+        "no",
+    ),
+}
 
 
+@pytest.mark.parametrize("command", TRAIN_AND_PLAN)
 @pytest.mark.parametrize("stage", [4, -1])
-def test_zero_stage_outside_0_to_3(stage):
-    facts = dataclasses.replace(
-        DDP_3GPU, distributed_type="DEEPSPEED", uses_deepspeed=True, zero_stage=stage
+def test_zero_stage_outside_0_to_3(command, stage):
+    launch = TRAIN_AND_PLAN[command](zero_stage=stage)
+    levers = launch.levers(grad_checkpointing=False)
+    assert _message(launch) == (
+        f"ZeRO stage {stage} is not a ZeRO stage (0, 1, 2 or 3); use {levers.zero_stage}"
     )
-    _assert_refused(facts, f"zero_optimization.stage is {stage}", "0, 1, 2 or 3")
 
 
-def test_optimizer_offload_without_zero():
-    facts = dataclasses.replace(
-        DDP_3GPU,
-        distributed_type="DEEPSPEED",
-        uses_deepspeed=True,
-        zero_stage=0,
-        offload_optimizer=True,
+@pytest.mark.parametrize("command", TRAIN_AND_PLAN)
+def test_zero_stage_3_is_refused_with_one_message_for_plan_and_train(command):
+    launch = TRAIN_AND_PLAN[command](zero_stage=3)
+    levers = launch.levers(grad_checkpointing=False)
+    assert _message(launch) == (
+        f"ZeRO stage 3 (sharded parameters) is not supported; use {levers.zero_stage}; where the "
+        f"optimizer states still do not fit, {levers.offload_optimizer} moves them to host RAM"
     )
-    _assert_refused(facts, "offloads the optimizer", "stage is 0", "set the stage to 2")
 
 
-# -------------------------------------------------------------------- facts from the environment
-
-
-def test_plain_python_is_a_single_process_run():
-    facts = _env_facts({}, global_batch=128)
-    assert (facts.distributed_type, facts.world_size, facts.local_world_size) == ("NO", 1, 1)
-    assert facts.num_processes is None
-    assert facts.uses_deepspeed is False and facts.zero_stage is None
-    assert check_launch(facts) is None
-
-
-def test_torchrun_with_gpus_is_multi_gpu():
-    facts = _env_facts(_torchrun_env(3))
-    assert (facts.distributed_type, facts.world_size, facts.local_world_size) == ("MULTI_GPU", 3, 3)
-    assert check_launch(facts) is None
-
-
-def test_torchrun_with_one_process_is_caught():
-    facts = _env_facts(_torchrun_env(1), global_batch=None)
-    assert facts.distributed_type == "MULTI_GPU"
-    with pytest.raises(
-        ConfigError, match="^accelerate config says MULTI_GPU but num_processes is 1"
-    ):
-        check_launch(facts)
-
-
-def test_torchrun_without_cuda_is_multi_cpu():
-    facts = _env_facts(_torchrun_env(3), cuda_device_count=0)
-    assert facts.distributed_type == "MULTI_CPU"
-    assert check_launch(facts) is None
-
-
-def test_deepspeed_launch_reads_stage_and_offload_from_the_json(monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)  # DeepSpeed resolves the relative path from the working directory
-    env = _torchrun_env(3) | {
-        "ACCELERATE_USE_DEEPSPEED": "true",
-        "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/ds_zero2_offload.json",
-    }
-    facts = _env_facts(env)
-    assert (
-        facts.distributed_type,
-        facts.uses_deepspeed,
-        facts.zero_stage,
-        facts.offload_optimizer,
-    ) == (
-        "DEEPSPEED",
-        True,
-        2,
-        True,
+@pytest.mark.parametrize("command", TRAIN_AND_PLAN)
+def test_optimizer_offload_without_zero(command):
+    launch = TRAIN_AND_PLAN[command](zero_stage=0, optimizer_offload="cpu")
+    assert launch.offloads_optimizer
+    levers = launch.levers(grad_checkpointing=False)
+    assert _message(launch) == (
+        f"optimizer offload needs ZeRO stage 1 or 2 but the stage is 0; use {levers.zero_stage}"
     )
-    assert check_launch(facts) is None
 
 
-def test_deepspeed_launch_from_plugin_env_vars():
-    env = _torchrun_env(2) | {
-        "ACCELERATE_USE_DEEPSPEED": "true",
-        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "5",
-        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
-    }
-    facts = _env_facts(env, deepspeed_installed=False)
-    assert (facts.zero_stage, facts.offload_optimizer, facts.deepspeed_installed) == (
-        5,
-        False,
-        False,
+@pytest.mark.parametrize(
+    "rank, world, local_rank, ranks_per_node, named",
+    [
+        (5, 3, 0, 3, "RANK=5 with WORLD_SIZE=3"),
+        (-1, 3, 0, 3, "RANK=-1"),
+        (0, 0, 0, None, "WORLD_SIZE=0"),
+        (0, 3, 4, 3, "LOCAL_RANK=4 with LOCAL_WORLD_SIZE=3"),
+    ],
+)
+def test_an_inconsistent_rank_fails_at_once_naming_the_variable(
+    rank, world, local_rank, ranks_per_node, named
+):
+    launch = dataclasses.replace(
+        DDP_3GPU, rank=rank, world_size=world, local_rank=local_rank, ranks_per_node=ranks_per_node
     )
-    with pytest.raises(ConfigError, match="^DeepSpeed zero_optimization.stage is 5"):
-        check_launch(facts)
+    _assert_refused(launch, named, "accelerate launch")
 
 
-def test_missing_deepspeed_json_names_the_working_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    env = _torchrun_env(3) | {
-        "ACCELERATE_USE_DEEPSPEED": "true",
-        "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/ds_zero2_offload.json",
-    }
-    with pytest.raises(ConfigError) as exc:
-        _env_facts(env)
-    message = str(exc.value)
-    assert "accelerate_configs/ds_zero2_offload.json does not exist" in message
-    assert str(tmp_path) in message and "project root" in message
-
-
-def test_deepspeed_json_without_a_stage_means_stage_0(tmp_path):
-    ds_json = tmp_path / "ds.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
-    env = _torchrun_env(3) | {
-        "ACCELERATE_USE_DEEPSPEED": "true",
-        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json),
-    }
-    facts = _env_facts(env)
-    assert (facts.zero_stage, facts.offload_optimizer) == (0, True)
-    with pytest.raises(ConfigError, match="^the DeepSpeed config offloads the optimizer but"):
-        check_launch(facts)
-
-
-def test_accelerate_config_run_with_plain_python_is_caught():
-    facts = _env_facts({}, accelerate_config_file=CONFIGS / "multi_gpu_3.yaml", global_batch=None)
-    assert (facts.distributed_type, facts.num_processes, facts.world_size) == ("MULTI_GPU", 3, 1)
-    with pytest.raises(
-        ConfigError, match="^the accelerate config asks for 3 processes but 1 are running"
-    ):
-        check_launch(facts)
-
-
-def test_missing_accelerate_config_file(tmp_path):
-    with pytest.raises(ConfigError) as exc:
-        _env_facts({}, accelerate_config_file=tmp_path / "nope.yaml")
-    assert f"{tmp_path / 'nope.yaml'} does not exist" in str(exc.value)
-    assert "accelerate_configs/" in str(exc.value)
-
-
-def test_device_count_and_deepspeed_presence_are_read_when_not_given():
-    facts = launch_facts_from_env(
-        global_batch=None,
-        micro_batch_per_gpu=1,
-        grad_accum_steps=None,
-        seq_len=8,
-        model_max_seq_len=8,
-        env={},
-    )
-    import importlib.util
-
-    import torch
-
-    assert facts.cuda_device_count == torch.cuda.device_count()
-    extra = ("deepspeed", "transformers")  # the `deepspeed` extra
-    assert facts.deepspeed_installed == all(importlib.util.find_spec(m) is not None for m in extra)
-
-
-# ------------------------------------------------------------------ allocator and CPU multi-process
+# ---------------------------------------------------------------------------------- allocator
 
 
 def test_set_cuda_alloc_conf_sets_expandable_segments():
@@ -376,36 +197,3 @@ def test_set_cuda_alloc_conf_keeps_the_users_setting(name):
     env = {name: "max_split_size_mb:128"}
     assert set_cuda_alloc_conf(env) is False
     assert env == {name: "max_split_size_mb:128"}
-
-
-@pytest.mark.parametrize(
-    "env, cuda_available, expected",
-    [
-        ({"WORLD_SIZE": "3"}, False, True),
-        ({"WORLD_SIZE": "3"}, True, False),
-        ({"WORLD_SIZE": "1"}, False, False),
-        ({}, False, False),
-    ],
-)
-def test_detect_cpu_multiprocess(env, cuda_available, expected):
-    assert detect_cpu_multiprocess(env, cuda_available=cuda_available) is expected
-
-
-@pytest.mark.parametrize(
-    "env, named",
-    [
-        ({"RANK": "5", "WORLD_SIZE": "3"}, "RANK=5 with WORLD_SIZE=3"),
-        ({"RANK": "-1", "WORLD_SIZE": "3"}, "RANK=-1"),
-        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
-        (
-            {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "4"},
-            "LOCAL_RANK=4",
-        ),
-        ({"WORLD_SIZE": "three"}, "WORLD_SIZE='three' is not an integer"),
-    ],
-)
-def test_an_inconsistent_launch_environment_fails_at_once_naming_the_variable(env, named):
-    with pytest.raises(ConfigError) as info:
-        check_launch(_env_facts(env, global_batch=None, micro_batch_per_gpu=1))
-    assert named in str(info.value)
-    assert "accelerate launch" in str(info.value)

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from lowmem_core.errors import ConfigError
+from pipeline.batch_spec import PairRows
+from trainer_low_mem.config import ModelConfig
+from trainer_low_mem.models import resolve_model_kind
 from trainer_low_mem.seq2seq import Seq2SeqLM, load_seq2seq_folder
 
 transformers = pytest.importorskip("transformers")
@@ -102,36 +105,45 @@ def test_from_scratch_builds_from_the_config(t5_dir):
     assert not torch.equal(next(scratch.parameters()), next(loaded.parameters()))
 
 
-def test_a_planning_batch_is_cut_to_the_data_row_lengths(t5_dir):
+def test_without_position_ids_a_row_is_one_pair(t5_dir):
     model = load_seq2seq_folder(t5_dir).eval()  # no dropout: the losses compare exactly
     ids = torch.randint(2, 100, (2, 24), generator=torch.Generator().manual_seed(2))
-    model.row_lens = (8, 16)
-    planned = model(ids, labels=ids).loss  # as the planner's probe calls it
     row = torch.arange(24).expand(2, 24)
+    implicit = model(input_ids=ids, decoder_input_ids=ids[:, :16], labels=ids[:, :16]).loss
     explicit = model(
-        input_ids=ids[:, :8],
-        position_ids=row[:, :8],
+        input_ids=ids,
+        position_ids=row,
         decoder_input_ids=ids[:, :16],
         decoder_position_ids=row[:, :16],
         labels=ids[:, :16],
     ).loss
-    assert torch.equal(planned, explicit)
-    model.row_lens = None  # unknown: the decoder reads the whole row
-    whole = model(ids, labels=ids).loss
-    assert torch.equal(whole, model(ids, row, ids, row, labels=ids).loss)
+    assert torch.equal(implicit, explicit)
+
+
+def test_a_batch_without_decoder_inputs_is_refused_naming_the_pair_batches(t5_dir):
+    model = load_seq2seq_folder(t5_dir)
+    ids = torch.randint(2, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ConfigError) as info:
+        model(ids, labels=ids)
+    assert str(info.value) == (
+        "an encoder-decoder takes decoder_input_ids: feed it batches of "
+        "pipeline.batch_spec.PairRows (a prompt/response dataset built with --sft)"
+    )
 
 
 def test_the_trace_measures_the_rows_the_data_gives(t5_dir):
-    from trainer_low_mem.planner.estimate import meta_copy_factory
     from trainer_low_mem.planner.trace import trace_step_memory
 
-    model = load_seq2seq_folder(t5_dir)
+    kind = resolve_model_kind(ModelConfig(model=t5_dir))
 
-    def per_row(row_lens):
-        model.row_lens = row_lens
-        traced = trace_step_memory(meta_copy_factory(model), seq_len=64, device_type="cpu")
+    def per_token(enc_len: int, dec_len: int) -> int:
+        traced = trace_step_memory(
+            lambda: kind.build(100, document_masking=True, weights=False),
+            seq_len=64,
+            device_type="cpu",
+            batch_spec=PairRows(enc_len, dec_len, kind.start_id),
+        )
         return traced.activation_bytes_per_token
 
-    whole = per_row(None)
-    assert per_row((64, 64)) == whole
-    assert per_row((16, 64)) < whole and per_row((64, 16)) < whole
+    whole = per_token(64, 64)
+    assert per_token(16, 64) < whole and per_token(64, 16) < whole

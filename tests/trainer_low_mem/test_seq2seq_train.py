@@ -20,13 +20,14 @@ from safetensors.torch import load_file
 from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import effective_host_limit_bytes
 from pipeline import open_dataset
+from pipeline.batch_spec import PairRows
 from pipeline.pair_layout import pair_row_lens
-from pipeline.pairs import PairLoader
-from trainer_low_mem import data as data_module
 from trainer_low_mem import loop, oom, signals
 from trainer_low_mem.cli import parse_job_config
+from trainer_low_mem.config import ModelConfig
 from trainer_low_mem.evaluate import evaluate
-from trainer_low_mem.seq2seq import load_seq2seq_folder, write_sample_t5
+from trainer_low_mem.models import resolve_model_kind
+from trainer_low_mem.seq2seq import write_sample_t5
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -75,8 +76,11 @@ def test_packed_eval_equals_transformers_pair_by_pair(t5_inputs):
         t5_inputs["model"], t5_inputs["eval_data"]
     )
     ds = open_dataset(t5_inputs["eval_data"])
-    model = load_seq2seq_folder(t5_inputs["model"])
-    loader = PairLoader(ds, 3, *pair_row_lens(ds, MAX_LEN), start_id=model.start_id)
+    kind = resolve_model_kind(ModelConfig(model=t5_inputs["model"]))
+    model = kind.build(ds.vocab_size, document_masking=True, weights=True)
+    spec = kind.batch_spec(ds, MAX_LEN, True, None)
+    assert spec == PairRows(*pair_row_lens(ds, MAX_LEN), start_id=0)
+    loader = spec.loader(ds, 3, rank=0, world_size=1, seed=0)
     result = evaluate(model, loader, device=torch.device("cpu"), sum_over_ranks=lambda v: v)
     assert result.label_tokens == expected_count
     assert abs(result.loss - expected) < 1e-5
@@ -130,11 +134,13 @@ def test_train_eval_resume_bit_exact_and_export(t5_inputs, tmp_path, monkeypatch
 def test_a_run_laid_out_otherwise_resumes_with_its_own_row_lengths_and_window(
     t5_inputs, tmp_path, monkeypatch, capsys
 ):
-    # As a run started by a release that sized rows proportionally and packed next-fit.
-    old_layout = {"pair_row_lens": lambda ds, max_len: (MAX_LEN, MAX_LEN), "PACK_WINDOW": 1}
+    # As a run started by a release that sized rows proportionally and packed next-fit (both
+    # runs under the patch start fresh).
+    def old_layout(cls, dataset, max_len, start_id, saved=None):
+        return cls(MAX_LEN, MAX_LEN, start_id, pack_window=1)
+
     with monkeypatch.context() as patch:
-        for name, value in old_layout.items():
-            patch.setattr(data_module, name, value)
+        patch.setattr(PairRows, "for_dataset", classmethod(old_layout))
         straight = loop.train(_config(t5_inputs, tmp_path / "straight"))
         _stop_after(patch, 3)
         first = loop.train(_config(t5_inputs, tmp_path / "resumed"))

@@ -25,6 +25,7 @@ from trainer_low_mem.planner.footprint import (
     ModelStates,
     place_model_states,
 )
+from trainer_low_mem.planner.levers import PLAN_FLAG_LEVERS, Levers
 from trainer_low_mem.planner.machine import detect_devices, usable_cores
 from trainer_low_mem.planner.model_memory import ModelMemory
 from trainer_low_mem.planner.plan import Plan
@@ -62,13 +63,15 @@ def plan(
     cuda_reserve_bytes: int = DEFAULT_CUDA_RESERVE_BYTES,
     process_base_bytes: int = DEFAULT_PROCESS_BASE_BYTES,
     max_readers: int = DEFAULT_MAX_READERS,
+    levers: Levers = PLAN_FLAG_LEVERS,
 ) -> Plan:
     """Size a run; see the module docstring.
 
     Inputs left as None are read from this machine: GPUs and their free memory (NVML), cores
     (affinity and cgroup cpu.max), host RAM (psutil and the cgroup memory limit, via `host`).
     `device` None means CUDA when a device budget is given or a GPU is visible. Raises
-    ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers.
+    ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers
+    and advice that names each lever as `levers` spells it.
     """
     per_rank = per_rank_batch(global_batch, world_size)
     _check_settings(seq_len, zero_stage, offload_optimizer, target_frac, max_readers)
@@ -128,7 +131,7 @@ def plan(
     chosen, micro, failures = _choose(fp, settings, divisors(per_rank), micro_batch_per_rank)
     if chosen is None:
         raise MemoryLimitError(
-            _nothing_fits(failures, fp, states, zero_stage, offload_optimizer, world_size)
+            _nothing_fits(failures, fp, states, zero_stage, offload_optimizer, world_size, levers)
         )
     depth, readers, ultra = chosen
 
@@ -320,26 +323,28 @@ def _nothing_fits(
     zero_stage: int,
     offload: bool,
     world_size: int,
+    levers: Levers,
 ) -> str:
     hints = []
     if failures[0].startswith("GPU"):
         if zero_stage < 2 and world_size > 1:
-            hints.append("--zero_stage 2 partitions gradients and optimizer states over the ranks")
+            hints.append(f"{levers.zero_stage} partitions gradients and optimizer states")
         optimizer = states.device.get("optimizer", 0)
         if not offload and optimizer:
             hints.append(
-                f"--offload_optimizer=True (with --zero_stage 1 or 2) moves "
-                f"{format_bytes(optimizer)} of optimizer states to host RAM"
+                f"{levers.offload_optimizer} moves {format_bytes(optimizer)} of optimizer "
+                "states to host RAM"
             )
-        hints.append("--grad_checkpointing=True or a shorter --max_seq_len cuts activations")
+        cuts = [x for x in (levers.grad_checkpointing, levers.shorter_rows) if x is not None]
+        hints.append(f"{' or '.join(cuts)} cuts activations")
     else:
         if states.offloaded:
             hints.append(
                 f"the offloaded optimizer takes "
-                f"{format_bytes(fp.ranks_per_node * states.offloaded)}: drop "
-                "--offload_optimizer if the GPU can hold it"
+                f"{format_bytes(fp.ranks_per_node * states.offloaded)}: "
+                f"{levers.drop_offload} if the GPU can hold it"
             )
-        hints.append("raise --host_ram_limit, or run fewer ranks per node")
+        hints.append(levers.host_ram)
     tried = failures if len(failures) <= 2 else [failures[0], f"... {failures[-1]}"]
     per_seq = fp.activation_bytes_per_token * fp.seq_len
     return (

@@ -37,3 +37,30 @@ def check_micro_batch(micro: int, global_batch: int, world_size: int) -> int:
             f"{global_batch} / world {world_size}); choose one of {divisors(per_rank)}"
         )
     return micro
+
+
+def check_split(
+    global_batch: int, world_size: int, micro: int | None = None, accum: int | None = None
+) -> None:
+    """The batch-split rule, checked here and nowhere else: global batch = micro-batch x
+    accumulation x world size, with each of them a positive integer. `micro` and `accum` are
+    checked when given (by the user, or by a plan)."""
+    per_rank = per_rank_batch(global_batch, world_size)
+    if micro is not None:
+        check_micro_batch(micro, global_batch, world_size)
+    if accum is None:
+        return
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ConfigError(f"gradient accumulation must be a positive integer, got {accum!r}")
+    if micro is not None and micro * accum != per_rank:
+        raise ConfigError(
+            f"micro-batch {micro} x accumulation {accum} x {world_size} processes = "
+            f"{micro * accum * world_size} rows, not the global batch {global_batch}; give two "
+            "of --batch_size_per_gpu, --gradient_accumulation_steps and --global_batch, or make "
+            "the three agree"
+        )
+    if per_rank % accum:
+        raise ConfigError(
+            f"accumulation {accum} does not divide the per-rank batch {per_rank} (= global "
+            f"{global_batch} / world {world_size}); choose one of {divisors(per_rank)}"
+        )

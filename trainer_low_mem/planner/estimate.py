@@ -14,7 +14,6 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowmem_core.errors import LowMemError
@@ -25,6 +24,7 @@ from trainer_low_mem.planner.model_memory import ModelMemory, ModelShape, analyt
 if TYPE_CHECKING:
     from torch import nn
 
+    from pipeline.batch_spec import BatchSpec
     from trainer_low_mem.config import JobConfig, PlanConfig
     from trainer_low_mem.planner.traced_memory import TracedMemory
 
@@ -51,15 +51,21 @@ def estimate_model_memory(
     deepspeed: bool = False,
     model: nn.Module | None = None,
     model_factory: ModelFactory | None = None,
+    model_key: str | None = None,
+    batch_spec: BatchSpec | None = None,
 ) -> Estimate:
     """The estimate for the job `config` describes on `device` ("cuda" or "cpu").
 
     `model_factory` must build the model of `config.model` (see `trace_step_memory`); without
-    it a given `model` is copied to the meta device (its weights are not copied).
+    it a given `model` is copied to the meta device (its weights are not copied). `model_key`
+    names what decides the traced model's memory (its identity, checkpointing, masking), so a
+    trace is made once per process; without it nothing is cached. `batch_spec` gives the
+    batches the model takes (default: rows of max_seq_len tokens). A given `model` is probed
+    on CUDA where it already sits on the GPU and DeepSpeed does not own it.
     """
     precision, seq_len = config.training.mixed_precision, config.data.max_seq_len
     if device == "cuda" and model is not None and not deepspeed:
-        return _probe(model, shape, seq_len, precision)
+        return _probe(model, shape, seq_len, precision, batch_spec)
     analytic = analytic_model_memory(
         shape,
         seq_len,
@@ -71,7 +77,8 @@ def estimate_model_memory(
         why = "analytic: counted from the model's dimensions (no model to trace); " + _LINE
         return Estimate(analytic, Reason("model_estimate", "analytic", why, _line(analytic)))
     settings = (
-        _model_key(config, shape),
+        model_key,
+        repr(batch_spec),
         seq_len,
         device,
         precision,
@@ -79,7 +86,7 @@ def estimate_model_memory(
         offload_optimizer and device == "cuda",
         world_size,
     )
-    traced = _cached_trace(settings, factory)
+    traced = _cached_trace(settings, factory, batch_spec)
     if isinstance(traced, str):
         why = "analytic: the trace failed ({cause}); counted from the model's dimensions, " + _LINE
         numbers = {"cause": traced, **_line(analytic)}
@@ -114,14 +121,18 @@ def _line(memory: ModelMemory) -> dict[str, Any]:
     }
 
 
-def _probe(model: nn.Module, shape: ModelShape, seq_len: int, precision: str) -> Estimate:
+def _probe(
+    model: nn.Module, shape: ModelShape, seq_len: int, precision: str, batch_spec
+) -> Estimate:
     # Measured on this GPU at the training precision (weights stay fp32 under autocast).
     import torch
 
     from trainer_low_mem.planner.probe import probe_model_memory
 
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    memory = probe_model_memory(model.to("cuda"), shape, seq_len, "cuda", autocast_dtype=autocast)
+    memory = probe_model_memory(
+        model, shape, seq_len, "cuda", autocast_dtype=autocast, batch_spec=batch_spec
+    )
     why = "GPU probe: two measured steps on this GPU, " + _LINE
     return Estimate(memory, Reason("model_estimate", "probe", why, _line(memory)))
 
@@ -154,12 +165,13 @@ def _trace_reason(traced: TracedMemory, analytic: ModelMemory) -> Reason:
     return Reason("model_estimate", "trace", why, numbers)
 
 
-def _cached_trace(settings: tuple, factory: ModelFactory) -> TracedMemory | str:
-    """The trace at `settings`, or the one-line reason it failed; each traced once per process."""
-    if settings not in _TRACES:
+def _cached_trace(settings: tuple, factory: ModelFactory, batch_spec) -> TracedMemory | str:
+    """The trace at `settings`, or the one-line reason it failed; each traced once per process
+    (never cached without a model key)."""
+    if settings not in _TRACES or settings[0] is None:
         from trainer_low_mem.planner.trace import trace_step_memory
 
-        _, seq_len, device, precision, zero_stage, offload, world_size = settings
+        _, _, seq_len, device, precision, zero_stage, offload, world_size = settings
         # A failing fake-tensor op logs its traceback; the plan gives the cause in one line.
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
         level = fake_log.level
@@ -173,6 +185,7 @@ def _cached_trace(settings: tuple, factory: ModelFactory) -> TracedMemory | str:
                 zero_stage=zero_stage,
                 offload_optimizer=offload,
                 world_size=world_size,
+                batch_spec=batch_spec,
             )
         except LowMemError as exc:
             _TRACES[settings] = str(exc)
@@ -182,26 +195,3 @@ def _cached_trace(settings: tuple, factory: ModelFactory) -> TracedMemory | str:
         finally:
             fake_log.setLevel(level)
     return _TRACES[settings]
-
-
-def _model_key(config: JobConfig | PlanConfig, shape: ModelShape) -> tuple:
-    """What decides the traced model's memory: its architecture (a folder's config.json as it is
-    now), vocabulary, checkpointing, masking and LoRA adapters."""
-    m = config.model
-    folder = None
-    if m.model is not None:
-        try:
-            folder = (str(m.model), (Path(m.model) / "config.json").stat().st_mtime_ns)
-        except OSError:
-            folder = (str(m.model), None)
-    targets = tuple(m.lora_target_modules) if m.lora_target_modules is not None else None
-    lora = (m.lora_rank, m.lora_alpha, m.lora_dropout, targets) if m.lora_rank else None
-    return (
-        folder or m.model_preset,
-        shape.vocab_size,
-        m.grad_checkpointing,
-        m.document_masking,
-        m.load_in_4bit,
-        lora,
-        getattr(shape, "row_lens", None),  # an encoder-decoder's rows (trainer_low_mem.seq2seq)
-    )

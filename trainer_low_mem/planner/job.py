@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING
 from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import JobConfig, PlanConfig
 from trainer_low_mem.planner.arithmetic import plan
+from trainer_low_mem.planner.batch import check_split
 from trainer_low_mem.planner.estimate import ModelFactory, estimate_model_memory
+from trainer_low_mem.planner.levers import PLAN_FLAG_LEVERS, Levers
 from trainer_low_mem.planner.machine import detect_devices
 from trainer_low_mem.planner.model_memory import ModelShape
 from trainer_low_mem.planner.plan import Plan
 
 if TYPE_CHECKING:
     import torch
+
+    from pipeline.batch_spec import BatchSpec
 
 
 def plan_for_job(
@@ -41,13 +45,17 @@ def plan_for_job(
     all_reduce_min: Callable[[int], int] | None = None,
     ranks_per_node: int | None = None,
     num_cores: int | None = None,
+    model_key: str | None = None,
+    batch_spec: BatchSpec | None = None,
+    levers: Levers = PLAN_FLAG_LEVERS,
 ) -> Plan:
     """The plan for `config` on this launch (see the module docstring).
 
-    `device` is "cuda" or "cpu" (None: a device budget or a visible GPU means CUDA). With
-    `model` on CUDA and no DeepSpeed, the model is moved to the GPU and probed; otherwise
-    `model_factory()` (or a meta-device copy of `model`) is traced. `all_reduce_min` returns the
-    minimum of an int over ranks; without it the plan is this process's own.
+    `device` is "cuda" or "cpu" (None: a device budget or a visible GPU means CUDA). A `model`
+    already on the GPU (no DeepSpeed) is probed there; otherwise `model_factory()` (or a
+    meta-device copy of `model`) is traced, once per `model_key`, on the example batches of
+    `batch_spec`. `all_reduce_min` returns the minimum of an int over ranks; without it the
+    plan is this process's own. Advice when nothing fits names `levers`.
     """
     seq_len, t = config.data.max_seq_len, config.training
     if device is None:
@@ -63,6 +71,8 @@ def plan_for_job(
         deepspeed=deepspeed,
         model=model,
         model_factory=model_factory,
+        model_key=model_key,
+        batch_spec=batch_spec,
     )
     memory = estimate.memory
     # A given micro-batch (--batch_size_per_gpu) is checked to fit; the data path is still sized.
@@ -81,6 +91,7 @@ def plan_for_job(
         micro_batch_per_rank=t.batch_size_per_gpu,
         ranks_per_node=ranks_per_node,
         num_cores=num_cores,
+        levers=levers,
     )
     reasons = {**result.reasons, "model_estimate": estimate.reason}
     result = dataclasses.replace(result, reasons=reasons)
@@ -90,15 +101,9 @@ def plan_for_job(
         result = result.with_num_readers(1, "1 with --auto_plan=False")
     if all_reduce_min is not None:
         result = agree_across_ranks(result, all_reduce_min)
-    accum = t.gradient_accumulation_steps
-    if accum is not None and accum != result.grad_accum_steps:
-        micro = result.micro_batch_per_rank
-        raise ConfigError(
-            f"micro-batch {micro} x accumulation {accum} x {world_size} processes = "
-            f"{micro * accum * world_size} rows, not the global batch {result.global_batch}; "
-            "give two of --batch_size_per_gpu, --gradient_accumulation_steps and "
-            "--global_batch, or make the three agree"
-        )
+    check_split(
+        result.global_batch, world_size, result.micro_batch_per_rank, t.gradient_accumulation_steps
+    )
     return result
 
 

@@ -15,6 +15,8 @@ from trainer_low_mem.planner.model_memory import ModelMemory, ModelShape
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.batch_spec import BatchSpec
+
 
 def probe_model_memory(
     model: torch.nn.Module,
@@ -23,18 +25,22 @@ def probe_model_memory(
     device: torch.device | str,
     micro_batches: tuple[int, int] = (1, 2),
     autocast_dtype: torch.dtype | None = None,
+    batch_spec: BatchSpec | None = None,
 ) -> ModelMemory:
     """Peak memory of one forward/backward at two micro-batches -> activation bytes per token.
 
-    The model must already sit on `device` with its training dtype and follow the trainer's
-    forward contract (`model(ids, labels=ids).loss`). One warm-up step allocates the gradients
-    and the libraries' workspaces, so the two measured peaks above the allocated baseline differ
-    only by activations: their slope over the extra tokens is the activation bytes per token,
-    the intercept the step's fixed transient memory. `autocast_dtype` (e.g. torch.bfloat16)
-    runs the steps under autocast, as a mixed-precision trainer would. Random token ids stand
-    in for data; memory does not depend on their values.
+    The model must already sit on `device` with its training dtype and follow the trainer's forward
+    contract, taking the example batches of `batch_spec` (default: rows of seq_len). One warm-up
+    step allocates the gradients and the libraries' workspaces, so the two measured peaks above the
+    allocated baseline differ only by activations: their slope over the extra tokens is the
+    activation bytes per token, the intercept the step's fixed transient memory. `autocast_dtype`
+    (e.g. torch.bfloat16) runs the steps under autocast, as a mixed-precision trainer would. Token
+    id 0 stands in for data; memory does not depend on the values. The model is left where it was,
+    in the mode it was in, without gradients.
     """
     import torch
+
+    from pipeline.batch_spec import TokenRows
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -46,18 +52,24 @@ def probe_model_memory(
     if not 1 <= m1 < m2:
         raise ConfigError(f"micro_batches must be two increasing sizes >= 1, got {micro_batches}")
     params = list(model.parameters())
+    if params[0].device.type != "cuda":
+        raise ConfigError(
+            f"the probe measures the model where it trains, but it is on {params[0].device}; "
+            "place it on the GPU first"
+        )
+    spec = batch_spec or TokenRows(seq_len)
 
     def step(micro: int) -> int:
-        ids = torch.randint(0, shape.vocab_size, (micro, seq_len), device=device)
+        batch = spec.example(micro, device)
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(ids, labels=ids)
+            out = model(**batch)
         out.loss.backward()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - baseline
-        del out, ids
+        del out, batch
         for p in params:  # keep the gradient tensors allocated: they belong to the baseline
             if p.grad is not None:
                 p.grad.zero_()

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lowmem_core.errors import ConfigError, LowMemError
+from pipeline.batch_spec import BatchSpec, TokenRows
 from trainer_low_mem.planner.traced_memory import (
     DEFAULT_REDUCE_BUCKET_ELEMENTS,
     TracedMemory,
@@ -51,18 +52,20 @@ def trace_step_memory(
     world_size: int = 1,
     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET_ELEMENTS,
     prefetch_depth: int = 2,
+    batch_spec: BatchSpec | None = None,
 ) -> TracedMemory:
     """Trace one AdamW training step of `model_factory()` at each micro-batch (rows of seq_len).
 
     The factory builds the model as the trainer would (grad checkpointing, LoRA adapters, loss
-    chunking included) from a config: it runs under the meta device, so it must not load
-    weights or move the model. The model is called as `model(input_ids=, position_ids=,
-    labels=)` and returns an object with `.loss`; only parameters with requires_grad get
-    gradients and optimizer states. `mixed_precision` "bf16"/"fp16" autocasts over fp32 weights,
-    or under ZeRO (DeepSpeed) makes the weights 16-bit, as DeepSpeed does. Autograd on fake CUDA
-    tensors needs a CUDA device (a CPU build of torch aborts), so without one the step runs on
-    fake CPU tensors with CUDA's choices (foreach AdamW, 512-byte blocks); both take fused
-    attention kernels.
+    chunking included) from a config: it runs under the meta device, so it must not load weights or
+    move the model. It is called with the example batches of `batch_spec` (pipeline/batch_spec.py;
+    default rows of seq_len tokens) as keyword arguments and returns an object with `.loss`; tokens
+    are counted as rows x seq_len whatever the spec; only parameters with requires_grad get
+    gradients and optimizer states. `mixed_precision` "bf16"/"fp16" autocasts over fp32 weights, or
+    under ZeRO (DeepSpeed) makes the weights 16-bit, as DeepSpeed does. Autograd on fake CUDA
+    tensors needs a CUDA device (a CPU build of torch aborts), so without one the step runs on fake
+    CPU tensors with CUDA's choices (foreach AdamW, 512-byte blocks); both take fused attention
+    kernels.
     """
     _check_arguments(
         seq_len,
@@ -92,6 +95,7 @@ def trace_step_memory(
             model,
             optimizer,
             seq_len,
+            batch_spec or TokenRows(seq_len),
             traced_on,
             autocast=None if weights_dtype else half,
             round_to=CUDA_BLOCK_BYTES if device_type == "cuda" else 1,
@@ -249,8 +253,11 @@ class _LiveBytes(TorchDispatchMode):
 class _Step:
     """The training step on fake tensors, its phases measured by `_LiveBytes`."""
 
-    def __init__(self, model, optimizer, seq_len, device_type, autocast, round_to) -> None:
+    def __init__(
+        self, model, optimizer, seq_len, batch_spec, device_type, autocast, round_to
+    ) -> None:
         self.model, self.optimizer, self.seq_len = model, optimizer, seq_len
+        self.batch_spec = batch_spec
         self.device_type, self.autocast, self.round_to = device_type, autocast, round_to
 
     def held(self) -> dict[str, list[torch.Tensor]]:
@@ -280,35 +287,33 @@ class _Step:
             counted.update(id(t.untyped_storage()) for t in tensors)
         return out
 
-    def peak(self, phase: Callable[[], object], batch: tuple[torch.Tensor, ...] = ()) -> int:
+    def peak(
+        self, phase: Callable[[], object], batch: dict[str, torch.Tensor] | None = None
+    ) -> int:
         """Peak live bytes during `phase`, the held tensors included and the batch left out
         (it is one of the prefetcher's buffers, which the plan counts)."""
         held = [t for ts in self.held().values() for t in ts]
-        with _LiveBytes(held, self.round_to, ignored=batch) as live:
+        ignored = tuple(batch.values()) if batch is not None else ()
+        with _LiveBytes(held, self.round_to, ignored=ignored) as live:
             phase()
         return live.peak
 
-    def batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, position_ids, labels) int64 [B, L], as the loader makes them."""
-        shape = (micro_batch, self.seq_len)
-        # Token id 0 is valid for any vocabulary; memory does not depend on the values.
-        ids = torch.zeros(shape, dtype=torch.int64, device=self.device_type)
-        positions = torch.arange(self.seq_len, device=self.device_type).repeat(micro_batch, 1)
-        return ids, positions, torch.zeros(shape, dtype=torch.int64, device=self.device_type)
+    def batch(self, micro_batch: int) -> dict[str, torch.Tensor]:
+        """A micro-batch of the shapes the loader makes for this model."""
+        return self.batch_spec.example(micro_batch, self.device_type)
 
-    def micro_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Forward with the model's own loss, and backward."""
-        ids, positions, labels = batch
         try:
             with torch.autocast(
                 self.device_type, dtype=self.autocast, enabled=self.autocast is not None
             ):
-                out = self.model(input_ids=ids, position_ids=positions, labels=labels)
+                out = self.model(**batch)
             loss = getattr(out, "loss", None)
             if not isinstance(loss, torch.Tensor):
                 kind = "a tensor" if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ConfigError(
-                    f"cannot trace the model: model(input_ids=, position_ids=, labels=) returned "
+                    f"cannot trace the model: model(**batch) returned "
                     f"{kind} without a .loss tensor; wrap it to return its loss"
                 )
             loss.backward()

@@ -10,6 +10,7 @@ import pytest
 from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import host_memory
 from pipeline.cost import BATCH_BYTES_PER_TOKEN, READER_SCRATCH_BYTES_PER_TOKEN, READER_THREAD_BYTES
+from trainer_low_mem.planner.levers import Levers
 
 GiB, MiB = 1 << 30, 1 << 20
 L = 512
@@ -221,6 +222,21 @@ def test_model_that_cannot_fit_one_sequence_names_the_remedies(gpu_plan):
     assert "GPU at micro-batch 1" in message
     for remedy in ("--zero_stage 2", "--offload_optimizer=True", "--grad_checkpointing=True"):
         assert remedy in message
+
+
+def test_the_remedies_are_named_as_the_given_levers_and_one_already_on_is_not_advised(gpu_plan):
+    train_levers = Levers(
+        zero_stage="zero_optimization.stage: 2 in ds.json",
+        offload_optimizer="zero_optimization.offload_optimizer.device: cpu in ds.json",
+        drop_offload="remove zero_optimization.offload_optimizer from ds.json",
+    ).without_checkpointing_hint(grad_checkpointing_on=True)
+    with pytest.raises(MemoryLimitError) as info:
+        gpu_plan(device_budget_bytes=1 * GiB, levers=train_levers)
+    message = str(info.value)
+    assert "zero_optimization.stage: 2 in ds.json partitions" in message
+    assert "zero_optimization.offload_optimizer.device: cpu in ds.json moves" in message
+    assert "a shorter --max_seq_len cuts activations" in message
+    assert "--zero_stage" not in message and "--grad_checkpointing" not in message
 
 
 def test_invalid_settings_are_config_errors(gpu_plan):

@@ -1,5 +1,5 @@
 """Which model-memory estimate a job's plan uses: the trace of the job's own model by default
-without a GPU (presets and Hugging Face folders, LoRA, ZeRO/offload), cached per model and
+without a GPU (presets and Hugging Face folders, LoRA, ZeRO/offload), cached per model key and
 settings, and the analytic count, with the trace's failure named, when it cannot trace."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from trainer_low_mem.config import (
     TrainingConfig,
 )
 from trainer_low_mem.model import build_model, resolve_preset
-from trainer_low_mem.model_setup import job_model_factory
+from trainer_low_mem.models import resolve_model_kind
 from trainer_low_mem.planner import plan_for_job
 from trainer_low_mem.planner.estimate import estimate_model_memory
 
@@ -54,8 +54,14 @@ def config(model: ModelConfig, **launch) -> PlanConfig:
 
 
 def meta_shape(model: ModelConfig):
-    with torch.device("meta"):
-        return job_model_factory(model, VOCAB)()
+    """What the analytic count reads: the model built on the meta device, LoRA included."""
+    return resolve_model_kind(model).shape(VOCAB)
+
+
+def factory(model: ModelConfig):
+    """Builds the job's model without weights, as the planner's trace does."""
+    kind = resolve_model_kind(model)
+    return lambda: kind.build(VOCAB, document_masking=bool(model.document_masking), weights=False)
 
 
 def estimate(model: ModelConfig, device: str = "cpu", precision: str = "no", **launch):
@@ -68,7 +74,7 @@ def estimate(model: ModelConfig, device: str = "cpu", precision: str = "no", **l
         world_size=cfg.launch.world_size,
         zero_stage=cfg.launch.zero_stage,
         offload_optimizer=cfg.launch.offload_optimizer,
-        model_factory=job_model_factory(model, VOCAB),
+        model_factory=factory(model),
     )
 
 
@@ -81,7 +87,7 @@ def test_a_model_folder_is_planned_from_its_trace_by_default(llama_dir):
         world_size=1,
         device="cpu",
         num_cores=4,
-        model_factory=job_model_factory(model, VOCAB),
+        model_factory=factory(model),
     )
     reason = p.reasons["model_estimate"]
     assert reason.value == "trace" and p.footprint.source == "trace"
@@ -103,7 +109,7 @@ def test_lora_keeps_optimizer_states_for_the_adapters_only(llama_dir):
     per_layer = 8 * (2 * (D + D) + 2 * (D + KV) + 2 * (D + FF) + (FF + D))
     adapters, adapter_tensors = LAYERS * per_layer, LAYERS * 7 * 2
     base = full.param_count
-    base_tensors = len(list(job_model_factory(ModelConfig(model=llama_dir), VOCAB)().parameters()))
+    base_tensors = len(list(factory(ModelConfig(model=llama_dir))().parameters()))
     assert lora.trainable == adapters and lora.param_count == base + adapters
     assert full.static_device_bytes["optimizer"] == 8 * base + 4 * base_tensors
     assert lora.static_device_bytes["optimizer"] == 8 * adapters + 4 * adapter_tensors
@@ -128,7 +134,7 @@ def test_zero2_offload_in_the_plan_matches_deepspeeds_estimate(llama_dir):
         offload_optimizer=True,
         ranks_per_node=1,  # one process's host RAM: the 4 GiB limit holds one
         num_cores=4,
-        model_factory=job_model_factory(model, VOCAB),
+        model_factory=factory(model),
     )
     params = meta_shape(model).param_count()
     cpu, gpu = estimate_zero2_model_states_mem_needs(
@@ -140,7 +146,7 @@ def test_zero2_offload_in_the_plan_matches_deepspeeds_estimate(llama_dir):
     assert world * p.footprint.offloaded_bytes * 1.5 == cpu
     static = estimate(model, "cuda", "bf16", world_size=world, zero_stage=2, offload_optimizer=True)
     weights = static.memory.static_device_bytes
-    n_tensors = len(list(job_model_factory(model, VOCAB)().parameters()))
+    n_tensors = len(list(factory(model)().parameters()))
     # Each tensor rounded up to the CUDA allocator's 512-byte blocks.
     assert 0 <= weights["weights"] - gpu < 512 * n_tensors
     assert weights["gradients"] == weights["optimizer"] == 0
@@ -160,7 +166,7 @@ def test_the_trace_of_a_given_model_copies_it_to_meta_without_touching_it():
     assert model.embed.weight.device.type == "cpu" and torch.equal(model.embed.weight, before)
 
 
-def test_each_model_and_setting_is_traced_once_per_process():
+def test_each_model_and_setting_is_traced_once_per_model_key():
     calls = []
 
     def factory(grad_checkpointing: bool):
@@ -170,7 +176,7 @@ def test_each_model_and_setting_is_traced_once_per_process():
 
         return build
 
-    def plan(grad_checkpointing: bool):
+    def plan(grad_checkpointing: bool, key: str | None):
         cfg = config(ModelConfig(model_preset="tiny", grad_checkpointing=grad_checkpointing))
         cfg.data.max_seq_len = 48  # a length no other test traces
         return estimate_model_memory(
@@ -179,18 +185,23 @@ def test_each_model_and_setting_is_traced_once_per_process():
             device="cpu",
             world_size=1,
             model_factory=factory(grad_checkpointing),
+            model_key=key,
         ).memory
 
-    first, again, checkpointed = plan(False), plan(False), plan(True)
+    first, again = plan(False, "tiny"), plan(False, "tiny")
+    checkpointed = plan(True, "tiny, checkpointed")
     assert calls == [False, True] and first == again
     assert checkpointed.activation_bytes_per_token < first.activation_bytes_per_token
+    # Without a key nothing names the model: it is traced every time.
+    assert plan(False, None) == plan(False, None) == first
+    assert calls == [False, True, False, False]
 
 
 def test_an_untraceable_model_falls_back_to_the_analytic_count_with_the_cause(llama_dir):
     def no_loss():
         return torch.nn.Linear(4, 4)
 
-    model = ModelConfig(model=llama_dir, document_masking=False)  # a setting no other test uses
+    model = ModelConfig(model=llama_dir)
     p = plan_for_job(
         config(model),
         meta_shape(model),

@@ -27,28 +27,37 @@ def tiny(grad_checkpointing: bool = False):
     return lambda: DecoderLM(MODEL_PRESETS["tiny"], grad_checkpointing=grad_checkpointing)
 
 
-def tiny_llama(lora_rank: int = 0, vocab_size: int = 512, layers: int = 2):
+def llama_config(vocab_size: int = 512, layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+
+
+def tiny_llama(vocab_size: int = 512, layers: int = 2):
     def build() -> nn.Module:
         transformers = pytest.importorskip("transformers")
         from trainer_low_mem.hf_model import HFCausalLM
 
-        config = transformers.LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        model = HFCausalLM(transformers.AutoModelForCausalLM.from_config(config))
-        if lora_rank:
-            from trainer_low_mem.lora import LoraSettings, apply_lora
-
-            apply_lora(model, LoraSettings(lora_rank, 2.0 * lora_rank, 0.0, ["q_proj", "v_proj"]))
-        return model
+        config = llama_config(vocab_size, layers)
+        return HFCausalLM(transformers.AutoModelForCausalLM.from_config(config))
 
     return build
+
+
+def job_model(folder, **model):
+    """Builds the model a job on `folder` trains (LoRA included), without weights."""
+    from trainer_low_mem.config import ModelConfig
+    from trainer_low_mem.models import resolve_model_kind
+
+    kind = resolve_model_kind(ModelConfig(model=folder, **model))
+    return lambda: kind.build(512, document_masking=True, weights=False)
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
@@ -100,10 +109,14 @@ def test_a_saturating_peak_is_reported_not_linear_and_bounded_above():
         assert traced.peak_bytes(p.micro_batch) >= p.peak_bytes
 
 
-def test_lora_keeps_gradients_and_optimizer_states_for_adapters_only():
+def test_lora_keeps_gradients_and_optimizer_states_for_adapters_only(tmp_path):
     pytest.importorskip("peft")
-    full = trace_step_memory(tiny_llama(), seq_len=64, device_type="cpu")
-    lora = trace_step_memory(tiny_llama(lora_rank=4), seq_len=64, device_type="cpu")
+    llama_config().save_pretrained(tmp_path / "llama")
+    full = trace_step_memory(job_model(tmp_path / "llama"), seq_len=64, device_type="cpu")
+    lora_model = job_model(
+        tmp_path / "llama", lora_rank=4, lora_alpha=8.0, lora_target_modules=["q_proj", "v_proj"]
+    )
+    lora = trace_step_memory(lora_model, seq_len=64, device_type="cpu")
     # q_proj 64->64 and v_proj 64->32 (2 KV heads of 16), rank 4: A (4 x 64) + B (out x 4).
     adapters = 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
     assert lora.trainable_count == adapters

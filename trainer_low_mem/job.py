@@ -1,0 +1,147 @@
+"""One path from flags to a job, shared by `plan` and `train`: `build_job(...) -> Job`.
+
+Every check that decides whether a job can run is made here once, in this order: the launch
+(sanity.py), the batch split (planner/batch.py), the model kind (models/), the row length against
+the model, the dataset against the model. The `Job` then holds what the rest needs: the model
+kind, the dataset's facts, the batches the model takes, and how to plan it, so `plan` and
+`train` cannot decide differently on the same flags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lowmem_core.errors import ConfigError, LowMemError
+from pipeline.batch_spec import BatchSpec
+from trainer_low_mem.config import JobConfig, PlanConfig
+from trainer_low_mem.launch import Launch
+from trainer_low_mem.models import DataFacts, ModelKind, resolve_model_kind
+from trainer_low_mem.planner import Plan, plan_for_job
+from trainer_low_mem.planner.batch import check_split
+from trainer_low_mem.sanity import check_launch
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job: what `plan` prints and what `train` runs."""
+
+    config: JobConfig | PlanConfig
+    launch: Launch
+    kind: ModelKind
+    data: DataFacts | None  # None: `plan` without --data
+    batch_spec: BatchSpec
+    vocab_size: int  # the dataset's, else --vocab_size, else the model's own
+    document_masking: bool
+    global_batch: int
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The model's identity: what resume compares and the planner's trace cache keys."""
+        return self.kind.identity(self.vocab_size)
+
+    def build_model(self) -> nn.Module:
+        """The model to train, with its weights (seed torch first for reproducible ones)."""
+        return self.kind.build(
+            self.vocab_size, document_masking=self.document_masking, weights=True
+        )
+
+    def plan(
+        self, *, device: str | None = None, model: nn.Module | None = None, all_reduce_min=None
+    ) -> Plan:
+        """The plan of this job. `model`: the live model, probed where it sits on the GPU (the
+        trainer places it first); the planner never moves it. `all_reduce_min`: ranks agree."""
+        launch, m = self.launch, self.config.model
+        key = {
+            "model": self.identity,
+            "grad_checkpointing": m.grad_checkpointing,
+            "document_masking": self.document_masking,
+            "load_in_4bit": m.load_in_4bit,
+        }
+        return plan_for_job(
+            self.config,
+            self._shape(),
+            world_size=launch.world_size,
+            device=device,
+            zero_stage=launch.zero_stage,
+            offload_optimizer=launch.offload_to_host_ram,
+            deepspeed=launch.deepspeed,
+            model=model,
+            model_factory=self._meta_factory,
+            dataset_bytes=None if self.data is None else self.data.token_bytes,
+            index_bytes=None if self.data is None else self.data.index_bytes,
+            all_reduce_min=all_reduce_min,
+            ranks_per_node=launch.ranks_per_node,
+            num_cores=launch.num_cores,
+            model_key=json.dumps(key, sort_keys=True, default=str),
+            batch_spec=self.batch_spec,
+            levers=launch.levers(m.grad_checkpointing),
+        )
+
+    def _meta_factory(self) -> nn.Module:
+        """The model without weights, LoRA included: the planner builds it on the meta device."""
+        return self.kind.build(
+            self.vocab_size, document_masking=self.document_masking, weights=False
+        )
+
+    def _shape(self):
+        """What the analytic count reads: the kind's dimensions and parameter counts."""
+        try:
+            return self.kind.shape(self.vocab_size)
+        except LowMemError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the architecture's own code; one line)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(
+                f"{self.kind.what} cannot be built from its config.json on the meta device "
+                f"({type(exc).__name__}: {first}); plan on a machine where `train` builds it, "
+                "or check the folder's config"
+            ) from exc
+
+
+def build_job(
+    config: JobConfig | PlanConfig,
+    launch: Launch,
+    dataset=None,
+    saved_loader_state: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+) -> Job:
+    """Check `config` on `launch` (and `dataset`, opened by the caller) and return the job.
+
+    `saved_loader_state`: the data position a resumed run continues from; an encoder-decoder
+    keeps the row layout it was saved with. `vocab_size`: the vocabulary without a dataset
+    (`plan --vocab_size`; default the model's own). Raises ConfigError (one line) for the first
+    check that fails.
+    """
+    check_launch(launch)
+    t, d = config.training, config.data
+    global_batch = config.resolve_global_batch(launch.world_size)
+    check_split(
+        global_batch, launch.world_size, t.batch_size_per_gpu, t.gradient_accumulation_steps
+    )
+    kind = resolve_model_kind(config.model)
+    if d.max_seq_len > kind.max_seq_len:
+        raise ConfigError(
+            f"--max_seq_len {d.max_seq_len} exceeds {kind.what}'s max_seq_len "
+            f"{kind.max_seq_len}; lower --max_seq_len to at most {kind.max_seq_len} or choose a "
+            "model with a longer context"
+        )
+    data = None if dataset is None else DataFacts.of(d.data, dataset)
+    if data is not None:
+        kind.check_data(data)
+    masking = config.model.document_masking
+    if masking is None:
+        masking = data is not None and data.is_sft
+    return Job(
+        config=config,
+        launch=launch,
+        kind=kind,
+        data=data,
+        batch_spec=kind.batch_spec(dataset, d.max_seq_len, d.packing, saved_loader_state),
+        vocab_size=data.vocab_size if data is not None else vocab_size or kind.vocab_size,
+        document_masking=masking,
+        global_batch=global_batch,
+    )

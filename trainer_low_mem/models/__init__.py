@@ -1,0 +1,54 @@
+"""Model families behind one interface: `resolve_model_kind(ModelConfig) -> ModelKind`.
+
+    kind.py        the `ModelKind` protocol, `DataFacts`, `AdapterHost`
+    builtin.py     `PresetKind`: the built-in decoder presets
+    hf_folder.py   what the Hugging Face folder kinds share
+    hf_causal.py   `HFCausalKind`: decoder-only folders (Llama, Qwen, GPT-2, ...)
+    hf_seq2seq.py  `Seq2SeqKind`: encoder-decoder folders (T5, BART-style)
+    lora.py        `LoraKind`: LoRA adapters around any of them
+
+The family is decided here, once, from the model config (a folder's config.json says whether it
+is an encoder-decoder); everything else asks the kind.
+"""
+
+from __future__ import annotations
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem.config import ModelConfig
+from trainer_low_mem.hf_model import check_model_folder, read_folder_config
+from trainer_low_mem.models.builtin import PresetKind
+from trainer_low_mem.models.hf_causal import HFCausalKind
+from trainer_low_mem.models.hf_seq2seq import Seq2SeqKind
+from trainer_low_mem.models.kind import AdapterHost, DataFacts, ModelKind
+from trainer_low_mem.models.lora import LoraKind, is_adapter, trainable_parameter_count
+
+__all__ = [
+    "AdapterHost",
+    "DataFacts",
+    "ModelKind",
+    "is_adapter",
+    "resolve_model_kind",
+    "trainable_parameter_count",
+]
+
+
+def resolve_model_kind(cfg: ModelConfig) -> ModelKind:
+    """The kind of model `cfg` describes, LoRA included; reads config.json, never weights."""
+    kind = _family(cfg)
+    return kind if cfg.lora is None else LoraKind(kind, cfg.lora)
+
+
+def _family(cfg: ModelConfig) -> ModelKind:
+    if cfg.model is None:
+        return PresetKind(cfg.model_preset, cfg.grad_checkpointing)
+    folder = check_model_folder(cfg.model)
+    config = read_folder_config(folder)
+    settings = {"from_scratch": cfg.from_scratch, "grad_checkpointing": cfg.grad_checkpointing}
+    if not config.is_encoder_decoder:
+        return HFCausalKind(folder, config, load_in_4bit=cfg.load_in_4bit, **settings)
+    if cfg.load_in_4bit:
+        raise ConfigError(
+            f"--load_in_4bit is for decoder-only models; --model {folder} is an "
+            "encoder-decoder: drop --load_in_4bit (LoRA alone works)"
+        )
+    return Seq2SeqKind(folder, config, **settings)

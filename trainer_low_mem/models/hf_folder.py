@@ -1,0 +1,103 @@
+"""What every Hugging Face folder kind shares: its config.json read once, the dataset check,
+where LoRA goes, `--init_from` names and the export in the folder's own format."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem import export
+from trainer_low_mem.hf_model import has_weights
+from trainer_low_mem.models.kind import AdapterHost, DataFacts
+
+
+class HFFolderKind(ABC):
+    """Base of the causal and encoder-decoder kinds; subclasses build the module and say which
+    batches it takes."""
+
+    peft_task_type: str  # what peft is told the model is
+
+    def __init__(self, folder: Path, config, *, from_scratch: bool, grad_checkpointing: bool):
+        self.folder = folder
+        self.config = config  # transformers' PretrainedConfig, read once by resolve_model_kind
+        self.from_scratch = from_scratch
+        self.grad_checkpointing = grad_checkpointing
+
+    @property
+    def what(self) -> str:
+        return f"--model {self.folder}"
+
+    @property
+    def max_seq_len(self) -> int:
+        # A config without a position limit (T5's relative positions, ALiBi) takes any length.
+        c = self.config
+        limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        return int(limit or 2**31 - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def shape(self, vocab_size: int) -> nn.Module:
+        """The module itself, built on the meta device from its config (unquantised: the
+        analytic count reads dimensions and parameter counts only)."""
+        with torch.device("meta"):
+            return self.load(weights=False, document_masking=False, quantised=False)
+
+    def build(self, vocab_size: int, *, document_masking: bool, weights: bool) -> nn.Module:
+        """The folder's model; its vocabulary is its own (check_data refuses larger ones)."""
+        return self.load(weights=weights, document_masking=document_masking, quantised=True)
+
+    @abstractmethod
+    def load(self, *, weights: bool, document_masking: bool, quantised: bool) -> nn.Module:
+        """The wrapped module: from the folder's weights (`weights`, unless --from_scratch) or
+        its config; `quantised` applies the kind's quantisation settings."""
+
+    @property
+    def loads_weights(self) -> bool:
+        return not self.from_scratch and has_weights(self.folder)
+
+    def check_data(self, data: DataFacts) -> None:
+        rows = self.vocab_size
+        if data.vocab_size > rows:
+            raise ConfigError(
+                f"dataset {data.path} has a vocabulary of {data.vocab_size} ids but the model's "
+                f"embedding has {rows} rows; rebuild the dataset with the model's tokenizer "
+                f"(`python -m pipeline build ... --tokenizer MODEL_DIR`)"
+            )
+        model_eos = self.config.eos_token_id
+        eos_ids = model_eos if isinstance(model_eos, list) else [model_eos]
+        if model_eos is not None and data.eos_id not in eos_ids:
+            raise ConfigError(
+                f"dataset {data.path} ends documents with token {data.eos_id} but the model's EOS "
+                f"is {model_eos}; rebuild the dataset with the model's tokenizer "
+                "(`--tokenizer MODEL_DIR`) or pass --eos-token to the build"
+            )
+
+    def identity(self, vocab_size: int) -> dict[str, Any]:
+        try:
+            folder_config = json.loads((self.folder / "config.json").read_text())
+        except (OSError, ValueError):
+            folder_config = None
+        return {"folder_config": folder_config, "lora": None}
+
+    def _source(self) -> str:
+        return "its weights" if self.loads_weights else "random init from its config"
+
+    def adapter_host(self, module: nn.Module) -> AdapterHost:
+        return AdapterHost(module.hf_model, self.peft_task_type, default_targets=None)
+
+    def init_target(self, module, tensors, from_export):
+        return (module.hf_model if from_export else module), tensors
+
+    def export_files(self, module, folder: Path, data: DataFacts, adapter_only: bool) -> None:
+        export.write_hf_weights(module.hf_model, folder)
+        tokenizer = self.folder if export.has_tokenizer_files(self.folder) else data.tokenizer_dir
+        if tokenizer is not None:
+            export.copy_tokenizer(tokenizer, folder)

@@ -25,6 +25,20 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def fd_sha256(fd: int, start: int = 0, prefix: bytes = b"") -> str:
+    """sha256 of `prefix`, then of open file `fd`'s bytes from `start` to its end: read with
+    pread, 1 MiB at a time, through the page cache (nothing is mapped, so no page of the file
+    stays resident in this process)."""
+    digest = hashlib.sha256(prefix)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    at = start
+    while got := os.preadv(fd, [buf], at):
+        digest.update(view[:got])
+        at += got
+    return digest.hexdigest()
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (through a read-only descriptor, which flushes its dirty pages
     too)."""

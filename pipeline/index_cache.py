@@ -11,6 +11,13 @@ wait on the lock and then map the finished file. A file is only ever read under 
 and after its header matches the key, so a temporary left by a killed builder is never used (the
 next builder removes it). Building epoch e of a key removes that key's epochs before e - 1.
 
+Trust: a file's disk blocks are allocated before it is mapped, so a full disk fails the write
+with a PipelineError instead of killing the process with SIGBUS; its header records a sha256 of
+its key, scalars and arrays, and every open checks the size and that checksum (one pread pass:
+about 80 ms for a 10M-document file). A file that fails (damaged, truncated, another index's
+bytes, or written before checksums) is rebuilt under the lock, or refused in one line when the
+folder refuses the write.
+
 Where: `<dataset>/.index_cache/`; or `<given>/<fingerprint>/` for a folder given to
 `open_dataset(index_cache=...)` or in $LOWMEM_INDEX_CACHE; or, when the dataset folder cannot
 be written, `$XDG_CACHE_HOME/lowmem-pipeline/index/<fingerprint>/` (~/.cache by default), where
@@ -19,8 +26,10 @@ folders no dataset has opened for 30 days are removed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import mmap
 import os
 import re
@@ -34,10 +43,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lowmem_core.durable import atomic_file
+from lowmem_core.durable import atomic_file, fd_sha256
 from lowmem_core.errors import PipelineError
 from lowmem_core.format import PROMPT_LENGTHS_COLUMN
+from lowmem_core.memory import format_bytes
 from pipeline import sampler
+from pipeline.output import disk_full
 from pipeline.sampler import EpochIndex
 from pipeline.storage import Chunk
 
@@ -47,6 +58,11 @@ FOLDER_NAME = ".index_cache"
 _MAGIC = "lowmem-index/1"
 _PAGE = 4096  # the header's size, and the alignment of every array in a file
 _PIECE_ROWS = 1 << 16  # documents whose offsets are copied (and checked) at a time
+_DIGEST = "sha256"  # the header's checksum: of the key, the scalars and every byte after it
+_MISSING = "is missing"
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # a folder that does not take the write
+
+log = logging.getLogger(__name__)
 
 Fields = list[tuple[str, np.dtype, int]]  # (name, dtype, count) of each array, in file order
 
@@ -325,26 +341,58 @@ def open_or_build(
     path: Path, key: dict, fields: Fields, fill: Callable[[dict[str, np.ndarray]], dict]
 ) -> tuple[dict[str, np.ndarray], dict, bool]:
     """(read-only arrays, header scalars, whether this call built the file) of the file at
-    `path` for `key`. When it is missing or holds another key, the first caller builds it under
-    the lock: `fill(arrays)` writes the arrays through a shared mapping and returns the scalars."""
-    found = _open(path, key, fields)
+    `path` for `key`. When it is missing, holds another key or fails its checks, the first
+    caller builds it under the lock: `fill(arrays)` writes the arrays through a shared mapping
+    and returns the scalars. A disk without room for it, or a folder that refuses the write,
+    raises a one-line PipelineError."""
+    found, problem = _open(path, key, fields)
     if found is not None:
         return (*found, False)
-    path.parent.mkdir(parents=True, exist_ok=True)  # removed as unused since the dataset opened
-    with _build_lock(path):
-        found = _open(path, key, fields)  # built by the process we waited for
-        if found is not None:
-            return (*found, False)
-        for leftover in path.parent.glob(f"{path.name}.tmp-*"):
-            leftover.unlink(missing_ok=True)  # a killed builder's: no live one holds the lock
-        _write(path, key, fields, fill)
-    found = _open(path, key, fields)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # removed as unused since it was opened
+        with _build_lock(path):
+            found, problem = _open(path, key, fields)  # built by the process we waited for
+            if found is not None:
+                return (*found, False)
+            if problem != _MISSING:
+                log.warning("index file %s %s; rebuilding it", path, problem)
+            for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+                leftover.unlink(missing_ok=True)  # a killed builder's: no live one holds the lock
+            _write(path, key, fields, fill)
+    except OSError as exc:
+        error = _write_error(path, _offsets(fields)[1], problem, exc)
+        if error is None:
+            raise
+        raise error from exc
+    found, _ = _open(path, key, fields, verify=False)  # its checksum was just read from it
     if found is None:
         raise PipelineError(
             f"{path} does not read back after it was written (another process replaced it?); "
             "remove the folder and run again"
         )
     return (*found, True)
+
+
+def _write_error(path: Path, size: int, problem: str, exc: OSError) -> PipelineError | None:
+    """The one line for a build of `path` (`size` bytes) that failed with `exc`: no room on the
+    disk, or a folder that refuses the write; None for anything else."""
+    if disk_full(exc):
+        try:
+            free = f"{format_bytes(shutil.disk_usage(path.parent).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        return PipelineError(
+            f"no space for the index cache in {path.parent}: {path.name} needs {size} bytes "
+            f"({format_bytes(size)}; {exc.strerror}, {free}); free space there or set "
+            f"${ENV_VAR} to a folder with room"
+        )
+    if exc.errno in _REFUSED and Path(exc.filename or path).is_relative_to(path.parent):
+        remove = "" if problem == _MISSING else "remove it, or "
+        return PipelineError(
+            f"index file {path} {problem} and cannot be written there ({exc.strerror}); "
+            f"{remove}set ${ENV_VAR} to a writable folder"
+        )
+    return None
 
 
 def _offsets(fields: Fields) -> tuple[list[int], int]:
@@ -355,22 +403,20 @@ def _offsets(fields: Fields) -> tuple[list[int], int]:
     return offsets, at
 
 
-def _open(path: Path, key: dict, fields: Fields) -> tuple[dict[str, np.ndarray], dict] | None:
-    """The file's arrays and scalars, or None when it is missing or written for another key."""
+def _open(
+    path: Path, key: dict, fields: Fields, verify: bool = True
+) -> tuple[tuple[dict[str, np.ndarray], dict] | None, str]:
+    """((arrays, scalars), "") when the file at `path` holds `key`'s index intact, else (None,
+    what is wrong with it). `verify`: check its checksum too (a pread pass over the file)."""
     offsets, size = _offsets(fields)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        return None, _MISSING
     try:
-        try:
-            header = json.loads(os.pread(fd, _PAGE, 0).rstrip(b"\0"))
-        except ValueError:
-            return None
-        if not isinstance(header, dict) or header.get("magic") != _MAGIC:
-            return None
-        if header.get("key") != key or os.fstat(fd).st_size != size:
-            return None
+        problem, header = _check(fd, key, size, verify)
+        if problem:
+            return None, problem
         mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
@@ -378,13 +424,39 @@ def _open(path: Path, key: dict, fields: Fields) -> tuple[dict[str, np.ndarray],
         name: np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
         for (name, dtype, count), offset in zip(fields, offsets, strict=True)
     }
-    return arrays, header.get("scalars", {})
+    return (arrays, header.get("scalars", {})), ""
+
+
+def _check(fd: int, key: dict, size: int, verify: bool) -> tuple[str, dict]:
+    """(what is wrong with the open index file `fd` for `key`, "" if nothing; its header)."""
+    try:
+        header = json.loads(os.pread(fd, _PAGE, 0).rstrip(b"\0"))
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("magic") != _MAGIC:
+        return "has no readable header (damaged)", {}
+    if header.get("key") != key:
+        return "holds another index (copied over?)", header
+    found = os.fstat(fd).st_size
+    if found != size:
+        return f"has {found} bytes, not {size} (truncated or damaged)", header
+    if verify and _DIGEST not in header:
+        return "has no checksum (written by an earlier version)", header
+    if verify and header[_DIGEST] != _digest(fd, key, header.get("scalars", {})):
+        return "fails its checksum (damaged)", header
+    return "", header
+
+
+def _digest(fd: int, key: dict, scalars: dict) -> str:
+    """The checksum a header records: sha256 of the key, the scalars and every byte after the
+    header."""
+    return fd_sha256(fd, _PAGE, json.dumps([key, scalars], sort_keys=True).encode())
 
 
 def _write(path: Path, key: dict, fields: Fields, fill) -> None:
     offsets, size = _offsets(fields)
     with atomic_file(path) as f:
-        os.ftruncate(f.fileno(), size)
+        _reserve(f.fileno(), size)
         # Shared: the pages written are the file's page cache, and no private copy is made.
         mapping = mmap.mmap(f.fileno(), size)
         arrays = {
@@ -393,12 +465,26 @@ def _write(path: Path, key: dict, fields: Fields, fill) -> None:
         }
         scalars = fill(arrays)
         del arrays
-        header = json.dumps({"magic": _MAGIC, "key": key, "scalars": scalars}).encode()
+        digest = _digest(f.fileno(), key, scalars)  # pread sees the mapping's pages
+        header = {"magic": _MAGIC, "key": key, "scalars": scalars, _DIGEST: digest}
+        header = json.dumps(header).encode()
         if len(header) > _PAGE:
             raise PipelineError(f"{path}: header of {len(header)} bytes exceeds {_PAGE}")
         mapping[: len(header)] = header
         mapping.flush()
         mapping.close()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file `size` bytes with their disk blocks allocated, before it is mapped: a store
+    into a mapped page with no block behind it (a full disk) is a SIGBUS, where this fails with
+    ENOSPC. A file system without fallocate gets a sparse file, as before."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
 
 
 @contextmanager
@@ -415,9 +501,9 @@ def _build_lock(path: Path) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # fails on a full disk: released below
         yield
     finally:
         lock_path.unlink(missing_ok=True)

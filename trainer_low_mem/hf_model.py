@@ -1,8 +1,13 @@
 """The user's Hugging Face causal LM, from a local folder, behind the trainer's forward contract.
 
 `load_model_folder(PATH)` builds any `AutoModelForCausalLM` architecture that `transformers`
-builds offline: from the folder's weights, or from its config alone (`from_scratch`, or a folder
-without weights). Nothing is downloaded: a hub name that is not a local folder is refused.
+builds offline: from the folder's weights, or from its config alone when asked (`from_scratch`).
+Nothing is downloaded: a hub name that is not a local folder is refused. Weights load through
+`from_pretrained`, also where it would not find them by itself (shards without their index,
+`consolidated.safetensors`: a temporary folder links them beside an index written for them), and
+its loading report is checked: a weight the model expects and the files lack, a tensor it does
+not take or one of another shape is an error, never a silently random weight. The same helpers
+(`read_folder_config`, `build_hf_model`) build the encoder-decoders of trainer_low_mem/seq2seq.py.
 
 `HFCausalLM` gives it the forward contract of `trainer_low_mem.model` (unshifted labels, summed
 loss and target count). The loss is the chunked cross-entropy of the backbone's last hidden state
@@ -15,12 +20,20 @@ position ids (flash-attention implementations take the position ids alone).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
+import pickle
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
@@ -30,18 +43,67 @@ from trainer_low_mem.model import ModelOutput, document_causal_mask
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+# What `from_pretrained` finds by itself: an index of shards, else one file.
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# What it does not look for, in this order: transformers' shards without their index, any other
+# safetensors file (Mistral's consolidated.safetensors), PyTorch shards without their index.
+_UNINDEXED = ("model*.safetensors", "*.safetensors", "pytorch_model*.bin")
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.\w+)$")
 # Config attributes of architectures whose logits are more than hidden @ head.T.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# The Auto classes the folder kinds build: the mapping of the configs each takes, and its name.
+_AUTO_CLASSES = {
+    "AutoModelForCausalLM": ("MODEL_FOR_CAUSAL_LM_MAPPING", "a causal language model"),
+    "AutoModelForSeq2SeqLM": (
+        "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING",
+        "an encoder-decoder language model",
+    ),
+}
+# Token ids a model feeds its own embedding (padding row, decoder start): below vocab_size.
+_EMBEDDED_IDS = ("pad_token_id", "decoder_start_token_id")
 
 
 def _transformers():
     return require_extra("transformers", "hf", "--model")
+
+
+def _model_errors() -> tuple[type[Exception], ...]:
+    """What transformers and an architecture's own code raise on a config or weights they cannot
+    build (not MemoryError or KeyboardInterrupt): each becomes one ConfigError line."""
+    hub_errors = require_extra("huggingface_hub.errors", "hf", "--model")
+    strict = getattr(hub_errors, "StrictDataclassError", ValueError)  # config validation
+    return (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AssertionError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        SafetensorError,
+        strict,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line of an exception's message that says what is wrong, at most 200 characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = [line for line in lines if not line.endswith(":")] or lines
+    return (said[0] if said else type(exc).__name__)[:200]
+
+
+def _few(names: Sequence[str], shown: int = 3) -> str:
+    """`a, b, c and 4 more`."""
+    names = sorted(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _count(items: Sequence, noun: str) -> str:
+    """`1 weight`, `3 weights`."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def check_model_folder(path: Path | str) -> Path:
@@ -66,22 +128,296 @@ def check_model_folder(path: Path | str) -> Path:
     return folder
 
 
-def has_weights(folder: Path) -> bool:
-    """True when the folder holds a weights file `from_pretrained` can load."""
-    return any((folder / name).is_file() for name in WEIGHT_FILES)
+# -- config.json ---------------------------------------------------------------------------
 
 
 def read_folder_config(folder: Path):
-    """The folder's config.json as transformers reads it, or one ConfigError saying why not."""
+    """The folder's config.json as transformers reads it, checked enough that the model builds,
+    or one ConfigError naming the file and the fix."""
     transformers = _transformers()
+    path = folder / "config.json"
+    unreadable = f"{path} cannot be read by transformers"
+    fix = "fix the file or save the model again with model.save_pretrained(DIR)"
     try:
-        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{unreadable} (not JSON: {_first_line(exc)}); {fix}") from None
+    if not isinstance(raw, dict):
         raise ConfigError(
-            f"{folder / 'config.json'} cannot be read by transformers ({first}); fix the file or "
-            "save the model again with model.save_pretrained(DIR)"
+            f"{unreadable} (it holds a JSON {type(raw).__name__}, not an object of settings); {fix}"
+        )
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type not in transformers.CONFIG_MAPPING:
+        raise ConfigError(
+            f"{unreadable} (model_type {model_type!r} is not an architecture transformers "
+            f"{transformers.__version__} knows; code shipped with a model is never run here); "
+            "upgrade transformers if the architecture is newer, else " + fix
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except _model_errors() as exc:
+        raise ConfigError(f"{unreadable} ({_first_line(exc)}); {fix}") from None
+    _check_embedded_ids(path, config)
+    return config
+
+
+def _check_embedded_ids(path: Path, config) -> None:
+    vocab_size = getattr(config, "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        return
+    if vocab_size < 1:
+        raise ConfigError(
+            f"{path}: vocab_size is {vocab_size}; set it to the tokenizer's size (len(tokenizer))"
+        )
+    for name in _EMBEDDED_IDS:
+        token_id = getattr(config, name, None)
+        if isinstance(token_id, int) and token_id >= vocab_size:
+            raise ConfigError(
+                f"{path}: {name} {token_id} is not below vocab_size {vocab_size}, so the "
+                f"embedding has no row for it; set vocab_size to the tokenizer's size "
+                f"(len(tokenizer)) or {name} to an id below it"
+            )
+
+
+# -- weights files -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderWeights:
+    """The files holding a model folder's weights. `indexed`: `from_pretrained` finds them by
+    itself (an index, model.safetensors or pytorch_model.bin); else they need an index written
+    for them (shards whose index is missing, consolidated.safetensors)."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    indexed: bool
+
+    @property
+    def names(self) -> str:
+        return _few([f.name for f in self.files])
+
+    def absent_shards(self) -> list[str]:
+        """Shards that the present ones' names (`-00001-of-00002`) say exist but do not."""
+        absent = set()
+        for f in self.files:
+            m = _SHARD_NAME.match(f.name)
+            if m is None:
+                continue
+            width, count = len(m["i"]), int(m["n"])
+            for i in range(1, count + 1):
+                name = f"{m['stem']}-{i:0{width}d}-of-{m['n']}{m['ext']}"
+                if not (self.folder / name).is_file():
+                    absent.add(name)
+        return sorted(absent)
+
+
+def folder_weights(folder: Path) -> FolderWeights:
+    """Which files hold the folder's weights; none when it has no weights file."""
+    for index in _INDEXES:
+        if (folder / index).is_file():
+            return FolderWeights(folder, _indexed_files(folder / index), indexed=True)
+    for name in _SINGLE_FILES:
+        if (folder / name).is_file():
+            return FolderWeights(folder, (folder / name,), indexed=True)
+    return FolderWeights(folder, _unindexed_files(folder), indexed=False)
+
+
+def has_weights(folder: Path) -> bool:
+    """True when the folder holds a weights file (see `folder_weights`)."""
+    names = _INDEXES + _SINGLE_FILES
+    return any((folder / name).is_file() for name in names) or bool(_unindexed_files(folder))
+
+
+def _unindexed_files(folder: Path) -> tuple[Path, ...]:
+    for pattern in _UNINDEXED:
+        files = tuple(sorted(f for f in folder.glob(pattern) if f.is_file()))
+        if files:
+            return files
+    return ()
+
+
+def _indexed_files(index: Path) -> tuple[Path, ...]:
+    try:
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(
+            f"{index} is not a weights index (JSON with a weight_map); download it again, or "
+            "delete it to load the shards beside it without it"
         ) from None
+    files = tuple(index.parent / name for name in names)
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ConfigError(
+            f"{index} lists {len(files)} weight files but {len(absent)} of them are absent "
+            f"({_few(absent)}); download them into {index.parent}"
+        )
+    return files
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensors a weights file holds (a safetensors file: its header alone), or one
+    ConfigError naming the file when it is truncated or not a weights file."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        return list(torch.load(path, map_location="meta", mmap=True, weights_only=True))
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as exc:
+        raise ConfigError(
+            f"{path} is not a readable weights file ({_first_line(exc)}): it is truncated or "
+            "corrupt; download it again"
+        ) from None
+
+
+@contextlib.contextmanager
+def _loadable(weights: FolderWeights) -> Iterator[Path]:
+    """A folder `from_pretrained` loads `weights` from: the model folder itself, or a temporary
+    one linking the folder's files beside an index written for the files it would not find."""
+    for f in weights.files:
+        if f.suffix == ".safetensors":
+            _tensor_names(f)  # a truncated file is named here, not deep inside from_pretrained
+    if weights.indexed:
+        yield weights.folder
+        return
+    weight_map: dict[str, str] = {}
+    for f in weights.files:
+        for name in _tensor_names(f):
+            if name in weight_map:
+                raise ConfigError(
+                    f"tensor {name} is in both {weight_map[name]} and {f.name} in {f.parent}; "
+                    "keep the files of one copy of the weights"
+                )
+            weight_map[name] = f.name
+    index = _INDEXES[0] if weights.files[0].suffix == ".safetensors" else _INDEXES[1]
+    with tempfile.TemporaryDirectory(prefix="lowmem-weights-") as tmp:
+        staged = Path(tmp)
+        for entry in weights.folder.iterdir():
+            (staged / entry.name).symlink_to(entry.resolve())
+        (staged / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        yield staged
+
+
+def _check_loading_info(weights: FolderWeights, info: dict) -> None:
+    """Refuse what `from_pretrained` reports but only logs: weights the model expects that the
+    files lack (left at random init), tensors it does not take, shapes that differ."""
+    problems = []
+    if info["missing_keys"]:
+        missing = info["missing_keys"]
+        problems.append(f"missing {_count(missing, 'weight')} the model expects ({_few(missing)})")
+    if info["unexpected_keys"]:
+        unexpected = info["unexpected_keys"]
+        problems.append(
+            f"{_count(unexpected, 'tensor')} the model does not take ({_few(unexpected)})"
+        )
+    if info.get("mismatched_keys"):
+        mismatched = sorted(info["mismatched_keys"])
+        key, in_file, in_model = mismatched[0]
+        problems.append(
+            f"{_count(mismatched, 'tensor')} of another shape (e.g. {key}: {tuple(in_file)} in "
+            f"the files, {tuple(in_model)} in the model)"
+        )
+    if info.get("error_msgs"):
+        problems.append(_first_line(Exception(info["error_msgs"][0])))
+    if not problems:
+        return
+    absent = weights.absent_shards()
+    if absent:
+        problems.append(f"{_few(absent)} {'is' if len(absent) == 1 else 'are'} absent")
+    raise ConfigError(
+        f"--model {weights.folder}: the weights in {weights.names} do not fit its config.json: "
+        f"{'; '.join(problems)}; download the folder again (or save it with "
+        "model.save_pretrained(DIR)), or pass --from_scratch to train from random weights"
+    )
+
+
+# -- building ------------------------------------------------------------------------------
+
+
+def build_hf_model(
+    auto_class_name: str,
+    folder: Path,
+    config,
+    *,
+    from_scratch: bool,
+    quantization=None,
+) -> nn.Module:
+    """The `transformers.<auto_class_name>` model of `folder`: from its weights, checked against
+    its config, or from `config` alone (`from_scratch`); every failure is one ConfigError."""
+    transformers = _transformers()
+    auto_class = getattr(transformers, auto_class_name)
+    mapping_name, family = _AUTO_CLASSES[auto_class_name]
+    if type(config) not in getattr(transformers, mapping_name):
+        raise ConfigError(
+            f"--model {folder} is a {config.model_type} model, which transformers does not build "
+            f"as {family} ({auto_class_name}); pass the folder of {family}"
+        )
+    if from_scratch:
+        try:
+            return auto_class.from_config(config)
+        except _model_errors() as exc:
+            raise ConfigError(
+                f"transformers cannot build --model {folder} from its config.json "
+                f"({type(exc).__name__}: {_first_line(exc)}); fix config.json"
+            ) from None
+    weights = folder_weights(folder)
+    if not weights.files:
+        raise ConfigError(
+            f"--model {folder} holds no weights (no model.safetensors, model-*.safetensors or "
+            "pytorch_model*.bin); put the weights in it, or pass --from_scratch to train from "
+            "random weights with its config.json"
+        )
+    with _loadable(weights) as source:
+        try:
+            hf_model, info = auto_class.from_pretrained(
+                source,
+                local_files_only=True,
+                dtype=torch.float32,
+                output_loading_info=True,
+                # Quantised weights are packed in other shapes; transformers checks them itself.
+                ignore_mismatched_sizes=quantization is None,
+                quantization_config=quantization,
+            )
+        except _model_errors() as exc:
+            raise ConfigError(
+                f"cannot load the weights in {folder} ({weights.names}: {type(exc).__name__}: "
+                f"{_first_line(exc)}); download them again, or pass --from_scratch to train from "
+                "random weights"
+            ) from None
+    _check_loading_info(weights, info)
+    hf_model.name_or_path = hf_model.config.name_or_path = str(folder)  # not the temporary one
+    return hf_model
+
+
+def check_lora_targets(hf_model: nn.Module, targets: Sequence[str] | None, what: str) -> None:
+    """Refuse LoRA targets (peft's matching: a module's name or its last dotted parts) that name
+    the output head, whose weight the chunked loss reads directly, or a layer whose weight is
+    tied to another (embeddings and a tied head), which a merged export could not fold an
+    adapter into without changing the other layer too."""
+    if targets is None:
+        return
+    head = hf_model.get_output_embeddings()
+    owners: dict[int, list[str]] = {}
+    for name, module in hf_model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    for name, module in hf_model.named_modules():
+        target = next((t for t in targets if name == t or name.endswith(f".{t}")), None)
+        if target is None:
+            continue
+        if module is head:
+            raise ConfigError(
+                f"--lora_target_modules {target}: {name} is {what}'s output head, which takes no "
+                "adapter here (the loss reads its weight directly); drop it: the default adapts "
+                "every linear layer but the head"
+            )
+        sharing = owners.get(id(getattr(module, "weight", None)), [])
+        if len(sharing) > 1:
+            others = _few([n for n in sharing if n != name])
+            raise ConfigError(
+                f"--lora_target_modules {target}: {name} shares its weight with {others} "
+                f"(tied embeddings in {what}), so a merged export would change both; drop it"
+            )
 
 
 def load_model_folder(
@@ -104,25 +440,20 @@ def load_model_folder(
         )
     quantization = None
     if load_in_4bit:
-        quantization = _four_bit_config(transformers)
-    if from_scratch or not has_weights(folder):
-        if load_in_4bit:
+        if from_scratch:
             raise ConfigError(
                 "--load_in_4bit quantises existing weights; it cannot start from scratch"
             )
-        hf_model = transformers.AutoModelForCausalLM.from_config(config)
+        quantization = _four_bit_config(transformers)
+    hf_model = build_hf_model(
+        "AutoModelForCausalLM",
+        folder,
+        config,
+        from_scratch=from_scratch,
+        quantization=quantization,
+    )
+    if from_scratch:
         log.info("%s: random initialisation from config.json", folder)
-    else:
-        try:
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder,
-                local_files_only=True,
-                dtype=torch.float32,
-                quantization_config=quantization,
-            )
-        except (OSError, ValueError, RuntimeError) as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError(f"cannot load the weights in {folder} ({first})") from None
     if grad_checkpointing:
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

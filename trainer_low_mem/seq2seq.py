@@ -27,8 +27,8 @@ from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem.hf_model import (
     HFWrapper,
     _transformers,
+    build_hf_model,
     check_model_folder,
-    has_weights,
     read_folder_config,
 )
 from trainer_low_mem.loss import chunked_cross_entropy
@@ -77,16 +77,10 @@ def load_seq2seq_folder(
 ) -> Seq2SeqLM:
     """The encoder-decoder model in `path`, fp32, wrapped in `Seq2SeqLM`."""
     folder = check_model_folder(path)
-    transformers = _transformers()
     config = read_folder_config(folder)
     if not config.is_encoder_decoder:
         raise ConfigError(f"--model {folder} is not an encoder-decoder ({config.model_type})")
-    if from_scratch or not has_weights(folder):
-        hf_model = transformers.AutoModelForSeq2SeqLM.from_config(config)
-    else:
-        hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
-            folder, local_files_only=True, dtype=torch.float32
-        )
+    hf_model = build_hf_model("AutoModelForSeq2SeqLM", folder, config, from_scratch=from_scratch)
     if grad_checkpointing:
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

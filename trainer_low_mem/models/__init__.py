@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import ModelConfig
-from trainer_low_mem.hf_model import check_model_folder, read_folder_config
+from trainer_low_mem.hf_model import check_model_folder, has_weights, read_folder_config
 from trainer_low_mem.models.builtin import PresetKind
 from trainer_low_mem.models.hf_causal import HFCausalKind
 from trainer_low_mem.models.hf_seq2seq import Seq2SeqKind
@@ -43,7 +43,13 @@ def _family(cfg: ModelConfig) -> ModelKind:
         return PresetKind(cfg.model_preset, cfg.grad_checkpointing)
     folder = check_model_folder(cfg.model)
     config = read_folder_config(folder)
-    settings = {"from_scratch": cfg.from_scratch, "grad_checkpointing": cfg.grad_checkpointing}
+    # A folder without weights trains only when asked: --from_scratch, or --init_from's weights.
+    from_scratch = cfg.from_scratch or (cfg.init_from is not None and not has_weights(folder))
+    settings = {
+        "from_scratch": from_scratch,
+        "grad_checkpointing": cfg.grad_checkpointing,
+        "lora_targets": None if cfg.lora is None else cfg.lora.target_modules,
+    }
     if not config.is_encoder_decoder:
         return HFCausalKind(folder, config, load_in_4bit=cfg.load_in_4bit, **settings)
     if cfg.load_in_4bit:

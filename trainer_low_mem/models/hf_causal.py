@@ -5,17 +5,26 @@ from __future__ import annotations
 
 from lowmem_core.errors import ConfigError
 from pipeline.batch_spec import TokenRows
-from trainer_low_mem.hf_model import HFCausalLM, load_model_folder
+from trainer_low_mem.hf_model import HFCausalLM, check_lora_targets, load_model_folder
 from trainer_low_mem.models.hf_folder import HFFolderKind
-from trainer_low_mem.models.kind import document_masking_on
+from trainer_low_mem.models.kind import AdapterHost, document_masking_on
 
 
 class HFCausalKind(HFFolderKind):
     peft_task_type = "CAUSAL_LM"
 
-    def __init__(self, folder, config, *, load_in_4bit: bool = False, **settings) -> None:
+    def __init__(
+        self,
+        folder,
+        config,
+        *,
+        load_in_4bit: bool = False,
+        lora_targets: tuple[str, ...] | None = None,
+        **settings,
+    ) -> None:
         super().__init__(folder, config, **settings)
         self.load_in_4bit = load_in_4bit
+        self.lora_targets = lora_targets  # the layers --lora_target_modules names, if any
 
     def batch_spec(self, dataset, seq_len, packing, saved_loader_state) -> TokenRows:
         return TokenRows(seq_len, packing)
@@ -33,6 +42,10 @@ class HFCausalKind(HFFolderKind):
             document_masking=document_masking,
             load_in_4bit=quantised and self.load_in_4bit,
         )
+
+    def adapter_host(self, module: HFCausalLM) -> AdapterHost:
+        check_lora_targets(module.hf_model, self.lora_targets, self.what)
+        return super().adapter_host(module)
 
     def describe(self, module: HFCausalLM) -> str:
         return (

@@ -8,13 +8,18 @@ import contextlib
 
 from lowmem_core.errors import ConfigError
 from pipeline.batch_spec import PairRows
+from trainer_low_mem.hf_model import check_lora_targets
 from trainer_low_mem.models.hf_folder import HFFolderKind
-from trainer_low_mem.models.kind import DataFacts
+from trainer_low_mem.models.kind import AdapterHost, DataFacts
 from trainer_low_mem.seq2seq import Seq2SeqLM, load_seq2seq_folder
 
 
 class Seq2SeqKind(HFFolderKind):
     peft_task_type = "SEQ_2_SEQ_LM"  # peft's T5 targets: q k v o
+
+    def __init__(self, folder, config, *, lora_targets=None, **settings) -> None:
+        super().__init__(folder, config, **settings)
+        self.lora_targets = lora_targets  # the layers --lora_target_modules names, if any
 
     @property
     def start_id(self) -> int:
@@ -40,6 +45,10 @@ class Seq2SeqKind(HFFolderKind):
             from_scratch=self.from_scratch or not weights,
             grad_checkpointing=self.grad_checkpointing,
         )
+
+    def adapter_host(self, module: Seq2SeqLM) -> AdapterHost:
+        check_lora_targets(module.hf_model, self.lora_targets, self.what)
+        return super().adapter_host(module)
 
     def describe(self, module: Seq2SeqLM) -> str:
         return (

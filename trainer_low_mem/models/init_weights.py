@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -32,7 +33,13 @@ def load_initial_weights(kind: ModelKind, model: nn.Module, source: Path) -> Non
         raise ConfigError(f"--init_from {source} holds no .safetensors weights")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(load_file(f))
+        try:
+            tensors.update(load_file(f))
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(
+                f"--init_from {f} is not a readable safetensors file ({exc}): it is truncated "
+                "or corrupt; export or save it again"
+            ) from None
     if any(is_adapter(k) for k in tensors):
         raise ConfigError(
             f"--init_from {source} holds LoRA adapters, not full weights; start from its merged "
@@ -40,11 +47,10 @@ def load_initial_weights(kind: ModelKind, model: nn.Module, source: Path) -> Non
         )
     target, tensors = kind.init_target(model, tensors, _is_hf_config(source / "config.json"))
     missing, unexpected = _load(target, tensors)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        shown = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
+    if missing or unexpected:
+        shown = sorted(missing)[:3] + sorted(unexpected)[:3]
         raise ConfigError(
-            f"--init_from {source} does not fit this model ({len(set(missing) - tied)} missing, "
+            f"--init_from {source} does not fit this model ({len(missing)} missing, "
             f"{len(unexpected)} unexpected tensors, e.g. {', '.join(shown)}); it must come from "
             "the same architecture and size"
         )
@@ -52,9 +58,10 @@ def load_initial_weights(kind: ModelKind, model: nn.Module, source: Path) -> Non
 
 def _is_hf_config(path: Path) -> bool:
     try:
-        return "model_type" in json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -69,8 +76,22 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str
             f"{tuple(own[k].shape)}; it must come from the same architecture and size"
         )
     result = module.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if not is_adapter(k)]
+    # A weight tied to one that loaded (the LM head to the embeddings) is not missing.
+    aliases = _tied_names(module)
+    missing = [
+        k
+        for k in result.missing_keys
+        if not is_adapter(k) and not aliases.get(k, set()) & tensors.keys()
+    ]
     return missing, list(result.unexpected_keys)
+
+
+def _tied_names(module: nn.Module) -> dict[str, set[str]]:
+    """Each parameter's name -> the other names of the same parameter."""
+    names: dict[int, set[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), set()).add(name)
+    return {name: group - {name} for group in names.values() for name in group}
 
 
 def _base_layer_name(name: str, own: dict[str, torch.Tensor]) -> str:

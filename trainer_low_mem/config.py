@@ -255,8 +255,8 @@ class CheckpointConfig:
     """Where the run's state and final weights go, and when they are written."""
 
     output_dir: Path = Path("model_save")
-    """Holds train_latest_state/ (resumable state) and model.safetensors + config.json (final
-    weights)."""
+    """Holds train_latest_state/ (the resumable state) and final/ (the exported model, a folder
+    transformers loads); --model and --init_from must lie outside it."""
 
     is_keep_training: Annotated[bool, tyro.conf.arg(aliases=("--resume",))] = False
     """Resume from OUTPUT_DIR/train_latest_state: same data position, optimizer and schedule."""
@@ -273,8 +273,17 @@ class CheckpointConfig:
     """With LoRA on a Hugging Face --model: export the adapters alone (peft format) instead of
     merging them into the weights."""
 
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype of the exported weights; auto: the source's (--model's config.json dtype, else
+    its weights'; float32 for a built-in preset). Training stays float32 whatever it is."""
+
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
+        if self.export_adapter_only and self.export_dtype != "auto":
+            raise ConfigError(
+                f"--export_dtype {self.export_dtype} applies to merged weights, but "
+                "--export_adapter_only writes the adapters as they trained; drop one of the two"
+            )
         for name in ("save_every", "export_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(

@@ -7,24 +7,36 @@ with the writers here. A Hugging Face model (decoder-only, or an encoder-decoder
 match). LoRA adapters are merged into the exported weights without touching the live model (each
 merged weight is computed beside it), or written alone in peft's format (`adapter_only`). The
 tokenizer is copied from the model folder or the dataset's tokenizer folder, or made for the
-built-in byte tokenizer. Written like the training state: a temp folder, fsynced, renamed; the
+built-in byte tokenizer. Weights are written in the model kind's export dtype (the source's by
+default: a bf16 folder exports bf16), and a Hugging Face config keeps the source's `use_cache`
+(training turns it off). Written like the training state: a temp folder, fsynced, renamed; the
 previous export is removed only once the new one is in place. Files are world-readable (0644).
+
+The export replaces `final/` only when that folder holds nothing but an export: the files its
+manifest (`MANIFEST_NAME`, written with every export) lists at their recorded sizes, or, for an
+export of an earlier release (no manifest), the files an export writes and byte-equal copies of
+the tokenizer folder's files (which those releases copied whole). Anything else is the user's and
+the export refuses (`check_export_folder`), before training and again before the swap.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lowmem_core.durable import atomic_folder
-from lowmem_core.errors import CheckpointError, require_extra
+from lowmem_core.errors import CheckpointError, ConfigError, require_extra
 from lowmem_core.format import INDEX_NAME
 from trainer_low_mem.model import ROPE_BASE, DecoderLM
 
@@ -34,10 +46,16 @@ if TYPE_CHECKING:
 EXPORT_DIR_NAME = "final"
 ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter tensor (peft's naming)
 BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+MANIFEST_NAME = ".lowmem_export.json"  # {"files": {name: size in bytes}} of what the export wrote
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copy of `module`'s weights with every LoRA adapter folded in, under the plain names."""
+def merged_state_dict(
+    module: nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """CPU copy of `module`'s weights with every LoRA adapter folded in, under the plain names;
+    floating-point tensors in `dtype` (None: as they are). Tied weights stay one tensor."""
     merged: dict[str, torch.Tensor] = {}
     adapted = any(ADAPTER_MARK in name for name, _ in module.named_parameters())
     # Only a module with adapters needs peft (the `lora` extra) to find its adapted layers.
@@ -50,17 +68,32 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
                 merged[f"{name}.weight"] = (
                     (base.weight + delta.to(base.weight.dtype)).detach().cpu()
                 )
-        out = {}
+        out, cast = {}, {}
         for key, value in module.state_dict().items():
             if ADAPTER_MARK in key:
                 continue
             plain = key.replace(".base_layer.", ".")
-            out[plain] = merged.get(plain, value.detach().cpu())
+            out[plain] = _on_cpu(merged.get(plain, value), dtype, cast)
     return out
 
 
-def _llama_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
-    src = merged_state_dict(model)
+def _on_cpu(tensor: torch.Tensor, dtype: torch.dtype | None, cast: dict) -> torch.Tensor:
+    """`tensor` on the CPU in `dtype`; `cast` maps a storage view already converted to its copy,
+    so weights tied in the model (embedding and head) are written once."""
+    view = (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tensor.shape,
+        tensor.stride(),
+    )
+    if view not in cast:
+        to = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        cast[view] = tensor.detach().to("cpu", to)
+    return cast[view]
+
+
+def _llama_state_dict(model: DecoderLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    src = merged_state_dict(model, dtype)
     d = model.preset.d_model
     out = {
         "model.embed_tokens.weight": src["embed.weight"],
@@ -109,8 +142,9 @@ def _decoder_names(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str,
     return out
 
 
-def llama_config(model: DecoderLM, special_ids: dict[str, int | None]):
-    """The `LlamaConfig` whose `LlamaForCausalLM` computes what `model` computes."""
+def llama_config(model: DecoderLM, special_ids: dict[str, int | None], dtype: str = "float32"):
+    """The `LlamaConfig` whose `LlamaForCausalLM` computes what `model` computes, its weights
+    stored in `dtype`."""
     transformers = require_extra("transformers", "hf", "exporting a Hugging Face model folder")
 
     p = model.preset
@@ -131,6 +165,7 @@ def llama_config(model: DecoderLM, special_ids: dict[str, int | None]):
         bos_token_id=special_ids.get("bos_id"),
         eos_token_id=special_ids.get("eos_id"),
         pad_token_id=special_ids.get("pad_id"),
+        dtype=dtype,
     )
 
 
@@ -169,7 +204,8 @@ def export_model(
     kind: ModelKind, model: nn.Module, out_dir: Path, data: DataFacts, *, adapter_only: bool
 ) -> Path:
     """Write `model` as its kind exports it (weights, config, tokenizer) to `out_dir`
-    atomically; returns `out_dir`."""
+    atomically; returns `out_dir`. Refuses (ConfigError) to replace an `out_dir` that holds
+    anything an export did not write (`check_export_folder`)."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     old = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
@@ -177,8 +213,11 @@ def export_model(
     try:
         with atomic_folder(out_dir, tmp, old):
             kind.export_files(model, tmp, data, adapter_only)
+            _write_manifest(tmp)
             for item in tmp.iterdir():
                 os.chmod(item, 0o644)
+            # Checked last, just before the swap: a file put there during the run is kept too.
+            check_export_folder(out_dir, data.tokenizer_dir)
     except OSError as exc:
         raise CheckpointError(
             f"cannot write the export to {out_dir} ({exc}); free space or fix the "
@@ -187,15 +226,136 @@ def export_model(
     return out_dir
 
 
-def write_hf_weights(hf_model: nn.Module, folder: Path) -> None:
-    """A transformers model in its own format, adapters folded into its weights."""
-    hf_model.save_pretrained(folder, state_dict=merged_state_dict(hf_model))
+def check_export_folder(out_dir: Path, tokenizer_dir: Path | None) -> None:
+    """Refuse, in one line, to replace `out_dir` when it holds anything an export did not
+    write (see the module docstring); no `out_dir` passes. `tokenizer_dir`: the dataset's
+    tokenizer folder, which an earlier release copied whole into its export."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ConfigError(
+            f"{out_dir} is a {'link' if out_dir.is_symlink() else 'file'}, not a folder an "
+            "export wrote, and the export replaces it; move it away or choose another --output_dir"
+        )
+    foreign = _not_exported(out_dir, tokenizer_dir) if out_dir.exists() else []
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ConfigError(
+            f"{out_dir} holds files no export wrote ({', '.join(foreign[:3])}{more}) and the "
+            "export replaces that folder; move them out of it or choose another --output_dir"
+        )
 
 
-def write_llama_weights(model: DecoderLM, folder: Path, special_ids: dict[str, int | None]) -> None:
+def _write_manifest(folder: Path) -> None:
+    files = {item.name: item.stat().st_size for item in sorted(folder.iterdir())}
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def _not_exported(folder: Path, tokenizer_dir: Path | None) -> list[str]:
+    """The names in `folder` an export did not write (a folder as `NAME/`, a file changed since
+    the export as `NAME (changed)`)."""
+    manifest = _read_manifest(folder)
+    foreign = []
+    for item in sorted(folder.iterdir()):
+        name = item.name
+        if item.is_symlink() or not item.is_file():
+            foreign.append(f"{name}/" if item.is_dir() else name)
+        elif manifest is None:
+            if not _written_by_an_earlier_export(item, tokenizer_dir):
+                foreign.append(name)
+        elif name not in manifest and name != MANIFEST_NAME:
+            foreign.append(name)
+        elif name in manifest and manifest[name] != item.stat().st_size:
+            foreign.append(f"{name} (changed)")
+    return foreign
+
+
+def _read_manifest(folder: Path) -> dict[str, int] | None:
+    try:
+        files = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+# What an export has written into final/ in every release: the weights (sharded or not) and
+# configs by save_pretrained, peft's adapter files and model card, the tokenizer files.
+_EXPORT_FILES = frozenset(
+    {
+        MANIFEST_NAME,
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+)
+_WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _written_by_an_earlier_export(item: Path, tokenizer_dir: Path | None) -> bool:
+    name = item.name
+    if name in _EXPORT_FILES or _WEIGHT_SHARD.fullmatch(name) or _is_tokenizer_file(name):
+        return True
+    if name == "README.md" and _is_peft_model_card(item):
+        return True
+    # Earlier releases copied every file of the tokenizer folder (often the model folder).
+    copy_of = None if tokenizer_dir is None else Path(tokenizer_dir) / name
+    return copy_of is not None and copy_of.is_file() and filecmp.cmp(item, copy_of, shallow=False)
+
+
+def _is_peft_model_card(path: Path) -> bool:
+    """The README.md peft's save_pretrained writes beside an adapter."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        head = fh.read(4096)
+    return head.startswith("---") and "library_name: peft" in head
+
+
+def write_hf_weights(hf_model: nn.Module, folder: Path, dtype: str, use_cache: bool | None) -> None:
+    """A transformers model in its own format, adapters folded into its weights, in `dtype`;
+    its config.json says `dtype` and the source's `use_cache` (None: the source had none)."""
+    hf_model.save_pretrained(folder, state_dict=merged_state_dict(hf_model, EXPORT_DTYPES[dtype]))
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+    if use_cache is None:
+        config.pop("use_cache", None)
+    else:
+        config["use_cache"] = use_cache
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_llama_weights(
+    model: DecoderLM, folder: Path, special_ids: dict[str, int | None], dtype: str
+) -> None:
     """The built-in decoder as the `LlamaForCausalLM` that computes the same logits."""
-    llama_config(model, special_ids).save_pretrained(folder)
-    save_file(_llama_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
+    llama_config(model, special_ids, dtype).save_pretrained(folder)
+    tensors = _llama_state_dict(model, EXPORT_DTYPES[dtype])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def weights_dtype(folder: Path) -> str | None:
+    """The dtype most of a folder's safetensors weights are stored in ("bfloat16", ...), read
+    from the file headers only; None without safetensors weights or for another dtype."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        counts: dict[str, int] = {}
+        for name in files:
+            with safe_open(folder / name, framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    tensor = fh.get_slice(key)
+                    dtype = tensor.get_dtype()
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(tensor.get_shape())
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    if not counts:
+        return None
+    return _SAFETENSORS_DTYPES.get(max(counts, key=counts.__getitem__))
 
 
 def copy_tokenizer(source: Path, folder: Path) -> None:

@@ -2,22 +2,27 @@
 
 Every check that decides whether a job can run is made here once, in this order: the launch
 (sanity.py), the batch split (planner/batch.py), the model kind (models/), the row length against
-the model, the dataset against the model. The `Job` then holds what the rest needs: the model
-kind, the dataset's facts, the batches the model takes, and how to plan it, so `plan` and
-`train` cannot decide differently on the same flags.
+the model, the dataset against the model, and, for `train` (the command that writes), its output
+folder: --model and --init_from outside it, and its final/ holding nothing but an earlier export
+(export.py). The `Job` then holds what the rest needs: the model kind (exporting in
+--export_dtype), the dataset's facts, the batches the model takes, and how to plan it, so `plan`
+and `train` cannot decide differently on the same flags.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lowmem_core.errors import ConfigError, LowMemError
 from pipeline.batch_spec import BatchSpec
+from trainer_low_mem.checkpoint import STATE_DIR_NAME
 from trainer_low_mem.config import JobConfig, PlanConfig
+from trainer_low_mem.export import EXPORT_DIR_NAME, check_export_folder
 from trainer_low_mem.launch import Launch
 from trainer_low_mem.models import DataFacts, ModelKind, resolve_model_kind
 from trainer_low_mem.planner import Plan, plan_for_job
@@ -132,6 +137,9 @@ def build_job(
     data = None if dataset is None else DataFacts.of(d.data, dataset)
     if data is not None:
         kind.check_data(data)
+    if isinstance(config, JobConfig):  # `train`: `plan` writes nothing
+        _check_output_dir(config, data)
+        kind = kind.with_export_dtype(config.checkpoint.export_dtype)
     masking = config.model.document_masking
     if masking is None:
         masking = data is not None and data.is_sft
@@ -145,3 +153,24 @@ def build_job(
         document_masking=masking,
         global_batch=global_batch,
     )
+
+
+def _check_output_dir(config: JobConfig, data: DataFacts | None) -> None:
+    """`train` writes OUTPUT_DIR/train_latest_state and replaces OUTPUT_DIR/final: refuse a
+    model or initial weights inside it (they would be replaced), and a final/ holding files no
+    export wrote (they would be deleted), before any training time is spent."""
+    out = config.checkpoint.output_dir
+    for flag, path in (("--model", config.model.model), ("--init_from", config.model.init_from)):
+        if path is not None and _is_within(path, out):
+            raise ConfigError(
+                f"{flag} {path} is inside --output_dir {out}, whose {EXPORT_DIR_NAME}/ and "
+                f"{STATE_DIR_NAME}/ this run replaces; copy it out of {out} or choose another "
+                "--output_dir"
+            )
+    check_export_folder(out / EXPORT_DIR_NAME, None if data is None else data.tokenizer_dir)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it, links resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents

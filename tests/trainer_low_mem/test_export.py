@@ -122,11 +122,13 @@ def test_hf_model_with_lora_exports_merged_and_as_adapter(tmp_path, arch):
 
 
 def test_export_replaces_the_previous_one_and_is_world_readable(tmp_path):
-    model = build_model("tiny")
-    out = _export(model, tmp_path / "final")
-    (out / "stale.txt").write_text("from the previous export")
-    _export(model, tmp_path / "final")
-    assert not (out / "stale.txt").exists()
+    torch.manual_seed(0)
+    out = _export(build_model("tiny"), tmp_path / "final")
+    first = (out / "model.safetensors").read_bytes()
+    torch.manual_seed(1)
+    _export(build_model("tiny"), tmp_path / "final")
+    assert (out / "model.safetensors").read_bytes() != first
+    # A file the export did not write is kept and refused instead: test_export_safety.py.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     for item in out.iterdir():
         assert stat.S_IMODE(item.stat().st_mode) == 0o644

@@ -1,8 +1,9 @@
 """The built-in decoder (`DecoderLM`, trainer_low_mem/model.py) as a model kind: a preset sized
-to the dataset's vocabulary, exported as a `LlamaForCausalLM`."""
+to the dataset's vocabulary, exported as a `LlamaForCausalLM` (float32 unless asked)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,19 @@ ADAPTER_TARGETS = ("qkv", "proj", "gate", "up")
 class PresetKind:
     """A built-in preset (`--model_preset NAME`)."""
 
+    source_dtype = "float32"  # the built-in model is built and trained in float32
+
     def __init__(self, name: str, grad_checkpointing: bool) -> None:
         self.name = name
         self.preset = resolve_preset(name)  # an unknown name is refused here, before any work
         self.grad_checkpointing = grad_checkpointing
+        self.export_dtype = self.source_dtype
+
+    def with_export_dtype(self, dtype: str) -> PresetKind:
+        """This kind, exporting in `dtype` ("auto": float32)."""
+        kind = copy.copy(self)
+        kind.export_dtype = self.source_dtype if dtype == "auto" else dtype
+        return kind
 
     @property
     def what(self) -> str:
@@ -68,7 +78,7 @@ class PresetKind:
         return module, tensors
 
     def export_files(self, module, folder: Path, data: DataFacts, adapter_only: bool) -> None:
-        export.write_llama_weights(module, folder, data.special_ids)
+        export.write_llama_weights(module, folder, data.special_ids, self.export_dtype)
         if data.tokenizer_dir is not None:
             export.copy_tokenizer(data.tokenizer_dir, folder)
         else:

@@ -1,8 +1,10 @@
 """What every Hugging Face folder kind shares: its config.json read once, the dataset check,
-where LoRA goes, `--init_from` names and the export in the folder's own format."""
+where LoRA goes, `--init_from` names and the export in the folder's own format, dtype and
+`use_cache`."""
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -28,6 +30,7 @@ class HFFolderKind(ABC):
         self.config = config  # transformers' PretrainedConfig, read once by resolve_model_kind
         self.from_scratch = from_scratch
         self.grad_checkpointing = grad_checkpointing
+        self._export_dtype: str | None = None  # None: the source's (`source_dtype`)
 
     @property
     def what(self) -> str:
@@ -81,11 +84,35 @@ class HFFolderKind(ABC):
             )
 
     def identity(self, vocab_size: int) -> dict[str, Any]:
+        return {"folder_config": self._folder_config(), "lora": None}
+
+    def _folder_config(self) -> dict[str, Any] | None:
+        """config.json as the folder holds it (None when it cannot be read now)."""
         try:
-            folder_config = json.loads((self.folder / "config.json").read_text())
+            return json.loads((self.folder / "config.json").read_text())
         except (OSError, ValueError):
-            folder_config = None
-        return {"folder_config": folder_config, "lora": None}
+            return None
+
+    @property
+    def source_dtype(self) -> str:
+        """The dtype the folder's model is stored in: config.json's `dtype` (`torch_dtype`
+        before transformers 4.56), else that of most of its safetensors weights, else
+        float32. The trainer loads it in float32 whatever it is."""
+        stated = self._folder_config() or {}
+        for key in ("dtype", "torch_dtype"):
+            if stated.get(key) in export.EXPORT_DTYPES:
+                return stated[key]
+        return export.weights_dtype(self.folder) or "float32"
+
+    @property
+    def export_dtype(self) -> str:
+        return self._export_dtype or self.source_dtype
+
+    def with_export_dtype(self, dtype: str) -> HFFolderKind:
+        """This kind, exporting in `dtype` ("auto": the source's)."""
+        kind = copy.copy(self)
+        kind._export_dtype = None if dtype == "auto" else dtype
+        return kind
 
     def _source(self) -> str:
         return "its weights" if self.loads_weights else "random init from its config"
@@ -97,7 +124,9 @@ class HFFolderKind(ABC):
         return (module.hf_model if from_export else module), tensors
 
     def export_files(self, module, folder: Path, data: DataFacts, adapter_only: bool) -> None:
-        export.write_hf_weights(module.hf_model, folder)
+        # The trainer turns the cache off for training; the export gets the source's setting.
+        use_cache = getattr(self.config, "use_cache", None)
+        export.write_hf_weights(module.hf_model, folder, self.export_dtype, use_cache)
         tokenizer = self.folder if export.has_tokenizer_files(self.folder) else data.tokenizer_dir
         if tokenizer is not None:
             export.copy_tokenizer(tokenizer, folder)

@@ -34,6 +34,7 @@ class DataFacts:
     token_bytes: int
     index_bytes: int | None  # the node-shared epoch index, when the dataset has one
     tokenizer_dir: Path | None  # the tokenizer the dataset was built with, when it still exists
+    tokenizer_id: str | None = None  # which tokenizer made the ids (index.json's); None: unknown
 
     @classmethod
     def of(cls, path: Path, dataset) -> DataFacts:
@@ -47,6 +48,7 @@ class DataFacts:
             is_sft=dataset.prompt_lengths is not None,
             token_bytes=dataset.token_bytes,
             index_bytes=dataset.shared_index_bytes,
+            tokenizer_id=dataset.tokenizer_id,
         )
 
     @property
@@ -125,6 +127,15 @@ class ModelKind(Protocol):
     ) -> tuple[nn.Module, dict]:
         """The submodule `--init_from` tensors load into, and the tensors under its names:
         an export names tensors as transformers does, a training state as `module` does."""
+        ...
+
+    @property
+    def export_dtype(self) -> str:
+        """The dtype the export writes weights in: "float32", "bfloat16" or "float16"."""
+        ...
+
+    def with_export_dtype(self, dtype: str) -> ModelKind:
+        """This kind exporting in `dtype` (--export_dtype; "auto": the source's)."""
         ...
 
     def export_files(

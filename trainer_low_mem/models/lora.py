@@ -51,6 +51,11 @@ class LoraKind:
     def identity(self, vocab_size: int) -> dict[str, Any]:
         return {**self.base.identity(vocab_size), "lora": self.settings.identity()}
 
+    def with_export_dtype(self, dtype: str) -> LoraKind:
+        """This kind, its merged export in `dtype` ("auto": the base's source dtype); an
+        adapter-only export keeps the adapters as they trained."""
+        return LoraKind(self.base.with_export_dtype(dtype), self.settings)
+
     def build(self, vocab_size: int, *, document_masking: bool, weights: bool) -> nn.Module:
         module = self.base.build(vocab_size, document_masking=document_masking, weights=weights)
         self.add_adapters(module)

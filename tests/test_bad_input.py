@@ -442,8 +442,8 @@ CASES = [
     Case(
         "train-world-size-does-not-divide",
         _train(*_TINY),
-        problem=r"global batch 4 is not divisible by processes x batch_size_per_gpu = 3 x 1 = 3",
-        fix=r"set --global_batch to a multiple of 3",
+        problem=r"global batch 4 is not divisible by world size 3",
+        fix=r"use a global batch of 3 or 6",
         setup=_sample_dataset,
         env={"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
         slow=True,
@@ -451,7 +451,7 @@ CASES = [
     Case(
         "train-malformed-deepspeed-config",
         _train(*_TINY),
-        problem=r"DeepSpeed config ds\.json is not valid JSON",
+        problem=r"DeepSpeed config \S*ds\.json is not valid JSON",
         fix=r"fix the file",
         setup=lambda d: (
             _sample_dataset(d),
@@ -463,8 +463,8 @@ CASES = [
     Case(
         "train-deepspeed-config-bad-zero-stage",
         _train(*_TINY),
-        problem=r"zero_optimization\.stage is 7, which is not a ZeRO stage",
-        fix=r"set it to 0, 1, 2 or 3",
+        problem=r"ZeRO stage 7 is not a ZeRO stage \(0, 1, 2 or 3\)",
+        fix=r"use zero_optimization\.stage: 2 in the DeepSpeed config",
         setup=lambda d: (
             _sample_dataset(d),
             _write(d / "ds.json", '{"zero_optimization": {"stage": 7}}'),

@@ -878,8 +878,8 @@ DAMAGES = {
         r"state",
     ),
     "missing-scheduler": (
-        lambda s: (s / "custom_checkpoint_0.pkl").unlink(),  # first registered
-        r"train_latest_state lacks custom_checkpoint_0\.pkl listed in its manifest: incomplete "
+        lambda s: (s / "scheduler.pt").unlink(),
+        r"train_latest_state lacks scheduler\.pt listed in its manifest: incomplete "
         r"state",
     ),
     "missing-manifest": (

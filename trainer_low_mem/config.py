@@ -94,8 +94,9 @@ class ModelConfig:
 
     model: Path | None = None
     """A local Hugging Face model folder (config.json, weights, tokenizer files); replaces
-    --model_preset. Fine-tunes from its weights, or starts from its config (--from_scratch, or a
-    folder without weights). Nothing is downloaded."""
+    --model_preset. Fine-tunes from its weights (model.safetensors, shards with or without their
+    index, consolidated.safetensors, pytorch_model*.bin), every one of which must fit the
+    config; a folder without weights needs --from_scratch. Nothing is downloaded."""
 
     from_scratch: bool = False
     """With --model: random initialisation from the folder's config.json, ignoring its weights."""
@@ -123,7 +124,7 @@ class ModelConfig:
 
     lora_target_modules: list[str] | None = None
     """Names of the linear layers that get adapters (e.g. q_proj v_proj); default: every linear
-    layer but the output head."""
+    layer but the output head (the head and weights tied to another layer are refused)."""
 
     load_in_4bit: bool = False
     """QLoRA: load --model's weights in 4-bit (bitsandbytes, CUDA only); needs --lora_rank."""
@@ -265,6 +266,10 @@ class CheckpointConfig:
     """Write train_latest_state every this many optimizer steps (also at the end and on
     SIGTERM/SIGINT); 0 saves only then."""
 
+    save_every_minutes: float = 10.0
+    """Also write train_latest_state once this many minutes have passed since the last save, so
+    a crash loses at most about this much work whatever the step time; 0 turns it off."""
+
     export_every: int = 0
     """Also write OUTPUT_DIR/final (a folder transformers loads) every this many optimizer steps;
     0 exports only at the end."""
@@ -284,7 +289,8 @@ class CheckpointConfig:
                 f"--export_dtype {self.export_dtype} applies to merged weights, but "
                 "--export_adapter_only writes the adapters as they trained; drop one of the two"
             )
-        for name in ("save_every", "export_every"):
+        for name in ("save_every", "export_every", "save_every_minutes"):
+            _require_finite(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ConfigError(
                     f"--{name} must be 0 (only at the end) or greater, got {getattr(self, name)}"

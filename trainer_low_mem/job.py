@@ -107,20 +107,18 @@ class Job:
             ) from exc
 
 
-def build_job(
-    config: JobConfig | PlanConfig,
-    launch: Launch,
-    dataset=None,
-    saved_loader_state: dict[str, Any] | None = None,
-    vocab_size: int | None = None,
-) -> Job:
-    """Check `config` on `launch` (and `dataset`, opened by the caller) and return the job.
+@dataclass(frozen=True)
+class FlagChecks:
+    """What the flags and the launch alone decide: checked before any process group, GPU work
+    or file write, so a mistake there costs nothing."""
 
-    `saved_loader_state`: the data position a resumed run continues from; an encoder-decoder
-    keeps the row layout it was saved with. `vocab_size`: the vocabulary without a dataset
-    (`plan --vocab_size`; default the model's own). Raises ConfigError (one line) for the first
-    check that fails.
-    """
+    kind: ModelKind
+    global_batch: int
+
+
+def check_flags(config: JobConfig | PlanConfig, launch: Launch) -> FlagChecks:
+    """The checks that need no dataset: the launch, the batch split, the model kind (its
+    config.json), the row length against the model."""
     check_launch(launch)
     t, d = config.training, config.data
     global_batch = config.resolve_global_batch(launch.world_size)
@@ -134,9 +132,36 @@ def build_job(
             f"{kind.max_seq_len}; lower --max_seq_len to at most {kind.max_seq_len} or choose a "
             "model with a longer context"
         )
+    return FlagChecks(kind, global_batch)
+
+
+def build_job(
+    config: JobConfig | PlanConfig,
+    launch: Launch,
+    dataset=None,
+    saved_loader_state: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    eval_dataset=None,
+    flags: FlagChecks | None = None,
+) -> Job:
+    """Check `config` on `launch` (and `dataset`, opened by the caller) and return the job.
+
+    `saved_loader_state`: the data position a resumed run continues from; an encoder-decoder
+    keeps the row layout it was saved with. `vocab_size`: the vocabulary without a dataset
+    (`plan --vocab_size`; default the model's own). Raises ConfigError (one line) for the first
+    check that fails. `eval_dataset` (train's --eval_data) is checked as the dataset is, and
+    must hold the same tokenizer's ids. `flags`: `check_flags`' result when the caller made
+    those checks already (train, before its process group exists).
+    """
+    flags = flags or check_flags(config, launch)
+    kind, global_batch, d = flags.kind, flags.global_batch, config.data
     data = None if dataset is None else DataFacts.of(d.data, dataset)
     if data is not None:
         kind.check_data(data)
+    if eval_dataset is not None:
+        held_out = DataFacts.of(config.eval.eval_data, eval_dataset)
+        kind.check_data(held_out)
+        _check_same_tokenizer(held_out, data)
     if isinstance(config, JobConfig):  # `train`: `plan` writes nothing
         _check_output_dir(config, data)
         kind = kind.with_export_dtype(config.checkpoint.export_dtype)
@@ -153,6 +178,20 @@ def build_job(
         document_masking=masking,
         global_batch=global_batch,
     )
+
+
+def _check_same_tokenizer(held_out: DataFacts, data: DataFacts) -> None:
+    """The eval set's ids mean what the training set's mean (a preset takes its vocabulary from
+    the training set, so nothing else would catch another tokenizer's ids)."""
+    ours = (data.tokenizer_id, data.vocab_size, data.eos_id)
+    theirs = (held_out.tokenizer_id, held_out.vocab_size, held_out.eos_id)
+    if ours != theirs:
+        raise ConfigError(
+            f"--eval_data {held_out.path} was built with tokenizer {held_out.tokenizer_id} "
+            f"(vocabulary {held_out.vocab_size}, EOS {held_out.eos_id}) but --data {data.path} "
+            f"with {data.tokenizer_id} (vocabulary {data.vocab_size}, EOS {data.eos_id}); "
+            "rebuild the eval split with the same --tokenizer"
+        )
 
 
 def _check_output_dir(config: JobConfig, data: DataFacts | None) -> None:

@@ -22,6 +22,7 @@ from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import LaunchConfig
 from trainer_low_mem.planner.levers import PLAN_FLAG_LEVERS, Levers
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The shipped accelerate config for ZeRO-2 with the optimizer states in host RAM.
 ZERO_LAUNCH_CONFIG = "accelerate_configs/zero2_offload_3gpu.yaml"
 
@@ -179,6 +180,7 @@ class Launch:
         else:
             distributed_type = "NO"
         if deepspeed and ds_config_file:
+            ds_config_file = str(resolve_deepspeed_json(ds_config_file))
             ds_stage, ds_offload = read_deepspeed_zero_settings(ds_config_file)
             zero_stage = ds_stage if ds_stage is not None else zero_stage
             offload = ds_offload or offload
@@ -232,18 +234,25 @@ def load_accelerate_config(path: str | Path):
         ) from None
 
 
+def resolve_deepspeed_json(path: str | Path) -> Path:
+    """The DeepSpeed JSON an accelerate config names, as an absolute path: relative to the
+    working directory (as DeepSpeed opens it), else to the project root, where the shipped
+    accelerate configs name theirs from (`train` passes the resolved path on to accelerate)."""
+    path = Path(path)
+    for candidate in (path, PROJECT_ROOT / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(
+        f"DeepSpeed config {path} does not exist (relative paths are resolved from the working "
+        f"directory {Path.cwd()} and from {PROJECT_ROOT}); make deepspeed_config_file in the "
+        "accelerate config an absolute path"
+    )
+
+
 def read_deepspeed_zero_settings(path: str | Path) -> tuple[int | None, str | None]:
     """(ZeRO stage, optimizer offload device) from a DeepSpeed JSON; None for what it leaves unset.
-
-    A relative path is taken relative to the current working directory, as DeepSpeed does.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"DeepSpeed config {path} does not exist (relative paths are resolved from the working "
-            f"directory {Path.cwd()}); launch from the project root or make deepspeed_config_file "
-            "an absolute path"
-        )
+    `path` is resolved by `resolve_deepspeed_json`."""
+    path = resolve_deepspeed_json(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -17,6 +17,7 @@ SIGINT set a flag; at the next step boundary every rank saves the state and the 
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from trainer_low_mem.data import TrainData, check_shard_sizes, verify_dataset
 from trainer_low_mem.distributed import RankContext, create_accelerator
 from trainer_low_mem.evaluate import evaluate
 from trainer_low_mem.export import EXPORT_DIR_NAME, export_model
-from trainer_low_mem.job import build_job
+from trainer_low_mem.job import FlagChecks, build_job, check_flags
 from trainer_low_mem.launch import Launch, detect_cpu_multiprocess
 from trainer_low_mem.metrics import Metrics
 from trainer_low_mem.models import trainable_parameter_count
@@ -73,9 +74,15 @@ class _Run:
     """
 
     def __init__(
-        self, config: JobConfig, launch: Launch, accelerator, ctx: RankContext, stop: StopSignals
+        self,
+        config: JobConfig,
+        launch: Launch,
+        flags: FlagChecks,
+        accelerator,
+        ctx: RankContext,
+        stop: StopSignals,
     ):
-        self.config, self.launch, self.accelerator = config, launch, accelerator
+        self.config, self.launch, self.flags, self.accelerator = config, launch, flags, accelerator
         self.ctx, self.stop = ctx, stop
         self.checkpointer = Checkpointer(config.checkpoint.output_dir, ctx, accelerator)
         self._open_data()
@@ -86,8 +93,6 @@ class _Run:
         self._prepare()
         self._restore()
         self.backoffs: list[str] = []
-        e = config.eval
-        self.eval_dataset = open_dataset(e.eval_data) if e.eval_data is not None else None
         self.metrics = Metrics(
             ctx,
             accelerator,
@@ -105,10 +110,19 @@ class _Run:
         )
         if not d.no_verify:
             verify_dataset(d.data, ctx)
+        e = self.config.eval
+        self.eval_dataset = open_dataset(e.eval_data) if e.eval_data is not None else None
 
     def _build_job(self) -> None:
         saved = read_training_state(self.resume[0]).loader_state if self.resume else None
-        self.job = build_job(self.config, self.launch, self.data.dataset, saved)
+        self.job = build_job(
+            self.config,
+            self.launch,
+            self.data.dataset,
+            saved,
+            eval_dataset=self.eval_dataset,
+            flags=self.flags,
+        )
         self.global_batch = self.job.global_batch
 
     def _build_model(self) -> None:
@@ -229,7 +243,19 @@ class _Run:
         if self.ctx.is_main:
             tqdm.write(line)
 
+    def _save_due(self) -> bool:
+        """Collective: a save is due by steps (--save_every) or by time (--save_every_minutes)
+        on any rank, so every rank saves at the same step."""
+        c, step = self.config.checkpoint, self.progress.step
+        due = bool(c.save_every) and step % c.save_every == 0
+        if c.save_every_minutes:
+            due = due or time.monotonic() - self._saved_at_s >= 60.0 * c.save_every_minutes
+            if self.ctx.world_size > 1:
+                due = bool(self.ctx.all_reduce_max(int(due)))
+        return due
+
     def _save(self) -> Path:
+        started = time.monotonic()
         check_shard_sizes(self.config.data.data)
         p = self.progress
         record = TrainingState(
@@ -244,7 +270,12 @@ class _Run:
             config_hash=config_hash(self.compat),
             watchdog=self.watchdog.state_dict(),
         )
-        return self.checkpointer.save(record)
+        path = self.checkpointer.save(record)
+        self._saved_at_s = time.monotonic()
+        self._print(
+            f"saved the state at step {p.step} to {path} ({self._saved_at_s - started:.1f} s)"
+        )
+        return path
 
     # -- one optimizer step -----------------------------------------------------------------
     def _train_step(self) -> StepOutcome | str:
@@ -318,6 +349,7 @@ class _Run:
         )
         exit_code = 0
         last_eval = -1
+        self._saved_at_s = time.monotonic()
         try:
             if p.step == 0 and self.eval_dataset is not None:
                 last_eval = self._evaluate()
@@ -351,24 +383,27 @@ class _Run:
                     )
                     if line is not None:
                         self._print(line)
-                every = c.eval.eval_every
-                if self.eval_dataset is not None and (done or (every and p.step % every == 0)):
-                    last_eval = self._evaluate()
                 if self._apply_watchdog():
                     exit_code = MemoryLimitError.exit_code
                     break
-                if c.checkpoint.save_every and p.step % c.checkpoint.save_every == 0 and not done:
+                if done:
+                    break  # the final state is saved, then evaluated, below
+                # Saved before an eval, so a crash during the eval loses no step.
+                if self._save_due():
                     self._save()
+                every = c.eval.eval_every
+                if self.eval_dataset is not None and every and p.step % every == 0:
+                    last_eval = self._evaluate()
                 export_every = c.checkpoint.export_every
-                if export_every and p.step % export_every == 0 and not done:
+                if export_every and p.step % export_every == 0:
                     self._export()
         finally:
             bar.close()
             self.data.close()  # joins the reader threads, also when a step raised
-        if self.eval_dataset is not None and exit_code == 0 and last_eval != p.step:
-            self._evaluate()
         self.metrics.flush_losses()
         state_dir = self._save()
+        if self.eval_dataset is not None and exit_code == 0 and last_eval != p.step:
+            self._evaluate()
         export_dir = self._export() if exit_code == 0 else None
         self.metrics.end_trackers()
         return TrainResult(
@@ -419,7 +454,11 @@ def train(config: JobConfig) -> TrainResult:
     sanity.set_cuda_alloc_conf()  # before anything can initialise CUDA
     t = config.training
     launch = Launch.from_env(t.mixed_precision)
-    sanity.check_launch(launch)  # before any GPU work; the job builder checks it again
+    # Before any GPU work, process group or file: what the flags alone decide.
+    flags = check_flags(config, launch)
+    if launch.config_is_deepspeed_json:
+        # Resolved from the project root too: accelerate would open it from the working folder.
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = launch.config_file
     if config.log.log_with == "tensorboard":
         require_extra("tensorboard", "tensorboard", "--log_with tensorboard")
     accelerator = create_accelerator(
@@ -439,7 +478,7 @@ def train(config: JobConfig) -> TrainResult:
     lock = lock_output_dir(config.checkpoint.output_dir, ctx)
     try:
         with StopSignals() as stop:
-            return _Run(config, launch, accelerator, ctx, stop).run()
+            return _Run(config, launch, flags, accelerator, ctx, stop).run()
     finally:
         if lock is not None:
             lock.release()

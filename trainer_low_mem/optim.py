@@ -33,12 +33,15 @@ def warmup_cosine(
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Matrices decay; norm gains and other 1-D parameters do not."""
+    """Matrices decay; norm gains and other 1-D parameters do not. An empty group is left out
+    (LoRA trains matrices only): DeepSpeed drops empty groups, and a schedule built over more
+    groups than its optimizer has fails at the first step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig, *, cpu_offload: bool):

@@ -133,7 +133,9 @@ def test_from_scratch_ignores_the_weights_and_a_config_only_folder_trains(model_
     assert not torch.equal(first, next(scratch.parameters()))
     config_only = tmp_path / "config-only"
     transformers.AutoConfig.from_pretrained(model_dir).save_pretrained(config_only)
-    model = load_model_folder(config_only)
+    with pytest.raises(ConfigError, match="holds no weights .* pass --from_scratch"):
+        load_model_folder(config_only)
+    model = load_model_folder(config_only, from_scratch=True)
     ids = _docs()[0][None]
     out = model(ids, labels=ids)
     out.loss.backward()

@@ -82,10 +82,11 @@ CASES = [
         ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "1536"],
         False,
     ),
-    # The folder allows 8192 positions: 4096 is accepted, whatever a preset allows.
+    # The folder allows 8192 positions: 4096 is accepted, whatever a preset allows (it has no
+    # weights: --from_scratch says to train from its config).
     (
         "causal-long-context",
-        ["--data", "llama_sft", "--model", "long", "--max_seq_len", "4096"],
+        ["--data", "llama_sft", "--model", "long", "--max_seq_len", "4096", "--from_scratch"],
         True,
     ),
     (
@@ -124,3 +125,23 @@ def test_a_refusal_names_the_models_own_limit(folders, tmp_path):
         f"--max_seq_len 1536 exceeds --model {folders['llama']}'s max_seq_len 1024; lower "
         "--max_seq_len to at most 1024 or choose a model with a longer context"
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "eval_data", "problem"),
+    [
+        # A preset takes the training set's vocabulary; larger eval ids would index past it.
+        (["--model_preset", "tiny"], "text", "llama_sft", "was built with tokenizer"),
+        # Another model's ids, though the training set matches the model.
+        (["--model", "llama"], "llama_sft", "text", "ends documents with token 257"),
+    ],
+    ids=["preset-other-tokenizer", "folder-other-tokenizer"],
+)
+def test_eval_data_is_checked_as_the_training_data_is(
+    folders, tmp_path, model, data, eval_data, problem
+):
+    flags = [*[str(folders.get(f, f)) for f in model], "--data", str(folders[data])]
+    flags += ["--eval_data", str(folders[eval_data]), "--max_seq_len", "128", *COMMON]
+    _, trained = _decide(flags, tmp_path)
+    assert isinstance(trained, str) and problem in trained
+    assert str(folders[eval_data]) in trained and not (tmp_path / "out").exists()

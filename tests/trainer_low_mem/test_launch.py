@@ -302,3 +302,34 @@ def test_sigterm_to_the_launcher_saves_one_state_from_all_ranks(tmp_path, sample
     assert state["step"] == int(match.group(1)) >= 4 and state["world_size"] == 3
     assert state["loader_state"]["consumed_rows"] == 12 * state["step"]
     assert sorted(p.name for p in out.iterdir()) == ["train_latest_state"]
+
+
+def test_zero2_cpu_offload_trains_lora_launched_from_another_folder(tmp_path, build_sample_sft):
+    """LoRA leaves no parameter without weight decay: the optimizer has one group, and the
+    schedule must match it. The accelerate config names its DeepSpeed JSON relative to the
+    project root, and the job is launched from elsewhere."""
+    from trainer_low_mem.sample_model import write_sample_model
+
+    data = build_sample_sft(tmp_path, write_sample_model(tmp_path / "model"), 48, 2)
+    cmd = _command(
+        2,
+        data["train_data"],
+        tmp_path / "out",
+        "--model",
+        str(data["model"]),
+        "--lora_rank",
+        "4",
+        "--global_batch",
+        "4",
+        "--max_steps",
+        "2",
+        config_file=ZERO2_CONFIG,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=elsewhere, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DeepSpeedZeroOptimizer > DeepSpeedCPUAdam" in proc.stdout
+    state = _state(tmp_path / "out")
+    assert (state["step"], state["world_size"], state["deepspeed"]) == (2, 2, True)
+    assert (tmp_path / "out" / "final" / "config.json").is_file()

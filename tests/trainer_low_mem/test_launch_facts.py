@@ -84,7 +84,7 @@ def test_deepspeed_launch_reads_stage_and_offload_from_the_json(monkeypatch):
     assert (launch.distributed_type, launch.deepspeed, launch.zero_stage) == ("DEEPSPEED", True, 2)
     assert launch.optimizer_offload == "cpu"
     assert launch.offloads_optimizer and launch.offload_to_host_ram
-    assert launch.config_file == DS_JSON
+    assert launch.config_file == str(REPO_ROOT / DS_JSON)
     assert check_launch(launch) is None
 
 
@@ -113,13 +113,20 @@ def test_deepspeed_launch_from_plugin_env_vars():
         check_launch(launch)
 
 
-def test_missing_deepspeed_json_names_the_working_directory(tmp_path, monkeypatch):
+def test_missing_deepspeed_json_names_where_it_was_looked_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as exc:
-        _env_launch(_deepspeed_env(3, DS_JSON))
+        _env_launch(_deepspeed_env(3, "configs/ds.json"))
     message = str(exc.value)
-    assert f"{DS_JSON} does not exist" in message
-    assert str(tmp_path) in message and "project root" in message
+    assert "configs/ds.json does not exist" in message
+    assert str(tmp_path) in message and str(REPO_ROOT) in message
+
+
+def test_a_shipped_deepspeed_json_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the shipped configs name it relative to the project root
+    launch = _env_launch(_deepspeed_env(3, DS_JSON))
+    assert launch.config_file == str((REPO_ROOT / DS_JSON).resolve())
+    assert (launch.zero_stage, launch.optimizer_offload) == (2, "cpu")
 
 
 def test_deepspeed_json_without_a_stage_means_stage_0(tmp_path):
@@ -212,7 +219,7 @@ def test_plan_flags_describe_the_launch_they_plan_for():
 
 def test_the_config_file_train_was_launched_with_is_named_for_its_advice(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    assert _env_launch(_deepspeed_env(3, DS_JSON)).config_file == DS_JSON
+    assert _env_launch(_deepspeed_env(3, DS_JSON)).config_file == str(REPO_ROOT / DS_JSON)
     multi_gpu = CONFIGS / "multi_gpu_3.yaml"
     given = _env_launch(_torchrun_env(3), accelerate_config_file=multi_gpu)
     assert given.config_file == str(multi_gpu)

@@ -307,3 +307,57 @@ def test_eval_runs_at_step_zero_every_n_and_at_the_end(tmp_path, make_dataset, c
     assert [int(s) for s, _ in evals] == [0, 3, 4]
     losses = [float(v) for _, v in evals]
     assert all(math.isfinite(v) for v in losses)
+
+
+def test_a_due_save_comes_before_the_eval_so_a_crash_in_the_eval_loses_no_step(
+    tmp_path, make_dataset, monkeypatch
+):
+    out = tmp_path / "out"
+    train, held_out = make_dataset(300), make_dataset(40, seed=1)
+    original = loop._Run._evaluate
+
+    def crash_at_step_2(self):
+        if self.progress.step == 2:
+            raise RuntimeError("killed during the eval")
+        return original(self)
+
+    monkeypatch.setattr(loop._Run, "_evaluate", crash_at_step_2)
+    extra = ("--eval_data", str(held_out), "--eval_every", "2", "--save_every", "2")
+    with pytest.raises(RuntimeError, match="killed during the eval"):
+        loop.train(_config(train, out, *extra, steps=4))
+    _, manifest = Checkpointer(out, RankContext.single()).find_resumable()
+    assert manifest["step"] == 2
+
+
+def test_the_last_state_is_saved_before_the_final_eval(tmp_path, make_dataset, monkeypatch):
+    out = tmp_path / "out"
+    train, held_out = make_dataset(300), make_dataset(40, seed=1)
+    original = loop._Run._evaluate
+
+    def crash_at_the_end(self):
+        if self.progress.step == 3:
+            raise RuntimeError("killed during the final eval")
+        return original(self)
+
+    monkeypatch.setattr(loop._Run, "_evaluate", crash_at_the_end)
+    with pytest.raises(RuntimeError, match="final eval"):
+        loop.train(_config(train, out, "--eval_data", str(held_out), steps=3))
+    _, manifest = Checkpointer(out, RankContext.single()).find_resumable()
+    assert manifest["step"] == 3
+
+
+def test_a_save_is_due_by_time_as_well_as_by_steps_and_every_save_is_logged(
+    tmp_path, make_dataset, capsys
+):
+    out = tmp_path / "out"
+    # --save_every 0 (only at the end) with a time bound below one step: every step saves.
+    cfg = _config(make_dataset(300), out, "--save_every_minutes", "0.00001", steps=3)
+    assert loop.train(cfg).exit_code == 0
+    saves = re.findall(r"saved the state at step (\d+) to (\S+) \(", capsys.readouterr().out)
+    assert [int(step) for step, _ in saves] == [1, 2, 3]
+    assert {Path(path) for _, path in saves} == {out / "train_latest_state"}
+
+    quiet = _config(make_dataset(300), tmp_path / "quiet", steps=3)  # default: 10 minutes
+    assert loop.train(quiet).exit_code == 0
+    saves = re.findall(r"saved the state at step (\d+)", capsys.readouterr().out)
+    assert saves == ["3"]  # only the final state

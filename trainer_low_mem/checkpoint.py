@@ -67,12 +67,15 @@ LEGACY_OBJECT_ORDER = ("scheduler", "progress", "watchdog")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The module's tensors as safetensors: each tied parameter once, each tensor copied out of any
-    shared buffer (ZeRO keeps parameters as views of one flat buffer, which safetensors refuses)."""
+    """What training changes of the module, as safetensors: every tensor but frozen parameters
+    (a LoRA run saves its adapters, not a copy of the base it loads again from the model
+    folder), each tied parameter once, each copied out of any shared buffer (ZeRO keeps
+    parameters as views of one flat buffer, which safetensors refuses)."""
     seen: set[int] = set()
     tensors = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
+        frozen = isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad
+        if id(tensor) in seen or frozen:
             continue
         seen.add(id(tensor))
         tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
@@ -171,9 +174,13 @@ class Checkpointer:
     def _load_weights_hook(self, models: list, input_dir: str) -> None:
         for i, model in enumerate(models):
             path = Path(input_dir) / _weights_name(i)
-            missing, unexpected = load_model(
-                self.accelerator.unwrap_model(model), str(path), strict=False
-            )
+            module = self.accelerator.unwrap_model(model)
+            missing, unexpected = load_model(module, str(path), strict=False)
+            # Frozen parameters are not saved (see save_weights): they come from the model
+            # folder, whose fingerprint the resume compares (TrainingState.frozen_weights).
+            params = module.named_parameters(remove_duplicate=False)
+            frozen = {n for n, p in params if not p.requires_grad}
+            missing = set(missing) - frozen
             if missing or unexpected:
                 raise CheckpointError(
                     f"{path} does not fit the model: missing {sorted(missing)}, unexpected "
@@ -299,16 +306,30 @@ class Checkpointer:
         )
 
     def load(
-        self, path: Path, manifest: dict[str, Any], *, compat: dict[str, Any]
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        *,
+        compat: dict[str, Any],
+        frozen_weights: str | None = None,
     ) -> TrainingState:
         """Restore the state in `path` through `accelerator.load_state`; returns its record.
 
         Raises CheckpointError when the saved run's model/dataset/batch settings differ from
-        `compat`, or when ZeRO shards would have to be re-sharded for another world size.
+        `compat`, when the state left out frozen weights other than this run's
+        (`frozen_weights`, see TrainingState), or when ZeRO shards would have to be re-sharded
+        for another world size.
         """
         ctx = self.ctx
         state = read_training_state(path)
         check_compatible(state.compat, compat, path)
+        if state.frozen_weights is not None and state.frozen_weights != frozen_weights:
+            raise CheckpointError(
+                f"{path} holds only the weights training changed, and the frozen weights it "
+                f"trained on (fingerprint {state.frozen_weights}) are not the ones this run "
+                f"loaded ({frozen_weights}): --model or --init_from changed; resume with the "
+                "weights it was trained on, or start a new run in another --output_dir"
+            )
         saved_deepspeed = bool(manifest.get("deepspeed"))
         if saved_deepspeed != ctx.uses_deepspeed:
             raise CheckpointError(

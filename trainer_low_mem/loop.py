@@ -57,7 +57,7 @@ from trainer_low_mem.optim import (
 from trainer_low_mem.progress import RunProgress, TrainResult, check_resume_settings, total_steps
 from trainer_low_mem.run_lock import lock_output_dir
 from trainer_low_mem.signals import EXIT_CODES, StopSignals
-from trainer_low_mem.state_files import config_hash, read_training_state
+from trainer_low_mem.state_files import config_hash, read_training_state, weights_fingerprint
 from trainer_low_mem.step import StepOutcome, Stepper
 from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, job_memory_bytes
 
@@ -130,9 +130,14 @@ class _Run:
         job, m = self.job, self.config.model
         self.module = job.build_model()
         description = job.kind.describe(self.module)
+        weight_files = job.kind.weight_files()
         if m.init_from is not None:
             load_initial_weights(job.kind, self.module, m.init_from)
             description += f", weights from {m.init_from}"
+            weight_files += tuple(Path(m.init_from).glob("*.safetensors"))
+        frozen = any(not p.requires_grad for p in self.module.parameters())
+        # States hold what training changes; the frozen weights are read again at resume.
+        self.frozen_weights = weights_fingerprint(weight_files) if frozen else None
         self._print(f"model: {description}")
         trainable, total = trainable_parameter_count(self.module)
         self._print(
@@ -217,7 +222,9 @@ class _Run:
                 f"warning: {self.checkpointer.latest_dir} is incomplete or corrupt; "
                 f"resuming from {path}"
             )
-        record = self.checkpointer.load(path, manifest, compat=self.compat)
+        record = self.checkpointer.load(
+            path, manifest, compat=self.compat, frozen_weights=self.frozen_weights
+        )
         self.progress.load_state_dict(
             {
                 "step": record.step,
@@ -269,6 +276,7 @@ class _Run:
             config=self.config.to_dict(),
             config_hash=config_hash(self.compat),
             watchdog=self.watchdog.state_dict(),
+            frozen_weights=self.frozen_weights,
         )
         path = self.checkpointer.save(record)
         self._saved_at_s = time.monotonic()

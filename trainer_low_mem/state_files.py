@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ class TrainingState:
     config: dict[str, Any]
     config_hash: str
     watchdog: dict[str, Any]  # HostRamWatchdog.state_dict(): the actions taken so far
+    # The frozen weights the run started from (weights_fingerprint), when it has any: a state
+    # holds only what training changes, so a resume must load the same frozen weights. None in
+    # states that hold every weight.
+    frozen_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -147,3 +152,22 @@ def config_hash(d: dict[str, Any]) -> str:
     """A short stable hash of a JSON-ready dict (sorted keys)."""
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+SAMPLES_PER_FILE = 16
+SAMPLE_BYTES = 64 << 10
+
+
+def weights_fingerprint(files: Sequence[Path]) -> str:
+    """A cheap fingerprint of weight files: names, sizes and 16 blocks of 64 KiB spread over
+    each file (first and last included). It tells one checkpoint from another in a second
+    whatever their size; it is not a check against bit flips."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            for i in range(SAMPLES_PER_FILE):
+                fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1)))
+                digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]

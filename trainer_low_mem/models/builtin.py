@@ -47,6 +47,9 @@ class PresetKind:
     def vocab_size(self) -> int:
         return self.preset.vocab_size
 
+    def weight_files(self) -> tuple[Path, ...]:
+        return ()  # initialised from the seed
+
     def shape(self, vocab_size: int) -> ModelPreset:
         return self.preset.with_vocab(vocab_size)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError
 from trainer_low_mem import export
-from trainer_low_mem.hf_model import has_weights
+from trainer_low_mem.hf_model import folder_weights, has_weights
 from trainer_low_mem.models.kind import AdapterHost, DataFacts
 
 
@@ -46,6 +46,9 @@ class HFFolderKind(ABC):
     @property
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
+
+    def weight_files(self) -> tuple[Path, ...]:
+        return folder_weights(self.folder).files if self.loads_weights else ()
 
     def shape(self, vocab_size: int) -> nn.Module:
         """The module itself, built on the meta device from its config (unquantised: the

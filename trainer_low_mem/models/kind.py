@@ -86,6 +86,11 @@ class ModelKind(Protocol):
         """The model's own vocabulary (a preset's default; a folder's embedding rows)."""
         ...
 
+    def weight_files(self) -> tuple[Path, ...]:
+        """The files `build(weights=True)` reads weights from (none for a preset or a build from
+        the config alone)."""
+        ...
+
     def shape(self, vocab_size: int) -> ModelShape:
         """Dimensions and parameter counts for the planner's analytic count, LoRA included
         where the kind can count it; reads no weights."""

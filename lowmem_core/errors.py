@@ -46,6 +46,17 @@ class DivergenceError(LowMemError):
     exit_code = 4
 
 
+class StoppedError(LowMemError):
+    """A stop signal (SIGINT, SIGTERM) ended the job where it could not save first: during
+    start-up, or while another rank had already gone. The exit code is the signal's (130, 143)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def require_extra(module_name: str, extra: str, purpose: str) -> ModuleType:
     """Import `module_name` (e.g. "deepspeed.ops.adam"), or raise ConfigError in one line:
     "`purpose` needs the `package` package: pip install 'lowmem-pipeline[extra]'".

@@ -50,6 +50,11 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def record_pids(self, pids: list[int]) -> None:
+        """Record every process of the holder (e.g. each rank of a job), the holder first."""
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, "".join(f"{pid}\n" for pid in pids).encode(), 0)
+
     def release(self) -> None:
         if self._fd is not None:
             if self.remove_on_release:

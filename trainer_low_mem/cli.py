@@ -1,4 +1,5 @@
-"""Command line of the trainer: `train` runs the loop, `plan` prints the plan a run would use.
+"""Command line of the trainer: `train` runs the loop, `plan` prints the plan a run would use,
+`stop OUTPUT_DIR` stops a running job (trainer_low_mem/stop.py).
 
 `train_low_mem.py` and the `train-low-mem` console script both call `main`; `python -m pipeline
 plan` delegates to `plan_main`, which plans the model `train` would build (a preset or `--model
@@ -15,6 +16,7 @@ import faulthandler
 import io
 import json
 import sys
+from pathlib import Path
 
 import tyro
 
@@ -23,7 +25,7 @@ from lowmem_core.flags import parse_flags
 from trainer_low_mem.config import JobConfig, PlanConfig
 
 PROG = "train_low_mem.py"
-SUBCOMMANDS = ("train", "plan")
+SUBCOMMANDS = ("train", "plan", "stop")
 _TYRO_MARKERS = (tyro.conf.OmitArgPrefixes,)
 
 
@@ -85,11 +87,25 @@ def plan_main(argv: list[str], prog: str = f"{PROG} plan") -> int:
     return 0
 
 
+def stop_main(argv: list[str]) -> int:
+    """`stop OUTPUT_DIR`: every rank of the run writing OUTPUT_DIR saves and exits."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(
+            f"usage: {PROG} stop OUTPUT_DIR   (signals every rank of the run writing OUTPUT_DIR "
+            "on this node: each saves the state at the next step boundary and exits)"
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from trainer_low_mem.stop import stop_run
+
+    print(stop_run(Path(argv[0])))
+    return 0
+
+
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            f"usage: {PROG} {{train,plan}} [FLAGS]   (see `{PROG} train --help`, "
-            f"`{PROG} plan --help`)"
+            f"usage: {PROG} {{train,plan}} [FLAGS] | {PROG} stop OUTPUT_DIR   (see "
+            f"`{PROG} train --help`, `{PROG} plan --help`)"
         )
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
@@ -98,6 +114,8 @@ def _main(argv: list[str]) -> int:
             f"unknown subcommand {command!r}; choose one of "
             f"{', '.join(SUBCOMMANDS)} (`{PROG} train --help`)"
         )
+    if command == "stop":
+        return stop_main(rest)
     if command == "plan":
         return plan_main(rest)
     config = parse_job_config(rest)

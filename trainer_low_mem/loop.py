@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from lowmem_core.errors import (
     ConfigError,
+    LowMemError,
     MemoryLimitError,
+    StoppedError,
     require_extra,
 )
 from lowmem_core.memory import effective_host_limit_bytes
@@ -59,6 +61,7 @@ from trainer_low_mem.run_lock import lock_output_dir
 from trainer_low_mem.signals import EXIT_CODES, StopSignals
 from trainer_low_mem.state_files import config_hash, read_training_state, weights_fingerprint
 from trainer_low_mem.step import StepOutcome, Stepper
+from trainer_low_mem.stop import stop_when_parent_dies
 from trainer_low_mem.watchdog import HostRamWatchdog, WatchdogAction, job_memory_bytes
 
 
@@ -460,6 +463,8 @@ class _Run:
 def train(config: JobConfig) -> TrainResult:
     """Run the job described by `config` on this process's rank; see the module docstring."""
     sanity.set_cuda_alloc_conf()  # before anything can initialise CUDA
+    if "LOCAL_RANK" in os.environ:  # started by a launcher: stop with it, even after kill -9
+        stop_when_parent_dies()
     t = config.training
     launch = Launch.from_env(t.mixed_precision)
     # Before any GPU work, process group or file: what the flags alone decide.
@@ -486,7 +491,19 @@ def train(config: JobConfig) -> TrainResult:
     lock = lock_output_dir(config.checkpoint.output_dir, ctx)
     try:
         with StopSignals() as stop:
-            return _Run(config, launch, flags, accelerator, ctx, stop).run()
+            try:
+                return _Run(config, launch, flags, accelerator, ctx, stop).run()
+            except Exception as exc:
+                if not stop.signum or isinstance(exc, LowMemError):
+                    raise
+                # A stopped job's collectives fail once a rank is gone: say so in one line.
+                name = signal.Signals(stop.signum).name
+                raise StoppedError(
+                    f"stopped by {name} before the job could save ({type(exc).__name__} once "
+                    "a rank had gone); the last saved state, if any, is unchanged: resume "
+                    "with --is_keep_training=True",
+                    EXIT_CODES.get(stop.signum, 128 + stop.signum),
+                ) from exc
     finally:
         if lock is not None:
             lock.release()

@@ -333,3 +333,81 @@ def test_zero2_cpu_offload_trains_lora_launched_from_another_folder(tmp_path, bu
     state = _state(tmp_path / "out")
     assert (state["step"], state["world_size"], state["deepspeed"]) == (2, 2, True)
     assert (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def _start_long_run(out: Path, data: Path) -> tuple[subprocess.Popen, list[str]]:
+    """Two CPU ranks training for a long time; returns once step 4 is logged."""
+    cmd = _command(2, data, out, "--global_batch", "8", "--max_steps", "100000", "--log_every", "2")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    lines, deadline = [], time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step: 4/"):
+            return proc, lines
+        assert time.monotonic() < deadline, "".join(lines)
+    raise AssertionError("".join(lines))
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"ranks {pids} still running"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A re-parented zombie still answers kill(pid, 0) until reaped.
+    return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_stop_signals_every_rank_of_the_run_which_saves_and_exits(tmp_path, sample_dataset_dir):
+    from trainer_low_mem.stop import run_pids
+
+    out = tmp_path / "model_save"
+    proc, _ = _start_long_run(out, sample_dataset_dir)
+    pids = run_pids(out)
+    assert len(pids) == 2  # both ranks, rank 0 first
+    stop = subprocess.run(
+        [sys.executable, str(REPO / "train_low_mem.py"), "stop", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.strip() == (
+        f"sent SIGTERM to ranks {pids[0]}, {pids[1]}; the run saved its state and stopped"
+    )
+    proc.communicate(timeout=120)
+    assert _state(out)["step"] >= 4 and run_pids(out) == []
+    again = subprocess.run(
+        [sys.executable, str(REPO / "train_low_mem.py"), "stop", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 2 and "no training run holds" in again.stderr
+
+
+def test_ranks_save_and_stop_when_the_launcher_is_killed(tmp_path, sample_dataset_dir):
+    from trainer_low_mem.stop import run_pids
+
+    out = tmp_path / "model_save"
+    proc, _ = _start_long_run(out, sample_dataset_dir)
+    pids = run_pids(out)
+    proc.kill()  # kill -9 of `accelerate launch`: it can forward nothing
+    proc.communicate(timeout=60)
+    _wait_gone(pids)  # the ranks do not train on, re-parented
+    state = _state(out)
+    assert state["step"] >= 4 and state["world_size"] == 2
+    assert state["loader_state"]["consumed_rows"] == 8 * state["step"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem_core.errors import CheckpointError, ConfigError, MemoryLimitError
+from lowmem_core.errors import CheckpointError, ConfigError, MemoryLimitError, StoppedError
 from lowmem_core.memory import effective_host_limit_bytes
 from trainer_low_mem import loop, oom, signals
 from trainer_low_mem.checkpoint import Checkpointer, verify_state_dir
@@ -361,3 +361,17 @@ def test_a_save_is_due_by_time_as_well_as_by_steps_and_every_save_is_logged(
     assert loop.train(quiet).exit_code == 0
     saves = re.findall(r"saved the state at step (\d+)", capsys.readouterr().out)
     assert saves == ["3"]  # only the final state
+
+
+def test_a_collective_failing_after_a_stop_signal_is_one_line_with_the_signals_code(
+    tmp_path, make_dataset, monkeypatch
+):
+    def first_step_after_a_rank_left(self):
+        signal.raise_signal(signal.SIGTERM)  # the launcher stops the job ...
+        raise RuntimeError("Connection closed by peer")  # ... and a rank is already gone
+
+    monkeypatch.setattr(loop._Run, "run", first_step_after_a_rank_left)
+    with pytest.raises(StoppedError) as exc:
+        loop.train(_config(make_dataset(300), tmp_path / "out", steps=3))
+    assert exc.value.exit_code == signals.EXIT_CODE_SIGTERM
+    assert str(exc.value).startswith("stopped by SIGTERM before the job could save")

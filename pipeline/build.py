@@ -71,6 +71,7 @@ class BuildReport:
     samples_truncated: int = 0  # --long-samples truncate: responses cut to fit
     samples_dropped: int = 0  # --long-samples drop (or no room left for a response)
     max_sample_tokens: int | None = None
+    samples_tokenised_apart: int = 0  # sft samples whose whole ids do not start with the prompt's
     tokenizing: str | None = None  # how a tokenizer.json encoded the texts, for the user
 
     @property
@@ -96,7 +97,14 @@ class BuildReport:
             lines.append(
                 f"samples longer than {self.max_sample_tokens} tokens (with the EOS): "
                 f"{self.samples_truncated} truncated (response cut at the end), "
-                f"{self.samples_dropped} dropped"
+                f"{self.samples_dropped} dropped; the EOS after a cut response is no target"
+            )
+        if self.samples_tokenised_apart:
+            lines.append(
+                f"{self.samples_tokenised_apart} samples have a token spanning the end of the "
+                "prompt (the whole sample's ids do not start with the prompt's own): their "
+                "prompt and response were tokenised apart, so no prompt text is trained and no "
+                "response text masked"
             )
         return lines
 
@@ -113,8 +121,10 @@ class EncodedChunk:
     skipped_null: int
     documents_in_pieces: int
     prompt_lengths: np.ndarray | None = None  # (num_docs,) int64, for prompt/response records
+    response_cut: np.ndarray | None = None  # (num_docs,) bool, for prompt/response records
     samples_truncated: int = 0
     samples_dropped: int = 0
+    samples_tokenised_apart: int = 0
 
 
 def encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> EncodedChunk:
@@ -211,7 +221,17 @@ def _encode_records(
         pairs, truncated, dropped = limit_samples(pairs, *limit)
     encoded = Encoded(pairs.values.astype(dtype, copy=False), pairs.lengths)
     return EncodedChunk(
-        encoded, False, chunk.source, 0, 0, 0, pairs.prompt_lengths, truncated, dropped
+        encoded,
+        False,
+        chunk.source,
+        0,
+        0,
+        0,
+        pairs.prompt_lengths,
+        pairs.response_cut,
+        truncated,
+        dropped,
+        pairs.tokenised_apart,
     )
 
 
@@ -314,7 +334,7 @@ def _write(
     writer = ShardWriter(tmp, dtype, cfg.max_shard_tokens, prompt_lengths=cfg.sft)
     skipped: dict[str, list[int]] = {}
     in_pieces = 0
-    cut = [0, 0]  # samples truncated, dropped
+    cut = [0, 0, 0]  # samples truncated, dropped, tokenised apart
     # A with-block closes the bar on errors too, so the error line starts a line of its own.
     with (
         tqdm(unit=" docs", unit_scale=True, desc="build", disable=not progress) as bar,
@@ -322,7 +342,9 @@ def _write(
         _system_allocator(),
     ):
         for result in ordered_map(encode, chunks, cfg.num_proc):
-            writer.append(result.encoded, result.tail_continues, result.prompt_lengths)
+            writer.append(
+                result.encoded, result.tail_continues, result.prompt_lengths, result.response_cut
+            )
             if result.skipped_empty or result.skipped_null:
                 counts = skipped.setdefault(str(result.source.path), [0, 0])
                 counts[0] += result.skipped_empty
@@ -330,6 +352,7 @@ def _write(
             in_pieces += result.documents_in_pieces
             cut[0] += result.samples_truncated
             cut[1] += result.samples_dropped
+            cut[2] += result.samples_tokenised_apart
             bar.update(int(result.encoded.lengths.size))
         shards = writer.close()
     num_docs = sum(s["num_documents"] for s in shards)
@@ -376,6 +399,7 @@ def _write(
             "truncated": cut[0],
             "dropped": cut[1],
         }
+        index["build"]["tokenised_apart"] = cut[2]
         index["build"]["fields"] = {
             "prompt": cfg.prompt_field,
             "response": cfg.response_field,
@@ -395,6 +419,7 @@ def _write(
         cut[0],
         cut[1],
         cfg.max_sample_tokens,
+        cut[2],
         _tokenizing_note(index["build"]["fast_bpe"]),
     )
 

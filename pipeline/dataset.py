@@ -7,8 +7,9 @@ every process maps read-only (pipeline/index_cache.py), so ranks, threads and fo
 share its pages instead of each holding a copy. How the token values are read (mmap views or
 ultra-low-mem `pread`) is decided once at open, in pipeline/storage.py.
 
-A prompt/response dataset (index.json "kind": "sft") also holds each document's prompt length,
-one int64 per document kept beside the offsets in the same shared file, in either mode.
+A prompt/response dataset (index.json "kind": "sft") also holds each document's prompt length
+and whether the build cut its response to fit (one int64 and one byte per document), kept
+beside the offsets in the same shared file, in either mode.
 
 Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild
 (and as "sft" when a `prompt_lengths` integer column sits beside it).
@@ -55,6 +56,7 @@ class _Layout:
     token_dtype: np.dtype
     meta: dict  # vocab_size, bos_id, eos_id, pad_id, tokenizer_id, fingerprint, source
     prompt_lengths: np.ndarray | None  # (num_docs,) int64, for a prompt/response dataset
+    response_cut: np.ndarray | None  # (num_docs,) uint8, 1: response cut (its EOS no target)
     index_folder: Path  # where the shared index files live (pipeline/index_cache.py)
 
 
@@ -62,9 +64,10 @@ class TokenDataset:
     """Documents of token ids: `ds[i]`, `len(ds)`, `doc_starts`, and `read_segments` for the
     loader. `ultra_low_mem` says which reader serves the reads (see pipeline/storage.py).
     `kind` is "text" or "sft"; an "sft" dataset's `prompt_lengths` (num_docs,) int64 gives the
-    prompt tokens at the start of each document (None for "text"). `doc_starts` and
-    `prompt_lengths` are read-only views of a file shared by the node; `index_folder` holds it
-    and the loader's epoch indexes."""
+    prompt tokens at the start of each document and its `response_cut` (num_docs,) uint8, 1
+    where the build cut the response to fit, so the EOS after it is no target (None for
+    "text"). `doc_starts`, `prompt_lengths` and `response_cut` are read-only views of a file
+    shared by the node; `index_folder` holds it and the loader's epoch indexes."""
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class TokenDataset:
         self.token_dtype: np.dtype = layout.token_dtype
         self.doc_starts: np.ndarray = layout.doc_starts
         self.prompt_lengths: np.ndarray | None = layout.prompt_lengths
+        self.response_cut: np.ndarray | None = layout.response_cut
         self.kind: str = KIND_TEXT if layout.prompt_lengths is None else KIND_SFT
 
     # -- sizes ------------------------------------------------------------------------------
@@ -268,8 +272,9 @@ def _open_built(path: Path, verify: bool, given_cache) -> tuple[_Layout, list]:
     }
     folder = index_cache.cache_folder(path, fingerprint, given_cache)
     shared = index_cache.doc_arrays(folder, fingerprint, chunks, batches, COLUMN, sft, _REBUILD)
-    starts, prompt_lengths = shared
-    return _Layout(chunks, starts, token_dtype, meta, prompt_lengths, folder), maps
+    starts, prompt_lengths, response_cut = shared
+    layout = _Layout(chunks, starts, token_dtype, meta, prompt_lengths, response_cut, folder)
+    return layout, maps
 
 
 def _open_datasets_folder(path: Path, given_cache) -> tuple[_Layout, list]:
@@ -330,8 +335,10 @@ def _open_datasets_folder(path: Path, given_cache) -> tuple[_Layout, list]:
     folder = index_cache.cache_folder(path, fingerprint, given_cache)
     fix = f"fix or drop the dataset's {PROMPT_LENGTHS_COLUMN!r} column"
     shared = index_cache.doc_arrays(folder, fingerprint, chunks, batches, column, sft, fix)
-    starts, prompt_lengths = shared
-    layout = _Layout(chunks, starts, np.dtype(token_dtype), meta, prompt_lengths, folder)
+    starts, prompt_lengths, response_cut = shared
+    layout = _Layout(
+        chunks, starts, np.dtype(token_dtype), meta, prompt_lengths, response_cut, folder
+    )
     return layout, maps
 
 

@@ -1,9 +1,9 @@
 """Index files every process of a node maps instead of holding its own copy.
 
-A dataset's document offsets (and prompt lengths) and each epoch's index (permutation, row
-layout and its scalars) grow with the corpus: held privately they cost about 27 bytes per
-document in every rank. Here each is written once into a file and mapped read-only by every
-rank, reader and process of the node, so they share its page-cache pages.
+A dataset's document offsets (and prompt lengths and cut flags) and each epoch's index
+(permutation, row layout and its scalars) grow with the corpus: held privately they cost about
+27 bytes per document in every rank. Here each is written once into a file and mapped read-only
+by every rank, reader and process of the node, so they share its page-cache pages.
 
 Writing: whichever process needs a file first takes an flock beside it (it dies with its holder),
 writes `NAME.tmp-*` through a shared mapping, fsyncs it and renames it into place; the others
@@ -48,6 +48,7 @@ from lowmem_core.errors import PipelineError
 from lowmem_core.format import PROMPT_LENGTHS_COLUMN
 from lowmem_core.memory import format_bytes
 from pipeline import sampler
+from pipeline.manifest import RESPONSE_CUT_COLUMN
 from pipeline.output import disk_full
 from pipeline.sampler import EpochIndex
 from pipeline.storage import Chunk
@@ -132,16 +133,21 @@ def doc_arrays(
     column: str,
     sft: bool,
     fix: str,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The dataset's read-only (N+1,) int64 document starts and, for sft, (N,) int64 prompt
-    lengths. `batches`: for each chunk, its record batch (token lists in `column`) over a map of
-    the chunk's file, and that map's base address. Only the process that writes the index file
-    reads (with pread: none of the file's pages stay mapped) and checks the offsets."""
+    lengths and (N,) uint8 response-cut flags (1: the build cut the response, so its EOS is no
+    target; 0 for shards without RESPONSE_CUT_COLUMN). `batches`: for each chunk, its record
+    batch (token lists in `column`) over a map of the chunk's file, and that map's base address.
+    Only the process that writes the index file reads (with pread: none of the file's pages stay
+    mapped) and checks the offsets."""
     num_docs = sum(batch.num_rows for batch, _ in batches)
     fields: Fields = [("doc_starts", np.dtype(np.int64), num_docs + 1)]
     if sft:
         fields.append(("prompt_lengths", np.dtype(np.int64), num_docs))
+        fields.append(("response_cut", np.dtype(np.uint8), num_docs))
     key = {"kind": "docs", "fingerprint": fingerprint, "num_docs": num_docs, "sft": sft}
+    if sft:
+        key["response_cut"] = True  # files written before the flags lack them: rebuilt
 
     def fill(arrays: dict[str, np.ndarray]) -> dict:
         arrays["doc_starts"][0] = 0
@@ -158,12 +164,14 @@ def doc_arrays(
             f"index file {path} disagrees with the dataset's shards (replaced since it was "
             f"written); remove {path} and open the dataset again"
         )
-    return starts, arrays.get("prompt_lengths")
+    return starts, arrays.get("prompt_lengths"), arrays.get("response_cut")
 
 
 def _fill_chunk(chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: str) -> None:
-    """One chunk's starts (and prompt lengths), a piece of _PIECE_ROWS documents at a time."""
+    """One chunk's starts (and prompt lengths and cut flags), a piece of _PIECE_ROWS documents
+    at a time."""
     starts, prompts = arrays["doc_starts"], arrays.get("prompt_lengths")
+    cut, cut_column = arrays.get("response_cut"), None
     fd = os.open(chunk.path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -171,6 +179,10 @@ def _fill_chunk(chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: 
         if prompts is not None:
             prompt_column = _prompt_column(chunk.path, batch, fix)
             lengths_column = _Column(prompt_column, base, size, list_offsets=False)
+            if RESPONSE_CUT_COLUMN in batch.schema.names:
+                cut_column = _Column(
+                    _cut_column(chunk.path, batch, fix), base, size, list_offsets=False
+                )
         shift = chunk.first_token - int(offsets.read(fd, 0, 1)[0])
         for lo in range(0, batch.num_rows, _PIECE_ROWS):
             hi = min(lo + _PIECE_ROWS, batch.num_rows)
@@ -190,6 +202,10 @@ def _fill_chunk(chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: 
                         f"document of {doc_lengths[i]}; {fix}"
                     )
                 prompts[chunk.first_doc + lo : chunk.first_doc + hi] = lengths
+                if cut_column is not None:
+                    cut[chunk.first_doc + lo : chunk.first_doc + hi] = cut_column.read(
+                        fd, lo, hi - lo
+                    )
         release_pages(starts)  # written: the page cache holds them, this process need not
     finally:
         os.close(fd)
@@ -238,6 +254,17 @@ def _prompt_column(file_path: Path, batch, fix: str):
         raise PipelineError(
             f"column {PROMPT_LENGTHS_COLUMN!r} in {file_path} is {column.type} with "
             f"{column.null_count} nulls, expected integers; {fix}"
+        )
+    return column
+
+
+def _cut_column(file_path: Path, batch, fix: str):
+    """The batch's response-cut column, checked to be one byte per document without nulls."""
+    column = batch.column(RESPONSE_CUT_COLUMN)
+    if column.type != pa.uint8() or column.null_count:
+        raise PipelineError(
+            f"column {RESPONSE_CUT_COLUMN!r} in {file_path} is {column.type} with "
+            f"{column.null_count} nulls, expected uint8; {fix}"
         )
     return column
 

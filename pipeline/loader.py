@@ -9,9 +9,10 @@ partial; the rows it lacks are padding (labels -100) so every rank still gets [B
 waits on a collective the others skipped.
 
 Prompt/response datasets (`dataset.prompt_lengths` is not None): prompt tokens get label -100 in
-every layout, so the labelled tokens of an epoch are the response tokens plus one EOS per sample,
-and packing places whole samples in rows (see pipeline/sampler.py); `split_samples` counts the
-samples too long for one row.
+every layout, so the labelled tokens of an epoch are the response tokens plus one EOS per sample
+(none after a response the build cut to fit, `dataset.response_cut`: the model must not learn
+to stop there), and packing places whole samples in rows (see pipeline/sampler.py);
+`split_samples` counts the samples too long for one row.
 
 The Loader is a single-threaded batch source: one pass of `for batch in loader` is one epoch
 (from the current position), the next pass the next epoch. The Prefetcher runs its lower-level
@@ -117,6 +118,9 @@ class Loader(RowSource, Stateful):
             prompt_lengths if prompt_lengths is not None else (), dtype=np.int64
         )
         self._whole_samples = packing and prompt_lengths is not None
+        # (num_docs,) uint8, 1 where the EOS is no target; None when every EOS is one.
+        cut = getattr(dataset, "response_cut", None)
+        self._response_cut = cut if cut is not None and cut.any() else None
         super().__init__(batch_size, rank, world_size, drop_last)
         self.seq_len, self.seed, self.packing = seq_len, seed, packing
         # Capacity: a packing batch of B*L stream positions touches at most B*L+1 documents.
@@ -191,9 +195,27 @@ class Loader(RowSource, Stateful):
                 ds.pad_id,
             )
         )
+        if self._response_cut is not None and count:
+            num_tokens -= self._unlabel_cut_eos(task, segs, count, labels)
         # A row's first label is nobody's target: (labels[:, 1:] != -100) counts the rest.
         row_heads = int(np.count_nonzero(labels[::L] != IGNORE_INDEX))
         return Batch(buffers, num_tokens, num_tokens - row_heads)
+
+    def _unlabel_cut_eos(self, task: BatchTask, segs, count: int, labels: np.ndarray) -> int:
+        """Label -100 on the EOS of each document of the batch whose response was cut; returns
+        how many. Segment i is permuted document k0 + i (packing: one per document from the
+        one holding the first position) or that of row r0 + i (padding: one per row)."""
+        index = task.index
+        if self.packing:
+            k0 = int(np.searchsorted(index.cum, task.row_start * self.seq_len, side="right")) - 1
+            k = np.arange(k0, k0 + count)
+        else:
+            rows = np.arange(task.row_start, task.row_start + count)
+            k = np.searchsorted(index.cum, rows, side="right") - 1
+        eos = segs.eos[:count]
+        hit = (eos >= 0) & (self._response_cut[index.perm[k]] != 0)
+        labels[eos[hit]] = IGNORE_INDEX
+        return int(hit.sum())
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

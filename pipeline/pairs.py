@@ -5,7 +5,9 @@ encoder rows of `enc_len` and decoder rows of `dec_len` tokens). A pair's encode
 prompt (an empty prompt is one EOS, as T5 tokenizers encode ""); its decoder part is the decoder
 start token + response, labels = response + EOS (already aligned, no shift). Truncation, as a
 tokenizer with `truncation=True, max_length=...` does it: a prompt over Le keeps its first Le
-tokens; a response over Ld - 1 keeps its first Ld - 1 tokens and still ends with EOS.
+tokens; a response over Ld - 1 keeps its first Ld - 1 tokens and still ends with EOS. A
+response the build already cut to fit (`dataset.response_cut`) gets no EOS label: the model
+must not learn to stop there.
 `PairIndex` counts both (the trainer logs them).
 
 Everything else is the Loader's (pipeline/rows.py): a global step takes `batch_size *
@@ -146,6 +148,8 @@ class PairLoader(RowSource, Stateful):
             )
         self.dataset = dataset
         self._prompts = np.ascontiguousarray(dataset.prompt_lengths, dtype=np.int64)
+        cut = getattr(dataset, "response_cut", None)
+        self._response_cut = cut if cut is not None and cut.any() else None
         super().__init__(batch_size, rank, world_size, drop_last)
         self.enc_len, self.dec_len, self.seed, self.start_id = enc_len, dec_len, seed, start_id
         self.pack_window = pack_window
@@ -224,6 +228,12 @@ class PairLoader(RowSource, Stateful):
                 ds.eos_id,
             )
         )
+        if self._response_cut is not None:
+            # Pair c of the batch is pairs[row_starts[r0] + c]; its EOS label follows its response.
+            first = int(index.row_starts[task.row_start])
+            cut = self._response_cut[index.pairs[first : first + count]] != 0
+            v["labels"][(s.dec.dst[:count] - 1 + s.dec.n[:count])[cut]] = IGNORE_INDEX
+            useful -= int(cut.sum())
         return Batch(buffers, useful, useful)
 
     def state_dict(self) -> dict:

@@ -3,7 +3,8 @@
 Tokens are appended to a raw file in the temporary folder; each shard is then written as an
 Arrow file whose values come straight from a memory map of that raw file, in record batches of
 at most BATCH_TOKENS tokens, so the writer's resident memory stays at a batch whatever the
-corpus or document size. A prompt/response build also writes each document's prompt length.
+corpus or document size. A prompt/response build also writes each document's prompt length
+and whether its response was cut to fit (`RESPONSE_CUT_COLUMN`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.ipc as ipc
 
 from lowmem_core.durable import file_sha256, fsync_path
 from lowmem_core.format import COLUMN, PROMPT_LENGTHS_COLUMN
+from pipeline.manifest import RESPONSE_CUT_COLUMN
 from pipeline.tokenizer import Encoded
 
 
@@ -28,7 +30,8 @@ class ShardWriter:
     A document that arrives in pieces (a chunk's last document continues in the next chunk)
     stays open until its last piece, and shards switch only at document boundaries. With
     `prompt_lengths`, every document comes whole with its prompt length, stored in the shard's
-    PROMPT_LENGTHS_COLUMN (uint32, one per document).
+    PROMPT_LENGTHS_COLUMN (uint32, one per document), and whether its response was cut, in
+    RESPONSE_CUT_COLUMN (uint8, 1 where cut).
     """
 
     def __init__(
@@ -43,19 +46,25 @@ class ShardWriter:
     def _open_raw(self) -> None:
         self._raw_tokens = (self.tmp_dir / f"tokens-{len(self.shards):05d}.raw").open("wb")
         self._raw_lengths = (self.tmp_dir / f"lengths-{len(self.shards):05d}.raw").open("wb")
-        self._raw_prompts = None
+        self._raw_prompts = self._raw_cut = None
         if self.prompt_lengths:
             self._raw_prompts = (self.tmp_dir / f"prompts-{len(self.shards):05d}.raw").open("wb")
+            self._raw_cut = (self.tmp_dir / f"cut-{len(self.shards):05d}.raw").open("wb")
         self._shard_tokens = 0
         self._shard_docs = 0
 
     def append(
-        self, encoded: Encoded, tail_continues: bool, prompt_lengths: np.ndarray | None = None
+        self,
+        encoded: Encoded,
+        tail_continues: bool,
+        prompt_lengths: np.ndarray | None = None,
+        response_cut: np.ndarray | None = None,
     ) -> None:
-        """Append documents; `prompt_lengths` (num_docs,) with a writer made for them."""
+        """Append documents; `prompt_lengths` (num_docs,) and `response_cut` (num_docs,) bool
+        with a writer made for them."""
         values, lengths = encoded.values, encoded.lengths
         if self.prompt_lengths:
-            self._append_documents(values, lengths, prompt_lengths)
+            self._append_documents(values, lengths, prompt_lengths, response_cut)
             return
         if self._open_tokens is not None:  # lengths[0] continues the open document
             n = int(lengths[0])
@@ -85,7 +94,11 @@ class ShardWriter:
         self._open_tokens = None
 
     def _append_documents(
-        self, values: np.ndarray, lengths: np.ndarray, prompts: np.ndarray | None = None
+        self,
+        values: np.ndarray,
+        lengths: np.ndarray,
+        prompts: np.ndarray | None = None,
+        cut: np.ndarray | None = None,
     ) -> None:
         """Append whole documents, starting a new shard at a document boundary when full."""
         while lengths.size:
@@ -102,7 +115,8 @@ class ShardWriter:
             self._raw_lengths.write(lengths[:fit].astype(np.int64, copy=False).tobytes())
             if prompts is not None:
                 self._raw_prompts.write(prompts[:fit].astype(np.uint32).tobytes())
-                prompts = prompts[fit:]
+                self._raw_cut.write(cut[:fit].astype(np.uint8).tobytes())
+                prompts, cut = prompts[fit:], cut[fit:]
             self._shard_docs += fit
             values, lengths = values[n_tokens:], lengths[fit:]
 
@@ -122,7 +136,7 @@ class ShardWriter:
         return self.shards
 
     def _raw_files(self) -> list:
-        extra = [self._raw_prompts] if self._raw_prompts is not None else []
+        extra = [self._raw_prompts, self._raw_cut] if self._raw_prompts is not None else []
         return [self._raw_tokens, self._raw_lengths, *extra]
 
     def _finish_shard(self) -> None:
@@ -131,13 +145,14 @@ class ShardWriter:
         raw = self._raw_files()
         for fh in raw:
             fh.close()
-        tokens_path, lengths_path, *prompts_path = (Path(fh.name) for fh in raw)
+        tokens_path, lengths_path, *sft_paths = (Path(fh.name) for fh in raw)
         value_type = pa.from_numpy_dtype(self.dtype)
         large = self._shard_tokens >= 1 << 31
         list_array = pa.LargeListArray if large else pa.ListArray
         fields = [pa.field(COLUMN, (pa.large_list if large else pa.list_)(value_type), False)]
         if self.prompt_lengths:
             fields.append(pa.field(PROMPT_LENGTHS_COLUMN, pa.uint32(), nullable=False))
+            fields.append(pa.field(RESPONSE_CUT_COLUMN, pa.uint8(), nullable=False))
         schema = pa.schema(fields)
         name = f"shard-{len(self.shards):05d}.arrow"
         path = self.tmp_dir / name
@@ -149,7 +164,7 @@ class ShardWriter:
             pa.OSFile(str(path), "wb") as sink,
             ipc.new_file(sink, schema) as writer,
         ):
-            prompts_file = stack.enter_context(prompts_path[0].open("rb")) if prompts_path else None
+            sft_files = [stack.enter_context(p.open("rb")) for p in sft_paths]
             start = 0
             for lengths in _batch_lengths(lengths_file):
                 offsets = np.zeros(lengths.size + 1, dtype=np.int64 if large else np.int32)
@@ -162,9 +177,10 @@ class ShardWriter:
                         pa.Array.from_buffers(value_type, end - start, [None, values]),
                     )
                 ]
-                if prompts_file is not None:
-                    prompts = np.fromfile(prompts_file, dtype=np.uint32, count=lengths.size)
-                    columns.append(pa.array(prompts, pa.uint32()))
+                if sft_files:
+                    prompts = np.fromfile(sft_files[0], dtype=np.uint32, count=lengths.size)
+                    cut = np.fromfile(sft_files[1], dtype=np.uint8, count=lengths.size)
+                    columns += [pa.array(prompts, pa.uint32()), pa.array(cut, pa.uint8())]
                 writer.write_batch(pa.record_batch(columns, schema=schema))
                 del columns, values
                 tokens.drop_until(end)
@@ -173,7 +189,7 @@ class ShardWriter:
                 empty = [pa.array([], f.type) for f in schema]
                 writer.write_batch(pa.record_batch(empty, schema=schema))
         fsync_path(path)
-        for raw_path in (tokens_path, lengths_path, *prompts_path):
+        for raw_path in (tokens_path, lengths_path, *sft_paths):
             raw_path.unlink()
         self.shards.append(
             {

@@ -216,7 +216,7 @@ class JsonTokenizer:
         if not fast.any():
             return self._encode_strings(strings)
         where_fast, where_other = np.flatnonzero(fast), np.flatnonzero(~fast)
-        return _interleave(
+        return interleave(
             (where_fast, Encoded(*self._fast.encode([strings[i] for i in where_fast]))),
             (where_other, self._encode_strings([strings[i] for i in where_other])),
         )
@@ -237,7 +237,7 @@ class JsonTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
-def _interleave(*parts: tuple[np.ndarray, Encoded]) -> Encoded:
+def interleave(*parts: tuple[np.ndarray, Encoded]) -> Encoded:
     """One batch from encoded parts, each given with the batch positions of its documents."""
     count = sum(where.size for where, _ in parts)
     lengths = np.empty(count, dtype=np.int64)

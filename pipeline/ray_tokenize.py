@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from lowmem_core.durable import atomic_folder
 from lowmem_core.errors import LowMemError, PipelineError, require_extra
+from lowmem_core.locks import FolderLock
 from pipeline import output
 from pipeline.build import BuildReport, EncodedChunk, encode_chunk
 from pipeline.config import TokenizeDistributedConfig
@@ -45,17 +47,32 @@ _SCHEMA = pa.schema(
 
 def tokenize_distributed(cfg: TokenizeDistributedConfig, progress: bool = True) -> BuildReport:
     """Tokenise `cfg.inputs` on Ray into Parquet files in `cfg.out`; return the counts."""
-    rdata = require_extra("ray.data", "ray", "`pipeline tokenize-distributed`")
-    import ray
-
+    require_extra("ray.data", "ray", "`pipeline tokenize-distributed`")
+    check_address(cfg.address)
     started = time.perf_counter()
     # Workers open the files themselves, possibly on other nodes and in other folders.
     sources = [replace(s, path=s.path.resolve()) for s in resolve_inputs(cfg.inputs)]
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     out = Path(cfg.out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PipelineError(f"--out {out} exists and is not an empty folder; give a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # One run per --out; the lock also makes the leftovers of killed runs safe to remove.
+    with FolderLock(output.aside(out, "lock"), f"--out {out}", remove_on_release=True):
+        output.recover_interrupted(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise PipelineError(f"--out {out} exists and is not an empty folder; give a new folder")
+        report = _tokenize(cfg, sources, tokenizer, out, progress)
+    for line in report.notes(cfg.text_field):
+        log.info(line)
+    return replace(report, out_dir=out, seconds=time.perf_counter() - started)
+
+
+def _tokenize(
+    cfg: TokenizeDistributedConfig, sources, tokenizer, out: Path, progress: bool
+) -> BuildReport:
+    """Run the Ray job into a temp folder beside `out` and swap it in once complete."""
+    rdata = require_extra("ray.data", "ray", "`pipeline tokenize-distributed`")
+    import ray
+
     started_ray = False
     try:
         with atomic_folder(out, output.aside(out, "tmp"), output.aside(out, "old")) as tmp:
@@ -96,9 +113,20 @@ def tokenize_distributed(cfg: TokenizeDistributedConfig, progress: bool = True) 
     finally:
         if started_ray:
             ray.shutdown()
-    for line in report.notes(cfg.text_field):
-        log.info(line)
-    return replace(report, out_dir=out, seconds=time.perf_counter() - started)
+    return report
+
+
+_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}|auto|local")
+
+
+def check_address(address: str | None) -> None:
+    """Refuse an --address Ray would try to resolve and reach for a minute before failing."""
+    if address is not None and not _ADDRESS.fullmatch(address):
+        raise PipelineError(
+            f"--address {address!r} is not a Ray cluster address; give host:port (the head "
+            "node's, as `ray start --head` prints it), ray://host:port, auto (the cluster this "
+            "machine belongs to), or drop --address to run on this machine"
+        )
 
 
 def _connect(ray, address: str | None) -> bool:
@@ -110,7 +138,9 @@ def _connect(ray, address: str | None) -> bool:
     extra = {"include_dashboard": False} if address is None else {}
     try:
         ray.init(address=address, logging_level=logging.WARNING, **extra)
-    except ConnectionError as exc:
+    # A garbage address is a ValueError, an unreachable one a ConnectionError, a ray:// client
+    # address without `ray[client]` or its server a RuntimeError or an ImportError.
+    except (ConnectionError, ValueError, RuntimeError, ImportError, TimeoutError) as exc:
         raise PipelineError(
             f"cannot reach a Ray cluster at --address {address} ({str(exc).splitlines()[0]}); "
             "start one with `ray start --head`, or drop --address to run on this machine"

@@ -209,7 +209,7 @@ def export_model(
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     old = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    recover_interrupted_export(out_dir)
     try:
         with atomic_folder(out_dir, tmp, old):
             kind.export_files(model, tmp, data, adapter_only)
@@ -218,12 +218,29 @@ def export_model(
                 os.chmod(item, 0o644)
             # Checked last, just before the swap: a file put there during the run is kept too.
             check_export_folder(out_dir, data.tokenizer_dir)
-    except OSError as exc:
+    # A full disk surfaces as OSError, or as SafetensorError from the weights writer.
+    except (OSError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"cannot write the export to {out_dir} ({exc}); free space or fix the "
+            f"cannot write the export to {out_dir} ({first}); free space or fix the "
             "folder's permissions, the training state is intact"
         ) from None
     return out_dir
+
+
+def recover_interrupted_export(out_dir: Path) -> None:
+    """Clean up after exports of `out_dir` that were killed (the caller holds the run's lock, so
+    no other export of it is alive): remove their temp folders, and put back an export a killed
+    one had moved aside but not yet replaced."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.export-(tmp|old)-\d+")
+    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.export-*")):
+        match = pattern.fullmatch(leftover.name)
+        if match is None:
+            continue
+        if match.group(1) == "old" and not out_dir.exists():
+            os.rename(leftover, out_dir)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_export_folder(out_dir: Path, tokenizer_dir: Path | None) -> None:

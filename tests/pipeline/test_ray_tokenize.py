@@ -156,3 +156,31 @@ def test_an_output_folder_with_files_is_refused_before_ray_starts(corpus_inputs,
         tokenize_distributed(TokenizeDistributedConfig(inputs=corpus_inputs, out=tmp_path))
     with pytest.raises(ConfigError, match="--num-workers must be >= 1"):
         TokenizeDistributedConfig(inputs=corpus_inputs, num_workers=0)
+
+
+@pytest.mark.parametrize("address", ["garbage", "http://head:6379", "head:port", "ray://head"])
+def test_an_address_that_is_no_cluster_address_is_refused_before_ray_starts(
+    corpus_inputs, tmp_path, address
+):
+    out = tmp_path / "shards"
+    cfg = TokenizeDistributedConfig(inputs=corpus_inputs, out=out, address=address)
+    with pytest.raises(PipelineError, match="is not a Ray cluster address; give host:port"):
+        tokenize_distributed(cfg, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:6379", "ray://head-node:10001", "auto", "local"])
+def test_cluster_addresses_pass_the_check(address):
+    from pipeline.ray_tokenize import check_address
+
+    check_address(address)
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_run_are_removed(local_ray, corpus_inputs, tmp_path):
+    out = tmp_path / "shards"
+    leftover = tmp_path / ".shards.lowmem-tmp-4194301"  # a run killed with -9 left it
+    leftover.mkdir()
+    (leftover / "00000.parquet").write_bytes(b"half")
+    tokenize_distributed(TokenizeDistributedConfig(inputs=corpus_inputs[:1], out=out), False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]

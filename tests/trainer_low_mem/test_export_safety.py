@@ -249,3 +249,46 @@ def test_a_model_beside_the_output_dir_with_the_same_prefix_trains(llama, tmp_pa
     shutil.copytree(llama["model"], model)
     flags = _flags(llama["train_data"], tmp_path / "out", "--model", str(model))
     assert train(parse_job_config(flags)).export_dir == tmp_path / "out" / "final"
+
+
+def _tiny_export(out: Path) -> Path:
+    kind = resolve_model_kind(ModelConfig(model_preset="tiny")).with_export_dtype("auto")
+    model = kind.build(259, document_masking=False, weights=False)
+    return export_model(kind, model, out, BYTE_DATA, adapter_only=False)
+
+
+def test_leftovers_of_a_killed_export_are_cleaned_and_a_moved_aside_export_put_back(tmp_path):
+    final = _tiny_export(tmp_path / "final")
+    before = _tree(final)
+    # A kill -9 between the two renames of an export: final/ moved aside, the new one not in.
+    final.rename(tmp_path / ".final.export-old-4194301")
+    (tmp_path / ".final.export-tmp-4194301").mkdir()
+    (tmp_path / ".final.export-tmp-4194301" / "model.safetensors").write_bytes(b"half")
+    from trainer_low_mem.export import recover_interrupted_export
+
+    recover_interrupted_export(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert _tree(final) == before  # the export that was moved aside is back
+    _tiny_export(final)  # and the next export replaces it as usual
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_a_disk_filling_during_the_export_is_one_line_and_keeps_the_last_export(
+    tmp_path, monkeypatch
+):
+    from safetensors import SafetensorError
+
+    from lowmem_core.errors import CheckpointError
+    from trainer_low_mem import export
+
+    final = _tiny_export(tmp_path / "final")
+    before = _tree(final)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"cannot write the export to .*No space left"):
+        _tiny_export(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert _tree(final) == before

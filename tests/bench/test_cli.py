@@ -176,7 +176,7 @@ def test_loader_stage_writes_json_table_checks_and_plot(make_dataset, tmp_path, 
         out,
         re.M,
     )
-    assert re.search(r"^packing mmap vs HF: \d+\.\d\dx \(target >= 20x\) (PASS|FAIL)$", out, re.M)
+    assert re.search(r"^packing mmap vs HF: \d+\.\d\dx$", out, re.M)
     assert re.search(r"^\| hf datasets workers=0 +\| loader +\| \S+ +\| \S+ +\| 1\.00x ", out, re.M)
 
 
@@ -212,7 +212,7 @@ def test_quick_run_end_to_end_on_the_sample_corpus(tmp_path):
         and "CPU prefetcher data wait, 1 reader" in check_names
     )
     assert re.search(
-        r"^CPU prefetcher data wait, 1 reader: \d+\.\d\d% \(target <= 1%\) (PASS|FAIL)$",
+        r"^CPU prefetcher data wait, 1 reader: \d+\.\d\d%$",
         proc.stdout,
         re.M,
     )

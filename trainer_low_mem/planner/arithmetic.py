@@ -10,13 +10,7 @@ docs/ARCHITECTURE.md ("How the planner decides") gives the formulas.
 from __future__ import annotations
 
 from lowmem_core.errors import ConfigError, MemoryLimitError
-from lowmem_core.memory import (
-    DEFAULT_HOST_SAFETY_FRAC,
-    HostMemory,
-    effective_host_limit_bytes,
-    format_bytes,
-    host_memory,
-)
+from lowmem_core.memory import DEFAULT_HOST_SAFETY_FRAC, HostMemory, format_bytes
 from trainer_low_mem.planner.batch import check_micro_batch, divisors, per_rank_batch
 from trainer_low_mem.planner.explain import Reason
 from trainer_low_mem.planner.footprint import (
@@ -26,7 +20,7 @@ from trainer_low_mem.planner.footprint import (
     place_model_states,
 )
 from trainer_low_mem.planner.levers import PLAN_FLAG_LEVERS, Levers
-from trainer_low_mem.planner.machine import detect_devices, usable_cores
+from trainer_low_mem.planner.machine import cores, detect_devices, host_limit
 from trainer_low_mem.planner.model_memory import ModelMemory
 from trainer_low_mem.planner.plan import Plan
 
@@ -59,6 +53,7 @@ def plan(
     target_frac: tuple[float, float] = DEFAULT_TARGET_FRAC,
     ranks_per_node: int | None = None,
     host: HostMemory | None = None,
+    host_from_flags: bool = False,
     host_safety_frac: float = DEFAULT_HOST_SAFETY_FRAC,
     cuda_reserve_bytes: int = DEFAULT_CUDA_RESERVE_BYTES,
     process_base_bytes: int = DEFAULT_PROCESS_BASE_BYTES,
@@ -69,6 +64,9 @@ def plan(
 
     Inputs left as None are read from this machine: GPUs and their free memory (NVML), cores
     (affinity and cgroup cpu.max), host RAM (psutil and the cgroup memory limit, via `host`).
+    `host_from_flags`: the flags describe the target machine (`plan`), so a given
+    `host_ram_limit_bytes` is its limit as given (less the margin), not capped by this machine's
+    RAM; `train` runs here and leaves it False.
     `device` None means CUDA when a device budget is given or a GPU is visible. Raises
     ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers
     and advice that names each lever as `levers` spells it.
@@ -81,30 +79,17 @@ def plan(
         world_size, device_budget_bytes, num_gpus_visible, ranks_per_node, device
     )
     on_gpu, ranks = devices.on_gpu, devices.ranks_per_node
-    host = host if host is not None else host_memory()
-    host_limit = effective_host_limit_bytes(host_ram_limit_bytes, host_safety_frac, host)
-    reasons = {
-        "host_limit_bytes": Reason(
-            "host_limit_bytes",
-            host_limit,
-            "min(requested {requested_bytes}, cgroup limit {cgroup_bytes}, total {total_bytes}) x "
-            "(1 - {margin_frac} margin)",
-            {
-                "requested_bytes": host_ram_limit_bytes,
-                "cgroup_bytes": host.cgroup_limit_bytes,
-                "total_bytes": host.total_bytes,
-                "margin_frac": float(host_safety_frac),
-            },
-        )
-    }
-    cores = num_cores if num_cores is not None else usable_cores()
-    readers0, depth0 = _readers_and_depth(cores, ranks, max_readers, reasons)
+    limit = host_limit(host_ram_limit_bytes, host_safety_frac, host, host_from_flags)
+    host_limit_bytes, reasons = limit.value, {"host_limit_bytes": limit}
+    readers0, depth0 = _readers_and_depth(
+        *cores(num_cores, host_from_flags), ranks, max_readers, reasons
+    )
     states = place_model_states(model, world_size, zero_stage, offload_optimizer and on_gpu)
     fp = Footprint(
         device=devices.device,
         seq_len=seq_len,
         ranks_per_node=ranks,
-        host_limit_bytes=host_limit,
+        host_limit_bytes=host_limit_bytes,
         budget_bytes=devices.budget_bytes,
         model_device_bytes=states.device_bytes + model.step_fixed_bytes,
         activation_bytes_per_token=model.activation_bytes_per_token,
@@ -150,7 +135,7 @@ def plan(
             else "no GPU: nothing to copy to, pinned memory would only lock RAM"
         ),
     )
-    reasons["ultra_low_mem"] = _ultra_reason(ultra, dataset_bytes, host_limit)
+    reasons["ultra_low_mem"] = _ultra_reason(ultra, dataset_bytes, host_limit_bytes)
     if on_gpu:
         reasons["device_budget_bytes"] = Reason(
             "device_budget_bytes", devices.budget_bytes, devices.budget_why
@@ -202,14 +187,15 @@ def _check_settings(
 
 
 def _readers_and_depth(
-    cores: int, ranks: int, max_readers: int, reasons: dict[str, Reason]
+    cores: int, cores_from: str, ranks: int, max_readers: int, reasons: dict[str, Reason]
 ) -> tuple[int, int]:
-    """One reader per core a rank has, one core kept for the loop; depth keeps each busy."""
+    """One reader per core a rank has, one core kept for the loop; depth keeps each busy.
+    `cores_from` names the count and where it came from."""
     if cores < 1:
         raise ConfigError(f"num_cores must be >= 1, got {cores}")
     per_rank = max(1, cores // ranks)
     readers = min(max_readers, max(1, per_rank - 1))
-    why = "{cores} core(s) / {ranks} rank(s) = {per_rank} per rank, one kept for the training loop"
+    why = cores_from + " / {ranks} rank(s) = {per_rank} per rank, one kept for the training loop"
     if per_rank - 1 > max_readers:
         why += ", capped at {max_readers} (a [B, L] fill takes well under a millisecond)"
     reasons["num_readers"] = Reason(
@@ -299,8 +285,8 @@ def _micro_reason(micro: int, given: int | None, per_rank: int, fp: Footprint) -
     return Reason("micro_batch_per_rank", micro, why, numbers)
 
 
-def _ultra_reason(ultra: bool, dataset_bytes: int | None, host_limit: int) -> Reason:
-    numbers = {"dataset_bytes": dataset_bytes, "limit_bytes": host_limit}
+def _ultra_reason(ultra: bool, dataset_bytes: int | None, limit_bytes: int) -> Reason:
+    numbers = {"dataset_bytes": dataset_bytes, "limit_bytes": limit_bytes}
     if dataset_bytes is None:
         why = "dataset size not given: memory-mapped (its page cache is shared and reclaimable)"
     elif ultra:

@@ -3,6 +3,7 @@ reads of a file that may be compressed (.gz, .bz2, .zst, decompressed while read
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +48,23 @@ class RecordChunk:
     unit: str = "record"  # what `first` counts: "line" (JSON Lines) or "record"
 
 
-def read_blocks(source: Source, size: int) -> Iterator[bytes]:
-    """The bytes of `source`, decompressed, in blocks of `size` (the last may be shorter)."""
+def read_blocks(source: Source, size: int, skip_bom: bool = True) -> Iterator[bytes]:
+    """The bytes of `source`, decompressed, in blocks of `size` (the last may be shorter); a
+    UTF-8 byte order mark that starts the file (Windows editors write one) is left out unless
+    `skip_bom` is False."""
     with pa.input_stream(str(source.path), compression=source.compression) as stream:
+        first = skip_bom
         while True:
             try:
                 block = stream.read(size)
             except OSError as exc:  # a damaged compressed stream
                 raise _decode_error(source, exc) from None
+            bom = first and block.startswith(codecs.BOM_UTF8)
+            first = False
+            if bom:
+                block = block[len(codecs.BOM_UTF8) :]
+                if not block:  # a block of just the mark: read on
+                    continue
             if not block:
                 return
             yield block

@@ -4,12 +4,15 @@ Each format has two readers, which its object in pipeline/sources.py calls: `<fo
 yields one field of every record as `Chunk`s of texts or token-id lists (plain builds: the field
 alone is parsed where the format allows); `<format>_records` yields whole records as
 `RecordChunk`s (prompt/response builds). Both read about `chunk_bytes` at a time, in order.
+Arrow readers take string bytes as written, so every text column read is checked to be UTF-8,
+and a bad value is named by its line or row.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,7 +71,7 @@ def _check_field(path: Path, schema: pa.Schema, field: str) -> pa.DataType:
 def _read_jsonl(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
     """JSON Lines, parsed a block of whole lines at a time (a line longer than a block waits
     for its end), the text field alone after the first block has shown its type."""
-    kind, parse, pending = None, None, []
+    kind, parse, pending, line = None, None, [], 1  # line: the number of the block's first
     for block in read_blocks(source, _JSON_BLOCK_BYTES):
         end = block.rfind(b"\n") + 1
         if end == 0:
@@ -76,15 +79,17 @@ def _read_jsonl(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]
             continue
         lines = b"".join([*pending, block[:end]])
         pending = [block[end:]]
-        column, kind, parse = _parse_lines(source, field, lines, kind, parse)
+        column, kind, parse = _parse_lines(source, field, lines, kind, parse, line)
+        line += lines.count(b"\n")
         yield from _bounded(column, source, chunk_bytes)
     rest = b"".join(pending)
     if rest.strip():
-        column, kind, parse = _parse_lines(source, field, rest, kind, parse)
+        column, kind, parse = _parse_lines(source, field, rest, kind, parse, line)
         yield from _bounded(column, source, chunk_bytes)
 
 
-def _parse_lines(source: Source, field: str, lines: bytes, kind, parse):
+def _parse_lines(source: Source, field: str, lines: bytes, kind, parse, first_line: int):
+    """The `field` column of whole JSON `lines`, the first of which is line `first_line`."""
     options = pajson.ReadOptions(block_size=len(lines) + 1, use_threads=False)
     try:
         if parse is None:
@@ -99,8 +104,44 @@ def _parse_lines(source: Source, field: str, lines: bytes, kind, parse):
                 pa.BufferReader(lines), read_options=options, parse_options=parse
             ).column(0)
     except pa.ArrowInvalid as exc:
-        raise _jsonl_error(source, exc) from None
-    return column.combine_chunks(), kind, parse
+        raise _jsonl_error(source, exc, lines, first_line) from None
+    column = column.combine_chunks()
+    bad = _not_utf8(column)
+    if bad is not None:
+        raise _not_utf8_error(source, f"line {first_line + _line_of_row(lines, bad)}", field)
+    return column, kind, parse
+
+
+def _line_of_row(lines: bytes, row: int) -> int:
+    """Lines before the `row`-th (from 0) non-blank line of `lines` (the JSON reader's rows
+    skip blank lines)."""
+    seen = -1
+    for i, line in enumerate(lines.split(b"\n")):
+        seen += bool(line.strip())
+        if seen == row:
+            return i
+    return 0
+
+
+def _not_utf8(column: pa.Array) -> int | None:
+    """The index of the first value of a text column that is not UTF-8, else None."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        found = re.search(r"string index (\d+)", str(exc))
+        if found is None:
+            raise
+        return int(found.group(1))
+    return None
+
+
+def _not_utf8_error(source: Source, at: str, field: str) -> PipelineError:
+    return PipelineError(
+        f"{source.path} {at}: {field!r} holds bytes that are not UTF-8 text; re-encode the "
+        "file's text as UTF-8 or drop the record"
+    )
 
 
 def _bounded(column: pa.Array, source: Source, chunk_bytes: int) -> Iterator[Chunk]:
@@ -118,15 +159,25 @@ def _bounded(column: pa.Array, source: Source, chunk_bytes: int) -> Iterator[Chu
         start = stop
 
 
-def _jsonl_error(source: Source, exc: Exception) -> PipelineError:
+def _jsonl_error(source: Source, exc: Exception, lines: bytes, first_line: int) -> PipelineError:
     message = str(exc).splitlines()[0]
     if "changed from" in message:
         return PipelineError(
             f"{source.path}: a field holds one type in some records and another in others "
             f"({message}); give every record's text field the same type"
         )
+    # The JSON reader numbers rows within the block it was given; name the file's line.
+    row = re.search(r"\s*in row (\d+)$", message)
+    if row is None:
+        return PipelineError(
+            f"{source.path} is not valid JSON Lines ({message}); fix or remove the bad line"
+        )
+    line = first_line + _line_of_row(lines, int(row.group(1)))
+    fix = "fix or remove the bad line"
+    if "surrogate" in message:  # a \\u escape of half a UTF-16 pair
+        fix = "write the whole UTF-16 surrogate pair (such as \\ud83d\\ude00) or remove the line"
     return PipelineError(
-        f"{source.path} is not valid JSON Lines ({message}); fix or remove the bad line"
+        f"{source.path} is not valid JSON Lines: line {line} ({message[: row.start()]}); {fix}"
     )
 
 
@@ -135,6 +186,7 @@ def _read_json_array(source: Source, field: str, chunk_bytes: int) -> Iterator[C
     values: list = []
     size = 0
     kind = None
+    first = 1  # the number of values[0] in the array, from 1
     for index, record in _array_elements(source, chunk_bytes):
         if not isinstance(record, dict):
             raise PipelineError(
@@ -151,27 +203,30 @@ def _read_json_array(source: Source, field: str, chunk_bytes: int) -> Iterator[C
         values.append(value)
         size += len(value) if value is not None else 0
         if size >= chunk_bytes:
-            yield Chunk(_records_array(values, kind), source)
-            values, size = [], 0
+            yield Chunk(_records_array(values, kind, source, field, first), source)
+            values, size, first = [], 0, index + 2
     if values:
-        yield Chunk(_records_array(values, kind), source)
+        yield Chunk(_records_array(values, kind, source, field, first), source)
 
 
 def _array_elements(source: Source, chunk_bytes: int) -> Iterator[tuple[int, object]]:
     """(index, element) of a JSON array file, parsed one element at a time."""
     decoder = json.JSONDecoder()
-    text, pos, index, done = "", 0, 0, False
+    text, pos, index, done, read = "", 0, 0, False, 0
     blocks = read_blocks(source, chunk_bytes)
     utf8 = codecs.getincrementaldecoder("utf-8")("strict")
 
     def more() -> bool:
-        nonlocal text, pos, done
+        nonlocal text, pos, done, read
         block = next(blocks, b"")
         try:
             text = text[pos:] + utf8.decode(block, final=not block)
-        except UnicodeDecodeError:
-            raise PipelineError(f"{source.path} is not UTF-8; convert it to UTF-8") from None
-        pos, done = 0, not block
+        except UnicodeDecodeError as exc:
+            raise PipelineError(
+                f"{source.path} is not UTF-8 (an invalid byte within 3 of byte "
+                f"{read + exc.start:,}, in record {index + 1} or after it); convert it to UTF-8"
+            ) from None
+        pos, done, read = 0, not block, read + len(block)
         return bool(block)
 
     def skip_space() -> str:
@@ -230,10 +285,32 @@ def _record_kind(source: Source, field: str, index: int, value, kind: str | None
     return found
 
 
-def _records_array(values: list, kind: str | None) -> pa.Array:
+def _records_array(
+    values: list, kind: str | None, source: Source, field: str, first: int
+) -> pa.Array:
+    """`values` (records number first, first + 1, ... of a JSON array) as one Arrow array."""
     if kind == "tokens":
         return pa.array(values, type=pa.large_list(pa.int64()))
-    return pa.array(values, type=pa.large_string())
+    try:
+        return pa.array(values, type=pa.large_string())
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \u escapes can write
+        i, char = next((i, c) for i, v in enumerate(values) for c in lone_surrogates(v))
+        raise PipelineError(
+            f"{source.path}: record {first + i} of the JSON array has {field!r} holding "
+            f"{char.encode('unicode_escape').decode()}, half of a UTF-16 surrogate pair and not "
+            "text; write the whole pair (such as \\ud83d\\ude00) or drop the record"
+        ) from None
+
+
+def lone_surrogates(text: str | None) -> str:
+    """The code points of `text` that UTF-8 cannot encode (surrogates without their pair)."""
+    if not text or text.isascii():
+        return ""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "".join(c for c in text if "\ud800" <= c <= "\udfff")
+    return ""
 
 
 def parquet_texts(source: Source, field: str, chunk_bytes: int) -> Iterator[Chunk]:
@@ -246,8 +323,19 @@ def parquet_texts(source: Source, field: str, chunk_bytes: int) -> Iterator[Chun
         meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups)
     )
     rows = _rows_per_chunk(nbytes, meta.num_rows, chunk_bytes)
-    for batch in pfile.iter_batches(batch_size=rows, columns=[field]):
-        yield Chunk(batch.column(0).cast(kind), source)
+    yield from _checked_chunks(pfile.iter_batches(batch_size=rows, columns=[field]), kind, source)
+
+
+def _checked_chunks(batches, kind: pa.DataType, source: Source) -> Iterator[Chunk]:
+    """A chunk of each batch's one column, cast to `kind`, its text checked to be UTF-8."""
+    first = 1
+    for batch in batches:
+        column = batch.column(0)
+        bad = _not_utf8(column)
+        if bad is not None:
+            raise _not_utf8_error(source, f"row {first + bad}", batch.schema.names[0])
+        first += batch.num_rows
+        yield Chunk(column.cast(kind), source)
 
 
 def _open_parquet(source: Source) -> pq.ParquetFile:
@@ -281,8 +369,7 @@ def datasets_texts(source: Source, field: str, chunk_bytes: int) -> Iterator[Chu
     table = ds.data.table.select([field]) if field in ds.column_names else ds.data.table
     kind = _check_field(source.path, table.schema, field)
     rows = _rows_per_chunk(table.nbytes, table.num_rows, chunk_bytes)
-    for batch in table.to_batches(max_chunksize=rows):
-        yield Chunk(batch.column(0).cast(kind), source)
+    yield from _checked_chunks(table.to_batches(max_chunksize=rows), kind, source)
 
 
 # ----------------------------------------------------------------------------- whole records
@@ -325,6 +412,10 @@ def _record_columns(source: Source, names: list[str], fields: tuple[str, ...]) -
 def _table_records(source: Source, batches) -> Iterator[RecordChunk]:
     first = 1
     for batch in batches:
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            bad = _not_utf8(column)
+            if bad is not None:
+                raise _not_utf8_error(source, f"record {first + bad}", name)
         records = batch.to_pylist()
         yield RecordChunk(records, source, first)
         first += len(records)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from lowmem_core.errors import PipelineError, require_extra
+from pipeline.records import lone_surrogates
 from pipeline.tokenizer import Encoded, interleave, with_prefix
 
 
@@ -130,9 +131,22 @@ def split_records(
             raise PipelineError(
                 f"{at} has an empty response: nothing to learn from; drop the record or fill it"
             )
+        _check_unicode(at, prompt, response)
         prompts.append(prompt)
         responses.append(response)
     return prompts, responses
+
+
+def _check_unicode(at: str, prompt: str, response: str) -> None:
+    """JSON's \\u escapes can write half of a UTF-16 surrogate pair, which is not text."""
+    for name, text in (("prompt", prompt), ("response", response)):
+        bad = lone_surrogates(text)
+        if bad:
+            raise PipelineError(
+                f"{at} has a {name} holding {bad[0].encode('unicode_escape').decode()}, half of a "
+                "UTF-16 surrogate pair and not text; write the whole pair (such as "
+                "\\ud83d\\ude00) or drop the record"
+            )
 
 
 def _check_texts(record: dict, fields: SftFields, at: str) -> None:

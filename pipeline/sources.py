@@ -246,15 +246,21 @@ def read_records(source: Source, fields: tuple[str, ...]) -> Iterator[RecordChun
 def _read_txt(source: Source, split: str) -> Iterator[Chunk]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     carry, consumed, open_doc = "", 0, False  # open_doc: the last chunk's last document goes on
-    blocks = read_blocks(source, CHUNK_BYTES)
+    blocks = read_blocks(source, CHUNK_BYTES, skip_bom=False)  # offsets below count its bytes
+    first = True
     while True:
         block = next(blocks, b"")
+        if first and block.startswith(codecs.BOM_UTF8):  # a byte order mark is not text
+            block, consumed = block[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+        first = False
+        # The decoder's input starts with the bytes of a character it holds from the last block.
+        at = consumed - len(decoder.getstate()[0])
         try:
             new = decoder.decode(block, final=not block)
         except UnicodeDecodeError as exc:
             raise PipelineError(
-                f"{source.path} is not UTF-8 text (invalid byte at offset "
-                f"{consumed + exc.start}); convert it to UTF-8 or pass a .jsonl/.parquet file"
+                f"{source.path} is not UTF-8 text (invalid byte at offset {at + exc.start}); "
+                "convert it to UTF-8 or pass a .jsonl/.parquet file"
             ) from None
         consumed += len(block)
         if "\x00" in new:

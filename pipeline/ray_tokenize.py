@@ -33,6 +33,7 @@ from pipeline import output
 from pipeline.build import BuildReport, EncodedChunk, encode_chunk
 from pipeline.config import TokenizeDistributedConfig
 from pipeline.inputs import ReadOptions, Source
+from pipeline.ray_reaper import Reaper
 from pipeline.sources import read_source, resolve_inputs
 from pipeline.tokenizer import Encoded, JsonTokenizer, load_tokenizer
 
@@ -74,6 +75,8 @@ def _tokenize(
     import ray
 
     started_ray = False
+    # A local cluster started here must not outlive this process, even a kill -9 of it.
+    reaper = Reaper() if cfg.address is None and not ray.is_initialized() else None
     try:
         with atomic_folder(out, output.aside(out, "tmp"), output.aside(out, "old")) as tmp:
             started_ray = _connect(ray, cfg.address)
@@ -113,6 +116,8 @@ def _tokenize(
     finally:
         if started_ray:
             ray.shutdown()
+        if reaper is not None:
+            reaper.stop()
     return report
 
 

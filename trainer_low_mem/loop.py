@@ -102,6 +102,7 @@ class _Run:
             wait_s_total=lambda: self.data.wait_s_total,
             grad_norm=lambda: self.stepper.last_grad_norm,
             use_trackers=self.config.log.log_with is not None,
+            pad_id=self.data.dataset.pad_id,
         )
 
     # -- start-up phases --------------------------------------------------------------------
@@ -292,6 +293,7 @@ class _Run:
     def _train_step(self) -> StepOutcome | str:
         """The next optimizer step: its outcome, or the agreed out-of-memory reason."""
         micro_batches = [self.data.next_batch() for _ in range(self.plan.grad_accum_steps)]
+        self.metrics.count_batches(micro_batches)
         return self.stepper.run(micro_batches, self.progress.step + 1)
 
     def _back_off(self, reason: str) -> None:
@@ -351,12 +353,8 @@ class _Run:
             f"steps: {p.step}/{self.total_steps}"
         )
         self.metrics.start_trackers(c.flat_dict())
-        bar = tqdm(
-            total=self.total_steps,
-            initial=p.step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (ctx.is_main and c.log.progress_bar),
+        bar = self.metrics.progress_bar(
+            self.total_steps, p.step, enabled=ctx.is_main and c.log.progress_bar
         )
         exit_code = 0
         last_eval = -1
@@ -383,7 +381,6 @@ class _Run:
                 p.tokens_seen += global_tokens
                 p.loader_state = self.data.state_dict()
                 self.metrics.add_step(loss_sum, global_tokens, time.perf_counter() - t0, forward_s)
-                bar.update(1)
                 done = p.step == self.total_steps
                 if p.step % c.log.log_every == 0 or done:
                     line = self.metrics.log(

@@ -1,5 +1,5 @@
 """A run's progress: the counters a resume continues from, the result it reports, how many
-steps it takes, and which settings a resume may not change."""
+steps it takes, which settings a resume may not change, and the step bar rank 0 shows."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import JobConfig
@@ -77,3 +79,40 @@ def check_resume_settings(
             f"the resumed state is at step {step} but this run stops at step {total_steps} "
             "(--max_steps or --epochs); raise --max_steps above the saved step to train on"
         )
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def eta_seconds(elapsed_s: float, steps_done: int, steps_left: int) -> float:
+    """Seconds to the last step at the run's average wall time per step so far (evals and
+    saves included, as they will recur)."""
+    return elapsed_s / max(steps_done, 1) * max(steps_left, 0)
+
+
+class StepBar:
+    """The optimizer-step progress bar. Its ETA is the log line's (`advance` is given it):
+    tqdm's own rate and remaining time, from a smoothed rate of its own, are left out."""
+
+    FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+    def __init__(self, total_steps: int, initial_step: int, enabled: bool):
+        self._bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            unit="step",
+            dynamic_ncols=True,
+            bar_format=self.FORMAT,
+            disable=not enabled,
+        )
+
+    def advance(self, eta_s: float) -> None:
+        """One more step done; `eta_s` to go."""
+        self._bar.set_postfix_str(f"eta {clock(eta_s)}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -3,17 +3,26 @@
 Every error a user can cause (bad input, impossible config, broken checkpoint, memory limit,
 diverged training) is raised as a subclass of `LowMemError` with a message that says what was
 expected, what was found and what to do. Entry points call `run_cli` so the user sees that one
-line and its class's `exit_code`, and the traceback only with `--debug`.
+line and its class's `exit_code`, and the traceback only with `--debug`; the libraries'
+notices are hidden unless `--debug` too (lowmem_core/quiet.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import traceback
 from collections.abc import Callable
 from types import ModuleType
+
+from lowmem_core.quiet import library_noise_hidden
+
+DEBUG_HELP = (
+    "On an error, print the full traceback; also show the libraries' warnings, notices and "
+    "progress bars (hidden otherwise). LOWMEM_DEBUG=1 does the same."
+)
 
 
 class LowMemError(Exception):
@@ -78,13 +87,15 @@ def require_extra(module_name: str, extra: str, purpose: str) -> ModuleType:
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)`; print a LowMemError as one line and return its exit code.
 
-    `--debug` anywhere in argv (or LOWMEM_DEBUG=1) re-raises so the full traceback shows.
+    `--debug` anywhere in argv (or LOWMEM_DEBUG=1) prints the full traceback and leaves the
+    libraries' notices on (DEBUG_HELP says so in the commands' help).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LOWMEM_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     try:
-        return int(main(argv) or 0)
+        with contextlib.nullcontext() if debug else library_noise_hidden():
+            return int(main(argv) or 0)
     except LowMemError as exc:
         if debug:
             traceback.print_exc()

@@ -1,7 +1,8 @@
 """`python -m pipeline {build,tokenize-distributed,demo,plan}`: parse the subcommand's flags
 and delegate.
 
-`plan` is the trainer's (`train_low_mem.py plan`), with the same flags.
+`plan` is the trainer's (`train_low_mem.py plan`), with the same flags: listed in this help,
+parsed and run by trainer_low_mem/cli.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import tyro
 from lowmem_core.errors import run_cli
 from lowmem_core.flags import parse_flags
 from pipeline.config import BuildConfig, DemoConfig, TokenizeDistributedConfig
+from trainer_low_mem.config import PlanConfig
 
 
 def build(cfg: BuildConfig) -> None:
@@ -56,8 +58,9 @@ SUBCOMMANDS = {
 
 
 def parse_args(argv: list[str]) -> BuildConfig | TokenizeDistributedConfig | DemoConfig:
-    """The config of the subcommand `argv` names (`plan` aside: the trainer parses it)."""
-    configs = {name: cls for name, (cls, _) in SUBCOMMANDS.items()}
+    """The config of the subcommand `argv` names (`plan` is listed, but `_main` hands it to the
+    trainer before this parse)."""
+    configs = {name: cls for name, (cls, _) in SUBCOMMANDS.items()} | {"plan": PlanConfig}
     return parse_flags(
         lambda args: tyro.extras.subcommand_cli_from_dict(
             configs,

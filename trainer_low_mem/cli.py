@@ -7,20 +7,24 @@ DIR`, LoRA included) and says which memory estimate it used. Flags are generated
 `trainer_low_mem.config` by tyro: flat names with underscores; a boolean is a flag (`--json`,
 `--no_json` or `--no-json`) or takes true/false as its value (`--is_keep_training=True`,
 `--auto_plan False`), as the seed's users type it; `plan` takes the same names as `train`.
+`--debug` is taken off the command line by `run_cli` before the flags are parsed; the help of
+`train` and `plan` lists it all the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import io
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import tyro
 
-from lowmem_core.errors import ConfigError, run_cli
+from lowmem_core.errors import DEBUG_HELP, ConfigError, run_cli
 from lowmem_core.flags import parse_flags
 from trainer_low_mem.config import JobConfig, PlanConfig
 
@@ -31,36 +35,38 @@ _TYRO_MARKERS = (tyro.conf.OmitArgPrefixes,)
 
 def parse_job_config(argv: list[str]) -> JobConfig:
     """Parse the flags of the `train` subcommand (without the word `train`) into a JobConfig."""
-    return parse_flags(
-        lambda args: tyro.cli(
-            JobConfig,
-            args=args,
-            prog=f"{PROG} train",
-            use_underscores=True,
-            config=_TYRO_MARKERS,
-            description=JobConfig.__doc__,
-        ),
-        argv,
-        f"{PROG} train",
-        JobConfig,
-    )
+    return _parse(JobConfig, argv, f"{PROG} train")
 
 
 def parse_plan_config(argv: list[str], prog: str = f"{PROG} plan") -> PlanConfig:
     """Parse the flags of the `plan` subcommand (without the word `plan`) into a PlanConfig."""
+    return _parse(PlanConfig, argv, prog)
+
+
+def _parse(config: type, argv: list[str], prog: str):
+    shown = _with_debug_flag(config) if "-h" in argv or "--help" in argv else config
     return parse_flags(
         lambda args: tyro.cli(
-            PlanConfig,
+            shown,
             args=args,
             prog=prog,
             use_underscores=True,
             config=_TYRO_MARKERS,
-            description=PlanConfig.__doc__,
+            description=config.__doc__,
         ),
         argv,
         prog,
-        PlanConfig,
+        config,
     )
+
+
+def _with_debug_flag(config: type) -> type:
+    """`config` plus a documented --debug, for its help only: the parsed config never holds it."""
+    flag = Annotated[
+        bool, tyro.conf.FlagCreatePairsOff, tyro.conf.arg(help=DEBUG_HELP, help_behavior_hint="")
+    ]
+    field = ("debug", flag, dataclasses.field(default=False))
+    return dataclasses.make_dataclass(config.__name__, [field], bases=(config,), kw_only=True)
 
 
 def plan_from_config(cfg: PlanConfig):
@@ -104,7 +110,7 @@ def stop_main(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            f"usage: {PROG} {{train,plan}} [FLAGS] | {PROG} stop OUTPUT_DIR   (see "
+            f"usage: {PROG} {{train,plan}} [FLAGS] [--debug] | {PROG} stop OUTPUT_DIR   (see "
             f"`{PROG} train --help`, `{PROG} plan --help`)"
         )
         return 0 if argv else 2

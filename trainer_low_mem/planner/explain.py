@@ -105,7 +105,7 @@ def dependent_reasons(plan: Plan, fp: Footprint, lines: Lines) -> dict[str, Reas
         "pool_bytes": fp.pool_bytes(micro, depth),
     }
     if fp.on_gpu:
-        why = "(depth {depth} + 1) buffer sets x {micro} x {seq_len} tokens x {token_bytes} B"
+        why = "(depth {depth} + 1) buffer sets x {micro} x {seq_len} tokens x {token_bytes}"
     else:
         why = "0: no GPU to copy to (a pageable pool of {pool_bytes} instead)"
     reasons["pinned_pool_bytes"] = Reason("pinned_pool_bytes", plan.pinned_pool_bytes, why, pool)
@@ -207,4 +207,22 @@ def render_table(plan: Plan) -> str:
     )
     lines = [header] + [f"{a:<{width0}}  {b:<{width1}}  {c}".rstrip() for a, b, c in rows]
     notes = [f"  {k}: {r.text}" for k, r in plan.reasons.items() if k not in TABLE_ORDER]
+    used = _estimate_used(plan)
+    notes += [f"  {used}"] if used else []
     return "\n".join(lines + (["notes:", *notes] if notes else []))
+
+
+def _estimate_used(plan: Plan) -> str | None:
+    """Which model-memory estimate the plan's numbers come from, and what the analytic
+    cross-check beside a trace compares."""
+    memory = plan.reasons.get("model_memory")
+    if memory is None:
+        return None
+    line = f"the plan uses the {memory.value} estimate"
+    estimate = plan.reasons.get("model_estimate")
+    if estimate is not None and "analytic_ratio" in estimate.numbers:
+        line += (
+            "; the analytic cross-check is the analytic count's activation bytes per token and "
+            f"their ratio to the {memory.value}'s, shown for comparison only"
+        )
+    return line

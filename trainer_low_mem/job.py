@@ -81,6 +81,7 @@ class Job:
             all_reduce_min=all_reduce_min,
             ranks_per_node=launch.ranks_per_node,
             num_cores=launch.num_cores,
+            host_from_flags=launch.host_from_flags,
             model_key=json.dumps(key, sort_keys=True, default=str),
             batch_spec=self.batch_spec,
             levers=launch.levers(m.grad_checkpointing),

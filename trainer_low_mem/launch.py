@@ -61,6 +61,9 @@ class Launch:
     rank."""
     config_file: str | None = None
     """The file that sets ZeRO and offload for `train`; None for `plan`, whose flags set them."""
+    host_from_flags: bool = False
+    """The flags describe the target machine (`plan`): a given host-RAM limit is the target's,
+    not capped by this machine's RAM."""
     config_is_deepspeed_json: bool = False
     """`config_file` is a DeepSpeed JSON (zero_optimization.*), not the accelerate config's
     deepspeed_config section (zero_stage, offload_optimizer_device)."""
@@ -117,6 +120,7 @@ class Launch:
             mixed_precision=mixed_precision,
             deepspeed=flags.zero_stage > 0,
             num_cores=flags.num_cores,
+            host_from_flags=True,
         )
 
     @classmethod

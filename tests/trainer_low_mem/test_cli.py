@@ -210,3 +210,17 @@ def test_plan_of_an_encoder_decoder_traces_the_rows_its_pairs_take(
     assert enc_len < 128 == dec_len  # short prompts: the encoder rows are shorter
     # Without data both sides are traced at --max_seq_len; with the pairs, at their rows.
     assert per_token("--data", str(inputs["train_data"])) < per_token()
+
+
+def test_plan_takes_a_host_limit_larger_than_this_machine_as_the_targets(capsys):
+    from lowmem_core.memory import host_memory
+    from trainer_low_mem.cli import main as trainer_main
+
+    argv = ["plan", "--model_preset", "tiny", "--max_seq_len", "128", "--global_batch", "8"]
+    assert trainer_main([*argv, "--json", "--host_ram_limit", "2TiB", "--num_cores", "32"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    tib = 1 << 40
+    assert host_memory().total_bytes < 2 * tib
+    assert plan["host_limit_bytes"] == int(2 * tib * 0.9)
+    assert "of the target machine" in plan["reasons"]["host_limit_bytes"]["text"]
+    assert "32 core(s) (--num_cores)" in plan["reasons"]["num_readers"]["text"]

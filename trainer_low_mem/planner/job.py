@@ -48,6 +48,7 @@ def plan_for_job(
     model_key: str | None = None,
     batch_spec: BatchSpec | None = None,
     levers: Levers = PLAN_FLAG_LEVERS,
+    host_from_flags: bool = False,
 ) -> Plan:
     """The plan for `config` on this launch (see the module docstring).
 
@@ -55,7 +56,8 @@ def plan_for_job(
     already on the GPU (no DeepSpeed) is probed there; otherwise `model_factory()` (or a
     meta-device copy of `model`) is traced, once per `model_key`, on the example batches of
     `batch_spec`. `all_reduce_min` returns the minimum of an int over ranks; without it the
-    plan is this process's own. Advice when nothing fits names `levers`.
+    plan is this process's own. Advice when nothing fits names `levers`. `host_from_flags`:
+    the host limit given describes the target machine (see `plan`).
     """
     seq_len, t = config.data.max_seq_len, config.training
     if device is None:
@@ -92,6 +94,7 @@ def plan_for_job(
         ranks_per_node=ranks_per_node,
         num_cores=num_cores,
         levers=levers,
+        host_from_flags=host_from_flags,
     )
     reasons = {**result.reasons, "model_estimate": estimate.reason}
     result = dataclasses.replace(result, reasons=reasons)

@@ -360,8 +360,8 @@ class LogConfig:
     """What is printed and tracked."""
 
     log_every: int = 10
-    """Print the step line (loss, tokens/s, data wait, GPU and host memory) every this many
-    optimizer steps."""
+    """Print the step line (loss, train and label tokens/s, padding, data wait, GPU and host
+    memory) every this many optimizer steps."""
 
     log_with: Literal["tensorboard"] | None = None
     """Also send the metrics to an accelerate tracker (tensorboard writes under OUTPUT_DIR/runs)."""

@@ -182,6 +182,11 @@ class _Run:
 
     def _prepare(self) -> None:
         o, launch, accelerator = self.config.optim, self.launch, self.accelerator
+        if launch.offloads_optimizer:
+            self._print(
+                "optimizer: DeepSpeed's CPU Adam (its C++ op is compiled on first use: a few "
+                "minutes, once per machine)"
+            )
         optimizer = build_optimizer(self.module, o, cpu_offload=launch.offloads_optimizer)
         self.scheduler = build_scheduler(optimizer, o, self.total_steps)
         if launch.deepspeed:

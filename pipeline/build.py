@@ -45,7 +45,6 @@ from pipeline.sources import (
     read_records,
     read_source,
     resolve_inputs,
-    safe_cut,
 )
 from pipeline.tokenizer import (
     Encoded,
@@ -68,6 +67,7 @@ class BuildReport:
     seconds: float
     skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # input -> (empty, null)
     documents_in_pieces: int = 0  # documents longer than sources.PIECE_CHARS, in pieces
+    unsplit_stretches: int = 0  # stretches over PIECE_CHARS with no place to cut, encoded whole
     samples_truncated: int = 0  # --long-samples truncate: responses cut to fit
     samples_dropped: int = 0  # --long-samples drop (or no room left for a response)
     max_sample_tokens: int | None = None
@@ -90,8 +90,15 @@ class BuildReport:
         if self.documents_in_pieces:
             lines.append(
                 f"tokenised {self.documents_in_pieces} documents longer than "
-                f"{sources.PIECE_CHARS:,} characters in pieces cut at line breaks (memory stays "
-                "bounded)"
+                f"{sources.PIECE_CHARS:,} characters in pieces (memory stays bounded), cut only "
+                "where the tokenizer's pre-tokenizer splits and its ids are those of the whole"
+            )
+        if self.unsplit_stretches:
+            lines.append(
+                f"{self.unsplit_stretches} stretches of text longer than "
+                f"{sources.PIECE_CHARS:,} characters have no such place (one word, one run of "
+                "spaces, or a tokenizer without a pre-tokenizer) and were tokenised whole: "
+                "memory grows with them"
             )
         if self.samples_truncated or self.samples_dropped:
             lines.append(
@@ -125,6 +132,7 @@ class EncodedChunk:
     samples_truncated: int = 0
     samples_dropped: int = 0
     samples_tokenised_apart: int = 0
+    unsplit_stretches: int = 0
 
 
 def encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> EncodedChunk:
@@ -132,9 +140,9 @@ def encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> Encod
     docs = cleaned.docs
     if isinstance(docs, pa.ChunkedArray):
         docs = docs.combine_chunks()
-    in_pieces = 0
+    in_pieces = unsplit = 0
     if pa.types.is_large_string(docs.type):
-        encoded, in_pieces = _encode_texts(docs, tokenizer, cleaned)
+        encoded, in_pieces, unsplit = _encode_texts(docs, tokenizer, cleaned)
         where = np.ones(encoded.lengths.size, dtype=bool)
         where[:1] = not cleaned.head_continues  # a piece that continues a document has its BOS
         encoded = with_prefix(encoded, tokenizer.prefix, where)
@@ -149,11 +157,13 @@ def encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> Encod
         cleaned.skipped_empty,
         cleaned.skipped_null,
         in_pieces,
+        unsplit_stretches=unsplit,
     )
 
 
-def _encode_texts(texts: pa.Array, tokenizer, cleaned) -> tuple[Encoded, int]:
-    """Encode `texts`; one longer than a piece is encoded in pieces and its lengths summed."""
+def _encode_texts(texts: pa.Array, tokenizer, cleaned) -> tuple[Encoded, int, int]:
+    """Encode `texts`; one longer than a piece is encoded in pieces and its lengths summed.
+    Returns the ids, the documents in pieces started here and the stretches encoded whole."""
     limit = sources.PIECE_CHARS
     chars = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
     long = np.flatnonzero(chars > limit)
@@ -162,30 +172,54 @@ def _encode_texts(texts: pa.Array, tokenizer, cleaned) -> tuple[Encoded, int]:
     cut = chars > limit
     cut[-1:] |= cleaned.tail_continues
     in_pieces = int((started_here & cut).sum())
+    head = cleaned.head_continues  # texts[0] goes on a document cut where safe_cut said
     if long.size == 0:
-        return tokenizer.encode_arrow(texts), in_pieces
-    parts, prev = [], 0
+        return tokenizer.encode_arrow(texts, continues=head), in_pieces, 0
+    parts, prev, unsplit = [], 0, 0
     for i in long:
         if i > prev:
-            parts.append(tokenizer.encode_arrow(texts.slice(prev, i - prev)))
-        parts.append(_encode_long(texts[int(i)].as_py(), tokenizer))
+            parts.append(tokenizer.encode_arrow(texts.slice(prev, i - prev), prev == 0 and head))
+        encoded, whole = _encode_long(texts[int(i)].as_py(), tokenizer, i == 0 and head)
+        parts.append(encoded)
+        unsplit += whole
         prev = int(i) + 1
     if prev < len(texts):
         parts.append(tokenizer.encode_arrow(texts.slice(prev)))
-    return Encoded(
-        np.concatenate([p.values for p in parts]), np.concatenate([p.lengths for p in parts])
-    ), in_pieces
+    return (
+        Encoded(
+            np.concatenate([p.values for p in parts]), np.concatenate([p.lengths for p in parts])
+        ),
+        in_pieces,
+        unsplit,
+    )
 
 
-def _encode_long(text: str, tokenizer) -> Encoded:
-    pieces, start, limit = [], 0, sources.PIECE_CHARS
+def _encode_long(text: str, tokenizer, continues: bool) -> tuple[Encoded, int]:
+    """`text` as one document, encoded in pieces of about PIECE_CHARS cut where the tokenizer
+    gives the ids of the whole (`safe_cut`); a stretch with no such place goes whole. Returns
+    the ids and how many pieces were longer than PIECE_CHARS. `continues`: `text` itself goes
+    on a document cut before it."""
+    pieces, start, limit, unsplit = [], 0, sources.PIECE_CHARS, 0
     while start < len(text):
-        window = text[start : start + limit + 1]
-        end = start + (safe_cut(window, limit) if len(window) > limit else len(window))
-        pieces.append(tokenizer.encode_arrow(pa.array([text[start:end]], pa.large_string())).values)
+        end = _piece_end(text, start, limit, tokenizer)
+        unsplit += end - start > limit
+        piece = pa.array([text[start:end]], pa.large_string())
+        pieces.append(tokenizer.encode_arrow(piece, continues or start > 0).values)
         start = end
     values = np.concatenate(pieces)
-    return Encoded(values, np.array([values.size], dtype=np.int64))
+    return Encoded(values, np.array([values.size], dtype=np.int64)), unsplit
+
+
+def _piece_end(text: str, start: int, limit: int, tokenizer) -> int:
+    """The end of the piece of `text` from `start`: the last place to cut in its second half,
+    else the last in the next `limit` characters, and so on; else the end of the text."""
+    lo, hi = start + limit // 2, start + limit
+    while hi < len(text):
+        cut = tokenizer.safe_cut(text, lo, hi)
+        if cut is not None:
+            return cut
+        lo, hi = hi + 1, hi + limit
+    return len(text)
 
 
 def _token_lists(docs: pa.Array, tokenizer, path: Path) -> Encoded:
@@ -328,12 +362,12 @@ def _write(
             _encode_records, tokenizer=tokenizer, dtype=dtype, fields=fields, chat=chat, limit=limit
         )
     else:
-        options = ReadOptions(text_field=cfg.text_field, split=cfg.split)
+        options = ReadOptions(text_field=cfg.text_field, split=cfg.split, cut=tokenizer.safe_cut)
         chunks = (chunk for source in sources for chunk in read_source(source, options))
         encode = partial(encode_chunk, tokenizer=tokenizer, dtype=dtype, strip=cfg.strip)
     writer = ShardWriter(tmp, dtype, cfg.max_shard_tokens, prompt_lengths=cfg.sft)
     skipped: dict[str, list[int]] = {}
-    in_pieces = 0
+    in_pieces = unsplit = 0
     cut = [0, 0, 0]  # samples truncated, dropped, tokenised apart
     # A with-block closes the bar on errors too, so the error line starts a line of its own.
     with (
@@ -350,6 +384,7 @@ def _write(
                 counts[0] += result.skipped_empty
                 counts[1] += result.skipped_null
             in_pieces += result.documents_in_pieces
+            unsplit += result.unsplit_stretches
             cut[0] += result.samples_truncated
             cut[1] += result.samples_dropped
             cut[2] += result.samples_tokenised_apart
@@ -387,6 +422,7 @@ def _write(
             "strip": cfg.strip,
             "skipped_records": sum(sum(c) for c in skipped.values()),
             "documents_in_pieces": in_pieces,
+            "unsplit_stretches": unsplit,
             "fast_bpe": (
                 tokenizer.fast_bpe_report() if isinstance(tokenizer, JsonTokenizer) else None
             ),
@@ -416,6 +452,7 @@ def _write(
         0.0,
         {k: (v[0], v[1]) for k, v in skipped.items()},
         in_pieces,
+        unsplit,
         cut[0],
         cut[1],
         cfg.max_sample_tokens,

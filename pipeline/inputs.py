@@ -4,7 +4,7 @@ reads of a file that may be compressed (.gz, .bz2, .zst, decompressed while read
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,9 @@ class Chunk:
 class ReadOptions:
     text_field: str = "text"
     split: str = "blank_lines"  # .txt documents: "blank_lines" or "lines"
+    # Where a .txt document longer than a piece may be cut: the tokenizer's `safe_cut`, so the
+    # pieces' ids are the whole's; None: at line breaks or spaces (sources.safe_cut).
+    cut: Callable[..., int | None] | None = None
 
 
 @dataclass(frozen=True)

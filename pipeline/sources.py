@@ -14,7 +14,9 @@ Documents are kept as written: no whitespace is stripped (`--strip` trims Unicod
 both ends). A document with no text (empty, whitespace only, null, or a record without the text
 field) is skipped by every reader alike; skipped records are counted (blank runs between .txt
 documents are separators, not records). A .txt document longer than one chunk is emitted in
-pieces marked as continuing, so no reader holds more than about a chunk of text.
+pieces marked as continuing, cut only where the build's tokenizer gives the whole document's
+ids (`ReadOptions.cut`), so no reader holds more than about a chunk of text unless a stretch of a
+document has no such place.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lowmem_core.errors import PipelineError
 from lowmem_core.format import INDEX_NAME
 from pipeline import records
 from pipeline.inputs import Chunk, ReadOptions, RecordChunk, Source, read_blocks
+from pipeline.tokenizer import CUT_MARGIN
 
 CHUNK_BYTES = 256 << 10  # text per chunk: amortises a tokenizer call; its encodings stay small
 PIECE_CHARS = 512 << 10  # a longer document is read and tokenised in pieces of about this size
@@ -82,7 +85,7 @@ class _Text(InputFormat):
         return suffix in (".txt", ".text", ".md")
 
     def read_texts(self, source: Source, options: ReadOptions) -> Iterator[Chunk]:
-        return _read_txt(source, options.split)
+        return _read_txt(source, options)
 
     def read_records(self, source: Source, fields: tuple[str, ...]) -> Iterator[RecordChunk]:
         raise PipelineError(
@@ -243,9 +246,10 @@ def read_records(source: Source, fields: tuple[str, ...]) -> Iterator[RecordChun
     return input_format(source.kind).read_records(source, fields)
 
 
-def _read_txt(source: Source, split: str) -> Iterator[Chunk]:
+def _read_txt(source: Source, options: ReadOptions) -> Iterator[Chunk]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     carry, consumed, open_doc = "", 0, False  # open_doc: the last chunk's last document goes on
+    searched = 0  # the first characters of `carry` known to hold no place to cut
     blocks = read_blocks(source, CHUNK_BYTES, skip_bom=False)  # offsets below count its bytes
     first = True
     while True:
@@ -268,22 +272,26 @@ def _read_txt(source: Source, split: str) -> Iterator[Chunk]:
                 f"{source.path} contains NUL bytes, so it is binary, not text; pass a text file"
             )
         text = carry + new
-        if split == "lines":
+        if options.split == "lines":
             pieces = [p[:-1] if p.endswith("\r") else p for p in text.split("\n")]
         else:
             pieces = _BLANK_RUN.split(text)
         carry = pieces.pop() if block else ""
+        searched = 0 if pieces else searched  # the carry starts a document of its own
         if not block and pieces:
             pieces[-1] = pieces[-1].removesuffix("\n").removesuffix("\r")
         if not block and not open_doc and pieces == [""]:
             return
-        # A document longer than a piece: emit most of what is read of it, cut where safe_cut
-        # finds a break in its second half, so what is carried stays under a piece.
-        tail = len(carry) > PIECE_CHARS
+        # A document longer than a piece: emit most of what is read of it, cut in its second
+        # half where the tokenizer allows, so what is carried stays under a piece; with no such
+        # place yet, carry on reading.
+        cut = _cut_read_text(carry, options.cut, searched) if len(carry) > PIECE_CHARS else None
+        tail = cut is not None
         if tail:
-            cut = safe_cut(carry, len(carry))
             pieces.append(carry[:cut])
-            carry = carry[cut:]
+            carry, searched = carry[cut:], 0
+        elif len(carry) > PIECE_CHARS:
+            searched = len(carry) - CUT_MARGIN
         if pieces:
             yield Chunk(pa.array(pieces, type=pa.large_string()), source, open_doc, tail)
             open_doc = tail
@@ -291,12 +299,21 @@ def _read_txt(source: Source, split: str) -> Iterator[Chunk]:
             return
 
 
+def _cut_read_text(carry: str, cut, searched: int) -> int | None:
+    """Where to cut `carry`, the text read so far of a document longer than a piece: in its
+    second half, past `searched`, where `cut` (a tokenizer's `safe_cut`) allows, judging no place
+    whose right side is not read yet; or by `safe_cut` below when `cut` is None."""
+    if cut is None:
+        return safe_cut(carry, len(carry))
+    return cut(carry, max(searched, len(carry) // 2), len(carry), partial=True)
+
+
 def safe_cut(text: str, limit: int) -> int:
-    """Where to cut `text` in the second half of its first `limit` characters, at a boundary
-    that pre-tokenizers splitting at whitespace (byte-level BPE: GPT-2, Llama 3, Qwen) also
-    split at, so each side gets the tokens it has in the whole text: after a line break that a
-    non-space follows, else before a space between non-spaces, else where whitespace follows a
-    non-space, else at `limit`."""
+    """Where to cut `text` in the second half of its first `limit` characters when no tokenizer
+    says (`ReadOptions.cut` is None): after a line break that a non-space follows, else before a
+    space between non-spaces, else where whitespace follows a non-space, else at `limit`. Most
+    pre-tokenizers split there too, but not all (a SentencePiece model puts "▁" before every
+    text; a cut at `limit` may fall inside a word), so the build passes its tokenizer's."""
     floor = max(1, limit // 2)
     i = text.rfind("\n", floor, limit)
     while i != -1:

@@ -6,6 +6,8 @@ special_tokens_map.json), as `transformers` reads them. Both kinds encode a whol
 at once and return flat token values plus per-document lengths, so the builder never loops per
 token in Python. With `use_fast_bpe`, a byte-level BPE tokenizer hands the documents where
 `tiktoken` provably gives its ids to `tiktoken` (pipeline/fast_bpe.py), about 4x faster.
+Both say where a long document may be cut (`safe_cut`) so that its pieces, tokenised apart and
+joined, give the ids of the whole.
 
 Special tokens in stored documents: EOS is never stored (the loader puts `eos_id` after every
 document), and a BOS that the tokenizer's post-processor puts before a text starts every
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,26 @@ from pipeline.fast_bpe import FastBPE
 # Special tokens of the byte tokenizer sit right after the 256 byte values.
 BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
+
+# A cut of a long document is judged on this many characters each side of it, by the tokenizer
+# itself, and looked for this many characters at a time (JsonTokenizer.safe_cut).
+CUT_MARGIN = 256
+_CUT_WINDOW = 4096
+# SentencePiece models as tokenizer.json writes them: a normalizer that writes "▁" for every
+# space (Gemma), after one before the text (Llama 2, Mistral 7B v0.1: PREPEND).
+_SPACE_TO_MARK = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+_PREPEND_MARK = {"type": "Prepend", "prepend": "\u2581"}
+
+
+@dataclass(frozen=True)
+class _SpaceCuts:
+    """A SentencePiece model whose whole text is one pre-token, cut before a space instead: no
+    token holds "▁" after a character outside `joiners`, so no merge joins a word to the "▁"
+    of the space after it (Llama 2: none; Gemma 3: ">", of ">▁</")."""
+
+    joiners: frozenset[str]
+    drops_space: bool  # the model puts "▁" before every text: a piece after a cut loses its space
+
 
 # Names under which bare tokenizer.json files commonly declare their specials, most specific first.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]", "<|end_of_text|>")
@@ -75,7 +98,7 @@ class ByteTokenizer:
     bos_id, eos_id, pad_id = BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID
     prefix: tuple[int, ...] = ()
 
-    def encode_arrow(self, texts: pa.Array) -> Encoded:
+    def encode_arrow(self, texts: pa.Array, continues: bool = False) -> Encoded:
         binary = texts.cast(pa.large_binary())
         offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64)[
             binary.offset : binary.offset + len(binary) + 1
@@ -87,6 +110,11 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def safe_cut(self, text: str, lo: int, hi: int, partial: bool = False) -> int | None:
+        """Any place: every character's bytes are its ids (see JsonTokenizer.safe_cut)."""
+        hi = min(hi, len(text) - 1)
+        return hi if hi >= max(lo, 1) else None
 
 
 class JsonTokenizer:
@@ -107,6 +135,8 @@ class JsonTokenizer:
         # A tokenizer.json saved with truncation or padding would cut or pad every document.
         self._tok.no_truncation()
         self._tok.no_padding()
+        # Where `safe_cut` may cut: before a space, or where the pre-tokenizer splits.
+        self._space_cuts = _space_cuts(self._tok)
         self._fast: FastBPE | None = None
         self._fast_refused: str | None = None  # why `use_fast_bpe` found no exact fast path
         self._texts = [0, 0]  # encoded by the fast path, encoded in all (with it in use)
@@ -202,9 +232,14 @@ class JsonTokenizer:
         fast, total = self._texts
         return {"split": self._fast.split_name, "texts": total, "fast_texts": fast}
 
-    def encode_arrow(self, texts: pa.Array) -> Encoded:
-        """Ids of each text without special tokens (the builder adds `prefix` where it belongs)."""
+    def encode_arrow(self, texts: pa.Array, continues: bool = False) -> Encoded:
+        """Ids of each text without special tokens (the builder adds `prefix` where it belongs).
+        `continues`: texts[0] goes on a document cut where `safe_cut` said."""
         strings = texts.to_pylist()
+        drops_space = self._space_cuts is not None and self._space_cuts.drops_space
+        if continues and drops_space and strings and strings[0].startswith(" "):
+            strings[0] = strings[0][1:]  # its space: the normalizer's "▁" before every text
+            texts = pa.array(strings, pa.large_string())
         if self._fast is None:
             return self._encode_strings(strings)
         fast = self._fast.accepts(texts, strings)
@@ -220,6 +255,57 @@ class JsonTokenizer:
             (where_fast, Encoded(*self._fast.encode([strings[i] for i in where_fast]))),
             (where_other, self._encode_strings([strings[i] for i in where_other])),
         )
+
+    def safe_cut(self, text: str, lo: int, hi: int, partial: bool = False) -> int | None:
+        """The last place in [lo, hi] where `text` can be cut so that its two sides' ids, joined,
+        are the ids of the whole; None when there is none.
+
+        A place qualifies where a pre-token of the tokenizer's own pre-tokenizer starts (BPE,
+        Unigram, WordPiece and WordLevel models never join across one) and the tokenizer, given
+        CUT_MARGIN characters either side, gives the same ids cut there as whole (a normalizer
+        that composes characters makes a place unsafe). A SentencePiece tokenizer.json whose
+        whole text is one pre-token (Llama 2, Gemma 3) is cut before a space that follows a
+        character no token joins to a "▁" (`_SpaceCuts`); where its normalizer puts "▁" before
+        every text, the piece after the cut is encoded without that space
+        (`encode_arrow(continues=True)`). Other tokenizers without a pre-tokenizer, or with one
+        that never splits, have no such place. With `partial`,
+        `text` goes on past its end, so its last CUT_MARGIN characters are not judged.
+        """
+        hi = min(hi, len(text) - (CUT_MARGIN if partial else 1))
+        lo = max(lo, 1)
+        top = hi
+        while top >= lo:
+            bottom = max(lo, top - _CUT_WINDOW)
+            for cut in reversed(self._places(text, bottom, top)):
+                if self._same_ids_cut(text, cut):
+                    return cut
+            top = bottom - 1
+        return None
+
+    def _places(self, text: str, bottom: int, top: int) -> list[int]:
+        """Where a pre-token starts in text[bottom : top + 1], in order."""
+        if self._space_cuts is not None:  # a space after a character no token joins to "▁"
+            window, joiners = text[bottom - 1 : top + 1], self._space_cuts.joiners
+            return [
+                bottom - 1 + m.start()
+                for m in re.finditer("(?<=[^ \u2581]) ", window)
+                if window[m.start() - 1] not in joiners
+            ]
+        pre = self._tok.pre_tokenizer
+        if pre is None:
+            return []
+        start = max(0, bottom - CUT_MARGIN)
+        # The first pre-token starts at the window's edge, not at a place of the text.
+        splits = pre.pre_tokenize_str(text[start : top + CUT_MARGIN])[1:]
+        return [start + begin for _, (begin, _) in splits if bottom <= start + begin <= top]
+
+    def _same_ids_cut(self, text: str, cut: int) -> bool:
+        left, right = text[max(0, cut - CUT_MARGIN) : cut], text[cut : cut + CUT_MARGIN]
+        after = right[1:] if self._space_cuts and self._space_cuts.drops_space else right
+        both, first, second = self._tok.encode_batch_fast(
+            [left + right, left, after], add_special_tokens=False
+        )
+        return both.ids == first.ids + second.ids
 
     def _encode_strings(self, strings: list[str]) -> Encoded:
         # The ids equal encode_batch's; skipping the character offsets saves about 15% of the
@@ -253,6 +339,39 @@ def interleave(*parts: tuple[np.ndarray, Encoded]) -> Encoded:
         shift = np.repeat(starts[where] - own, part.lengths)
         values[np.arange(part.values.size) + shift] = part.values
     return Encoded(values=values, lengths=lengths)
+
+
+def _space_cuts(tok) -> _SpaceCuts | None:
+    """How a SentencePiece tokenizer.json whose whole text is one pre-token may be cut: a
+    normalizer that writes "▁" for every space (maybe after one before the text) and no
+    pre-tokenizer, or a Split at " " (none is left once spaces are "▁": Gemma); or no normalizer
+    and a Metaspace pre-tokenizer that does not split. None for any other tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    pre, normalizer = tok.pre_tokenizer, tok.normalizer
+    if normalizer is None:
+        shaped = isinstance(pre, pre_tokenizers.Metaspace)
+    else:
+        shaped = pre is None or isinstance(pre, pre_tokenizers.Split)
+    if not shaped:
+        return None
+    spec = json.loads(tok.to_str())
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    if normalizer is None:
+        if pre.get("split") is not False or pre.get("replacement") != "\u2581":
+            return None
+        drops_space = False  # a piece that starts with a space starts with "▁": none is added
+    else:
+        steps = normalizer.get("normalizers", [normalizer])
+        if steps not in ([_SPACE_TO_MARK], [_PREPEND_MARK, _SPACE_TO_MARK]):
+            return None
+        if pre is not None and (pre.get("pattern") != {"String": " "} or pre.get("invert")):
+            return None
+        drops_space = steps[0] == _PREPEND_MARK
+    joiners = frozenset(
+        m.group(1) for token in tok.get_vocab() for m in re.finditer("([^\u2581])\u2581", token)
+    )
+    return _SpaceCuts(joiners, drops_space)
 
 
 def _tokenizer_file(path: Path) -> Path:

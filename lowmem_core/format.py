@@ -11,5 +11,9 @@ IGNORE_INDEX = -100  # label of a position that carries no loss (padding, prompt
 # Prompt/response datasets (`pipeline build --sft`): each shard also holds this uint32 column, the
 # number of prompt tokens at the start of each document (sample); index.json says "kind": "sft".
 PROMPT_LENGTHS_COLUMN = "prompt_lengths"
+# Prompt/response datasets: each shard also holds this uint8 column beside PROMPT_LENGTHS_COLUMN,
+# 1 where the build cut the sample's response to fit --max-sample-tokens (its EOS is no target).
+# Shards written before it existed lack it: no response of theirs counts as cut.
+RESPONSE_CUT_COLUMN = "response_cut"
 KIND_TEXT = "text"
 KIND_SFT = "sft"

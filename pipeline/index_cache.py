@@ -45,10 +45,9 @@ import pyarrow as pa
 
 from lowmem_core.durable import atomic_file, fd_sha256
 from lowmem_core.errors import PipelineError
-from lowmem_core.format import PROMPT_LENGTHS_COLUMN
+from lowmem_core.format import PROMPT_LENGTHS_COLUMN, RESPONSE_CUT_COLUMN
 from lowmem_core.memory import format_bytes
 from pipeline import sampler
-from pipeline.manifest import RESPONSE_CUT_COLUMN
 from pipeline.output import disk_full
 from pipeline.sampler import EpochIndex
 from pipeline.storage import Chunk

@@ -28,10 +28,6 @@ from lowmem_core.durable import file_sha256, write_atomic
 from lowmem_core.errors import PipelineError
 from lowmem_core.format import COLUMN, FORMAT, INDEX_NAME, KIND_SFT, KIND_TEXT
 
-# Prompt/response datasets: each shard also holds this uint8 column beside PROMPT_LENGTHS_COLUMN,
-# 1 where the build cut the sample's response to fit --max-sample-tokens (its EOS is no target).
-# Shards written before it existed lack it: no response of theirs counts as cut.
-RESPONSE_CUT_COLUMN = "response_cut"
 REBUILD = "rebuild it with `python -m pipeline build INPUT... --out DIR --overwrite`"
 VERIFIED_NAME = ".verified.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -97,7 +97,9 @@ def _tokenize(
                 fn_constructor_kwargs={
                     "sources": sources,
                     "tokenizer": tokenizer,
-                    "options": ReadOptions(text_field=cfg.text_field, split=cfg.split),
+                    "options": ReadOptions(
+                        text_field=cfg.text_field, split=cfg.split, cut=tokenizer.safe_cut
+                    ),
                     "strip": cfg.strip,
                     "fast_bpe": cfg.fast_bpe,
                     "out_dir": str(tmp),

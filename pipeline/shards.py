@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from lowmem_core.durable import file_sha256, fsync_path
-from lowmem_core.format import COLUMN, PROMPT_LENGTHS_COLUMN
-from pipeline.manifest import RESPONSE_CUT_COLUMN
+from lowmem_core.format import COLUMN, PROMPT_LENGTHS_COLUMN, RESPONSE_CUT_COLUMN
 from pipeline.tokenizer import Encoded
 
 

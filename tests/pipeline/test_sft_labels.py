@@ -16,9 +16,9 @@ import pyarrow.ipc as ipc
 import pytest
 
 from lowmem_core.durable import file_sha256
+from lowmem_core.format import RESPONSE_CUT_COLUMN
 from pipeline import Loader, PipelineError, open_dataset
 from pipeline.__main__ import main
-from pipeline.manifest import RESPONSE_CUT_COLUMN
 from pipeline.pairs import PairLoader
 from pipeline.sample_corpus import generate_documents
 from pipeline.sft import ChatTemplate, SftFields, split_records

@@ -24,7 +24,7 @@ from typing import Annotated
 
 import tyro
 
-from lowmem_core.errors import DEBUG_HELP, ConfigError, run_cli
+from lowmem_core.errors import DEBUG_HELP, ConfigError, LowMemError, run_cli
 from lowmem_core.flags import parse_flags
 from trainer_low_mem.config import JobConfig, PlanConfig
 
@@ -129,9 +129,14 @@ def _main(argv: list[str]) -> int:
     with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
         faulthandler.enable(file=sys.__stderr__)  # no usable stderr: nothing to print to
     # Imported here so that `--help` and flag errors do not pay for torch and accelerate.
+    from trainer_low_mem.distributed import report_to_launcher
     from trainer_low_mem.loop import train
 
-    return train(config).exit_code
+    try:
+        return train(config).exit_code
+    except LowMemError as exc:
+        report_to_launcher(exc)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,9 @@ job, never three independent jobs writing one output directory.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,20 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+def report_to_launcher(exc: BaseException) -> None:
+    """Under torchrun (`accelerate launch`), write this rank's one-line error where the launcher
+    reads a failed rank's cause (TORCHELASTIC_ERROR_FILE, torch elastic's error-file format), so
+    the launcher's failure report, printed after it, names it instead of a pointer to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    report = {
+        "message": {"message": f"error: {exc}", "extraInfo": {"timestamp": str(int(time.time()))}}
+    }
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(report))
 
 
 def create_accelerator(

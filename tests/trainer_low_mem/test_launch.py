@@ -411,3 +411,15 @@ def test_ranks_save_and_stop_when_the_launcher_is_killed(tmp_path, sample_datase
     state = _state(out)
     assert state["step"] >= 4 and state["world_size"] == 2
     assert state["loader_state"]["consumed_rows"] == 8 * state["step"]
+
+
+def test_a_ranks_one_line_error_is_the_root_cause_in_the_launchers_report(
+    tmp_path, sample_dataset_dir
+):
+    out = tmp_path / "model_save"
+    proc = _launch(2, sample_dataset_dir, out, "--global_batch", "8", "--is_keep_training=True")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # torchrun's report, printed after the ranks' own `error:` lines, names the same line.
+    assert re.search(r"traceback\s*:\s*error: --is_keep_training=True but \S+ does not exist", log)
+    assert "exitcode  : 2" in log

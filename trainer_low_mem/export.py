@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from trainer_low_mem.models.kind import DataFacts, ModelKind
 
 EXPORT_DIR_NAME = "final"
-ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter tensor (peft's naming)
 BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 MANIFEST_NAME = ".lowmem_export.json"  # {"files": {name: size in bytes}} of what the export wrote
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,25 +56,39 @@ def merged_state_dict(
 ) -> dict[str, torch.Tensor]:
     """CPU copy of `module`'s weights with every LoRA adapter folded in, under the plain names;
     floating-point tensors in `dtype` (None: as they are). Tied weights stay one tensor."""
+    # Adapters are peft's layers; a process that never imported peft holds none.
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    adapted = {
+        name: sub
+        for name, sub in module.named_modules()
+        if tuners is not None and isinstance(sub, tuners.BaseTunerLayer)
+    }
     merged: dict[str, torch.Tensor] = {}
-    adapted = any(ADAPTER_MARK in name for name, _ in module.named_parameters())
-    # Only a module with adapters needs peft (the `lora` extra) to find its adapted layers.
-    tuner = require_extra("peft", "lora", "--lora_rank").tuners.tuners_utils if adapted else None
     with torch.no_grad():
-        for name, sub in module.named_modules():
-            if tuner is not None and isinstance(sub, tuner.BaseTunerLayer):
-                base = sub.get_base_layer()
-                delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
-                merged[f"{name}.weight"] = (
-                    (base.weight + delta.to(base.weight.dtype)).detach().cpu()
-                )
+        for name, sub in adapted.items():
+            base = sub.get_base_layer()
+            delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
+            merged[f"{name}.weight"] = (base.weight + delta.to(base.weight.dtype)).detach().cpu()
         out, cast = {}, {}
         for key, value in module.state_dict().items():
-            if ADAPTER_MARK in key:
-                continue
-            plain = key.replace(".base_layer.", ".")
-            out[plain] = _on_cpu(merged.get(plain, value), dtype, cast)
+            plain = _plain_name(key, adapted)
+            if plain is not None:
+                out[plain] = _on_cpu(merged.get(plain, value), dtype, cast)
     return out
+
+
+def _plain_name(key: str, adapted: dict[str, nn.Module]) -> str | None:
+    """`key` under the name it has without adapters: an adapted layer's `base_layer.` dropped;
+    None for the adapter's own tensors."""
+    owner, _, rest = key.rpartition(".")
+    while owner and owner not in adapted:
+        owner, _, head = owner.rpartition(".")
+        rest = f"{head}.{rest}"
+    if not owner:
+        return key
+    if not rest.startswith("base_layer."):
+        return None
+    return f"{owner}.{rest.removeprefix('base_layer.')}"
 
 
 def _on_cpu(tensor: torch.Tensor, dtype: torch.dtype | None, cast: dict) -> torch.Tensor:

@@ -19,8 +19,9 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
 from trainer_low_mem.config import LoraSettings
-from trainer_low_mem.export import ADAPTER_MARK
 from trainer_low_mem.models.kind import DataFacts, ModelKind
+
+ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter tensor (peft's naming)
 
 
 def is_adapter(name: str) -> bool:

@@ -92,11 +92,14 @@ def make_parent(out: Path) -> list[Path]:
     return missing
 
 
-def recover_interrupted(out: Path) -> None:
-    """Clean up after builds of `out` that were killed (the caller holds the lock, so no build
-    of `out` is alive): remove their temp folders, and put back a dataset that a killed
-    --overwrite build had moved aside but not yet replaced. Touches only this build's names."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.lowmem-(tmp|old)-\d+")
+def recover_interrupted(out: Path, tag: str = "lowmem") -> None:
+    """Clean up after writers of `out` that were killed (the caller holds the lock, so none of
+    them is alive): remove their temp folders `.NAME.TAG-tmp-PID`, and put back the folder a
+    killed one had moved aside (`.NAME.TAG-old-PID`) but not yet replaced. Touches only these
+    names; `tag` is "lowmem" for builds (see `aside`), "export" for exports."""
+    if not out.parent.is_dir():
+        return  # nothing was ever written beside `out`
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{re.escape(tag)}-(tmp|old)-\d+")
     for leftover in sorted(out.parent.iterdir()):
         match = pattern.fullmatch(leftover.name)
         if match is None:

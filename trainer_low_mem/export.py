@@ -39,6 +39,7 @@ from torch import nn
 from lowmem_core.durable import atomic_folder
 from lowmem_core.errors import CheckpointError, ConfigError, require_extra
 from lowmem_core.format import INDEX_NAME
+from pipeline.output import recover_interrupted
 from trainer_low_mem.model import ROPE_BASE, DecoderLM
 
 if TYPE_CHECKING:
@@ -244,17 +245,8 @@ def export_model(
 
 def recover_interrupted_export(out_dir: Path) -> None:
     """Clean up after exports of `out_dir` that were killed (the caller holds the run's lock, so
-    no other export of it is alive): remove their temp folders, and put back an export a killed
-    one had moved aside but not yet replaced."""
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.export-(tmp|old)-\d+")
-    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.export-*")):
-        match = pattern.fullmatch(leftover.name)
-        if match is None:
-            continue
-        if match.group(1) == "old" and not out_dir.exists():
-            os.rename(leftover, out_dir)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
+    no other export of it is alive), as a build does after killed builds."""
+    recover_interrupted(out_dir, tag="export")
 
 
 def check_export_folder(out_dir: Path, tokenizer_dir: Path | None) -> None:

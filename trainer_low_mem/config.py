@@ -127,7 +127,12 @@ class ModelConfig:
     layer but the output head (the head and weights tied to another layer are refused)."""
 
     load_in_4bit: bool = False
-    """QLoRA: load --model's weights in 4-bit (bitsandbytes, CUDA only); needs --lora_rank."""
+    """QLoRA: load --model's weights as 4-bit NF4 with double quantisation (bitsandbytes: the
+    `qlora` extra; CPU or CUDA), computed in --mixed_precision's dtype; needs --lora_rank."""
+
+    load_in_8bit: bool = False
+    """Load --model's weights as 8-bit integers (bitsandbytes LLM.int8: the `qlora` extra) and
+    train LoRA adapters on them; needs --lora_rank."""
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -153,11 +158,21 @@ class ModelConfig:
             _require_positive("lora_alpha", self.lora_alpha, allow_none=False)
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.load_in_4bit and (self.model is None or self.lora_rank is None):
-            raise ConfigError(
-                "--load_in_4bit (QLoRA) needs --model DIR and --lora_rank R: 4-bit weights are "
-                "frozen"
-            )
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: keep one")
+        for flag in ("load_in_4bit", "load_in_8bit"):
+            if getattr(self, flag) and (self.model is None or self.lora_rank is None):
+                raise ConfigError(
+                    f"--{flag} needs --model DIR and --lora_rank R: quantised weights are frozen, "
+                    "so only LoRA adapters on them can train"
+                )
+
+    @property
+    def quantisation(self) -> Literal["4bit", "8bit"] | None:
+        """How --model's frozen weights are stored, or None for their own dtype."""
+        if self.load_in_4bit:
+            return "4bit"
+        return "8bit" if self.load_in_8bit else None
 
 
 @dataclass(kw_only=True)
@@ -237,6 +252,16 @@ class TrainingConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision for forward/backward (master weights stay fp32); under DeepSpeed the
     DeepSpeed config decides."""
+
+    optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
+    """adamw: fp32 states (8 bytes per trained parameter); adamw_8bit: bitsandbytes' blockwise
+    8-bit states (2 bytes; the `qlora` extra); auto: adamw unless the plan needs the 8-bit states
+    to fit. Under ZeRO optimizer offload the DeepSpeed CPU optimizer is used whatever this says."""
+
+    offload_activations: Literal["auto", "on", "off"] = "auto"
+    """Keep the activations saved for backward in pinned host RAM instead of device memory (same
+    losses, more host RAM and copies); auto: on only when the plan needs it to fit and the host
+    RAM limit leaves room."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -1,4 +1,4 @@
-"""`bench throughput|plan|build|sft ...` (also `python -m bench`): parse the flags and delegate."""
+"""`bench throughput|plan|build|sft|gpu ...` (also `python -m bench`): parse flags, delegate."""
 
 from __future__ import annotations
 
@@ -6,20 +6,27 @@ import sys
 
 import tyro
 
-from bench.config import BuildSpeedConfig, PlanCheckConfig, SftSpeedConfig, ThroughputConfig
+from bench.config import (
+    BuildSpeedConfig,
+    GpuCheckConfig,
+    PlanCheckConfig,
+    SftSpeedConfig,
+    ThroughputConfig,
+)
 from lowmem_core.errors import run_cli
 from lowmem_core.flags import parse_flags
 
 
 def parse_args(
     argv: list[str],
-) -> ThroughputConfig | PlanCheckConfig | BuildSpeedConfig | SftSpeedConfig:
-    """The config of the benchmark `argv` names: throughput, plan, build or sft."""
+) -> ThroughputConfig | PlanCheckConfig | BuildSpeedConfig | SftSpeedConfig | GpuCheckConfig:
+    """The config of the benchmark `argv` names: throughput, plan, build, sft or gpu."""
     configs = {
         "throughput": ThroughputConfig,
         "plan": PlanCheckConfig,
         "build": BuildSpeedConfig,
         "sft": SftSpeedConfig,
+        "gpu": GpuCheckConfig,
     }
     return parse_flags(
         lambda args: tyro.extras.subcommand_cli_from_dict(
@@ -45,6 +52,10 @@ def _main(argv: list[str]) -> int:
         from bench.sft_speed import run_and_report as run_sft_bench
 
         return run_sft_bench(cfg)
+    if isinstance(cfg, GpuCheckConfig):
+        from bench.gpu_check import run_gpu_check
+
+        return run_gpu_check(cfg)
     if isinstance(cfg, PlanCheckConfig):
         from bench.plan_check import run_plan_check
 

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import tyro
 
 from lowmem_core.errors import ConfigError
+from lowmem_core.units import parse_byte_size
 
 Stage = Literal["loader", "h2d", "step", "memory", "all"]
 
@@ -286,3 +287,28 @@ class SftSpeedConfig:
                 f"--workers and --torch-threads must be >= 1, got {self.workers}, "
                 f"{self.torch_threads}"
             )
+
+
+@dataclass(kw_only=True)
+class GpuCheckConfig:
+    """Check the GPU path in one command (bench/gpu_check.py): copy rates, prefetch, plan vs real
+    memory, a bf16 step, an out-of-memory backoff, packed vs unpacked attention."""
+
+    device_budget: str | None = None
+    """Emulate a smaller card: cap this process's CUDA memory at this size (e.g. 20GiB) with
+    torch.cuda.set_per_process_memory_fraction, and plan for it; default: the whole GPU."""
+    cache_dir: Path = Path(".bench")
+    """The sample dataset the checks read is built here once and cached."""
+    json_path: Annotated[Path | None, tyro.conf.arg(name="json")] = None
+    """Write every check's figures, expectation and verdict as JSON here."""
+
+    def __post_init__(self) -> None:
+        if self.device_budget is not None:
+            parse_byte_size(self.device_budget, flag="--device_budget")
+
+    @property
+    def device_budget_bytes(self) -> int | None:
+        """--device_budget in bytes, or None for the whole GPU."""
+        if self.device_budget is None:
+            return None
+        return parse_byte_size(self.device_budget, flag="--device_budget")

@@ -33,22 +33,12 @@ def _copy_rate_bytes_per_s(src: torch.Tensor, dst: torch.Tensor, seconds: float)
     return copies * src.numel() * src.element_size() / (time.perf_counter() - started)
 
 
-def run_h2d_stage(
-    path: Path, cfg: ThroughputConfig, bar: tqdm
-) -> tuple[list[CaseResult], list[Check]]:
-    """Pageable vs pinned host-to-device GB/s for one batch's bytes, and the Prefetcher's rate."""
+def prefetcher_case(
+    path: Path, cfg: ThroughputConfig, device: torch.device | None, name: str
+) -> Case:
+    """Batches of `path` pulled through our Prefetcher as fast as it fills them: copied to
+    `device` on its side stream, or host batches with `device` None."""
     from pipeline import Loader, Prefetcher, open_dataset
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    batch_bytes = 3 * cfg.batch_size * cfg.seq_len * 8  # input_ids, labels, position_ids as int64
-    pageable = torch.empty(batch_bytes, dtype=torch.uint8)
-    pinned = torch.empty(batch_bytes, dtype=torch.uint8, pin_memory=True)
-    target = torch.empty(batch_bytes, dtype=torch.uint8, device=device)
-    rates = {}
-    for name, src in (("h2d pageable", pageable), ("h2d pinned", pinned)):
-        samples = [_copy_rate_bytes_per_s(src, target, cfg.seconds) for _ in range(cfg.repeats)]
-        rates[name] = statistics.median(samples)
-        bar.update(1)
 
     def open_units() -> Units:
         with open_dataset(path) as ds:
@@ -60,7 +50,26 @@ def run_h2d_stage(
                 for batch in prefetcher:
                     yield useful_tokens(batch), 1.0
 
-    result = measure([Case("prefetcher to GPU", "h2d", open_units)], cfg, bar)["prefetcher to GPU"]
+    return Case(name, "h2d", open_units)
+
+
+def run_h2d_stage(
+    path: Path, cfg: ThroughputConfig, bar: tqdm
+) -> tuple[list[CaseResult], list[Check]]:
+    """Pageable vs pinned host-to-device GB/s for one batch's bytes, and the Prefetcher's rate."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    batch_bytes = 3 * cfg.batch_size * cfg.seq_len * 8  # input_ids, labels, position_ids as int64
+    pageable = torch.empty(batch_bytes, dtype=torch.uint8)
+    pinned = torch.empty(batch_bytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(batch_bytes, dtype=torch.uint8, device=device)
+    rates = {}
+    for name, src in (("h2d pageable", pageable), ("h2d pinned", pinned)):
+        samples = [_copy_rate_bytes_per_s(src, target, cfg.seconds) for _ in range(cfg.repeats)]
+        rates[name] = statistics.median(samples)
+        bar.update(1)
+
+    case = prefetcher_case(path, cfg, device, "prefetcher to GPU")
+    result = measure([case], cfg, bar)[case.name]
     torch.cuda.synchronize()
     result.extra["bytes_per_s"] = result.batches_per_s * batch_bytes
     results = [
@@ -93,7 +102,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _train_steps(
+def train_steps(
     model, optimizer, next_batch: Callable[[], dict], device: torch.device, steps: int
 ) -> dict:
     """Run 2 warm-up + `steps` timed steps; a step's wait: until its batch sits on `device`."""
@@ -174,7 +183,7 @@ def run_step_stage(
             sampler = PeakMemory()
             batches = _endless(feed)
             try:
-                timing = _train_steps(model, optimizer, batches.__next__, device, cfg.step_count)
+                timing = train_steps(model, optimizer, batches.__next__, device, cfg.step_count)
             finally:
                 close_units(batches)
                 peak = sampler.stop()

@@ -275,12 +275,11 @@ def epoch_index(
     seed: int,
     epoch: int,
     seq_len: int,
-    packing: bool,
-    whole_samples: bool,
+    layout: str,
 ) -> EpochIndex:
-    """Epoch `epoch`'s index over read-only views of its shared file (built when missing)."""
+    """Epoch `epoch`'s index in `layout` (sampler.LAYOUTS) over read-only views of its shared
+    file (built when missing)."""
     num_docs = doc_starts.size - 1
-    layout = sampler.layout_name(packing, whole_samples)
     stem = f"epoch-{fingerprint}-s{seed}-L{seq_len}-{layout}"
     key = {
         "kind": "epoch",
@@ -291,6 +290,8 @@ def epoch_index(
         "seq_len": seq_len,
         "layout": layout,
     }
+    if layout == "bestfit":
+        key["window"] = sampler.BEST_FIT_WINDOW
     fields: Fields = [
         ("perm", sampler.perm_dtype(num_docs), num_docs),
         ("cum", np.dtype(np.int64), num_docs + 1),
@@ -298,7 +299,7 @@ def epoch_index(
 
     def write(arrays: dict[str, np.ndarray]) -> dict:
         perm, cum = arrays["perm"], arrays["cum"]
-        args = (doc_starts, seed, epoch, seq_len, packing, whole_samples)
+        args = (doc_starts, seed, epoch, seq_len, layout)
         scalars = sampler.fill_epoch_index(perm, cum, *args, release=release_pages)
         # The build read every offset: hand those pages back so this rank keeps no more of
         # them resident than the ranks that only mapped the file.
@@ -310,8 +311,7 @@ def epoch_index(
         epoch,
         seed,
         seq_len,
-        packing,
-        packing and whole_samples,
+        layout,
         arrays["perm"],
         arrays["cum"],
         int(scalars["total_rows"]),

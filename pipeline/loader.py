@@ -11,8 +11,10 @@ waits on a collective the others skipped.
 Prompt/response datasets (`dataset.prompt_lengths` is not None): prompt tokens get label -100 in
 every layout, so the labelled tokens of an epoch are the response tokens plus one EOS per sample
 (none after a response the build cut to fit, `dataset.response_cut`: the model must not learn
-to stop there), and packing places whole samples in rows (see pipeline/sampler.py);
-`split_samples` counts the samples too long for one row.
+to stop there), and packing places whole samples in rows, best-fit by default (the layouts are
+in pipeline/sampler.py); `split_samples` counts the samples too long for one row. A loader
+that loads a state saved on another layout (`samples`, before best-fit) continues on that
+layout, so a resumed run keeps its data order.
 
 The Loader is a single-threaded batch source: one pass of `for batch in loader` is one epoch
 (from the current position), the next pass the next epoch. The Prefetcher runs its lower-level
@@ -37,9 +39,9 @@ from lowmem_core.stateful import Stateful
 from pipeline import collate, index_cache
 from pipeline.dataset import TokenDataset
 from pipeline.rows import BatchTask, RowSource, check_int
-from pipeline.sampler import EpochIndex
+from pipeline.sampler import LAYOUTS, EpochIndex, layout_name
 
-STATE_VERSION = 2  # 2: padding rows end each document with EOS
+STATE_VERSION = 3  # 2: padding rows end each document with EOS; 3: the layout is named
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 _STATE_KEYS = ("version", "epoch", "consumed_rows", "seed", "seq_len", "packing", "fingerprint")
 
@@ -80,6 +82,8 @@ class Loader(RowSource, Stateful):
     `state_dict()` / `load_state_dict()`: the position, resumable with another world size or
     batch size. Batches from `for batch in loader` are freshly allocated: the caller may keep them.
     `split_samples`: documents of the current epoch's layout spread over more than one row.
+    `layout`: the row layout (a name in sampler.LAYOUTS); None gives the default for the data
+    and `packing` (sampler.layout_name), a loaded state the one it was saved with.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Loader(RowSource, Stateful):
         seed: int = 0,
         packing: bool = True,
         drop_last: bool = False,
+        layout: str | None = None,
     ):
         check_int("batch_size", batch_size, 1)
         check_int("seq_len", seq_len, 2)
@@ -117,12 +122,15 @@ class Loader(RowSource, Stateful):
         self._prompt_lengths = np.ascontiguousarray(
             prompt_lengths if prompt_lengths is not None else (), dtype=np.int64
         )
-        self._whole_samples = packing and prompt_lengths is not None
         # (num_docs,) uint8, 1 where the EOS is no target; None when every EOS is one.
         cut = getattr(dataset, "response_cut", None)
         self._response_cut = cut if cut is not None and cut.any() else None
         super().__init__(batch_size, rank, world_size, drop_last)
         self.seq_len, self.seed, self.packing = seq_len, seed, packing
+        self.layout = layout_name(packing, prompt_lengths is not None)
+        if layout is not None:
+            self._check_layout(layout)
+            self.layout = layout
         # Capacity: a packing batch of B*L stream positions touches at most B*L+1 documents.
         self._scratch = _Scratch(batch_size * seq_len + 2)
 
@@ -130,11 +138,22 @@ class Loader(RowSource, Stateful):
     def _open_index(self, epoch: int) -> EpochIndex:
         """The node's shared index of `epoch` (a private one for a dataset without a folder)."""
         ds = self.dataset
-        args = (self.seed, epoch, self.seq_len, self.packing, self._whole_samples)
+        args = (self.seed, epoch, self.seq_len, self.layout)
         folder = getattr(ds, "index_folder", None)
         if folder is None:
             return EpochIndex.build(ds.doc_starts, *args)
         return index_cache.epoch_index(folder, ds.fingerprint, ds.doc_starts, *args)
+
+    def _layouts(self) -> list[str]:
+        """The layouts of this loader's `packing` (padding rows, or one of the packings)."""
+        return [name for name in LAYOUTS if (name == "rows") != self.packing]
+
+    def _check_layout(self, layout: str) -> None:
+        if layout not in self._layouts():
+            raise ConfigError(
+                f"layout {layout!r} is not one of {self._layouts()}, the layouts with packing="
+                f"{self.packing}; pick one of them or leave the layout to the loader"
+            )
 
     @property
     def split_samples(self) -> int:
@@ -227,6 +246,7 @@ class Loader(RowSource, Stateful):
             "seed": self.seed,
             "seq_len": self.seq_len,
             "packing": self.packing,
+            "layout": self.layout,
             "total_rows": self._epoch_index(self._epoch).total_rows,
             "fingerprint": self.dataset.fingerprint,
         }
@@ -238,13 +258,14 @@ class Loader(RowSource, Stateful):
                 f"loader state must be the dict state_dict() returned, got "
                 f"{type(state).__name__}; pass a saved state or start without one"
             )
-        # Version 1 text packing lays rows out as version 2 does: those states still resume.
+        # Version 1 text packing lays rows out as versions 2 and 3 do: those states resume.
         same_layout = state.get("version") == 1 and state.get("packing") is True
         same_layout = same_layout and getattr(self.dataset, "prompt_lengths", None) is None
-        if "version" in state and state["version"] != STATE_VERSION and not same_layout:
+        if "version" in state and state["version"] not in (2, STATE_VERSION) and not same_layout:
             raise CheckpointError(
-                f"loader state version {state['version']!r} is not {STATE_VERSION}, the version "
-                "this Loader reads; resume with the release that wrote it, or start a new run"
+                f"loader state version {state['version']!r} is not 2 or {STATE_VERSION}, the "
+                "versions this Loader reads; resume with the release that wrote it, or start a "
+                "new run"
             )
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
@@ -266,4 +287,21 @@ class Loader(RowSource, Stateful):
                 "loader state does not match this data order (" + "; ".join(mismatched) + "); "
                 "resume with the same dataset, seed, seq_len and packing, or start a new run"
             )
+        layout = self._saved_layout(state)
+        if layout != self.layout:
+            self.layout = layout  # the run goes on in the data order it started with
+            self._forget_index()
         self._restore_position(int(state["epoch"]), int(state["consumed_rows"]), "loader")
+
+    def _saved_layout(self, state: dict) -> str:
+        """The layout `state` was saved on: named from version 3; before, whole samples in
+        permutation order for prompt/response packing, else what it still is."""
+        if state["version"] == STATE_VERSION:
+            if state.get("layout") not in self._layouts():
+                raise CheckpointError(
+                    f"loader state layout {state.get('layout')!r} is not one of "
+                    f"{self._layouts()}; it was not written by this Loader"
+                )
+            return state["layout"]
+        sft = getattr(self.dataset, "prompt_lengths", None) is not None
+        return "samples" if self.packing and sft else layout_name(self.packing, sft)

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from pipeline import index_cache
-from pipeline.sampler import epoch_permutation, perm_dtype
+from pipeline.sampler import epoch_permutation, group_rows, perm_dtype
 
 PACK_WINDOW = 16  # open rows of the first-fit: fuller rows than next-fit, O(pairs x window)
 LENS_SAMPLE_PAIRS = 65_536  # pairs pair_row_lens lays out to choose the shorter row length
@@ -95,26 +95,6 @@ def pair_rows(order, doc_starts, prompt_lengths, enc_len, dec_len, window, row_o
         if response > dec_len - 1:
             stats[3] += 1
     return rows
-
-
-@numba.njit(nogil=True, cache=True)
-def group_rows(perm, row_of, rows, pairs, row_starts):
-    """Counting sort of the permuted pairs by row, stable: pairs = the pair ids row after row
-    (each row's pairs in permutation order), row_starts[r] = index in pairs of row r's first."""
-    row_starts[:] = 0
-    for k in range(row_of.shape[0]):
-        row_starts[row_of[k] + 1] += 1
-    for r in range(rows):
-        row_starts[r + 1] += row_starts[r]
-    # row_starts[r] serves as row r's cursor, ending at row r + 1's start; shifted back below
-    # (no cursor array: the layout's build holds no more than the permutation and row_of).
-    for k in range(row_of.shape[0]):
-        r = row_of[k]
-        pairs[row_starts[r]] = perm[k]
-        row_starts[r] += 1
-    for r in range(rows, 0, -1):
-        row_starts[r] = row_starts[r - 1]
-    row_starts[0] = 0
 
 
 def fill_pair_layout(

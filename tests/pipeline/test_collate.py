@@ -140,7 +140,8 @@ def test_sft_and_padding_batches_equal_numpy_reference(
     assert any(len(d) == seq_len for d in docs)  # padding: its EOS alone on a second row
     perm = epoch_permutation(len(docs), 9, 0)
     want = reference_rows(docs, perm, ds.eos_id, ds.pad_id, seq_len, packing, prompts)
-    loader = Loader(ds, batch, seq_len, seed=9, packing=packing)
+    layout = "samples" if packing else None  # the reference places samples in order
+    loader = Loader(ds, batch, seq_len, seed=9, packing=packing, layout=layout)
     got = list(loader)
     pad = {"input_ids": ds.pad_id, "labels": -100, "position_ids": 0}
     for name, expected in zip(pad, want, strict=True):
@@ -156,9 +157,9 @@ def test_sft_and_padding_batches_equal_numpy_reference(
 
 def test_epoch_index_rows_match_document_lengths():
     starts = np.array([0, 5, 5, 17, 18], dtype=np.int64)  # lengths 5, 0, 12, 1
-    packed = EpochIndex.build(starts, seed=0, epoch=0, seq_len=4, packing=True)
+    packed = EpochIndex.build(starts, seed=0, epoch=0, seq_len=4, layout="stream")
     assert packed.stream_end == 18 + 4 and packed.total_rows == 6
-    padded = EpochIndex.build(starts, seed=0, epoch=0, seq_len=4, packing=False)
+    padded = EpochIndex.build(starts, seed=0, epoch=0, seq_len=4, layout="rows")
     # ceil((len + 1) / 4) rows per document: the EOS after each document takes a position.
     assert padded.total_rows == 2 + 1 + 4 + 1 and padded.split_samples == 2
 

@@ -115,18 +115,18 @@ def test_layout_starts_equals_the_numpy_reference(layout, seq_len):
     assert np.array_equal(cum, want_cum) and split == want_split
 
 
-@pytest.mark.parametrize("packing, whole_samples", [(True, False), (True, True), (False, False)])
-def test_an_index_laid_out_in_slices_equals_the_reference(monkeypatch, packing, whole_samples):
+@pytest.mark.parametrize("layout", ["stream", "samples", "rows"])
+def test_an_index_laid_out_in_slices_equals_the_reference(monkeypatch, layout):
     monkeypatch.setattr(sampler, "_LAYOUT_SLICE", 7)  # 1000 documents: 143 slices
     lengths = np.random.default_rng(2).integers(0, 40, size=1000)
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     released = []
     perm = np.empty(1000, dtype=np.uint32)
     cum = np.empty(1001, dtype=np.int64)
-    args = (starts, 3, 0, 16, packing, whole_samples)
+    args = (starts, 3, 0, 16, layout)
     scalars = sampler.fill_epoch_index(perm, cum, *args, release=released.append)
-    layout = sampler.LAYOUTS.index(sampler.layout_name(packing, whole_samples))
-    want_cum, want_split = reference_layout(starts, perm.astype(np.int64), 16, layout)
+    code = sampler.LAYOUTS.index(layout)
+    want_cum, want_split = reference_layout(starts, perm.astype(np.int64), 16, code)
     assert np.array_equal(cum, want_cum) and scalars["split_samples"] == want_split
     assert len(released) == 1 + 2 * 143
 
@@ -156,7 +156,7 @@ def test_offsets_and_epoch_index_are_read_only_maps_of_shared_files(docs_and_dir
     assert not ds.doc_starts.flags.writeable and ds.index_folder == path / ".index_cache"
     assert index.perm.dtype == np.uint32 and not index.perm.flags.writeable
     assert np.array_equal(index.perm, epoch_permutation(NUM_DOCS, SEED, 0))
-    private = EpochIndex.build(np.asarray(ds.doc_starts), SEED, 0, 32, True)
+    private = EpochIndex.build(np.asarray(ds.doc_starts), SEED, 0, 32, "stream")
     assert np.array_equal(index.cum, private.cum) and index.total_rows == private.total_rows
     names = sorted(p.name for p in ds.index_folder.iterdir())
     assert names == [f"docs-{ds.fingerprint}.idx", f"epoch-{ds.fingerprint}-s7-L32-stream-e0.idx"]

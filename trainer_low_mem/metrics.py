@@ -6,8 +6,10 @@ every pending step's loss over ranks, and one gathers each rank's step time, for
 wait, memory, positions and padding. Throughput is over training time, the steps' own wall time,
 so evals and saves in a window do not lower it: `train tokens/s` counts every position through
 the model (padding included; both rows of an encoder-decoder pair), `label tokens/s` the
-positions with a label. The ETA is the run's average wall time per step (evals and saves
-included) times the steps left, one figure for the log line and the progress bar.
+positions with a label; per row (a pair of rows for an encoder-decoder), `useful positions/row`
+counts the positions that are not padding and `label tokens/row` the labels. The ETA is the
+run's average wall time per step (evals and saves included) times the steps left, one figure
+for the log line and the progress bar.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class _Window:
     forward_s: float = 0.0
     tokens: int = 0  # global label tokens
     positions: int = 0  # this rank's positions through the model
+    rows: int = 0  # this rank's rows (batch entries) through the model
     padding: Count = 0  # this rank's padding positions
     wait_started: float | None = None  # data-wait is timed from here (after the warm-up step)
     grad_norms: list[float] = field(default_factory=list)  # finite global norms of the steps
@@ -84,7 +87,8 @@ class Metrics:
         self._steps_done = 0  # steps this process ran (a resumed run counts from its start)
         self._step, self._total_steps = 0, 0
         self._bar: StepBar | None = None
-        self._step_counts: tuple[int, Count] = (0, 0)  # the running step's positions, padding
+        # The running step's positions, padding and rows.
+        self._step_counts: tuple[int, Count, int] = (0, 0, 0)
 
     def start_trackers(self, config: dict[str, Any]) -> None:
         if self.use_trackers:
@@ -107,7 +111,8 @@ class Metrics:
         for batch in batches:
             n, pad = batch_positions(batch, self.pad_id)
             positions, padding = positions + n, padding + pad
-        self._step_counts = (positions, padding)
+        rows = sum(batch["input_ids"].shape[0] for batch in batches)
+        self._step_counts = (positions, padding, rows)
 
     def add_step(
         self, loss_sum: torch.Tensor, global_tokens: int, step_s: float, forward_s: float
@@ -118,9 +123,10 @@ class Metrics:
         w.step_s += step_s
         w.forward_s += forward_s
         w.tokens += global_tokens
-        positions, padding = self._step_counts
+        positions, padding, rows = self._step_counts
         w.positions, w.padding = w.positions + positions, w.padding + padding
-        self._step_counts = (0, 0)
+        w.rows += rows
+        self._step_counts = (0, 0, 0)
         norm = self._grad_norm()
         if math.isfinite(norm):
             w.grad_norms.append(norm)
@@ -161,7 +167,15 @@ class Metrics:
             wait_wall_s = max(now - w.wait_started, 1e-9)
         wait_frac = (self._wait_s_total() - w.wait_at_start) / wait_wall_s
         uss_bytes = process_memory().uss_bytes
-        mine = (w.step_s, w.forward_s / steps, wait_frac, uss_bytes, w.positions, int(w.padding))
+        mine = (
+            w.step_s,
+            w.forward_s / steps,
+            wait_frac,
+            uss_bytes,
+            w.positions,
+            int(w.padding),
+            w.rows,
+        )
         per_rank = self.ctx.gather(mine)
         self._window = _Window(wait_at_start=self._wait_s_total())
         elapsed_s, eta_s = now - self._run_started, self._eta_s(step, total_steps)
@@ -177,6 +191,8 @@ class Metrics:
         grad_norm = sum(w.grad_norms) / len(w.grad_norms) if w.grad_norms else math.nan
         train_tokens_per_s, label_tokens_per_s = positions / train_s, w.tokens / train_s
         padding_frac = padding / max(positions, 1)
+        rows = max(sum(r[6] for r in per_rank), 1)
+        useful_per_row, label_tokens_per_row = (positions - padding) / rows, w.tokens / rows
         mean_step_s = sum(step_s) / len(step_s)
         spread = (max(step_s) - min(step_s)) / mean_step_s if min(step_s) > 0 else 0.0
         line = (
@@ -185,6 +201,8 @@ class Metrics:
             f"elapsed: {clock(elapsed_s)}, eta: {clock(eta_s)}, "
             f"train tokens/s: {train_tokens_per_s:,.0f}, "
             f"label tokens/s: {label_tokens_per_s:,.0f}, padding: {100 * padding_frac:.1f}%, "
+            f"useful positions/row: {useful_per_row:.1f}, "
+            f"label tokens/row: {label_tokens_per_row:.1f}, "
             f"data-wait: {100 * wait_frac:.1f}%, {_device_memory(self.ctx.device)}, "
             f"host RAM: {format_bytes(job_uss_bytes)} job USS "
             f"(limit {format_bytes(host_limit_bytes)})"
@@ -202,6 +220,8 @@ class Metrics:
                     "train_tokens_per_s": train_tokens_per_s,
                     "label_tokens_per_s": label_tokens_per_s,
                     "padding_frac": padding_frac,
+                    "useful_positions_per_row": useful_per_row,
+                    "label_tokens_per_row": label_tokens_per_row,
                     "data_wait_frac": wait_frac,
                     "lr": lr,
                     **({} if math.isnan(grad_norm) else {"grad_norm": grad_norm}),

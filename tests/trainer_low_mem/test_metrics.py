@@ -103,6 +103,8 @@ def test_throughput_is_over_training_time_only_and_names_its_unit(monkeypatch):
     assert figures["train tokens/s"] == "8"  # 3 x 16 positions / 6 s of steps
     assert figures["label tokens/s"] == "5"  # 3 x 10 / 6 s
     assert figures["padding"] == "25.0%"
+    assert figures["useful positions/row"] == "6.0"  # (16 - 4) positions / 2 rows
+    assert figures["label tokens/row"] == "5.0"  # 3 x 10 / (3 x 2 rows)
     assert "tokens/s" not in figures
 
 

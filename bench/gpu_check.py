@@ -360,30 +360,35 @@ def _autocast(device: torch.device, precision: str):
     )
 
 
-def cuda_step_memory(job, micro: int, seq_len: int, device: torch.device) -> dict:
-    """Peak allocated and reserved CUDA bytes over 2 + 2 real optimizer steps at `micro`."""
+def real_steps(job, micro: int, seq_len: int, device: torch.device) -> dict:
+    """2 + 2 real optimizer steps of the job's model at `micro`: their losses, the median step
+    time, and on CUDA the peak allocated and reserved bytes."""
     torch.manual_seed(0)
     model = job.build_model().to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batch = _batch(job.vocab_size, micro, seq_len, device)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    losses: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     with _autocast(device, job.config.training.mixed_precision):
-        timing = train_steps(model, optimizer, lambda: batch, device, 2)
-    out = {
-        "allocated": torch.cuda.max_memory_allocated(device),
-        "reserved": torch.cuda.max_memory_reserved(device),
-        "median_step_s": statistics.median(timing["step_times_s"]),
-    }
+        timing = train_steps(_LossRecorder(model, losses), optimizer, lambda: batch, device, 2)
+    out = {"losses": losses, "median_step_s": statistics.median(timing["step_times_s"])}
+    if device.type == "cuda":
+        out["allocated"] = torch.cuda.max_memory_allocated(device)
+        out["reserved"] = torch.cuda.max_memory_reserved(device)
     del model, optimizer
     return out
 
 
-def plan_vs_real(ctx: Context, model: str, flags: list[str], micro: int, seq_len: int) -> Row:
+def plan_vs_real(
+    ctx: Context, model: str, flags: list[str], micro: int, seq_len: int, memtracker: bool = True
+) -> Row:
     """The plan's step peak at `micro` (model states and step transients, plus the traced
     activation bytes per token) against the real one: CUDA's allocator peak, or on the CPU
-    MemTracker's count of the same tensors."""
+    MemTracker's count of the same tensors. `memtracker=False`: on the CPU, only the real steps
+    run (their losses and time; an "info" row)."""
     job, plan = _plan_job(ctx, flags, micro, seq_len)
     fp = plan.footprint
     planned = fp.model_device_bytes + micro * seq_len * fp.activation_bytes_per_token
@@ -397,7 +402,7 @@ def plan_vs_real(ctx: Context, model: str, flags: list[str], micro: int, seq_len
     }
     expectation = f"real peak within {PEAK_TOLERANCE:.0%} of planned"
     if ctx.cuda:
-        real = cuda_step_memory(job, micro, seq_len, ctx.device)
+        real = real_steps(job, micro, seq_len, ctx.device)
         _release(ctx)
         figures.update(
             max_allocated_mib=real["allocated"] / 2**20,
@@ -414,6 +419,16 @@ def plan_vs_real(ctx: Context, model: str, flags: list[str], micro: int, seq_len
             planned, real["allocated"], plan.device_peak_bytes_planned, real["reserved"]
         )
         return Row(name, figures, expectation, result)
+    if not memtracker:
+        real = real_steps(job, micro, seq_len, ctx.device)
+        figures.update(step_losses=real["losses"], median_step_s=real["median_step_s"])
+        finite = all(math.isfinite(x) for x in real["losses"])
+        return Row(
+            name,
+            figures,
+            "info (steps run, losses finite; memory on CUDA)",
+            ("info" if finite else "fail"),
+        )
     case = plan_check.Case(
         name,
         job.build_model,
@@ -446,7 +461,10 @@ def check_plan_05b(ctx: Context) -> Row:
 
 def check_plan_qlora(ctx: Context) -> Row:
     """QLoRA through the trainer's public path (--load_in_4bit with LoRA): the ~1B config on
-    CUDA, the small one on the CPU; skipped with the trainer's reason where it cannot load."""
+    CUDA, the small one on the CPU; skipped with the trainer's reason where it cannot load.
+    On the CPU the real steps run without MemTracker, which cannot follow bitsandbytes' 4-bit
+    weights (it hooks every parameter, and re-registering them as buffers loses their
+    quantisation state)."""
     model = "Llama ~1.1B, 4-bit, LoRA 16" if ctx.cuda else "small Llama, 4-bit, LoRA 16"
     shape = LLAMA_1B if ctx.cuda else LLAMA_SMALL
     folder = _llama_folder(ctx, "llama-qlora", shape, weights=True)
@@ -460,7 +478,9 @@ def check_plan_qlora(ctx: Context) -> Row:
         "bf16",
     ]
     try:
-        return plan_vs_real(ctx, model, flags, micro=2, seq_len=512 if ctx.cuda else 128)
+        return plan_vs_real(
+            ctx, model, flags, micro=2, seq_len=512 if ctx.cuda else 128, memtracker=False
+        )
     except ConfigError as exc:
         return Row(model, {"model": model}, "4-bit loading through the trainer", f"skipped: {exc}")
 
@@ -469,26 +489,24 @@ def check_plan_qlora(ctx: Context) -> Row:
 
 
 def check_bf16_step(ctx: Context) -> Row:
-    """The built-in model's loss under bf16 autocast against fp32 on the same batch and weights,
-    then bf16 optimizer steps whose losses stay finite."""
+    """bf16 autocast optimizer steps of the built-in model on one batch: the losses stay finite
+    and fall, and at the trained weights the bf16 loss is within BF16_LOSS_TOLERANCE of fp32
+    (compared after training: at initialisation the logits are near zero and any precision
+    gives ln(vocabulary))."""
     from trainer_low_mem.model import build_model
 
     preset, micro, seq_len = ("small", 8, 512) if ctx.cuda else ("tiny", 4, 128)
     torch.manual_seed(0)
     model = build_model(preset).to(ctx.device)
     batch = _batch(model.preset.vocab_size, micro, seq_len, ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses: list[float] = []
+    with _autocast(ctx.device, "bf16"):
+        timing = train_steps(_LossRecorder(model, losses), optimizer, lambda: batch, ctx.device, 6)
     with torch.no_grad():
         loss_fp32 = float(model(**batch).loss)
         with _autocast(ctx.device, "bf16"):
             loss_bf16 = float(model(**batch).loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    losses = []
-
-    def next_batch() -> dict:
-        return batch
-
-    with _autocast(ctx.device, "bf16"):
-        timing = train_steps(_LossRecorder(model, losses), optimizer, next_batch, ctx.device, 3)
     miss = relative_miss(loss_bf16, loss_fp32)
     finite = all(math.isfinite(x) for x in losses)
     del model, optimizer
@@ -497,14 +515,14 @@ def check_bf16_step(ctx: Context) -> Row:
         "bf16 step",
         {
             "preset": preset,
+            "step_losses": losses,
             "loss_fp32": loss_fp32,
             "loss_bf16": loss_bf16,
             "relative_diff": miss,
-            "step_losses": losses,
             "median_step_s": statistics.median(timing["step_times_s"]),
         },
-        f"bf16 loss within {BF16_LOSS_TOLERANCE:.0%} of fp32; every step's loss finite",
-        verdict(miss <= BF16_LOSS_TOLERANCE and finite),
+        f"losses finite and falling; bf16 loss within {BF16_LOSS_TOLERANCE:.0%} of fp32 after",
+        verdict(finite and losses[-1] < losses[0] and miss <= BF16_LOSS_TOLERANCE),
     )
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
-from trainer_low_mem.loss import chunked_cross_entropy, shift_labels
+from trainer_low_mem.loss import LogitMap, chunked_cross_entropy, shift_labels
 from trainer_low_mem.model import ModelOutput, document_causal_mask
 
 log = logging.getLogger(__name__)
@@ -543,21 +543,35 @@ class HFCausalLM(HFWrapper):
     def _head_and_backbone(self) -> tuple[nn.Linear | None, nn.Module | None]:
         head = self.hf_model.get_output_embeddings()
         backbone = getattr(self.hf_model, "base_model", None)
-        if not isinstance(head, nn.Linear) or head.bias is not None or backbone is self.hf_model:
+        if not isinstance(head, nn.Linear) or backbone is self.hf_model:
             return None, None
         return head, backbone
+
+    def _logit_map(self) -> LogitMap:
+        """The elementwise post-processing of `_LOGIT_POSTPROCESSING` as transformers applies
+        it: logits * logit_scale / logits_scaling, then final_logit_softcapping's
+        cap * tanh(x / cap)."""
+        c = self.config
+        scale = float(getattr(c, "logit_scale", None) or 1.0)
+        scale /= float(getattr(c, "logits_scaling", None) or 1.0)
+        cap = getattr(c, "final_logit_softcapping", None)
+        return LogitMap(scale=scale, softcap=float(cap) if cap else None)
 
     def _choose_loss_path(self) -> tuple[str, str]:
         head, backbone = self._head_and_backbone()
         if head is None:
-            return "logits", "the output layer is not one bias-free linear layer"
-        scaled = [
+            return "logits", (
+                "the output layer is not a linear layer, so its post-processing is not known to be "
+                "per position: the model's own logits at every position"
+            )
+        mapped = [
             a for a in _LOGIT_POSTPROCESSING if getattr(self.config, a, None) not in (None, 1.0)
         ]
-        if scaled:
-            return "logits", f"the model post-processes its logits ({', '.join(scaled)})"
+        what = "labelled hidden states x output layer" + (
+            f", then {', '.join(mapped)} elementwise" if mapped else ""
+        )
         if any(p.is_meta for p in self.hf_model.parameters()):
-            return "chunked", "hidden states x output embedding (not checked on meta weights)"
+            return "chunked", f"{what} (not checked on meta weights)"
         ids = torch.arange(8, device=head.weight.device).remainder(self.vocab_rows)[None]
         was_training = self.hf_model.training
         self.hf_model.eval()
@@ -569,10 +583,11 @@ class HFCausalLM(HFWrapper):
             self.hf_model.train(was_training)
         if not torch.allclose(chunked, full, rtol=1e-4, atol=1e-4):
             return "logits", (
-                f"hidden states x output embedding gave loss {chunked.item():.6f} but the model's "
-                f"own logits {full.item():.6f}"
+                f"{what} gave loss {chunked.item():.6f} but the model's own logits "
+                f"{full.item():.6f}, so it post-processes them in a way not known to be per "
+                "position: the model's own logits at every position"
             )
-        return "chunked", "hidden states x output embedding, a chunk of tokens at a time"
+        return "chunked", f"{what}, a chunk of labelled positions at a time"
 
     def _attention_kwargs(self, input_ids, position_ids) -> dict:
         if position_ids is None:
@@ -600,7 +615,12 @@ class HFCausalLM(HFWrapper):
             input_ids=input_ids, use_cache=False, **self._attention_kwargs(input_ids, position_ids)
         ).last_hidden_state
         return chunked_cross_entropy(
-            hidden, head.weight, shift_labels(labels), self.loss_chunk_tokens
+            hidden,
+            head.weight,
+            shift_labels(labels),
+            self.loss_chunk_tokens,
+            bias=head.bias,
+            logit_map=self._logit_map(),
         )
 
     def _logits_loss(self, input_ids, position_ids, labels):

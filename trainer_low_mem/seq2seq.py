@@ -19,11 +19,9 @@ pipeline/batch_spec.py's `PairRows` sizes them (the planner traces its example b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
-from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem.hf_model import (
     HFWrapper,
     _transformers,
@@ -31,7 +29,7 @@ from trainer_low_mem.hf_model import (
     check_model_folder,
     read_folder_config,
 )
-from trainer_low_mem.loss import chunked_cross_entropy
+from trainer_low_mem.loss import chunked_cross_entropy, gathered_logits_cross_entropy
 from trainer_low_mem.model import ModelOutput
 
 # Models that scale the decoder output by d_model ** -0.5 before a tied head.
@@ -108,8 +106,7 @@ class Seq2SeqLM(HFWrapper):
             config.model_type in _SCALED_TIED_HEAD and config.tie_word_embeddings,
         )
         self.head_scale = config.d_model**-0.5 if scaled else 1.0
-        head = hf_model.get_output_embeddings()
-        self.chunked = isinstance(head, nn.Linear) and head.bias is None
+        self.chunked = isinstance(hf_model.get_output_embeddings(), nn.Linear)
 
     # The planner's ModelShape (config names mapped by transformers: d_model, num_layers, ...).
     @property
@@ -166,13 +163,12 @@ class Seq2SeqLM(HFWrapper):
         if labels is None:
             return ModelOutput(loss=None, n_loss_tokens=None, logits=head(hidden))
         if self.chunked:
-            loss, count = chunked_cross_entropy(hidden, head.weight, labels, self.loss_chunk_tokens)
-            return ModelOutput(loss=loss, n_loss_tokens=count, logits=None)
-        targets = labels.reshape(-1)
-        count = (targets != IGNORE_INDEX).sum()
-        logits = head(hidden).reshape(targets.shape[0], -1).float()
-        loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        return ModelOutput(loss=loss_sum / count.clamp(min=1), n_loss_tokens=count, logits=None)
+            loss, count = chunked_cross_entropy(
+                hidden, head.weight, labels, self.loss_chunk_tokens, bias=head.bias
+            )
+        else:
+            loss, count = gathered_logits_cross_entropy(hidden, head, labels)
+        return ModelOutput(loss=loss, n_loss_tokens=count, logits=None)
 
 
 def write_sample_t5(out, vocab_size: int = 384, d_model: int = 32, seed: int = 0):

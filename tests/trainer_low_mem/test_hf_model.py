@@ -142,7 +142,7 @@ def test_from_scratch_ignores_the_weights_and_a_config_only_folder_trains(model_
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_a_model_that_post_processes_its_logits_uses_its_own_logits(tmp_path):
+def test_a_model_that_softcaps_its_logits_takes_the_chunked_loss_with_its_softcap(tmp_path):
     config = transformers.Gemma2Config(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -157,8 +157,8 @@ def test_a_model_that_post_processes_its_logits_uses_its_own_logits(tmp_path):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "g")
     model = load_model_folder(tmp_path / "g").eval()
-    assert model.loss_path == "logits"
-    assert "final_logit_softcapping" in model.loss_path_reason
+    assert model.loss_path == "chunked"
+    assert "final_logit_softcapping elementwise" in model.loss_path_reason
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()
     ids = _docs()[1][None]
     torch.testing.assert_close(

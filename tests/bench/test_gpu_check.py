@@ -59,7 +59,7 @@ def test_backoff_verdict_wants_half_the_micro_batch_twice_the_accumulation():
 def test_data_wait_and_rate_verdicts():
     assert gpu_check.at_most_verdict(0.049, gpu_check.DATA_WAIT_TARGET_FRAC) == "pass"
     assert gpu_check.at_most_verdict(0.051, gpu_check.DATA_WAIT_TARGET_FRAC) == "fail"
-    assert gpu_check.at_least_verdict(0.79, gpu_check.PREFETCH_VS_PINNED_TARGET) == "fail"
+    assert gpu_check.at_least_verdict(0.79, gpu_check.PREFETCH_VS_HOST_TARGET) == "fail"
 
 
 def test_without_cuda_each_cuda_check_is_skipped_and_named_in_one_line(cpu_context):

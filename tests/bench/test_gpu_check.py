@@ -171,3 +171,12 @@ def test_bench_gpu_json_on_cpu_has_every_check_with_a_figure_or_a_skip_reason(
     assert code == (1 if doc["failed"] else 0)
     assert doc["device"] == "cpu"
     assert doc["skipped"] in capsys.readouterr().out
+
+
+def test_plan_vs_real_without_memtracker_runs_the_steps_and_says_info(cpu_context):
+    flags = ["--model_preset", "tiny", "--mixed_precision", "bf16"]
+    row = gpu_check.plan_vs_real(cpu_context, "preset tiny", flags, 2, 64, memtracker=False)
+    assert row.verdict == "info"
+    assert len(row.figures["step_losses"]) == 4  # 2 warm-up + 2 timed steps
+    assert all(math.isfinite(x) for x in row.figures["step_losses"])
+    assert row.figures["planned_peak_mib"] > 0

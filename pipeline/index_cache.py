@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import json
 import logging
 import mmap
@@ -498,7 +499,13 @@ def _write(path: Path, key: dict, fields: Fields, fill) -> None:
             raise PipelineError(f"{path}: header of {len(header)} bytes exceeds {_PAGE}")
         mapping[: len(header)] = header
         mapping.flush()
-        mapping.close()
+        try:
+            mapping.close()
+        except BufferError:
+            # A numba kernel's first call (the one that compiles it) can leave reference cycles
+            # that hold the calling frames, and with them `fill`'s views of this mapping.
+            gc.collect()
+            mapping.close()
 
 
 def _reserve(fd: int, size: int) -> None:

@@ -11,6 +11,7 @@ and `train` cannot decide differently on the same flags.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from trainer_low_mem.launch import Launch
 from trainer_low_mem.models import DataFacts, ModelKind, resolve_model_kind
 from trainer_low_mem.planner import Plan, plan_for_job
 from trainer_low_mem.planner.batch import check_split
+from trainer_low_mem.planner.job import loss_chunk_for_job
 from trainer_low_mem.sanity import check_launch
 
 
@@ -58,24 +60,38 @@ class Job:
         self, *, device: str | None = None, model: nn.Module | None = None, all_reduce_min=None
     ) -> Plan:
         """The plan of this job. `model`: the live model, probed where it sits on the GPU (the
-        trainer places it first); the planner never moves it. `all_reduce_min`: ranks agree."""
+        trainer places it first); the planner never moves it, and gives it the plan's loss chunk
+        before probing it, as it gives the model it traces. `all_reduce_min`: ranks agree."""
         launch, m = self.launch, self.config.model
+        shape = self._shape()
+        chunk = loss_chunk_for_job(
+            self.config,
+            shape.vocab_size,
+            world_size=launch.world_size,
+            device=device,
+            ranks_per_node=launch.ranks_per_node,
+            host_from_flags=launch.host_from_flags,
+            all_reduce_min=all_reduce_min,
+        )
+        if model is not None:
+            _use_loss_chunk(model, chunk.value)
         key = {
             "model": self.identity,
             "grad_checkpointing": m.grad_checkpointing,
             "document_masking": self.document_masking,
             "load_in_4bit": m.load_in_4bit,
+            "loss_chunk_tokens": chunk.value,
         }
         return plan_for_job(
             self.config,
-            self._shape(),
+            shape,
             world_size=launch.world_size,
             device=device,
             zero_stage=launch.zero_stage,
             offload_optimizer=launch.offload_to_host_ram,
             deepspeed=launch.deepspeed,
             model=model,
-            model_factory=self._meta_factory,
+            model_factory=functools.partial(self._meta_factory, chunk.value),
             dataset_bytes=None if self.data is None else self.data.token_bytes,
             index_bytes=None if self.data is None else self.data.index_bytes,
             all_reduce_min=all_reduce_min,
@@ -85,13 +101,15 @@ class Job:
             model_key=json.dumps(key, sort_keys=True, default=str),
             batch_spec=self.batch_spec,
             levers=launch.levers(m.grad_checkpointing),
+            loss_chunk=chunk,
         )
 
-    def _meta_factory(self) -> nn.Module:
+    def _meta_factory(self, loss_chunk_tokens: int) -> nn.Module:
         """The model without weights, LoRA included: the planner builds it on the meta device."""
-        return self.kind.build(
+        model = self.kind.build(
             self.vocab_size, document_masking=self.document_masking, weights=False
         )
+        return _use_loss_chunk(model, loss_chunk_tokens)
 
     def _shape(self):
         """What the analytic count reads: the kind's dimensions and parameter counts."""
@@ -106,6 +124,13 @@ class Job:
                 f"({type(exc).__name__}: {first}); plan on a machine where `train` builds it, "
                 "or check the folder's config"
             ) from exc
+
+
+def _use_loss_chunk(model: nn.Module, loss_chunk_tokens: int) -> nn.Module:
+    """`model` computing its loss `loss_chunk_tokens` positions at a time (every model kind's
+    module reads `loss_chunk_tokens` at each forward)."""
+    model.loss_chunk_tokens = loss_chunk_tokens
+    return model
 
 
 @dataclass(frozen=True)

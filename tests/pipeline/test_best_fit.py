@@ -5,6 +5,11 @@ rows independent of world size, resume at any row, earlier states) is in test_lo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +17,7 @@ from pipeline import Loader, open_dataset, sampler
 from pipeline.sampler import EpochIndex, best_fit_key, epoch_permutation, unit_keys
 
 MASK64 = (1 << 64) - 1
+REPO = Path(__file__).resolve().parents[2]
 
 
 def mix(x: int) -> int:
@@ -146,3 +152,26 @@ def test_the_loader_lays_prompt_response_samples_out_best_fit(sft):
         for layout in (None, "samples")
     }
     assert rows[None] == want_cum[-1] // 32 < rows["samples"]
+
+
+@pytest.mark.slow
+def test_the_first_build_that_compiles_the_kernels_writes_the_shared_index(sft, tmp_path):
+    # numba's compiling call leaves cycles that hold the caller's views of the file being
+    # written: the write must still close its mapping (a cold numba cache, as after install).
+    _, prompts, path = sft
+    np.save(tmp_path / "prompts.npy", prompts)
+    script = (
+        "import sys, numpy as np\n"
+        "from pipeline import Loader, open_dataset\n"
+        "ds = open_dataset(sys.argv[1])\n"
+        "ds.prompt_lengths = np.load(sys.argv[2])\n"
+        "print(Loader(ds, 2, 32).state_dict()['total_rows'])\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    args = [sys.executable, "-c", script, str(path), str(tmp_path / "prompts.npy")]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ds = open_dataset(path)
+    ds.prompt_lengths = prompts
+    assert int(done.stdout) == Loader(ds, 2, 32).state_dict()["total_rows"]
+    assert list((path / ".index_cache").glob("epoch-*-bestfit-e0.idx"))

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 from lowmem_core.errors import LowMemError
 from lowmem_core.memory import format_bytes
 from trainer_low_mem.planner.explain import Reason
-from trainer_low_mem.planner.model_memory import ModelMemory, ModelShape, analytic_model_memory
+from trainer_low_mem.planner.model_memory import (
+    DEFAULT_LOSS_CHUNK_TOKENS,
+    ModelMemory,
+    ModelShape,
+    analytic_model_memory,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,6 +58,7 @@ def estimate_model_memory(
     model_factory: ModelFactory | None = None,
     model_key: str | None = None,
     batch_spec: BatchSpec | None = None,
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
 ) -> Estimate:
     """The estimate for the job `config` describes on `device` ("cuda" or "cpu").
 
@@ -61,7 +67,8 @@ def estimate_model_memory(
     names what decides the traced model's memory (its identity, checkpointing, masking), so a
     trace is made once per process; without it nothing is cached. `batch_spec` gives the
     batches the model takes (default: rows of max_seq_len tokens). A given `model` is probed
-    on CUDA where it already sits on the GPU and DeepSpeed does not own it.
+    on CUDA where it already sits on the GPU and DeepSpeed does not own it. The analytic count
+    takes the loss chunk the model runs with (`loss_chunk_tokens`).
     """
     precision, seq_len = config.training.mixed_precision, config.data.max_seq_len
     if device == "cuda" and model is not None and not deepspeed:
@@ -71,6 +78,7 @@ def estimate_model_memory(
         seq_len,
         grad_checkpointing=config.model.grad_checkpointing,
         dtype_bytes=4 if precision == "no" else 2,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     factory = model_factory or (meta_copy_factory(model) if model is not None else None)
     if factory is None:

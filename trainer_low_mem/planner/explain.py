@@ -39,6 +39,7 @@ TABLE_ORDER = (
     "device_peak_bytes_planned",
     "host_limit_bytes",
     "host_bytes_planned",
+    "loss_chunk_tokens",
 )
 
 

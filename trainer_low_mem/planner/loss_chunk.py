@@ -60,8 +60,9 @@ def choose_loss_chunk(
     }
     why = (
         "{tokens} labelled positions per chunk of the loss: {token_bytes} per position "
-        "(vocabulary {vocab} x (2 fp32 + {half} 16-bit bytes)) under min({budget_frac} of the "
-        "budget {budget_bytes} ({budget_why}), cap {cap_bytes}) = {bound_bytes}"
+        "(vocabulary {vocab} x (2 x 4 + {half}) bytes: two fp32 rows, and a 16-bit one under "
+        "autocast) under min({budget_frac} of the budget {budget_bytes} ({budget_why}), cap "
+        "{cap_bytes}) = {bound_bytes}"
     )
     if fits < MIN_LOSS_CHUNK_TOKENS:
         numbers["floor"] = MIN_LOSS_CHUNK_TOKENS

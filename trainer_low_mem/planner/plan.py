@@ -53,6 +53,7 @@ class Plan:
     host_bytes_per_sequence: int
     footprint: Footprint | None = None  # None only in plans saved before footprints existed
     reasons: dict[str, Reason] = field(default_factory=dict)
+    loss_chunk_tokens: int | None = None  # positions per loss chunk; None in older saved plans
 
     def __post_init__(self) -> None:
         micro, accum, world = self.micro_batch_per_rank, self.grad_accum_steps, self.world_size
@@ -231,13 +232,15 @@ class Plan:
             ultra_low_mem=self.ultra_low_mem,
         )
         settings.update(changes)
-        return Plan.settle(
+        derived = Plan.settle(
             self.footprint,
             global_batch=self.global_batch,
             world_size=self.world_size,
             reasons={**self.reasons, reason.what: reason},
             **settings,
         )
+        # The model already runs with this chunk; nothing the derive methods change moves it.
+        return dataclasses.replace(derived, loss_chunk_tokens=self.loss_chunk_tokens)
 
 
 def _footprint_fields(

@@ -5,8 +5,9 @@ That is deprecation notices (`FutureWarning`, `DeprecationWarning`: the librarie
 changes), transformers' logs below errors and its progress bars ("Loading weights", "Writing
 model shards"), and the warnings and notices of accelerate and DeepSpeed (DeepSpeed's "Setting
 accelerator to CPU" is printed whenever it is imported on a machine without a GPU, DeepSpeed in
-use or not). Errors still show, and so do our own messages and other warnings. `run_cli` hides
-the noise unless `--debug` (or LOWMEM_DEBUG=1) is given.
+use or not), and bitsandbytes' warning that it keeps its built-in CPU kernels (the hub's are
+never fetched: hub_kernels.py). Errors still show, and so do our own messages and other
+warnings. `run_cli` hides the noise unless `--debug` (or LOWMEM_DEBUG=1) is given.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ NOISE_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
-# accelerate logs through child loggers that take the parent's level; DeepSpeed sets the level
-# of its one logger when it is imported, so a filter on that logger is what stays.
-LEVELLED_LOGGERS = ("accelerate",)
+# accelerate and bitsandbytes log through child loggers that take the parent's level; DeepSpeed
+# sets the level of its one logger when it is imported, so a filter on that logger is what stays.
+LEVELLED_LOGGERS = ("accelerate", "bitsandbytes")
 FILTERED_LOGGERS = ("DeepSpeed",)
 
 

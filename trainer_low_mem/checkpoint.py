@@ -70,12 +70,15 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     """What training changes of the module, as safetensors: every tensor but frozen parameters
     (a LoRA run saves its adapters, not a copy of the base it loads again from the model
     folder), each tied parameter once, each copied out of any shared buffer (ZeRO keeps
-    parameters as views of one flat buffer, which safetensors refuses)."""
+    parameters as views of one flat buffer, which safetensors refuses). Entries that are
+    neither a parameter nor a buffer are left out too: the statistics bitsandbytes adds for its
+    frozen quantised weights, which are quantised again from the model folder at resume."""
     seen: set[int] = set()
     tensors = {}
+    module_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     for name, tensor in model.state_dict(keep_vars=True).items():
         frozen = isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad
-        if id(tensor) in seen or frozen:
+        if id(tensor) in seen or frozen or id(tensor) not in module_tensors:
             continue
         seen.add(id(tensor))
         tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()

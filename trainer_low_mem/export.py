@@ -21,6 +21,7 @@ the export refuses (`check_export_folder`), before training and again before the
 
 from __future__ import annotations
 
+import copy
 import filecmp
 import json
 import math
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 EXPORT_DIR_NAME = "final"
 BYTE_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 MANIFEST_NAME = ".lowmem_export.json"  # {"files": {name: size in bytes}} of what the export wrote
+# Where the manifest of an adapter-only export of a quantised run notes its base.
+ADAPTER_BASE_KEY = "lowmem_base"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -56,7 +59,9 @@ def merged_state_dict(
     module: nn.Module, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """CPU copy of `module`'s weights with every LoRA adapter folded in, under the plain names;
-    floating-point tensors in `dtype` (None: as they are). Tied weights stay one tensor."""
+    floating-point tensors in `dtype` (None: as they are). Tied weights stay one tensor.
+    bitsandbytes layers are dequantised (their quantisation statistics are not written), so the
+    result is an ordinary unquantised state dict."""
     # Adapters are peft's layers; a process that never imported peft holds none.
     tuners = sys.modules.get("peft.tuners.tuners_utils")
     adapted = {
@@ -64,18 +69,51 @@ def merged_state_dict(
         for name, sub in module.named_modules()
         if tuners is not None and isinstance(sub, tuners.BaseTunerLayer)
     }
+    quantised = {name: sub for name, sub in module.named_modules() if is_quantised_linear(sub)}
     merged: dict[str, torch.Tensor] = {}
     with torch.no_grad():
+        for name, sub in quantised.items():
+            merged[_plain_name(f"{name}.weight", adapted)] = dequantised_weight(sub)
         for name, sub in adapted.items():
-            base = sub.get_base_layer()
+            key = f"{name}.weight"
+            base = merged.get(key, sub.get_base_layer().weight)
             delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
-            merged[f"{name}.weight"] = (base.weight + delta.to(base.weight.dtype)).detach().cpu()
+            merged[key] = (base + delta.to(base.dtype)).detach()
+        # Each quantised layer's statistics (absmax, quant_map, SCB, ...) under its plain name.
+        statistics = {
+            _plain_name(f"{name}.weight", adapted)[: -len("weight")] for name in quantised
+        }
         out, cast = {}, {}
         for key, value in module.state_dict().items():
             plain = _plain_name(key, adapted)
-            if plain is not None:
-                out[plain] = _on_cpu(merged.get(plain, value), dtype, cast)
+            if plain is None or _is_statistic(plain, statistics):
+                continue
+            out[plain] = _on_cpu(merged.get(plain, value), dtype, cast)
     return out
+
+
+def is_quantised_linear(module: nn.Module) -> bool:
+    """Whether `module` is a bitsandbytes 4-bit or 8-bit linear layer (none exists in a process
+    that never imported bitsandbytes)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return bnb_nn is not None and isinstance(module, (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt))
+
+
+def dequantised_weight(layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes linear layer's weight as a float32 [out, in] matrix: NF4 codes times their
+    (double-quantised) block scales, or int8 codes times each row's scale / 127."""
+    functional = sys.modules["bitsandbytes.functional"]
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:  # 4-bit
+        return functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
+    return functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
+
+
+def _is_statistic(key: str, statistics: set[str]) -> bool:
+    """Whether `key` is a quantised layer's statistic, not its weight or bias."""
+    owner = next((prefix for prefix in statistics if key.startswith(prefix)), None)
+    return owner is not None and key[len(owner) :] not in ("weight", "bias")
 
 
 def _plain_name(key: str, adapted: dict[str, nn.Module]) -> str | None:
@@ -269,8 +307,13 @@ def check_export_folder(out_dir: Path, tokenizer_dir: Path | None) -> None:
 
 
 def _write_manifest(folder: Path) -> None:
-    files = {item.name: item.stat().st_size for item in sorted(folder.iterdir())}
-    (folder / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    """The manifest of what `folder` holds, keeping a note the kind wrote (`note_adapter_base`)."""
+    path = folder / MANIFEST_NAME
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest["files"] = {
+        item.name: item.stat().st_size for item in sorted(folder.iterdir()) if item != path
+    }
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _not_exported(folder: Path, tokenizer_dir: Path | None) -> list[str]:
@@ -336,8 +379,12 @@ def _is_peft_model_card(path: Path) -> bool:
 
 def write_hf_weights(hf_model: nn.Module, folder: Path, dtype: str, use_cache: bool | None) -> None:
     """A transformers model in its own format, adapters folded into its weights, in `dtype`;
-    its config.json says `dtype` and the source's `use_cache` (None: the source had none)."""
-    hf_model.save_pretrained(folder, state_dict=merged_state_dict(hf_model, EXPORT_DTYPES[dtype]))
+    its config.json says `dtype` and the source's `use_cache` (None: the source had none). A
+    model quantised by bitsandbytes is written dequantised, with no quantization_config: an
+    ordinary folder in `dtype`."""
+    state_dict = merged_state_dict(hf_model, EXPORT_DTYPES[dtype])
+    writer = _unquantised_twin(hf_model) if getattr(hf_model, "is_quantized", False) else hf_model
+    writer.save_pretrained(folder, state_dict=state_dict)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
@@ -346,6 +393,26 @@ def write_hf_weights(hf_model: nn.Module, folder: Path, dtype: str, use_cache: b
     else:
         config["use_cache"] = use_cache
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _unquantised_twin(hf_model: nn.Module) -> nn.Module:
+    """The same architecture built on the meta device (no memory) from the config without its
+    quantization_config: what save_pretrained writes an unquantised folder with."""
+    config = copy.deepcopy(hf_model.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        twin = type(hf_model)(config)
+    twin.generation_config = hf_model.generation_config
+    return twin
+
+
+def note_adapter_base(folder: Path, base_folder: Path, settings: dict, compute_dtype: str) -> None:
+    """Note in the export manifest what an adapter-only export's adapters were trained on: the
+    base folder (also peft's `base_model_name_or_path` in adapter_config.json), the
+    bitsandbytes settings its weights were quantised with and the compute dtype. Not in
+    adapter_config.json: peft warns on every load about a key it does not know."""
+    note = {"folder": str(base_folder), "quantisation": settings, "compute_dtype": compute_dtype}
+    (folder / MANIFEST_NAME).write_text(json.dumps({ADAPTER_BASE_KEY: note}))
 
 
 def write_llama_weights(

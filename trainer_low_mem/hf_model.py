@@ -21,15 +21,16 @@ position ids (flash-attention implementations take the position ids alone).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
+import os
 import pickle
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from torch import nn
 
 from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
+from lowmem_core.hub_kernels import require_extra_offline
 from trainer_low_mem.loss import LogitMap, chunked_cross_entropy, shift_labels
 from trainer_low_mem.model import ModelOutput, document_causal_mask
 
@@ -340,9 +342,13 @@ def build_hf_model(
     *,
     from_scratch: bool,
     quantization=None,
+    dtype: torch.dtype = torch.float32,
+    device_map: dict | None = None,
 ) -> nn.Module:
     """The `transformers.<auto_class_name>` model of `folder`: from its weights, checked against
-    its config, or from `config` alone (`from_scratch`); every failure is one ConfigError."""
+    its config, or from `config` alone (`from_scratch`); every failure is one ConfigError.
+    `quantization` (a BitsAndBytesConfig) and `device_map` go to `from_pretrained`; `dtype` is
+    that of the weights it does not quantise."""
     transformers = _transformers()
     auto_class = getattr(transformers, auto_class_name)
     mapping_name, family = _AUTO_CLASSES[auto_class_name]
@@ -371,11 +377,12 @@ def build_hf_model(
             hf_model, info = auto_class.from_pretrained(
                 source,
                 local_files_only=True,
-                dtype=torch.float32,
+                dtype=dtype,
                 output_loading_info=True,
                 # Quantised weights are packed in other shapes; transformers checks them itself.
                 ignore_mismatched_sizes=quantization is None,
                 quantization_config=quantization,
+                device_map=device_map,
             )
         except _model_errors() as exc:
             raise ConfigError(
@@ -420,44 +427,92 @@ def check_lora_targets(hf_model: nn.Module, targets: Sequence[str] | None, what:
             )
 
 
+# The dtype each --mixed_precision computes in: a quantised model's compute dtype.
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Quantisation:
+    """How a folder's frozen weights are stored while LoRA adapters train on them (bitsandbytes):
+    4-bit NF4 with double quantisation (QLoRA) or 8-bit LLM.int8, computed in `compute_dtype`
+    (--mixed_precision's)."""
+
+    bits: int  # 4 or 8
+    compute_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, quantisation: str | None, mixed_precision: str) -> Quantisation | None:
+        """From ModelConfig.quantisation ("4bit", "8bit", None) and --mixed_precision."""
+        if quantisation is None:
+            return None
+        return cls(int(quantisation.removesuffix("bit")), COMPUTE_DTYPES[mixed_precision])
+
+    @property
+    def flag(self) -> str:
+        return f"--load_in_{self.bits}bit"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What decides the stored weights (resume compares it; the export notes it)."""
+        if self.bits == 4:
+            return {"bits": 4, "quant_type": "nf4", "double_quant": True}
+        return {"bits": 8, "int8_threshold": 6.0}
+
+    def bnb_config(self, transformers):
+        """transformers' BitsAndBytesConfig for these settings."""
+        if self.bits == 4:
+            return transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=self.compute_dtype,
+            )
+        return transformers.BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=self.settings["int8_threshold"]
+        )
+
+
+def rank_device() -> torch.device:
+    """Where this rank computes: its CUDA device (LOCAL_RANK, as torchrun and accelerate set
+    it), else the CPU; a quantised model is loaded straight there."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def load_model_folder(
     path: Path | str,
     *,
     from_scratch: bool = False,
     grad_checkpointing: bool = False,
     document_masking: bool = True,
-    load_in_4bit: bool = False,
+    quantisation: Quantisation | None = None,
     loss_chunk_tokens: int = 4096,
 ) -> HFCausalLM:
-    """The causal LM in `path`, fp32, wrapped in `HFCausalLM` (see the module docstring)."""
+    """The causal LM in `path`, wrapped in `HFCausalLM` (see the module docstring): fp32, or
+    with `quantisation` its linear layers quantised on this rank's device (see
+    `_load_quantised`)."""
     folder = check_model_folder(path)
-    transformers = _transformers()
     config = read_folder_config(folder)
     if config.is_encoder_decoder:
         raise ConfigError(
             f"--model {folder} is an encoder-decoder ({config.model_type}); this trainer's "
             "causal-LM path needs a decoder-only model"
         )
-    quantization = None
-    if load_in_4bit:
-        if from_scratch:
-            raise ConfigError(
-                "--load_in_4bit quantises existing weights; it cannot start from scratch"
-            )
-        quantization = _four_bit_config(transformers)
-    hf_model = build_hf_model(
-        "AutoModelForCausalLM",
-        folder,
-        config,
-        from_scratch=from_scratch,
-        quantization=quantization,
-    )
+    if quantisation is None:
+        hf_model = build_hf_model("AutoModelForCausalLM", folder, config, from_scratch=from_scratch)
+    else:
+        hf_model = _load_quantised(folder, config, quantisation, from_scratch)
     if from_scratch:
         log.info("%s: random initialisation from config.json", folder)
     if grad_checkpointing:
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+        if quantisation is not None:
+            # peft's k-bit preparation: the embedding output requires grad, so checkpointed
+            # blocks whose only trainable weights are adapters still get gradients.
+            hf_model.enable_input_require_grads()
     hf_model.config.use_cache = False
     # from_pretrained returns eval mode: dropout would stay off until the first eval switched it
     # on, and a resumed run would then differ from an uninterrupted one.
@@ -467,20 +522,41 @@ def load_model_folder(
     )
 
 
-def _four_bit_config(transformers):
-    if not torch.cuda.is_available():
+def _load_quantised(folder: Path, config, quantisation: Quantisation, from_scratch: bool):
+    """The folder's model with its linear layers (not the output head) quantised by
+    bitsandbytes, loaded onto this rank's device.
+
+    What is kept in which dtype, for memory: the quantised layers as 4-bit (NF4, with their
+    scales double-quantised) or int8 codes; everything else (embeddings, output head, norms) in
+    the compute dtype: all of it is frozen, so unlike peft's `prepare_model_for_kbit_training`
+    nothing is upcast to fp32 (that would double the embedding and head of a 7B model). Only the
+    LoRA adapters, added later, are fp32: they are the master weights the optimizer updates.
+    """
+    if from_scratch:
         raise ConfigError(
-            "--load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no CUDA: "
-            "drop --load_in_4bit"
+            f"{quantisation.flag} quantises the folder's own weights; it cannot start from "
+            f"scratch: drop --from_scratch (or {quantisation.flag})"
         )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes")
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
+    transformers = _transformers()
+    bnb = require_extra_offline("bitsandbytes", "qlora", quantisation.flag)
+    hf_model = build_hf_model(
+        "AutoModelForCausalLM",
+        folder,
+        config,
+        from_scratch=False,
+        quantization=quantisation.bnb_config(transformers),
+        dtype=quantisation.compute_dtype,
+        device_map={"": rank_device()},
     )
+    for module in hf_model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for a
+            # bf16 inference kernel the first time it runs in eval mode without gradients. That
+            # kernel has no backward (training after an eval would get wrong gradients) and
+            # computes in bf16 whatever the compute dtype: every pass takes the one
+            # dequantise-and-matmul path instead, so eval and training compute alike.
+            module.support_avx512bf16_for_cpu = False
+    return hf_model
 
 
 class HFWrapper(nn.Module):

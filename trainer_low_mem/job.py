@@ -151,7 +151,7 @@ def check_flags(config: JobConfig | PlanConfig, launch: Launch) -> FlagChecks:
     check_split(
         global_batch, launch.world_size, t.batch_size_per_gpu, t.gradient_accumulation_steps
     )
-    kind = resolve_model_kind(config.model)
+    kind = resolve_model_kind(config.model, launch.mixed_precision)
     if d.max_seq_len > kind.max_seq_len:
         raise ConfigError(
             f"--max_seq_len {d.max_seq_len} exceeds {kind.what}'s max_seq_len "

@@ -181,13 +181,6 @@ def test_bad_model_folders_get_one_line(tmp_path, make, expected):
     assert "\n" not in str(info.value)
 
 
-def test_4bit_without_cuda_says_it_needs_a_gpu(model_dir):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        load_model_folder(model_dir, load_in_4bit=True)
-
-
 def test_dataset_vocabulary_and_eos_are_checked_against_the_model(model_dir):
     kind = resolve_model_kind(ModelConfig(model=model_dir))
 

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import ModelConfig
-from trainer_low_mem.hf_model import check_model_folder, has_weights, read_folder_config
+from trainer_low_mem.hf_model import (
+    Quantisation,
+    check_model_folder,
+    has_weights,
+    read_folder_config,
+)
 from trainer_low_mem.models.builtin import PresetKind
 from trainer_low_mem.models.hf_causal import HFCausalKind
 from trainer_low_mem.models.hf_seq2seq import Seq2SeqKind
@@ -32,13 +37,14 @@ __all__ = [
 ]
 
 
-def resolve_model_kind(cfg: ModelConfig) -> ModelKind:
-    """The kind of model `cfg` describes, LoRA included; reads config.json, never weights."""
-    kind = _family(cfg)
+def resolve_model_kind(cfg: ModelConfig, mixed_precision: str = "no") -> ModelKind:
+    """The kind of model `cfg` describes, LoRA included; reads config.json, never weights.
+    `mixed_precision` (--mixed_precision) is what quantised weights compute in."""
+    kind = _family(cfg, mixed_precision)
     return kind if cfg.lora is None else LoraKind(kind, cfg.lora)
 
 
-def _family(cfg: ModelConfig) -> ModelKind:
+def _family(cfg: ModelConfig, mixed_precision: str) -> ModelKind:
     if cfg.model is None:
         return PresetKind(cfg.model_preset, cfg.grad_checkpointing)
     folder = check_model_folder(cfg.model)
@@ -50,11 +56,12 @@ def _family(cfg: ModelConfig) -> ModelKind:
         "grad_checkpointing": cfg.grad_checkpointing,
         "lora_targets": None if cfg.lora is None else cfg.lora.target_modules,
     }
+    quantisation = Quantisation.of(cfg.quantisation, mixed_precision)
     if not config.is_encoder_decoder:
-        return HFCausalKind(folder, config, load_in_4bit=cfg.load_in_4bit, **settings)
-    if cfg.load_in_4bit:
+        return HFCausalKind(folder, config, quantisation=quantisation, **settings)
+    if quantisation is not None:
         raise ConfigError(
-            f"--load_in_4bit is for decoder-only models; --model {folder} is an "
-            "encoder-decoder: drop --load_in_4bit (LoRA alone works)"
+            f"{quantisation.flag} is for decoder-only models; --model {folder} is an "
+            f"encoder-decoder: drop {quantisation.flag} (LoRA alone works)"
         )
     return Seq2SeqKind(folder, config, **settings)

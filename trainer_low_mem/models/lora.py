@@ -17,7 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from lowmem_core.errors import ConfigError, require_extra
+from lowmem_core.errors import ConfigError
+from lowmem_core.hub_kernels import require_extra_offline
+from trainer_low_mem import export
 from trainer_low_mem.config import LoraSettings
 from trainer_low_mem.models.kind import DataFacts, ModelKind
 
@@ -72,7 +74,7 @@ class LoraKind:
 
     def add_adapters(self, module: nn.Module) -> None:
         """Add the adapters to a built base `module` and freeze everything else."""
-        peft = require_extra("peft", "lora", "--lora_rank")
+        peft = require_extra_offline("peft", "lora", "--lora_rank")
         host = self.base.adapter_host(module)
         s = self.settings
         targets = s.target_modules if s.target_modules is not None else host.default_targets
@@ -112,3 +114,12 @@ class LoraKind:
                 f"({self.base.what} is not one); drop it to export merged weights"
             )
         peft_model.save_pretrained(folder)
+        # Only a causal folder kind quantises; the adapters need the same quantised base.
+        quantisation = getattr(self.base, "quantisation", None)
+        if quantisation is not None:
+            export.note_adapter_base(
+                folder,
+                self.base.folder,
+                quantisation.settings,
+                str(quantisation.compute_dtype).removeprefix("torch."),
+            )

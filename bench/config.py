@@ -230,63 +230,108 @@ class BuildSpeedConfig:
             self.vocab_size = min(self.vocab_size, 1000)
 
 
+def _parse_lengths(args: list[str]) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(part) for part in args[0].split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--seq-lens takes comma-separated integers such as 512,2048; got {args[0]!r}"
+        ) from None
+    return lengths
+
+
+# `--seq-lens 512,2048` (one comma-separated word), like --readers.
+RowLengths = Annotated[
+    tuple[int, ...],
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1,
+        metavar="L[,L...]",
+        instance_from_str=_parse_lengths,
+        is_instance=lambda x: isinstance(x, tuple) and all(isinstance(v, int) for v in x),
+        str_from_instance=lambda x: [",".join(str(v) for v in x)],
+    ),
+]
+
+
 @dataclass(kw_only=True)
 class SftSpeedConfig:
-    """Fine-tune a local Hugging Face model on prompt/response records through our data path and
-    through `datasets` + a torch DataLoader, side by side (bench/sft_speed.py)."""
+    """Fine-tune one Hugging Face model folder on prompt/response records through our trainer
+    and through TRL's SFTTrainer, interleaved, LoRA and full, at each row length
+    (bench/sft_speed.py)."""
 
-    num_records: int = 2000
-    """Prompt/response records generated from the sample corpus (train.jsonl)."""
-    model_hidden: int = 64
-    """Hidden size of the generated Llama model (2 layers, a 512-token BPE vocabulary)."""
-    seq_len: int = 256
-    """Tokens per row: ours packs whole samples into rows of this length; the HF side truncates
-    samples to it and pads each batch to its longest sample."""
-    batch_size: int = 8
-    """Rows per training step on both sides (a row is one sample on the HF side)."""
-    steps: int = 30
-    """Timed AdamW training steps per side, after the warm-up steps."""
-    warmup_steps: int = 2
-    """Untimed steps first (thread and worker start-up, numba JIT, allocator warm-up)."""
-    workers: int = 2
-    """Reader threads of our Prefetcher, DataLoader num_workers, and processes of both data
-    preparations (`pipeline build --num-proc`, `map(num_proc=...)`)."""
-    torch_threads: int = 1
-    """Intra-op threads of the training step on both sides (1 leaves a core to the data path, and
-    keeps steps steady on a shared machine where spinning OpenMP threads stall)."""
+    tuning: tuple[Literal["lora", "full"], ...] = ("lora", "full")
+    """What trains: LoRA adapters (every linear layer but the head), all weights, or both."""
+    seq_lens: RowLengths = (512, 2048)
+    """Row lengths (max_length) to measure, e.g. 512,2048."""
+    steps: int = 3
+    """Optimizer steps of the one pass each side trains: a configuration takes the first
+    generated records whose tokens fill about this many steps of packed rows."""
+    warmup_steps: int = 1
+    """Untimed optimizer steps at the start of each pass (allocator, lazy initialisation)."""
+    micro_batch_tokens: int = 1024
+    """Tokens per micro-batch on both sides: rows of seq_len per micro-batch = this // seq_len,
+    at least 1 (TRL's padding-free flattens them into one row)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on both sides."""
+    repeats: int = 2
+    """Runs per side and configuration, interleaved ours, TRL, ours, TRL; medians reported."""
+    lr: float = 2e-4
+    """Peak learning rate of both sides (constant after the linear warm-up)."""
+    lr_warmup_steps: int = 1
+    """Optimizer steps of linear learning-rate warm-up on both sides."""
+    lora_rank: int = 16
+    """LoRA rank of both sides."""
+    lora_alpha: float = 16.0
+    """LoRA alpha of both sides."""
+    model_hidden: int = 256
+    """Hidden size of the generated Qwen3-architecture model (4 heads, 2 KV heads, MLP 3x)."""
+    model_layers: int = 4
+    """Decoder layers of the generated model."""
+    tokenizer: Path | None = None
+    """A folder with tokenizer.json and tokenizer_config.json; default ../shared/tokenizers/qwen3
+    beside the repository when present (vocabulary 151,936), else the sample model's 512-token
+    BPE."""
+    eval_records: int = 64
+    """Held-out records both sides' final weights are scored on."""
+    torch_threads: int | None = None
+    """Intra-op threads of both sides; default: the cores this process may use."""
     seed: int = 0
-    """Seed of the records, the model weights and both shuffles."""
+    """Seed of the model weights and of both sides' shuffles and adapters."""
     quick: bool = False
-    """200 records, 5 timed steps after 1 warm-up step (well under a minute); used by tests."""
+    """LoRA at rows of 256 only, a hidden-32 one-layer model, 2 steps, 1 repeat (about a minute);
+    used by tests."""
     cache_dir: Path = Path(".bench")
     """Generated model and records are cached here between runs."""
     json_path: Annotated[Path | None, tyro.conf.arg(name="json")] = None
-    """Write the results as JSON here."""
+    """Write the runs, the comparisons and the verdicts as JSON here."""
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.num_records = min(self.num_records, 200)
-            self.steps = min(self.steps, 5)
-            self.warmup_steps = min(self.warmup_steps, 1)
-        if self.num_records < 1 or self.steps < 1 or self.warmup_steps < 0:
+            self.tuning, self.seq_lens = ("lora",), (256,)
+            self.steps, self.warmup_steps, self.repeats = 2, 1, 1
+            self.model_hidden, self.model_layers = 32, 1
+            self.micro_batch_tokens, self.eval_records = 512, 8
+        if not self.tuning or not self.seq_lens or min(self.seq_lens) < 16:
             raise ConfigError(
-                f"--num-records and --steps must be >= 1 and --warmup-steps >= 0; got "
-                f"{self.num_records}, {self.steps}, {self.warmup_steps}"
+                f"--tuning needs lora and/or full and --seq-lens lengths >= 16; got "
+                f"{self.tuning}, {self.seq_lens}"
             )
-        if self.model_hidden < 8 or self.model_hidden % 8:
+        if self.steps <= self.warmup_steps or self.warmup_steps < 0:
             raise ConfigError(
-                f"--model-hidden must be a multiple of 8 (4 attention heads of an even size), got "
-                f"{self.model_hidden}"
+                f"--steps must exceed --warmup-steps (>= 0) to leave timed steps; got "
+                f"{self.steps}, {self.warmup_steps}"
             )
-        if self.seq_len < 2:
-            raise ConfigError(f"--seq-len must be >= 2 (inputs and targets), got {self.seq_len}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers < 1 or self.torch_threads < 1:
+        if min(self.micro_batch_tokens, self.grad_accum, self.repeats, self.eval_records) < 1:
             raise ConfigError(
-                f"--workers and --torch-threads must be >= 1, got {self.workers}, "
-                f"{self.torch_threads}"
+                "--micro-batch-tokens, --grad-accum, --repeats and --eval-records must be >= 1"
             )
+        if self.model_hidden < 16 or self.model_hidden % 8 or self.model_layers < 1:
+            raise ConfigError(
+                f"--model-hidden must be a multiple of 8 from 16 (4 heads of an even size) and "
+                f"--model-layers >= 1; got {self.model_hidden}, {self.model_layers}"
+            )
+        if self.lora_rank < 1 or self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError("--lora-rank and --torch-threads must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem.hf_model import HFCausalLM
-from trainer_low_mem.loss import LogitMap, chunked_cross_entropy, shift_labels
+from trainer_low_mem.loss import (
+    LogitMap,
+    chunked_cross_entropy,
+    gathered_logits_cross_entropy,
+    shift_labels,
+)
 from trainer_low_mem.model import MODEL_PRESETS, DecoderLM
 from trainer_low_mem.planner.loss_chunk import choose_loss_chunk, loss_chunk_bytes_per_token
 from trainer_low_mem.seq2seq import Seq2SeqLM
@@ -234,3 +239,24 @@ def test_only_the_labelled_positions_reach_the_head():
         loss.backward()
     # Three matmuls of labelled x d x vocab: the logits, d(hidden) and d(weight).
     assert flops.get_total_flops() == 3 * 2 * labelled * d * vocab
+
+
+def test_a_head_the_kernel_cannot_take_sees_only_the_labelled_positions():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 30, 16, generator=g, requires_grad=True)
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 37))
+    targets = torch.randint(0, 37, (2, 30), generator=g)
+    targets[:, :20] = IGNORE_INDEX
+    logit_map = LogitMap(scale=0.5, softcap=2.0)
+    with FlopCounterMode(display=False) as flops:
+        loss, count = gathered_logits_cross_entropy(hidden, head, targets, logit_map)
+    assert count.item() == 20
+    assert flops.get_total_flops() == 2 * 20 * 16 * (16 + 37)  # two matmuls, labelled rows only
+    z = head(hidden) * 0.5
+    reference = _full_logits_loss(torch.tanh(z / 2.0) * 2.0, targets)
+    torch.testing.assert_close(loss, reference, **FP32)
+    ours = torch.autograd.grad(loss, [hidden, *head.parameters()])
+    theirs = torch.autograd.grad(reference, [hidden, *head.parameters()])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, **FP32)

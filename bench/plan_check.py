@@ -1,11 +1,14 @@
 """`bench plan`: the planner's traced step memory against real CPU training steps.
 
 For each case (a built-in preset or a Hugging Face architecture built from its config, at a
-sequence length, with or without gradient checkpointing or LoRA), the planner traces the step on
+sequence length, with or without gradient checkpointing or LoRA, or LoRA on 4-bit or 8-bit
+weights), the planner traces the step on
 fake tensors at micro-batches 1, 2, 4 and predicts the peak at other micro-batches from its line
 in tokens. The reference is torch's `MemTracker` (an independent accounting of the same tensors)
 around real fp32 steps on the CPU, in the same order as the trace: a first step, then with
 gradients and optimizer states resident, the optimizer step and one accumulating micro-step.
+A quantised case traces the planner's stand-ins (trainer_low_mem/models/quantised_meta.py) and
+steps a real bitsandbytes model that transformers quantised on the CPU from saved weights.
 Targets: every peak within 10%, every case's bytes per token within 5%.
 """
 
@@ -26,6 +29,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from lowmem_core.errors import require_extra
 from trainer_low_mem.planner.trace import trace_step_memory
 
+# What the quantised cases' LoRA trains in: 4-bit layers compute in its dtype.
+QUANTISED_COMPUTE_PRECISION = "bf16"
 PEAK_TOLERANCE = 0.10
 SLOPE_TOLERANCE = 0.05
 TRACED_MICRO_BATCHES = (1, 2, 4)
@@ -42,6 +47,7 @@ class Case:
     seq_len: int
     real_micro_batches: tuple[int, ...]
     mixed_precision: str | None = None
+    real_factory: Callable[[], nn.Module] | None = None  # None: `factory` builds the real model
 
 
 @dataclass(frozen=True)
@@ -76,45 +82,94 @@ def _preset(name: str, grad_checkpointing: bool) -> Callable[[], nn.Module]:
     return lambda: DecoderLM(MODEL_PRESETS[name], grad_checkpointing=grad_checkpointing)
 
 
-def _hf(arch: str, grad_checkpointing: bool, lora_rank: int = 0) -> Callable[[], nn.Module]:
+def _hf_config(arch: str):
+    transformers = require_extra("transformers", "hf", "Hugging Face models")
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=8192,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=1024,
+            intermediate_size=688,
+            num_key_value_heads=2,
+        )
+    return transformers.GPT2Config(
+        vocab_size=8192,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        n_positions=1024,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def _hf(
+    arch: str, grad_checkpointing: bool, lora_rank: int = 0, quantised: str | None = None
+) -> Callable[[], nn.Module]:
     """The model the trainer trains on a folder of this architecture (its config alone, so
-    randomly initialised), LoRA adapters of `lora_rank` on every linear layer but the head."""
+    randomly initialised), LoRA adapters of `lora_rank` on every linear layer but the head;
+    `quantised` ("4bit", "8bit"): on the planner's stand-ins of bitsandbytes' layers."""
+
+    def build() -> nn.Module:
+        from trainer_low_mem.config import ModelConfig
+        from trainer_low_mem.models import resolve_model_kind
+
+        config = _hf_config(arch)
+        lora = {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank} if lora_rank else {}
+        if quantised is not None:
+            lora[f"load_in_{quantised}"] = True
+        with tempfile.TemporaryDirectory() as folder:  # the module needs it only to be built
+            config.save_pretrained(folder)
+            model = ModelConfig(
+                model=folder,
+                from_scratch=quantised is None,
+                grad_checkpointing=grad_checkpointing,
+                **lora,
+            )
+            kind = resolve_model_kind(model, QUANTISED_COMPUTE_PRECISION)
+            return kind.build(config.vocab_size, document_masking=True, weights=False)
+
+    return build
+
+
+def _hf_bnb(quantised: str, grad_checkpointing: bool, lora_rank: int) -> Callable[[], nn.Module]:
+    """The real model of `_hf("llama", ..., quantised=...)`, as the trainer builds it: random
+    weights saved to a folder, which transformers loads with bitsandbytes quantising them on the
+    CPU (NF4 with double quantisation, or LLM.int8), LoRA added by peft."""
 
     def build() -> nn.Module:
         from trainer_low_mem.config import ModelConfig
         from trainer_low_mem.models import resolve_model_kind
 
         transformers = require_extra("transformers", "hf", "Hugging Face models")
-
-        shape = dict(
-            vocab_size=8192,
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=1024,
-        )
-        if arch == "llama":
-            config = transformers.LlamaConfig(**shape, intermediate_size=688, num_key_value_heads=2)
-        else:
-            config = transformers.GPT2Config(
-                vocab_size=8192,
-                n_embd=256,
-                n_layer=4,
-                n_head=4,
-                n_positions=1024,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        lora = {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank} if lora_rank else {}
-        with tempfile.TemporaryDirectory() as folder:  # the module needs it only to be built
-            config.save_pretrained(folder)
+        config = _hf_config("llama")
+        with tempfile.TemporaryDirectory() as folder:
+            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
             model = ModelConfig(
-                model=folder, from_scratch=True, grad_checkpointing=grad_checkpointing, **lora
+                model=folder,
+                lora_rank=lora_rank,
+                lora_alpha=2.0 * lora_rank,
+                grad_checkpointing=grad_checkpointing,
+                **{f"load_in_{quantised}": True},
             )
-            kind = resolve_model_kind(model)
-            return kind.build(config.vocab_size, document_masking=True, weights=False)
+            kind = resolve_model_kind(model, QUANTISED_COMPUTE_PRECISION)
+            return kind.build(config.vocab_size, document_masking=True, weights=True)
 
     return build
+
+
+def _quantised(name: str, quantised: str, ckpt: bool) -> Case:
+    return Case(
+        name,
+        _hf("llama", ckpt, lora_rank=8, quantised=quantised),
+        8192,
+        256,
+        (1, 3),
+        QUANTISED_COMPUTE_PRECISION,
+        real_factory=_hf_bnb(quantised, ckpt, lora_rank=8),
+    )
 
 
 def cases(quick: bool) -> list[Case]:
@@ -131,9 +186,19 @@ def cases(quick: bool) -> list[Case]:
         Case("hf-llama L=256 lora", _hf("llama", False, lora_rank=8), 8192, 256, (1, 3, 6)),
         Case("hf-gpt2 L=256", _hf("gpt2", False), 8192, 256, (1, 3, 6)),
         Case("hf-gpt2 L=256 ckpt", _hf("gpt2", True), 8192, 256, (1, 3, 6)),
+        _quantised("hf-llama L=256 4bit lora", "4bit", False),
+        _quantised("hf-llama L=256 4bit lora ckpt", "4bit", True),
+        _quantised("hf-llama L=256 8bit lora", "8bit", False),
+        _quantised("hf-llama L=256 8bit lora ckpt", "8bit", True),
     ]
     if quick:
-        keep = {"tiny L=256", "tiny L=256 ckpt", "hf-llama L=256 lora", "hf-gpt2 L=256"}
+        keep = {
+            "tiny L=256",
+            "tiny L=256 ckpt",
+            "hf-llama L=256 lora",
+            "hf-gpt2 L=256",
+            "hf-llama L=256 4bit lora",
+        }
         out = [c for c in out if c.name in keep]
     return out
 
@@ -141,7 +206,7 @@ def cases(quick: bool) -> list[Case]:
 def real_peak_bytes(case: Case, micro_batch: int) -> int:
     """MemTracker's peak over a real optimizer step and an accumulating micro-step on the CPU."""
     torch.manual_seed(0)
-    model = _frozen_as_buffers(case.factory())
+    model = _frozen_as_buffers((case.real_factory or case.factory)())
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, case.vocab_size, (micro_batch, case.seq_len))
@@ -160,7 +225,7 @@ def real_peak_bytes(case: Case, micro_batch: int) -> int:
     peaks = []
     for phase in (optimizer.step, micro_step):
         tracker = MemTracker()
-        tracker.track_external(model, optimizer)
+        tracker.track_external(model, optimizer, *_quantisation_state(model))
         with tracker:
             phase()
         peaks.append(sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()))
@@ -169,13 +234,31 @@ def real_peak_bytes(case: Case, micro_batch: int) -> int:
 
 def _frozen_as_buffers(model: nn.Module) -> nn.Module:
     """Frozen weights re-registered as buffers (same storage): MemTracker hooks every parameter
-    and cannot hook one without requires_grad (LoRA's base weights)."""
+    and cannot hook one without requires_grad (LoRA's base weights). bitsandbytes' parameter
+    types carry their quantisation state on the object, so they are kept as they are."""
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if not param.requires_grad:
                 delattr(module, name)
-                module.register_buffer(name, param.detach(), persistent=False)
+                kept = param if type(param) is not nn.Parameter else param.detach()
+                module.register_buffer(name, kept, persistent=False)
     return model
+
+
+def _quantisation_state(model: nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes' quantisation state, which no module registers, for MemTracker to count:
+    a 4-bit weight's absmax, codes and offset (nested included), an 8-bit layer's row scales."""
+    out: dict[int, torch.Tensor] = {}  # peft's LoRA layer shows its base layer's weight too
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            for t in (state.absmax, state.code, state.offset, state.state2.absmax):
+                out[id(t)] = t
+            out[id(state.state2.code)] = state.state2.code
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            out[id(scales)] = scales
+    return list(out.values())
 
 
 def check_case(case: Case) -> tuple[list[Row], Slope]:

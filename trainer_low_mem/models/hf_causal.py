@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowmem_core.errors import ConfigError
+import torch
+
 from pipeline.batch_spec import TokenRows
 from trainer_low_mem import export
 from trainer_low_mem.hf_model import (
@@ -17,8 +18,14 @@ from trainer_low_mem.hf_model import (
 )
 from trainer_low_mem.models.hf_folder import HFFolderKind
 from trainer_low_mem.models.kind import AdapterHost, document_masking_on
+from trainer_low_mem.models.quantised_meta import quantise_on_meta, quantised_weights_of
 
 _DTYPE_NAMES = {dtype: name for name, dtype in export.EXPORT_DTYPES.items()}
+
+
+def _stand_in_settings(quantisation: Quantisation) -> tuple[str, torch.dtype]:
+    """(mode, compute dtype) of the planner's stand-ins."""
+    return f"{quantisation.bits}bit", quantisation.compute_dtype
 
 
 class HFCausalKind(HFFolderKind):
@@ -54,12 +61,33 @@ class HFCausalKind(HFFolderKind):
             return _DTYPE_NAMES[self.quantisation.compute_dtype]
         return super().export_dtype
 
+    def shape(self, vocab_size: int) -> HFCausalLM:
+        """The unquantised module on the meta device; quantised, its `quantised_weights` (the
+        planner's `QuantisedWeights`) names the layers bitsandbytes stores quantised."""
+        module = super().shape(vocab_size)
+        if self.quantisation is not None:
+            mode, dtype = _stand_in_settings(self.quantisation)
+            module.quantised_weights = quantised_weights_of(module.hf_model, mode, dtype)
+        return module
+
     def load(self, *, weights: bool, document_masking: bool, quantised: bool) -> HFCausalLM:
         if quantised and self.quantisation is not None and not weights:
-            raise ConfigError(
-                "4-bit (QLoRA) weights are quantised from real weights, which a build without "
-                "them does not have; the plan counts them analytically"
+            # Nothing to quantise on the meta device: stand-ins of the quantised layers' exact
+            # sizes and kernels' transients, for the planner's trace.
+            module = load_model_folder(
+                self.folder,
+                from_scratch=True,
+                grad_checkpointing=self.grad_checkpointing,
+                document_masking=document_masking,
             )
+            mode, compute_dtype = _stand_in_settings(self.quantisation)
+            # As the quantised load leaves them: the other layers in the compute dtype, and
+            # checkpointed blocks fed an input that requires grad.
+            module.hf_model.to(compute_dtype)
+            if self.grad_checkpointing:
+                module.hf_model.enable_input_require_grads()
+            quantise_on_meta(module.hf_model, mode, compute_dtype)
+            return module
         return load_model_folder(
             self.folder,
             from_scratch=self.from_scratch or not weights,

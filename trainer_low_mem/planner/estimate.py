@@ -11,6 +11,7 @@ trace it is kept as a cross-check.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from lowmem_core.errors import LowMemError
 from lowmem_core.memory import format_bytes
-from trainer_low_mem.planner.explain import Reason
+from trainer_low_mem.planner.explain import Reason, quantised_weights_wording
 from trainer_low_mem.planner.model_memory import (
     DEFAULT_LOSS_CHUNK_TOKENS,
     ModelMemory,
     ModelShape,
+    QuantisedWeights,
     analytic_model_memory,
+    quantised_host_model_bytes,
+    with_quantised_weights,
 )
 
 if TYPE_CHECKING:
@@ -80,10 +84,16 @@ def estimate_model_memory(
         dtype_bytes=4 if precision == "no" else 2,
         loss_chunk_tokens=loss_chunk_tokens,
     )
+    quantised = getattr(shape, "quantised_weights", None)
+    if isinstance(quantised, QuantisedWeights):
+        analytic = with_quantised_weights(
+            analytic, quantised, shape, config.model.grad_checkpointing
+        )
+        analytic = _placed(analytic, zero_stage, offload_optimizer, world_size)
     factory = model_factory or (meta_copy_factory(model) if model is not None else None)
     if factory is None:
         why = "analytic: counted from the model's dimensions (no model to trace); " + _LINE
-        return Estimate(analytic, Reason("model_estimate", "analytic", why, _line(analytic)))
+        return _analytic(analytic, why, _line(analytic), quantised)
     settings = (
         model_key,
         repr(batch_spec),
@@ -98,8 +108,40 @@ def estimate_model_memory(
     if isinstance(traced, str):
         why = "analytic: the trace failed ({cause}); counted from the model's dimensions, " + _LINE
         numbers = {"cause": traced, **_line(analytic)}
-        return Estimate(analytic, Reason("model_estimate", "analytic", why, numbers))
-    return Estimate(traced.to_model_memory(), _trace_reason(traced, analytic))
+        return _analytic(analytic, why, numbers, quantised)
+    memory = traced.to_model_memory()
+    if traced.quantised is not None:
+        host = quantised_host_model_bytes(traced.quantised, shape)
+        memory = dataclasses.replace(memory, host_model_bytes=host)
+    return Estimate(memory, _trace_reason(traced, analytic))
+
+
+def _analytic(memory: ModelMemory, why: str, numbers: dict, quantised) -> Estimate:
+    if isinstance(quantised, QuantisedWeights):
+        quantised_why, quantised_numbers = quantised_weights_wording(
+            memory.static_device_bytes, quantised
+        )
+        why, numbers = why + "; " + quantised_why, {**numbers, **quantised_numbers}
+    return Estimate(memory, Reason("model_estimate", "analytic", why, numbers))
+
+
+def _placed(memory: ModelMemory, zero_stage: int, offload: bool, world_size: int) -> ModelMemory:
+    """A quantised count's static bytes placed for ZeRO/offload as a trace places its own."""
+    from trainer_low_mem.planner.traced_memory import (
+        DEFAULT_REDUCE_BUCKET_ELEMENTS,
+        place_traced_states,
+    )
+
+    placed, host, _ = place_traced_states(
+        dict(memory.static_device_bytes),
+        memory.trainable,
+        memory.param_dtype_bytes,
+        zero_stage,
+        offload and zero_stage > 0,
+        world_size,
+        DEFAULT_REDUCE_BUCKET_ELEMENTS,
+    )
+    return dataclasses.replace(memory, static_device_bytes=placed, host_offload_bytes=host)
 
 
 def meta_copy_factory(model: nn.Module) -> ModelFactory:
@@ -170,6 +212,12 @@ def _trace_reason(traced: TracedMemory, analytic: ModelMemory) -> Reason:
     if not traced.linear:
         numbers["residual_frac"] = traced.linear_residual_frac
         why += "; not linear in tokens: the line is up to {residual_frac} above a traced point"
+    if traced.quantised is not None:
+        quantised_why, quantised_numbers = quantised_weights_wording(
+            traced.static_bytes, traced.quantised
+        )
+        why += "; " + quantised_why
+        numbers.update(quantised_numbers)
     return Reason("model_estimate", "trace", why, numbers)
 
 

@@ -9,6 +9,7 @@ rebuilt by `dependent_reasons` whenever a plan is derived, so they never go stal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from lowmem_core.memory import format_bytes
 from pipeline.cost import BATCH_BYTES_PER_TOKEN
 from trainer_low_mem.planner.batch import divisors
 from trainer_low_mem.planner.footprint import Footprint, Lines
+from trainer_low_mem.planner.model_memory import QuantisedWeights
 
 if TYPE_CHECKING:
     from trainer_low_mem.planner.plan import Plan
@@ -76,6 +78,30 @@ def _render(name: str, value: Any) -> str:
 def frac(part: int, whole: int) -> float:
     """part / whole as a float (0.0 for an empty whole), for `*_frac` numbers."""
     return part / whole if whole > 0 else 0.0
+
+
+def quantised_weights_wording(
+    static_bytes: Mapping[str, int], quantised: QuantisedWeights
+) -> tuple[str, dict[str, Any]]:
+    """What a quantised model's weights cost, as a `why` fragment and its numbers: the packed
+    linear layers, their quantisation state, the layers left unquantised, and the transient of
+    dequantising one layer for its matmuls (already inside the step's peaks)."""
+    numbers = {
+        "quant_mode": quantised.mode,
+        "quant_layers": len(quantised.linear_shapes),
+        "quant_params": f"{quantised.quantised_params:,}",
+        "quantised_weights_bytes": static_bytes.get("quantised_weights", 0),
+        "quant_state_bytes": static_bytes.get("quant_state", 0),
+        "unquantised_bytes": static_bytes.get("weights", 0),
+        "dequant_bytes": quantised.dequant_transient_bytes,
+    }
+    why = (
+        "{quant_mode} weights: {quant_layers} linear layers ({quant_params} parameters) packed "
+        "in {quantised_weights_bytes} + quantisation state {quant_state_bytes}; embeddings, "
+        "output head, norms and adapters unquantised {unquantised_bytes}; each quantised layer "
+        "dequantised for its matmuls, a transient of up to {dequant_bytes}"
+    )
+    return why, numbers
 
 
 def dependent_reasons(plan: Plan, fp: Footprint, lines: Lines) -> dict[str, Reason]:

@@ -7,9 +7,11 @@ from the analytic count below, from a GPU probe (`probe.py`) or from a fake-tens
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from lowmem_core.errors import ConfigError
 from pipeline.cost import BATCH_BYTES_PER_TOKEN
@@ -19,6 +21,14 @@ ADAM_MOMENT_BYTES_PER_PARAM = 8
 FP32_MASTER_BYTES_PER_PARAM = 4
 DEFAULT_LOSS_CHUNK_TOKENS = 4096
 SOURCES = ("analytic", "probe", "trace")
+# bitsandbytes 0.50's NF4 with double quantisation (transformers' BitsAndBytesConfig for QLoRA):
+# one uint8 absmax per 64 weights, those absmax quantised again per 256 with an fp32 absmax,
+# a 16-entry NF4 code, a 256-entry code for the absmax and an fp32 offset, per layer.
+FOUR_BIT_BLOCK = 64
+NESTED_BLOCK = 256
+FOUR_BIT_CODE_ENTRIES = 16
+NESTED_CODE_ENTRIES = 256
+FP32_BYTES = 4
 
 
 class ModelShape(Protocol):
@@ -49,6 +59,59 @@ class ModelShape(Protocol):
 
 
 @dataclass(frozen=True)
+class QuantisedWeights:
+    """The linear layers bitsandbytes stores quantised, as the planner counts them.
+
+    4-bit (NF4, double quantisation): two weights per uint8 and the quantisation state above;
+    8-bit (LLM.int8): one int8 per weight and an fp32 scale per output row. Every other layer
+    (embeddings, output head, norms, LoRA adapters) stays in its own dtype. Each quantised
+    linear dequantises its whole weight, in the compute dtype, for every forward and backward
+    call: the transient `dequant_transient_bytes` (the largest layer's).
+    """
+
+    mode: Literal["4bit", "8bit"]
+    linear_shapes: tuple[tuple[int, int], ...]  # (out_features, in_features) of each layer
+    compute_dtype_bytes: int  # what the layers compute in, and the other frozen layers' dtype
+
+    @staticmethod
+    def packed_bytes(mode: str, out_features: int, in_features: int) -> int:
+        """Bytes of one layer's packed weight."""
+        n = out_features * in_features
+        return (n + 1) // 2 if mode == "4bit" else n
+
+    @staticmethod
+    def state_bytes_of(mode: str, out_features: int, in_features: int) -> int:
+        """Bytes of one layer's quantisation state."""
+        if mode == "8bit":
+            return FP32_BYTES * out_features  # SCB: one fp32 scale per row
+        blocks = math.ceil(out_features * in_features / FOUR_BIT_BLOCK)
+        nested = math.ceil(blocks / NESTED_BLOCK)
+        codes = FOUR_BIT_CODE_ENTRIES + NESTED_CODE_ENTRIES
+        return blocks + FP32_BYTES * (nested + codes + 1)  # uint8 absmax, fp32 rest + offset
+
+    @property
+    def quantised_params(self) -> int:
+        return sum(n * k for n, k in self.linear_shapes)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.packed_bytes(self.mode, n, k) for n, k in self.linear_shapes)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(self.state_bytes_of(self.mode, n, k) for n, k in self.linear_shapes)
+
+    @property
+    def dequant_transient_bytes(self) -> int:
+        """The largest layer's dequantised weight (4-bit: with its fp32 absmax)."""
+        if not self.linear_shapes:
+            return 0
+        n, k = max(self.linear_shapes, key=lambda s: s[0] * s[1])
+        absmax = FP32_BYTES * math.ceil(n * k / FOUR_BIT_BLOCK) if self.mode == "4bit" else 0
+        return n * k * self.compute_dtype_bytes + absmax
+
+
+@dataclass(frozen=True)
 class ModelMemory:
     """One rank's model memory: static bytes per parameter, activations per token."""
 
@@ -63,6 +126,9 @@ class ModelMemory:
     static_device_bytes: Mapping[str, int] | None = None
     host_offload_bytes: int = 0
     source: str = "analytic"  # how activation_bytes_per_token was obtained: see SOURCES
+    # Host RAM of the model while a process builds it, before it moves to the GPU; None: an
+    # fp32 copy of every parameter. A quantised model is loaded straight onto its device.
+    host_model_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("param_count", "activation_bytes_per_token"):
@@ -143,6 +209,50 @@ def analytic_model_memory(
         d_model=d,
         source="analytic",
     )
+
+
+def with_quantised_weights(
+    memory: ModelMemory, quantised: QuantisedWeights, shape: ModelShape, grad_checkpointing: bool
+) -> ModelMemory:
+    """`memory` (the analytic count of the unquantised model) with bitsandbytes' storage.
+
+    The quantised linears' parameters are stored packed with their state (`QuantisedWeights`);
+    the other frozen layers (embeddings, output head, norms) in the compute dtype, as the
+    trainer loads them; the adapters in fp32. The step adds one layer's dequantised weight.
+    LLM.int8's matmul keeps each layer's input outside autograd's saved tensors, so gradient
+    checkpointing does not free them: per layer and token, the attention's and the MLP's inputs
+    (3 x d, the qkv projections sharing one) and the down projection's (f).
+    The static bytes are per rank without ZeRO; the caller places them for ZeRO/offload.
+    """
+    c = quantised.compute_dtype_bytes
+    frozen = memory.param_count - quantised.quantised_params - memory.trainable
+    kept_inputs = 0
+    if quantised.mode == "8bit" and grad_checkpointing:
+        kept_inputs = c * shape.n_layers * (3 * shape.d_model + shape.d_ff)
+    static = {
+        "weights": c * frozen + FP32_BYTES * memory.trainable,
+        "quantised_weights": quantised.weight_bytes,
+        "quant_state": quantised.state_bytes,
+        "buffers": 0,
+        "gradients": FP32_BYTES * memory.trainable,
+        "optimizer": ADAM_MOMENT_BYTES_PER_PARAM * memory.trainable,  # fp32: no master copy
+    }
+    return dataclasses.replace(
+        memory,
+        host_model_bytes=quantised_host_model_bytes(quantised, shape),
+        param_dtype_bytes=FP32_BYTES,
+        activation_bytes_per_token=memory.activation_bytes_per_token + kept_inputs,
+        step_fixed_bytes=memory.step_fixed_bytes + quantised.dequant_transient_bytes,
+        static_device_bytes=static,
+    )
+
+
+def quantised_host_model_bytes(quantised: QuantisedWeights, shape: ModelShape) -> int:
+    """Host RAM while a quantised model loads: transformers reads one stored tensor at a time
+    (the largest: the embedding or a linear weight) in the compute dtype, then quantises and
+    keeps it on the device."""
+    largest = max([shape.vocab_size * shape.d_model, *(n * k for n, k in quantised.linear_shapes)])
+    return largest * quantised.compute_dtype_bytes
 
 
 def _require_positive_int(name: str, value: object) -> None:

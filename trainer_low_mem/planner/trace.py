@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from lowmem_core.errors import ConfigError, LowMemError
 from pipeline.batch_spec import BatchSpec, TokenRows
+from trainer_low_mem.planner.model_memory import QuantisedWeights
 from trainer_low_mem.planner.traced_memory import (
     DEFAULT_REDUCE_BUCKET_ELEMENTS,
     TracedMemory,
@@ -81,6 +82,7 @@ def trace_step_memory(
     half = _AUTOCAST[mixed_precision]
     weights_dtype = half if zero_stage else None
     model = _build_on_meta(model_factory)
+    _plan_quantised_kernels_for(model, device_type)
     with FakeTensorMode(allow_non_fake_inputs=True):
         _make_fake(model, torch.device(traced_on), weights_dtype)
         model.train()
@@ -114,7 +116,7 @@ def trace_step_memory(
         reduce_bucket_elements,
     )
     return TracedMemory(
-        param_count=sum(p.numel() for p in model.parameters()),
+        param_count=_parameter_count(model),
         trainable_count=n_trainable,
         param_dtype_bytes=param_dtype_bytes,
         seq_len=seq_len,
@@ -129,7 +131,37 @@ def trace_step_memory(
         points=tuple(points),
         unseen=UnseenTerms.defaults(device_type, world_size, prefetch_depth),
         trace_seconds=time.perf_counter() - started,
+        quantised=_quantised_weights(model),
     )
+
+
+def _plan_quantised_kernels_for(model: nn.Module, device_type: str) -> None:
+    """Quantised layers' kernels allocate differently on CUDA and on the CPU: a layer with a
+    `planned_device_type` (trainer_low_mem/models/quantised_meta.py) allocates as on the device
+    planned for, whatever device the fake tensors are on."""
+    for module in model.modules():
+        if hasattr(module, "planned_device_type"):
+            module.planned_device_type = device_type
+
+
+def _parameter_count(model: nn.Module) -> int:
+    """Parameters as the model has them unquantised (a packed 4-bit weight holds two per
+    element)."""
+    count = sum(p.numel() for p in model.parameters())
+    quantised = _quantised_weights(model)
+    if quantised is None:
+        return count
+    packed = _quantised_tensors(model).get("quantised_weights", [])
+    return count - sum(t.numel() for t in packed) + quantised.quantised_params
+
+
+def _quantised_weights(model: nn.Module) -> QuantisedWeights | None:
+    """The model's `quantised_weights` record, where a module of it carries one."""
+    for module in model.modules():
+        record = getattr(module, "quantised_weights", None)
+        if isinstance(record, QuantisedWeights):
+            return record
+    return None
 
 
 def _check_arguments(
@@ -263,6 +295,8 @@ class _Step:
     def held(self) -> dict[str, list[torch.Tensor]]:
         """Tensors alive across micro-steps, by category."""
         params = list(self.model.parameters())
+        quantised = _quantised_tensors(self.model)
+        stored = {id(t) for ts in quantised.values() for t in ts}
         states = [
             t
             for state in self.optimizer.state.values()
@@ -270,8 +304,9 @@ class _Step:
             if isinstance(t, torch.Tensor)
         ]
         return {
-            "weights": params,
-            "buffers": list(self.model.buffers()),
+            "weights": [p for p in params if id(p) not in stored],
+            **quantised,
+            "buffers": [b for b in self.model.buffers() if id(b) not in stored],
             "gradients": [p.grad for p in params if p.grad is not None],
             "optimizer": states,
         }
@@ -346,6 +381,18 @@ class _Step:
             points.append(TracePoint(m, m * self.seq_len, peak, peak - sum(static.values())))
         self.optimizer.zero_grad(set_to_none=True)
         return static, optimizer_peak, points
+
+
+def _quantised_tensors(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Packed weights and quantisation state by category ("quantised_weights", "quant_state"),
+    from the layers that store them with a `quantised_tensors()` method; empty for a model
+    without quantised layers."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for module in model.modules():
+        if hasattr(module, "quantised_tensors"):
+            for category, tensors in module.quantised_tensors().items():
+                out.setdefault(category, []).extend(tensors)
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

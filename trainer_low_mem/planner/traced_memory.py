@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from lowmem_core.errors import ConfigError
 from lowmem_core.memory import format_bytes
 from pipeline.cost import BATCH_BYTES_PER_TOKEN
-from trainer_low_mem.planner.model_memory import ModelMemory
+from trainer_low_mem.planner.explain import Reason, quantised_weights_wording
+from trainer_low_mem.planner.model_memory import ModelMemory, QuantisedWeights
 
 MiB = 1 << 20
 # What a CUDA process holds outside the tensors a trace sees; defaults until a probe measures them.
@@ -98,6 +99,7 @@ class TracedMemory:
     points: tuple[TracePoint, ...]
     unseen: UnseenTerms
     trace_seconds: float
+    quantised: QuantisedWeights | None = None  # the layers bitsandbytes stores quantised
 
     @property
     def static_device_bytes(self) -> int:
@@ -165,11 +167,17 @@ class TracedMemory:
             f"in {self.trace_seconds:.1f} s: {self.param_count:,} parameters, "
             f"{self.trainable_count:,} trainable",
             f"static per rank: {static}{host}",
+            *([self.quantised_reason()] if self.quantised else []),
             f"activations {self.activation_bytes_per_token:,} B/token + "
             f"{format_bytes(self.step_fixed_bytes)} fixed ({fit}; {shape})",
             f"optimizer step transient {format_bytes(self.optimizer_step_bytes)}",
             f"not seen by the trace: {self.unseen.describe()}",
         ]
+
+    def quantised_reason(self) -> str:
+        """The quantised weights in words (see explain.quantised_weights_wording)."""
+        why, numbers = quantised_weights_wording(self.static_bytes, self.quantised)
+        return Reason("quantised_weights", self.quantised.mode, why, numbers).text
 
 
 @dataclass(frozen=True)
@@ -249,8 +257,10 @@ def place_traced_states(
     partitions the 16-bit gradients, reduced through two bucket buffers. Offload moves the
     partition and the optimizer step to host RAM.
     """
+    # Quantised weights and their state stay whole on every rank, like the weights.
     placed = {
         "weights": static["weights"],
+        **{k: static[k] for k in ("quantised_weights", "quant_state") if k in static},
         "buffers": static["buffers"],
         "gradients": static["gradients"],
         "optimizer": static["optimizer"],

@@ -293,8 +293,10 @@ class SftSpeedConfig:
     BPE."""
     eval_records: int = 64
     """Held-out records both sides' final weights are scored on."""
-    torch_threads: int | None = None
-    """Intra-op threads of both sides; default: the cores this process may use."""
+    torch_threads: int | None = 1
+    """Intra-op threads of both sides (1 keeps steps steady on a shared machine, where spinning
+    OpenMP threads stall behind other jobs; our reader thread and TRL's collation get the other
+    core); none: the cores this process may use."""
     seed: int = 0
     """Seed of the model weights and of both sides' shuffles and adapters."""
     quick: bool = False
@@ -357,3 +359,33 @@ class GpuCheckConfig:
         if self.device_budget is None:
             return None
         return parse_byte_size(self.device_budget, flag="--device_budget")
+
+
+@dataclass(kw_only=True)
+class LoadRamConfig:
+    """Measure the host RAM of 1..N processes loading one model folder at once (bench/load_ram.py)
+    against the planner's load term."""
+
+    processes: ReaderCounts = (1, 2, 3)
+    """Process counts to measure, comma-separated (e.g. 1,2,3)."""
+    hidden: int = 2048
+    """Hidden size of the Qwen3-style bf16 model written for the run."""
+    layers: int = 10
+    """Decoder layers of that model (10: 0.63B parameters, 1.2 GiB of bf16 weights)."""
+    workdir: Path | None = None
+    """Where the model folder is written (and deleted afterwards); default: the temp folder."""
+
+    def __post_init__(self) -> None:
+        if not self.processes or min(self.processes) < 1 or self.hidden < 64 or self.layers < 1:
+            raise ConfigError("--processes must be >= 1, --hidden >= 64 and --layers >= 1")
+
+
+@dataclass(kw_only=True)
+class SizingConfig:
+    """Plan the users' models on the users' machines and print the sizing table
+    (bench/sizing.py)."""
+
+    markdown: Path | None = None
+    """Also write the table into this file, between its sizing-table markers (docs/SIZING.md)."""
+    models: tuple[str, ...] = ()
+    """Only these rows' models (e.g. Qwen3-1.7B small); default: every model of the table."""

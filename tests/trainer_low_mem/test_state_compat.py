@@ -3,7 +3,12 @@
 data/state_positional_objects holds what that release wrote (its objects registered with
 accelerate as custom_checkpoint_<i>.pkl, before objects were saved by name): the state at step 4
 of a 6-step run of the tiny preset, the dataset it trained on, and the six losses of the same
-run made without a stop. (States this release writes resume bit-equal too: test_loop.py.)
+run made without a stop. (States this release writes resume bit-equal: test_loop.py.)
+
+The loss kernel has since changed its order of summation (only labelled positions reach the
+head, in other chunks), so the resumed losses equal that release's to float32 rounding, not to
+the bit; a schedule, optimizer or data position off by one step moves them by a thousand times
+more, which the test checks too.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+import pytest
 
 from trainer_low_mem.cli import parse_job_config
 from trainer_low_mem.loop import train
@@ -58,7 +65,10 @@ def test_a_state_with_positional_objects_resumes_bit_equal(tmp_path):
     result = train(_flags(root, 6, "--is_keep_training=True"))
 
     assert result.final_step == 6
-    assert result.losses == straight[4:]  # bit-equal: schedule, optimizer and data position
+    tolerance = 1e-6
+    assert result.losses == pytest.approx(straight[4:], rel=tolerance)
+    step_changes = [abs(b - a) / abs(a) for a, b in zip(straight[:-1], straight[1:], strict=True)]
+    assert min(step_changes) > 1000 * tolerance  # an off-by-one resume could not pass
     state = root / "model_save" / "train_latest_state"
     assert (state / "scheduler.pt").is_file()  # saved again by name
     assert not list(state.glob("custom_checkpoint_*.pkl"))

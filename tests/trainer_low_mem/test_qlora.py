@@ -209,6 +209,7 @@ def test_merged_export_computes_the_trained_quantised_models_logits(
 ):
     inputs = folders[family]
     kind, model = _trained_quantised(inputs["model"], bits, precision)
+    assert model.loss_path == "chunked"  # no [tokens, vocab] logits in training
     out = export_model(kind, model, tmp_path / "final", _facts(inputs), adapter_only=False)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
@@ -226,6 +227,24 @@ def test_merged_export_computes_the_trained_quantised_models_logits(
         plain = transformers.AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
         with torch.no_grad():
             assert (got - plain(input_ids=ids).logits).abs().max().item() > 10 * tolerance
+
+
+def test_4bit_eval_computes_what_training_computes(folders, tmp_path):
+    # On AVX512-BF16 CPUs bitsandbytes would repack the weights in place for its inference
+    # kernel (no backward) at the first pass in eval mode without gradients, and the export
+    # would then dequantise the repacked codes.
+    inputs = folders["llama"]
+    kind, model = _trained_quantised(inputs["model"], "4bit")
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trained = model.train()(ids, labels=ids).loss  # no adapter dropout by default
+        scored = model.eval()(ids, labels=ids).loss
+    assert scored.item() == trained.item()
+    out = export_model(kind, model, tmp_path / "final", _facts(inputs), adapter_only=False)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (exported(input_ids=ids).logits - expected).abs().max().item() < 1e-4
 
 
 def test_adapter_only_export_notes_its_quantised_base(folders, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.loader import Loader
+from pipeline.loader import saved_layout as saved_token_layout
 from pipeline.pair_layout import PACK_WINDOW, pair_row_lens
 from pipeline.pairs import PairLoader, saved_layout
 
@@ -28,7 +29,18 @@ class TokenRows:
 
     seq_len: int
     packing: bool = True
+    layout: str | None = None  # None: the loader's default for the data and packing
     labels_shifted = False  # the model shifts labels: position t is scored on labels[t + 1]
+
+    @classmethod
+    def for_dataset(
+        cls, dataset, seq_len: int, packing: bool, saved: dict[str, Any] | None = None
+    ) -> TokenRows:
+        """Rows of `seq_len`; a resumed run keeps the layout its loader state was saved on, so
+        the schedule is sized on the rows the run will really see."""
+        if saved is None or saved.get("packing", packing) != packing:
+            return cls(seq_len, packing)  # a mismatched state is refused by the loader itself
+        return cls(seq_len, packing, saved_token_layout(saved, dataset))
 
     def loader(self, dataset, batch_size: int, *, rank: int, world_size: int, seed: int):
         return Loader(
@@ -39,6 +51,7 @@ class TokenRows:
             world_size=world_size,
             seed=seed,
             packing=self.packing,
+            layout=self.layout,
         )
 
     def example(self, micro_batch: int, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -294,14 +294,20 @@ class Loader(RowSource, Stateful):
         self._restore_position(int(state["epoch"]), int(state["consumed_rows"]), "loader")
 
     def _saved_layout(self, state: dict) -> str:
-        """The layout `state` was saved on: named from version 3; before, whole samples in
-        permutation order for prompt/response packing, else what it still is."""
-        if state["version"] == STATE_VERSION:
-            if state.get("layout") not in self._layouts():
-                raise CheckpointError(
-                    f"loader state layout {state.get('layout')!r} is not one of "
-                    f"{self._layouts()}; it was not written by this Loader"
-                )
-            return state["layout"]
-        sft = getattr(self.dataset, "prompt_lengths", None) is not None
-        return "samples" if self.packing and sft else layout_name(self.packing, sft)
+        if state["version"] == STATE_VERSION and state.get("layout") not in self._layouts():
+            raise CheckpointError(
+                f"loader state layout {state.get('layout')!r} is not one of "
+                f"{self._layouts()}; it was not written by this Loader"
+            )
+        return saved_layout(state, self.dataset)
+
+
+def saved_layout(state: dict, dataset) -> str:
+    """The row layout a loader state was saved on: named from version 3; before, whole samples
+    in permutation order for prompt/response packing, else what that packing still is. A run
+    sizes its schedule on it, so a resumed run counts the rows it will really see."""
+    if state.get("version") == STATE_VERSION and "layout" in state:
+        return state["layout"]
+    sft = getattr(dataset, "prompt_lengths", None) is not None
+    packing = bool(state.get("packing", True))
+    return "samples" if packing and sft else layout_name(packing, sft)

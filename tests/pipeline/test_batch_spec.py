@@ -115,3 +115,22 @@ def test_each_spec_says_in_one_line_how_the_data_is_laid_out(make_dataset, pairs
     )
     index = loader.index
     assert line.endswith(f"{index.cut_prompts:,} prompts, {index.cut_responses:,} responses")
+
+
+def test_token_rows_of_a_resumed_run_keep_the_layout_its_state_was_saved_on(pairs_dataset):
+    saving = Loader(pairs_dataset, 2, 32, seed=3, layout="samples")
+    next(iter(saving))
+    old_state = {**saving.state_dict(), "version": 2}  # what releases before best-fit wrote
+    old_state.pop("layout")
+
+    resumed = TokenRows.for_dataset(pairs_dataset, 32, True, old_state)
+    fresh = TokenRows.for_dataset(pairs_dataset, 32, True, None)
+
+    assert (resumed.layout, fresh.layout) == ("samples", None)
+    # The rows the resumed run will see are the saved layout's, before its state is loaded:
+    # the schedule is sized on them.
+    rows = resumed.loader(pairs_dataset, 2, rank=0, world_size=1, seed=3)
+    assert rows.state_dict()["total_rows"] == saving.state_dict()["total_rows"]
+    best_fit = fresh.loader(pairs_dataset, 2, rank=0, world_size=1, seed=3)
+    assert best_fit.layout == "bestfit"
+    assert best_fit.state_dict()["total_rows"] < saving.state_dict()["total_rows"]

@@ -57,7 +57,7 @@ class PresetKind:
         """A preset takes its vocabulary from the dataset, so every dataset fits."""
 
     def batch_spec(self, dataset, seq_len, packing, saved_loader_state) -> TokenRows:
-        return TokenRows(seq_len, packing)
+        return TokenRows.for_dataset(dataset, seq_len, packing, saved_loader_state)
 
     def identity(self, vocab_size: int) -> dict[str, Any]:
         return {"preset": self.name, **self.shape(vocab_size).__dict__, "lora": None}

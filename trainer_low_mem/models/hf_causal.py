@@ -45,7 +45,7 @@ class HFCausalKind(HFFolderKind):
         self.lora_targets = lora_targets  # the layers --lora_target_modules names, if any
 
     def batch_spec(self, dataset, seq_len, packing, saved_loader_state) -> TokenRows:
-        return TokenRows(seq_len, packing)
+        return TokenRows.for_dataset(dataset, seq_len, packing, saved_loader_state)
 
     def identity(self, vocab_size: int) -> dict[str, Any]:
         identity = super().identity(vocab_size)

@@ -255,13 +255,14 @@ class TrainingConfig:
 
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
     """adamw: fp32 states (8 bytes per trained parameter); adamw_8bit: bitsandbytes' blockwise
-    8-bit states (2 bytes; the `qlora` extra); auto: adamw unless the plan needs the 8-bit states
-    to fit. Under ZeRO optimizer offload the DeepSpeed CPU optimizer is used whatever this says."""
+    8-bit states (2 bytes; the `qlora` extra; not under DeepSpeed); auto: adamw unless the plan
+    needs the 8-bit states to fit. Under ZeRO optimizer offload DeepSpeed's CPU Adam steps the
+    states in host RAM (auto and adamw)."""
 
     offload_activations: Literal["auto", "on", "off"] = "auto"
     """Keep the activations saved for backward in pinned host RAM instead of device memory (same
-    losses, more host RAM and copies); auto: on only when the plan needs it to fit and the host
-    RAM limit leaves room."""
+    losses, more host RAM and copies; parameters and tensors under 1 KiB stay); auto: on only
+    with a GPU, when the plan needs it to fit and the host RAM limit leaves room."""
 
     def __post_init__(self) -> None:
         for name in (

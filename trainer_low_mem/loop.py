@@ -187,7 +187,9 @@ class _Run:
                 "optimizer: DeepSpeed's CPU Adam (its C++ op is compiled on first use: a few "
                 "minutes, once per machine)"
             )
-        optimizer = build_optimizer(self.module, o, cpu_offload=launch.offloads_optimizer)
+        optimizer = build_optimizer(
+            self.module, o, cpu_offload=launch.offloads_optimizer, optimizer=self.plan.optimizer
+        )
         self.scheduler = build_scheduler(optimizer, o, self.total_steps)
         if launch.deepspeed:
             fill_deepspeed_config(
@@ -207,6 +209,7 @@ class _Run:
             labels_shifted=self.job.batch_spec.labels_shifted,
             max_grad_norm=o.max_grad_norm,
             max_bad_steps=o.max_bad_steps,
+            offload_activations=self.plan.offload_activations,
         )
         self._apply_plan_sizes()
 

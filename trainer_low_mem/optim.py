@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule of a run, and the DeepSpeed config fields the plan fills.
 
-AdamW on matrices with weight decay and on 1-D gains without; DeepSpeedCPUAdam instead when
-ZeRO offloads the optimizer to the CPU. The schedule is stepped by the loop once per optimizer
+AdamW on matrices with weight decay and on 1-D gains without: torch's, or bitsandbytes'
+AdamW8bit (blockwise 8-bit moments) when the plan chose `adamw_8bit`; DeepSpeedCPUAdam instead
+when ZeRO offloads the optimizer to the CPU. The schedule is stepped by the loop once per optimizer
 step (not given to accelerate, which would step it once per process).
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from lowmem_core.errors import ConfigError, require_extra
 from trainer_low_mem.config import OptimConfig
+from trainer_low_mem.planner.optimizer_states import MIN_8BIT_SIZE
 
 
 def warmup_cosine(
@@ -44,13 +46,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimConfig, *, cpu_offload: bool):
-    """AdamW over `param_groups`; DeepSpeed's CPU Adam when ZeRO offloads the optimizer."""
+def build_optimizer(
+    model: torch.nn.Module, o: OptimConfig, *, cpu_offload: bool, optimizer: str = "adamw"
+):
+    """AdamW over `param_groups`; DeepSpeed's CPU Adam when ZeRO offloads the optimizer.
+
+    `optimizer` is the plan's choice, "adamw" or "adamw_8bit" (the planner refuses 8-bit states
+    under DeepSpeed, so `cpu_offload` never meets it). Both take the same groups, betas, eps and
+    decoupled weight decay, and the schedule drives their `lr` alike.
+    """
     groups = param_groups(model, o.weight_decay)
     betas = (o.adam_beta1, o.adam_beta2)
     if cpu_offload:
         adam = require_extra("deepspeed.ops.adam", "deepspeed", "ZeRO CPU optimizer offload")
         return adam.DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, adamw_mode=True)
+    if optimizer == "adamw_8bit":
+        bnb = require_extra("bitsandbytes.optim", "qlora", "--optimizer adamw_8bit")
+        return bnb.AdamW8bit(groups, lr=o.lr, betas=betas, min_8bit_size=MIN_8BIT_SIZE)
+    if optimizer != "adamw":
+        raise ConfigError(f"unknown optimizer {optimizer!r}; use adamw or adamw_8bit")
     return torch.optim.AdamW(groups, lr=o.lr, betas=betas)
 
 

@@ -8,6 +8,11 @@ micro-batch's summed loss is scaled by `accumulation * world_size / tokens_in_st
 backward, which cancels the `1/accumulation` of accelerate (or DeepSpeed) and the `1/world_size`
 of the gradient all-reduce, so neither depends on how the global batch is split.
 
+Activation offload (the plan's `offload_activations`): each forward runs under the hooks of
+planner/saved_activations.py, so what autograd saves for backward waits in (pinned) host RAM and
+comes back during backward; only the forward is wrapped, so a checkpointed layer's recompute in
+backward keeps its activations on the device for the moment it needs them.
+
 Divergence guard: a step whose loss or global gradient norm is not finite (on any rank) is
 skipped, as DeepSpeed and AMP skip fp16 overflows: gradients dropped, no optimizer or schedule
 step, so no non-finite weight is ever saved. `max_bad_steps` consecutive skips stop the run with
@@ -28,6 +33,7 @@ from lowmem_core.format import IGNORE_INDEX
 from trainer_low_mem import oom
 from trainer_low_mem.distributed import RankContext
 from trainer_low_mem.loss import shift_labels
+from trainer_low_mem.planner.saved_activations import offload_saved_activations
 
 StepOutcome = tuple[torch.Tensor, int, float]  # (local loss sum, global tokens, forward seconds)
 
@@ -46,6 +52,7 @@ class Stepper:
         labels_shifted: bool = False,
         max_grad_norm: float,
         max_bad_steps: int = 3,
+        offload_activations: bool = False,
     ):
         self.accelerator, self.ctx = accelerator, ctx
         self.labels_shifted = labels_shifted  # the batch spec's (pipeline/batch_spec.py)
@@ -57,6 +64,7 @@ class Stepper:
         self.last_grad_norm = math.nan  # global norm before clipping of the last step
         self.skipped = False  # whether the last step was skipped
         self.injector = oom.OomInjector(ctx.rank)
+        self.offload_activations = offload_activations
 
     def set_sizes(self, micro_batch: int, accumulation: int, global_batch: int) -> None:
         """Give accelerate and DeepSpeed the plan's micro-batch and accumulation."""
@@ -123,8 +131,18 @@ class Stepper:
     def _forward(self, micro_batch: dict[str, torch.Tensor], step: int, index: int) -> torch.Tensor:
         """Summed token loss of one micro-batch."""
         self.injector.maybe_raise(step, index)
-        out = self.model(**micro_batch)  # the loader's keys: decoder-only, or encoder-decoder
+        with self._saved_activations():
+            out = self.model(**micro_batch)  # the loader's keys: decoder-only, or encoder-decoder
         return out.loss * out.n_loss_tokens
+
+    def _saved_activations(self):
+        """Where the forward's saved activations wait for backward: host RAM under offload."""
+        if not self.offload_activations:
+            return contextlib.nullcontext()
+        device = self.ctx.device
+        return offload_saved_activations(
+            self.model.parameters(), device, pin_memory=device.type == "cuda"
+        )
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         if self.engine is not None:

@@ -8,13 +8,16 @@ result reports. `plan` gets the same flags but the train-only ones (output folde
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from lowmem_core.errors import LowMemError
+from lowmem_core.memory import DEFAULT_HOST_SAFETY_FRAC
 from trainer_low_mem.cli import parse_job_config, parse_plan_config, plan_from_config
 from trainer_low_mem.loop import train
+from trainer_low_mem.planner.arithmetic import DEFAULT_TARGET_FRAC
 from trainer_low_mem.sample_model import write_sample_model
 from trainer_low_mem.seq2seq import write_sample_t5
 
@@ -102,6 +105,18 @@ CASES = [
     ),
     ("seq2seq-plain-text", ["--data", "text", "--model", "t5", "--max_seq_len", "128"], False),
     (
+        "adamw-8bit",
+        ["--data", "text", "--model_preset", "tiny", "--max_seq_len", "128"]
+        + ["--optimizer", "adamw_8bit"],
+        True,
+    ),
+    (
+        "offload-activations",
+        ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "128"]
+        + ["--offload_activations", "on", "--grad_checkpointing=True"],
+        True,
+    ),
+    (
         "batch-split",
         ["--data", "text", "--model_preset", "tiny", "--max_seq_len", "128"]
         + ["--batch_size_per_gpu", "3"],
@@ -116,6 +131,25 @@ def test_plan_and_train_decide_alike(folders, tmp_path, flags, accepted):
     planned, trained = _decide(flags, tmp_path)
     assert planned == trained
     assert isinstance(planned, dict) is accepted, planned
+
+
+def test_plan_and_train_turn_on_8bit_states_alike_when_only_they_fit(folders, tmp_path):
+    flags = ["--data", str(folders["text"]), "--model_preset", "tiny", "--max_seq_len", "128"]
+    flags += COMMON
+    fixed = {
+        optimizer: plan_from_config(parse_plan_config([*flags, "--optimizer", optimizer]))
+        for optimizer in ("adamw", "adamw_8bit")
+    }
+    # A host limit whose share puts the band's top between the two peaks at micro-batch 1 once
+    # the data path is at its leanest (ultra-low-mem: only the epoch index is shared).
+    peak = {k: p.device_fixed_bytes + p.device_bytes_per_sequence for k, p in fixed.items()}
+    shared = fixed["adamw"].footprint.index_bytes
+    share = math.ceil((peak["adamw"] + peak["adamw_8bit"]) / 2 / DEFAULT_TARGET_FRAC[1])
+    limit = math.ceil((share + shared) / (1 - DEFAULT_HOST_SAFETY_FRAC))
+    planned, trained = _decide([*flags, "--host_ram_limit", str(limit)], tmp_path)
+    assert planned == trained
+    assert planned["optimizer"] == "adamw_8bit", planned
+    assert (planned["micro_batch_per_rank"], planned["ultra_low_mem"]) == (1, True)
 
 
 def test_a_refusal_names_the_models_own_limit(folders, tmp_path):

@@ -14,12 +14,19 @@ from lowmem_core.memory import DEFAULT_HOST_SAFETY_FRAC, HostMemory, format_byte
 from trainer_low_mem.planner.batch import check_micro_batch, divisors, per_rank_batch
 from trainer_low_mem.planner.explain import Reason
 from trainer_low_mem.planner.footprint import (
-    HOST_MODEL_BYTES_PER_PARAM,
     Footprint,
     ModelStates,
     place_model_states,
+    with_optimizer,
 )
-from trainer_low_mem.planner.levers import PLAN_FLAG_LEVERS, Levers
+from trainer_low_mem.planner.levers import (
+    PLAN_FLAG_LEVERS,
+    Levers,
+    Option,
+    lever_options,
+    lever_reasons,
+)
+from trainer_low_mem.planner.load_memory import load_private_bytes
 from trainer_low_mem.planner.machine import cores, detect_devices, host_limit
 from trainer_low_mem.planner.model_memory import ModelMemory
 from trainer_low_mem.planner.plan import Plan
@@ -59,6 +66,9 @@ def plan(
     process_base_bytes: int = DEFAULT_PROCESS_BASE_BYTES,
     max_readers: int = DEFAULT_MAX_READERS,
     levers: Levers = PLAN_FLAG_LEVERS,
+    optimizer: str = "adamw",
+    offload_activations: str = "off",
+    grad_checkpointing: bool = False,
 ) -> Plan:
     """Size a run; see the module docstring.
 
@@ -67,6 +77,10 @@ def plan(
     `host_from_flags`: the flags describe the target machine (`plan`), so a given
     `host_ram_limit_bytes` is its limit as given (less the margin), not capped by this machine's
     RAM; `train` runs here and leaves it False.
+    `optimizer` ("auto", "adamw", "adamw_8bit") and `offload_activations` ("auto", "on",
+    "off") are the levers as given: an "auto" one is turned on only when the plan does not fit
+    without it, in the cost order of `LEVER_ORDER` (planner/levers.py); `grad_checkpointing`
+    is recorded as given (it already shaped `model`'s activations).
     `device` None means CUDA when a device budget is given or a GPU is visible. Raises
     ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers
     and advice that names each lever as `levers` spells it.
@@ -84,26 +98,44 @@ def plan(
     readers0, depth0 = _readers_and_depth(
         *cores(num_cores, host_from_flags), ranks, max_readers, reasons
     )
-    states = place_model_states(model, world_size, zero_stage, offload_optimizer and on_gpu)
-    fp = Footprint(
-        device=devices.device,
-        seq_len=seq_len,
-        ranks_per_node=ranks,
-        host_limit_bytes=host_limit_bytes,
-        budget_bytes=devices.budget_bytes,
-        model_device_bytes=states.device_bytes + model.step_fixed_bytes,
-        activation_bytes_per_token=model.activation_bytes_per_token,
-        process_bytes=process_base_bytes
-        + (model.param_count * HOST_MODEL_BYTES_PER_PARAM if on_gpu else 0),
-        offloaded_bytes=states.offloaded,
-        cuda_reserve_bytes=cuda_reserve_bytes if on_gpu else 0,
-        dataset_bytes=dataset_bytes or 0,
-        target_frac=(float(target_frac[0]), float(target_frac[1])),
-        states=states.describe(),
-        step_fixed_bytes=model.step_fixed_bytes,
-        source=model.source,
-        index_bytes=index_bytes or 0,
+    placed = place_model_states(model, world_size, zero_stage, offload_optimizer and on_gpu)
+    options = lever_options(
+        optimizer, offload_activations, model, on_gpu, zero_stage, offload_optimizer
     )
+
+    def footprint(option: Option) -> tuple[Footprint, ModelStates]:
+        opt, offload = option
+        states = with_optimizer(placed, model, opt)
+        per_token, host_per_token = model.activation_bytes_per_token, 0
+        if offload and model.offload_device_bytes_per_token is not None:
+            per_token = model.offload_device_bytes_per_token
+            host_per_token = model.offload_host_bytes_per_token
+        elif offload:  # not counted by the estimate: every activation may reach the host
+            host_per_token = per_token
+        fp = Footprint(
+            device=devices.device,
+            seq_len=seq_len,
+            ranks_per_node=ranks,
+            host_limit_bytes=host_limit_bytes,
+            budget_bytes=devices.budget_bytes,
+            model_device_bytes=states.device_bytes + model.step_fixed_bytes,
+            activation_bytes_per_token=per_token,
+            process_bytes=process_base_bytes + (_host_model_bytes(model) if on_gpu else 0),
+            offloaded_bytes=states.offloaded,
+            cuda_reserve_bytes=cuda_reserve_bytes if on_gpu else 0,
+            dataset_bytes=dataset_bytes or 0,
+            target_frac=(float(target_frac[0]), float(target_frac[1])),
+            states=states.describe(),
+            step_fixed_bytes=model.step_fixed_bytes,
+            source=model.source,
+            index_bytes=index_bytes or 0,
+            optimizer=opt,
+            offload_activations=offload,
+            host_activation_bytes_per_token=host_per_token,
+            grad_checkpointing=grad_checkpointing,
+            zero_stage=zero_stage,
+        )
+        return fp, states
 
     # Data-path settings from best to leanest: memory-mapped, ultra-low-mem, depth 1, one reader.
     settings: list[Setting] = [(depth0, readers0, False)]
@@ -113,11 +145,23 @@ def plan(
         settings.append((1, readers0, bool(dataset_bytes)))
     if readers0 > 1:
         settings.append((1, 1, bool(dataset_bytes)))
-    chosen, micro, failures = _choose(fp, settings, divisors(per_rank), micro_batch_per_rank)
+    # Levers from cheapest (see LEVER_ORDER): the first option under which a micro-batch fits.
+    refused: list[tuple[Option, str]] = []
+    for option in options:
+        fp, states = footprint(option)
+        chosen, micro, failures = _choose(fp, settings, divisors(per_rank), micro_batch_per_rank)
+        if chosen is not None:
+            break
+        refused.append((option, failures[0]))
     if chosen is None:
         raise MemoryLimitError(
-            _nothing_fits(failures, fp, states, zero_stage, offload_optimizer, world_size, levers)
+            _nothing_fits(
+                failures, fp, states, zero_stage, offload_optimizer, world_size, levers, option
+            )
         )
+    given = (optimizer, offload_activations, grad_checkpointing)
+    zero = (zero_stage, offload_optimizer and on_gpu)
+    reasons.update(lever_reasons(option, refused, given, on_gpu, zero, model, (placed, states)))
     depth, readers, ultra = chosen
 
     reasons["micro_batch_per_rank"] = _micro_reason(micro, micro_batch_per_rank, per_rank, fp)
@@ -250,6 +294,9 @@ def _choose(
             else int(fp.target_frac[1] * lines.budget_bytes)
         )
         fits = [m for m in candidates if lines.device_peak(m) <= top]
+        if fp.host_activation_bytes_per_token and micro_given is None:
+            # Offloaded activations grow the host line with the micro-batch too.
+            fits = [m for m in fits if lines.host_bytes(m) <= fp.host_limit_bytes] or fits[:1]
         if not fits:
             m = candidates[0]
             failed(
@@ -310,9 +357,18 @@ def _nothing_fits(
     offload: bool,
     world_size: int,
     levers: Levers,
+    option: Option,
 ) -> str:
+    """The refusal under the last option tried, advising only levers that were off in it and
+    that this launch accepts (8-bit states: not under DeepSpeed; activation offload: on a GPU)."""
     hints = []
-    if failures[0].startswith("GPU"):
+    device_bound = failures[0].startswith("GPU")
+    eight_bit, offloaded = option[0] == "adamw_8bit", option[1]
+    if not eight_bit and zero_stage == 0 and (device_bound or not fp.on_gpu):
+        hints.append(f"{levers.optimizer_8bit} stores the optimizer states in 8 bits")
+    if device_bound:
+        if not offloaded:
+            hints.append(f"{levers.offload_activations} keeps saved activations in host RAM")
         if zero_stage < 2 and world_size > 1:
             hints.append(f"{levers.zero_stage} partitions gradients and optimizer states")
         optimizer = states.device.get("optimizer", 0)
@@ -339,3 +395,10 @@ def _nothing_fits(
         f"{format_bytes(fp.host_limit_bytes)}. "
         f"Try: {'; '.join(hints)}"
     )
+
+
+def _host_model_bytes(model: ModelMemory) -> int:
+    """The model's copy in host RAM while a process builds it (see ModelMemory)."""
+    if model.host_model_bytes is not None:
+        return model.host_model_bytes
+    return load_private_bytes(model.param_count)

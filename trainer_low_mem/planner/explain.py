@@ -30,6 +30,8 @@ BYTE_FIELDS = (
     "host_bytes_planned",
 )
 TABLE_ORDER = (
+    "optimizer",
+    "offload_activations",
     "micro_batch_per_rank",
     "grad_accum_steps",
     "num_readers",

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from lowmem_core.memory import format_bytes
 from pipeline.cost import BATCH_BYTES_PER_TOKEN, READER_SCRATCH_BYTES_PER_TOKEN, READER_THREAD_BYTES
 from trainer_low_mem.planner.model_memory import ModelMemory
+from trainer_low_mem.planner.optimizer_states import adamw_8bit_state_bytes
 
 # ZeRO CPU offload runs Adam on the host over an fp32 gradient partition next to the states.
 OFFLOAD_GRAD_BYTES_PER_PARAM = 4
-# The model is built in fp32 on the host before it moves to the GPU: one copy per process.
-HOST_MODEL_BYTES_PER_PARAM = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,19 @@ def place_model_states(
     return ModelStates(device, offloaded if offload else 0, note)
 
 
+def with_optimizer(states: ModelStates, model: ModelMemory, optimizer: str) -> ModelStates:
+    """`states` with the device optimizer states of `optimizer`: bitsandbytes' AdamW8bit keeps
+    uint8 moments and per-block fp32 maxima where AdamW keeps fp32 moments (no ZeRO: the
+    planner refuses 8-bit states under DeepSpeed)."""
+    if optimizer != "adamw_8bit":
+        return states
+    eight_bit = model.adamw_8bit_state_bytes
+    if eight_bit is None:
+        eight_bit = adamw_8bit_state_bytes([model.trainable])
+    device = {**states.device, "optimizer": eight_bit}
+    return ModelStates(device, states.offloaded, states.note + " (8-bit AdamW states)")
+
+
 @dataclass(frozen=True)
 class Lines:
     """The memory lines of one data-path setting, and the budget the device line must fit."""
@@ -103,6 +115,11 @@ class Footprint:
     step_fixed_bytes: int = 0  # part of model_device_bytes: the step's fixed transients
     source: str = "analytic"  # of the activation figure
     index_bytes: int = 0  # the node's shared epoch index and offsets (page cache), once per node
+    optimizer: str = "adamw"  # "adamw", "adamw_8bit", or "deepspeed_cpu_adam" under ZeRO offload
+    offload_activations: bool = False  # saved activations wait in pinned host RAM
+    host_activation_bytes_per_token: int = 0  # those, per token of one micro-batch
+    grad_checkpointing: bool = False  # as given: it decides activation_bytes_per_token
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (8-bit AdamW runs without DeepSpeed only)
 
     @property
     def on_gpu(self) -> bool:
@@ -123,6 +140,8 @@ class Footprint:
         activations_per_seq = self.activation_bytes_per_token * seq
         pool_per_seq = self.pool_bytes(1, depth)
         data_path_per_seq = pool_per_seq + readers * READER_SCRATCH_BYTES_PER_TOKEN * seq
+        # One micro-batch's offloaded activations are live at a time (forward to its backward).
+        host_activations_per_seq = self.host_activation_bytes_per_token * seq
         process = self.process_bytes + readers * READER_THREAD_BYTES
         if self.on_gpu:
             device_fixed = self.model_device_bytes + self.cuda_reserve_bytes
@@ -133,11 +152,11 @@ class Footprint:
                 device_fixed,
                 activations_per_seq + pool_per_seq,
                 host_fixed,
-                ranks * data_path_per_seq,
+                ranks * (data_path_per_seq + host_activations_per_seq),
             )
         # CPU training: model, states and activations live in host RAM beside the data path.
         device_fixed = self.model_device_bytes + process
-        per_seq = activations_per_seq + data_path_per_seq
+        per_seq = activations_per_seq + host_activations_per_seq + data_path_per_seq
         shared = dataset + self.index_bytes
         share = (self.host_limit_bytes - shared) // ranks
         budget = share if self.budget_bytes is None else min(share, self.budget_bytes)

@@ -113,6 +113,9 @@ def plan_for_job(
         num_cores=num_cores,
         levers=levers,
         host_from_flags=host_from_flags,
+        optimizer=t.optimizer,
+        offload_activations=t.offload_activations,
+        grad_checkpointing=config.model.grad_checkpointing,
     )
     reasons = {**result.reasons, "model_estimate": estimate.reason, loss_chunk.what: loss_chunk}
     result = dataclasses.replace(result, reasons=reasons, loss_chunk_tokens=loss_chunk.value)

@@ -126,6 +126,13 @@ class ModelMemory:
     static_device_bytes: Mapping[str, int] | None = None
     host_offload_bytes: int = 0
     source: str = "analytic"  # how activation_bytes_per_token was obtained: see SOURCES
+    # bitsandbytes AdamW8bit states of this rank's trainable parameters (optimizer_states.py);
+    # None: counted from trainable_count as one tensor.
+    adamw_8bit_state_bytes: int | None = None
+    # Under activation offload (saved_activations.py): the device line's slope and the pinned
+    # host bytes per token of one micro-batch's saved activations; None: not counted.
+    offload_device_bytes_per_token: int | None = None
+    offload_host_bytes_per_token: int = 0
     # Host RAM of the model while a process builds it, before it moves to the GPU; None: an
     # fp32 copy of every parameter. A quantised model is loaded straight onto its device.
     host_model_bytes: int | None = None
@@ -200,6 +207,9 @@ def analytic_model_memory(
     per_token = shape.n_layers * kept_per_layer + recompute + layer + head
     step_fixed = 4 * shape.vocab_size * d + loss_chunk_tokens * shape.vocab_size * (2 * b + 4)
     params, trainable = shape.param_count(), shape.trainable_param_count()
+    # Activation offload: the layers' saved activations wait in host RAM; backward brings one
+    # layer's back at a time.
+    offload_device = per_token - (shape.n_layers - 1) * kept_per_layer
     return ModelMemory(
         param_count=params,
         activation_bytes_per_token=per_token,
@@ -208,6 +218,8 @@ def analytic_model_memory(
         trainable_count=trainable if trainable != params else None,
         d_model=d,
         source="analytic",
+        offload_device_bytes_per_token=offload_device,
+        offload_host_bytes_per_token=shape.n_layers * kept_per_layer,
     )
 
 

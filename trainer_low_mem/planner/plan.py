@@ -51,6 +51,8 @@ class Plan:
     device_bytes_per_sequence: int
     host_fixed_bytes: int  # host bytes at micro-batch 0
     host_bytes_per_sequence: int
+    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes), as the trainer builds it
+    offload_activations: bool = False  # saved activations wait in (pinned) host RAM
     footprint: Footprint | None = None  # None only in plans saved before footprints existed
     reasons: dict[str, Reason] = field(default_factory=dict)
     loss_chunk_tokens: int | None = None  # positions per loss chunk; None in older saved plans
@@ -185,12 +187,21 @@ class Plan:
             raise MemoryLimitError(
                 f"out of memory at micro-batch 1 (planned peak "
                 f"{format_bytes(self.device_peak_bytes_planned)} of "
-                f"{format_bytes(self.device_budget_bytes)}); enable --grad_checkpointing=True, "
-                "ZeRO-2 with optimizer offload, or a shorter --max_seq_len"
+                f"{format_bytes(self.device_budget_bytes)}); {self._levers_off()}"
             )
         half = self.micro_batch_per_rank // 2
         micro = max(m for m in divisors(self.per_rank_batch) if m <= half)
         return self.with_micro_batch(micro, "halved after running out of memory")
+
+    def _levers_off(self) -> str:
+        """Advice naming only the memory levers this plan runs without."""
+        fp = self.footprint
+        off = [] if fp is not None and fp.grad_checkpointing else ["--grad_checkpointing=True"]
+        if self.optimizer == "adamw" and (fp is None or not fp.zero_stage):
+            off.append("--optimizer adamw_8bit")
+        if not self.offload_activations and self.device == "cuda":
+            off.append("--offload_activations on")
+        return f"try {', '.join(off)}, ZeRO-2 with optimizer offload, or a shorter --max_seq_len"
 
     def with_prefetch_depth(self, depth: int, why: str) -> Plan:
         """Another prefetch depth: pinned pool, device copies and host bytes follow."""
@@ -262,6 +273,8 @@ def _footprint_fields(
         "device_bytes_per_sequence": lines.device_bytes_per_sequence,
         "host_fixed_bytes": lines.host_fixed_bytes,
         "host_bytes_per_sequence": lines.host_bytes_per_sequence,
+        "optimizer": fp.optimizer,
+        "offload_activations": fp.offload_activations,
     }
 
 

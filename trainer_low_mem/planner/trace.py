@@ -10,6 +10,7 @@ tensors cannot see. `bench plan` checks it against torch's MemTracker around rea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
@@ -24,8 +25,11 @@ from torch.utils._pytree import tree_leaves
 from lowmem_core.errors import ConfigError, LowMemError
 from pipeline.batch_spec import BatchSpec, TokenRows
 from trainer_low_mem.planner.model_memory import QuantisedWeights
+from trainer_low_mem.planner.optimizer_states import adamw_8bit_state_bytes
+from trainer_low_mem.planner.saved_activations import offload_saved_activations
 from trainer_low_mem.planner.traced_memory import (
     DEFAULT_REDUCE_BUCKET_ELEMENTS,
+    OffloadPoint,
     TracedMemory,
     TracePoint,
     UnseenTerms,
@@ -103,6 +107,10 @@ def trace_step_memory(
             round_to=CUDA_BLOCK_BYTES if device_type == "cuda" else 1,
         )
         static, optimizer_peak, points = step.run(sorted(set(micro_batches)))
+        # Activation offload pays only with a GPU: on the CPU the activations are host RAM.
+        offload_points = step.offload_run(sorted(set(micro_batches)), static, device_type)
+        round_to = CUDA_BLOCK_BYTES if device_type == "cuda" else 1
+        adamw_8bit_bytes = adamw_8bit_state_bytes((p.numel() for p in trainable), round_to)
     n_trainable = sum(p.numel() for p in trainable)
     param_dtype_bytes = trainable[0].element_size()
     slope, fixed, residual = fit_line(points)
@@ -132,6 +140,8 @@ def trace_step_memory(
         unseen=UnseenTerms.defaults(device_type, world_size, prefetch_depth),
         trace_seconds=time.perf_counter() - started,
         quantised=_quantised_weights(model),
+        adamw_8bit_state_bytes=adamw_8bit_bytes,
+        offload_points=tuple(offload_points),
     )
 
 
@@ -250,6 +260,8 @@ class _LiveBytes(TorchDispatchMode):
     ) -> None:
         super().__init__()
         self.round_to, self.live, self.peak = round_to, 0, 0
+        self.host_live = self.host_peak = 0  # storages made by `host_copy` (offload copies)
+        self._on_host = False
         self._ignored = {id(t.untyped_storage()) for t in ignored}
         self._finalizers: dict[int, weakref.finalize] = {}
         for t in held:
@@ -261,13 +273,30 @@ class _LiveBytes(TorchDispatchMode):
         key = id(storage)
         if key not in self._finalizers and key not in self._ignored:
             nbytes = -(-storage.nbytes() // self.round_to) * self.round_to
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            self._finalizers[key] = weakref.finalize(storage, self._free, key, nbytes)
+            if self._on_host:
+                self.host_live += nbytes
+                self.host_peak = max(self.host_peak, self.host_live)
+            else:
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            free = self._free_host if self._on_host else self._free
+            self._finalizers[key] = weakref.finalize(storage, free, key, nbytes)
 
     def _free(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
         del self._finalizers[key]
+
+    def _free_host(self, key: int, nbytes: int) -> None:
+        self.host_live -= nbytes
+        del self._finalizers[key]
+
+    def host_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of `t` counted as host RAM, as activation offload makes it."""
+        self._on_host = True
+        try:
+            return t.detach().clone()
+        finally:
+            self._on_host = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -337,11 +366,14 @@ class _Step:
         """A micro-batch of the shapes the loader makes for this model."""
         return self.batch_spec.example(micro_batch, self.device_type)
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> None:
-        """Forward with the model's own loss, and backward."""
+    def micro_step(self, batch: dict[str, torch.Tensor], saved=contextlib.nullcontext) -> None:
+        """Forward with the model's own loss (under the `saved()` hooks), and backward."""
         try:
-            with torch.autocast(
-                self.device_type, dtype=self.autocast, enabled=self.autocast is not None
+            with (
+                torch.autocast(
+                    self.device_type, dtype=self.autocast, enabled=self.autocast is not None
+                ),
+                saved(),
             ):
                 out = self.model(**batch)
             loss = getattr(out, "loss", None)
@@ -381,6 +413,33 @@ class _Step:
             points.append(TracePoint(m, m * self.seq_len, peak, peak - sum(static.values())))
         self.optimizer.zero_grad(set_to_none=True)
         return static, optimizer_peak, points
+
+    def offload_run(
+        self, micro_batches: list[int], static: dict[str, int], device_type: str
+    ) -> list[OffloadPoint]:
+        """One micro-step per size with the trainer's activation-offload hooks: the device peak
+        without the offloaded activations, and the host bytes they take (none on the CPU)."""
+        if device_type != "cuda":
+            return []
+        self.micro_step(self.batch(micro_batches[0]))  # gradients resident, as in `run`
+        held = [t for ts in self.held().values() for t in ts]
+        points = []
+        for m in micro_batches:
+            batch = self.batch(m)
+            with _LiveBytes(held, self.round_to, ignored=tuple(batch.values())) as live:
+                device = torch.device(self.device_type)
+                params = list(self.model.parameters())
+
+                def saved(live=live, device=device, params=params):
+                    return offload_saved_activations(
+                        params, device, pin_memory=False, host_copy=live.host_copy
+                    )
+
+                self.micro_step(batch, saved)
+            activations = live.peak - sum(static.values())
+            points.append(OffloadPoint(m, m * self.seq_len, live.peak, activations, live.host_peak))
+        self.optimizer.zero_grad(set_to_none=True)
+        return points
 
 
 def _quantised_tensors(model: nn.Module) -> dict[str, list[torch.Tensor]]:

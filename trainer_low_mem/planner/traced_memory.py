@@ -44,6 +44,13 @@ class TracePoint:
 
 
 @dataclass(frozen=True)
+class OffloadPoint(TracePoint):
+    """A traced micro-step under activation offload (planner/saved_activations.py)."""
+
+    host_bytes: int = 0  # peak of the offloaded activations in host RAM
+
+
+@dataclass(frozen=True)
 class UnseenTerms:
     """Device memory no fake tensor shows, each named so a plan can explain it."""
 
@@ -100,6 +107,8 @@ class TracedMemory:
     unseen: UnseenTerms
     trace_seconds: float
     quantised: QuantisedWeights | None = None  # the layers bitsandbytes stores quantised
+    adamw_8bit_state_bytes: int | None = None  # bitsandbytes AdamW8bit states of this rank
+    offload_points: tuple[OffloadPoint, ...] = ()  # the micro-steps under activation offload
 
     @property
     def static_device_bytes(self) -> int:
@@ -132,15 +141,23 @@ class TracedMemory:
         """
         smallest = min(p.tokens for p in self.points)
         over_step = self.optimizer_step_bytes - self.activation_bytes_per_token * smallest
+        offload_per_token, offload_fixed, host_per_token = None, 0, 0
+        if self.offload_points:
+            offload_per_token, offload_fixed, _ = fit_line(list(self.offload_points))
+            # A line through zero at or above every traced host peak.
+            host_per_token = max(-(-p.host_bytes // p.tokens) for p in self.offload_points)
         return ModelMemory(
             param_count=self.param_count,
             activation_bytes_per_token=max(self.activation_bytes_per_token, 1),
             param_dtype_bytes=self.param_dtype_bytes,
-            step_fixed_bytes=max(self.step_fixed_bytes, over_step, 0),
+            step_fixed_bytes=max(self.step_fixed_bytes, over_step, offload_fixed, 0),
             trainable_count=self.trainable_count,
             static_device_bytes=dict(self.static_bytes),
             host_offload_bytes=self.host_offload_bytes,
             source="trace",
+            adamw_8bit_state_bytes=self.adamw_8bit_state_bytes,
+            offload_device_bytes_per_token=offload_per_token,
+            offload_host_bytes_per_token=host_per_token,
         )
 
     def reasons(self) -> list[str]:

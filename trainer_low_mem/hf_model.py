@@ -506,13 +506,12 @@ def load_model_folder(
     if from_scratch:
         log.info("%s: random initialisation from config.json", folder)
     if grad_checkpointing:
+        # This also makes the embedding output require grad (transformers'
+        # enable_input_require_grads, the input-grad step of peft's k-bit preparation), so a
+        # checkpointed block whose only trainable weights are adapters still gets gradients.
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-        if quantisation is not None:
-            # peft's k-bit preparation: the embedding output requires grad, so checkpointed
-            # blocks whose only trainable weights are adapters still get gradients.
-            hf_model.enable_input_require_grads()
     hf_model.config.use_cache = False
     # from_pretrained returns eval mode: dropout would stay off until the first eval switched it
     # on, and a resumed run would then differ from an uninterrupted one.

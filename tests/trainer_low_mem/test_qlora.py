@@ -178,9 +178,9 @@ def _facts(inputs: dict[str, Path]) -> DataFacts:
     )
 
 
-def _trained_quantised(folder: Path, bits: str, mixed_precision: str = "no"):
+def _trained_quantised(folder: Path, bits: str, mixed_precision: str = "no", **settings):
     """A quantised LoRA model whose adapters are not zero (as after training)."""
-    cfg = ModelConfig(model=folder, lora_rank=4, **{f"load_in_{bits}": True})
+    cfg = ModelConfig(model=folder, lora_rank=4, **{f"load_in_{bits}": True}, **settings)
     kind = resolve_model_kind(cfg, mixed_precision)
     torch.manual_seed(0)
     model = kind.build(512, document_masking=True, weights=True)
@@ -247,6 +247,15 @@ def test_4bit_eval_computes_what_training_computes(folders, tmp_path):
         assert (exported(input_ids=ids).logits - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_every_adapter_gets_a_gradient_through_checkpointed_quantised_blocks(folders, bits):
+    _, model = _trained_quantised(folders["llama"]["model"], bits, grad_checkpointing=True)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
+    model.train()(ids, labels=ids).loss.backward()
+    adapters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in adapters)
+
+
 def test_adapter_only_export_notes_its_quantised_base(folders, tmp_path):
     inputs = folders["llama"]
     kind, model = _trained_quantised(inputs["model"], "4bit")
@@ -278,6 +287,15 @@ def test_quantisation_is_part_of_the_identity(folders, bits):
     plain = resolve_model_kind(ModelConfig(model=folder, lora_rank=4))
     assert "quantisation" not in plain.identity(512)  # states saved before still match
     assert quantised.identity(512)["quantisation"]["bits"] == int(bits[0])
+
+
+def test_the_merged_export_is_in_the_compute_dtype_unless_asked(folders):
+    folder = folders["llama"]["model"]  # stored in float32
+    cfg = ModelConfig(model=folder, lora_rank=4, load_in_4bit=True)
+    assert resolve_model_kind(cfg, "bf16").export_dtype == "bfloat16"
+    assert resolve_model_kind(cfg, "no").export_dtype == "float32"
+    assert resolve_model_kind(cfg, "bf16").with_export_dtype("float16").export_dtype == "float16"
+    assert resolve_model_kind(cfg, "bf16").with_export_dtype("auto").export_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

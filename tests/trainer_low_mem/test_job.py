@@ -79,6 +79,24 @@ CASES = [
         ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "128", "--lora_rank", "4"],
         True,
     ),
+    (
+        "causal-qlora-4bit",
+        ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "128", "--lora_rank", "4"]
+        + ["--load_in_4bit", "True"],
+        True,
+    ),
+    (
+        "causal-lora-8bit",
+        ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "128", "--lora_rank", "4"]
+        + ["--load_in_8bit", "True"],
+        True,
+    ),
+    (
+        "seq2seq-4bit",
+        ["--data", "t5_sft", "--model", "t5", "--max_seq_len", "128", "--lora_rank", "4"]
+        + ["--load_in_4bit", "True"],
+        False,
+    ),
     # The folder allows 1024 positions: a preset's limit (2048) must not be what is checked.
     (
         "causal-too-long",

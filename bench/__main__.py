@@ -1,4 +1,5 @@
-"""`bench throughput|plan|build|sft|gpu ...` (also `python -m bench`): parse flags, delegate."""
+"""`bench throughput|plan|build|sft|gpu|load|sizing ...` (also `python -m bench`): parse flags,
+delegate."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import tyro
 from bench.config import (
     BuildSpeedConfig,
     GpuCheckConfig,
+    LoadRamConfig,
     PlanCheckConfig,
     SftSpeedConfig,
+    SizingConfig,
     ThroughputConfig,
 )
 from lowmem_core.errors import run_cli
@@ -19,14 +22,25 @@ from lowmem_core.flags import parse_flags
 
 def parse_args(
     argv: list[str],
-) -> ThroughputConfig | PlanCheckConfig | BuildSpeedConfig | SftSpeedConfig | GpuCheckConfig:
-    """The config of the benchmark `argv` names: throughput, plan, build, sft or gpu."""
+) -> (
+    ThroughputConfig
+    | PlanCheckConfig
+    | BuildSpeedConfig
+    | SftSpeedConfig
+    | GpuCheckConfig
+    | LoadRamConfig
+    | SizingConfig
+):
+    """The config of the benchmark `argv` names: throughput, plan, build, sft, gpu, load or
+    sizing."""
     configs = {
         "throughput": ThroughputConfig,
         "plan": PlanCheckConfig,
         "build": BuildSpeedConfig,
         "sft": SftSpeedConfig,
         "gpu": GpuCheckConfig,
+        "load": LoadRamConfig,
+        "sizing": SizingConfig,
     }
     return parse_flags(
         lambda args: tyro.extras.subcommand_cli_from_dict(
@@ -56,6 +70,17 @@ def _main(argv: list[str]) -> int:
         from bench.gpu_check import run_gpu_check
 
         return run_gpu_check(cfg)
+    if isinstance(cfg, LoadRamConfig):
+        from bench.load_ram import ModelSize, run_load_bench
+
+        heads = max(cfg.hidden // 128, 2)
+        size = ModelSize(hidden=cfg.hidden, layers=cfg.layers, heads=heads, kv_heads=heads // 2)
+        run_load_bench(size, cfg.processes, workdir=cfg.workdir)
+        return 0
+    if isinstance(cfg, SizingConfig):
+        from bench.sizing import run_sizing
+
+        return run_sizing(cfg.markdown, cfg.models or None)
     if isinstance(cfg, PlanCheckConfig):
         from bench.plan_check import run_plan_check
 

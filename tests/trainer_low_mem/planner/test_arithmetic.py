@@ -11,6 +11,7 @@ from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import host_memory
 from pipeline.cost import BATCH_BYTES_PER_TOKEN, READER_SCRATCH_BYTES_PER_TOKEN, READER_THREAD_BYTES
 from trainer_low_mem.planner.levers import Levers
+from trainer_low_mem.planner.load_memory import LOAD_PRIVATE_BYTES_PER_PARAM
 
 GiB, MiB = 1 << 30, 1 << 20
 L = 512
@@ -87,8 +88,8 @@ def test_zero2_partitions_grads_and_optimizer_and_offload_moves_states_to_host(g
     assert zero0.device_fixed_bytes == P * 2 + P * 2 + P * 12
     assert zero2.device_fixed_bytes == P * 2 + shard * 2 + buckets + shard * 12
     assert offload.device_fixed_bytes == P * 2 + shard * 2 + buckets
-    # Host: 3 ranks x (fp32 model copy + reader stacks), plus 16 B per offloaded parameter.
-    host_fixed_rank = P * 4 + 4 * READER_THREAD_BYTES
+    # Host: 3 ranks x (the model's load peak + reader stacks), plus 16 B per offloaded parameter.
+    host_fixed_rank = P * LOAD_PRIVATE_BYTES_PER_PARAM + 4 * READER_THREAD_BYTES
     assert zero2.host_fixed_bytes == 3 * host_fixed_rank
     assert offload.host_fixed_bytes == 3 * host_fixed_rank + 3 * shard * 16
 

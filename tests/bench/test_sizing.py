@@ -1,0 +1,73 @@
+"""`bench sizing`: the sizing table comes from `plan` itself for every model, method and machine,
+and what it says holds: the global batch is kept, rows marked as fitting fit the machine's host
+RAM, and the users' known cases land where they must."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import sizing
+from bench.sizing import BEGIN, END, MACHINES, METHODS, MODEL_CONFIGS, PRESETS, size_all
+from lowmem_core.errors import ConfigError
+
+
+def _check_rows(rows, models):
+    assert {(r.model, r.method, r.machine.name) for r in rows} == {
+        (m, method, machine.name) for m in models for method in METHODS for machine in MACHINES
+    }
+    for row in rows:
+        assert row.published.startswith("LLaMA-Factory")
+        if not row.fits:
+            assert row.note, row
+            continue
+        m = row.machine
+        assert row.micro * row.accum * m.gpus == sizing.global_batch(m)
+        assert row.device_peak_bytes <= m.gpu_bytes, row
+        assert row.host_node_bytes <= m.host_bytes, row
+        assert row.host_per_process_bytes * m.gpus <= row.host_node_bytes, row
+
+
+@pytest.fixture(scope="module")
+def preset_rows():
+    return size_all(("small",))
+
+
+def test_the_small_preset_rows_keep_the_batch_and_fit_the_host(preset_rows):
+    _check_rows(preset_rows, ("small",))
+    fitting = {(r.method, r.machine.name) for r in preset_rows if r.fits}
+    assert {("full", m.name) for m in MACHINES} <= fitting
+    assert {("lora", m.name) for m in MACHINES} <= fitting
+
+
+def test_the_global_batch_is_rounded_up_to_the_gpus():
+    assert [sizing.global_batch(m) for m in MACHINES] == [16, 16, 18]
+
+
+def test_the_published_full_figure_is_deepspeeds_estimate():
+    row = sizing.Row("x", "full", MACHINES[2], fits=True, launch="DDP, adamw", params=7 * 10**9)
+    sizing.add_published(row)
+    host, gpu = sizing.deepspeed_zero2_bytes(7 * 10**9, 3, offload=False)
+    assert f"{gpu / sizing.GiB:.1f} GiB/GPU" in row.published
+    assert "LLaMA-Factory Full (bf16 AMP, 32-bit): 120.0 GB" in row.published
+
+
+def test_the_table_goes_between_the_markers_and_the_prose_stays(tmp_path):
+    doc = tmp_path / "SIZING.md"
+    doc.write_text(f"# Sizing\n\nprose\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    sizing.write_into(doc, "| new |")
+    assert doc.read_text() == f"# Sizing\n\nprose\n\n{BEGIN}\n| new |\n{END}\n\nafter\n"
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(ConfigError, match="markers"):
+        sizing.write_into(tmp_path / "bare.md", "| new |")
+
+
+@pytest.mark.slow
+def test_the_whole_table_says_what_the_users_found():
+    models = (*MODEL_CONFIGS, *PRESETS)
+    rows = size_all()
+    _check_rows(rows, models)
+    by = {(r.model, r.method, r.machine.name): r for r in rows}
+    one_16 = MACHINES[1].name
+    full_7b = by[("Qwen1.5-7B", "full", one_16)]
+    assert not full_7b.fits or full_7b.launch.startswith("ZeRO-2 offload")
+    assert by[("Qwen2.5-0.5B", "lora", MACHINES[0].name)].fits

@@ -108,7 +108,8 @@ def trace_step_memory(
         )
         static, optimizer_peak, points = step.run(sorted(set(micro_batches)))
         # Activation offload pays only with a GPU: on the CPU the activations are host RAM.
-        offload_points = step.offload_run(sorted(set(micro_batches)), static, device_type)
+        # Its line is fitted through the two largest sizes, as the plain line's slope is.
+        offload_points = step.offload_run(sorted(set(micro_batches))[-2:], static, device_type)
         round_to = CUDA_BLOCK_BYTES if device_type == "cuda" else 1
         adamw_8bit_bytes = adamw_8bit_state_bytes((p.numel() for p in trainable), round_to)
     n_trainable = sum(p.numel() for p in trainable)

@@ -12,7 +12,7 @@ import pytest
 from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import DEFAULT_HOST_SAFETY_FRAC, format_bytes
 from pipeline.cost import BATCH_BYTES_PER_TOKEN
-from trainer_low_mem.planner import ModelMemory, Plan
+from trainer_low_mem.planner import ModelMemory, Plan, analytic_model_memory
 from trainer_low_mem.planner.levers import PLAN_FLAG_LEVERS
 from trainer_low_mem.planner.optimizer_states import adamw_8bit_state_bytes
 
@@ -171,3 +171,21 @@ def test_a_plan_keeps_its_levers_through_derivation_and_saving(lever_plan):
         "try --grad_checkpointing=True, --optimizer adamw_8bit, ZeRO-2 with optimizer offload, "
         "or a shorter --max_seq_len"
     )
+
+
+def test_the_analytic_count_keeps_one_layers_saved_activations_on_the_device_under_offload():
+    from trainer_low_mem.model import ModelPreset
+
+    shape = ModelPreset(
+        vocab_size=259, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=512
+    )
+    # Per layer and token (d=64, h=4, f=256, b=2) autograd keeps 2968 bytes (test_model_memory).
+    m = analytic_model_memory(shape, seq_len=128, dtype_bytes=2, loss_chunk_tokens=1024)
+    assert m.offload_host_bytes_per_token == 2 * 2968
+    assert m.offload_device_bytes_per_token == m.activation_bytes_per_token - 2968
+    # Checkpointing keeps each block's input (bd = 128 bytes) and recomputes one layer.
+    ckpt = analytic_model_memory(
+        shape, seq_len=128, dtype_bytes=2, loss_chunk_tokens=1024, grad_checkpointing=True
+    )
+    assert ckpt.offload_host_bytes_per_token == 2 * 128
+    assert ckpt.offload_device_bytes_per_token == ckpt.activation_bytes_per_token - 128

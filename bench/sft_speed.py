@@ -471,11 +471,14 @@ def targets(row: dict) -> dict:
     }
 
 
-def run_sft_bench(cfg: SftSpeedConfig, progress=print) -> dict:
-    """Run every configuration, sides interleaved; return the JSON-ready report."""
+def run_sft_bench(cfg: SftSpeedConfig, progress=print, on_configuration=None) -> dict:
+    """Run every configuration, sides interleaved; return the JSON-ready report.
+    `on_configuration(report)` gets the report so far after each configuration (a long run
+    interrupted still leaves the configurations it finished)."""
     from bench.machine import machine_facts
     from bench.trl_side import trl_missing
 
+    started = time.perf_counter()
     cache = Path(cfg.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     skipped = trl_missing()
@@ -514,18 +517,23 @@ def run_sft_bench(cfg: SftSpeedConfig, progress=print) -> dict:
             finally:
                 shutil.rmtree(saved, ignore_errors=True)
             eval_loss[f"{tuning}/{seq_len}"] = scored["eval_loss"]
-    return {
-        "machine": machine_facts(),
-        "config": {
-            **asdict(cfg),
-            "cache_dir": str(cfg.cache_dir),
-            "json_path": str(cfg.json_path) if cfg.json_path else None,
-            "tokenizer": str(_tokenizer_source(cfg) or "sample model BPE"),
-        },
-        "trl_skipped": skipped,
-        "runs": runs,
-        "comparisons": compare(runs, eval_loss),
-    }
+            report = {
+                "machine": machine_facts(),
+                "config": {
+                    **asdict(cfg),
+                    "cache_dir": str(cfg.cache_dir),
+                    "json_path": str(cfg.json_path) if cfg.json_path else None,
+                    "tokenizer": str(_tokenizer_source(cfg) or "sample model BPE"),
+                },
+                "trl_skipped": skipped,
+                "wall_s": time.perf_counter() - started,
+                "complete": len(eval_loss) == len(cfg.tuning) * len(cfg.seq_lens),
+                "runs": runs,
+                "comparisons": compare(runs, eval_loss),
+            }
+            if on_configuration is not None:
+                on_configuration(report)
+    return report
 
 
 def _mark(ok: bool | None) -> str:
@@ -567,7 +575,13 @@ def table(report: dict) -> str:
 def run_and_report(cfg: SftSpeedConfig) -> int:
     from bench.machine import describe
 
-    report = run_sft_bench(cfg, progress=lambda line: print(line, file=sys.stderr))
+    def write(report: dict) -> None:
+        print(table(report), file=sys.stderr)
+        if cfg.json_path is not None:
+            cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
+            cfg.json_path.write_text(json.dumps(report, indent=1) + "\n")
+
+    report = run_sft_bench(cfg, lambda line: print(line, file=sys.stderr), write)
     print(describe(report["machine"]))
     print(
         f"tokenizer {report['config']['tokenizer']}; one pass per side over the same records, "
@@ -581,9 +595,6 @@ def run_and_report(cfg: SftSpeedConfig) -> int:
     print(
         f"targets: label tokens/s >= {TARGET_SPEEDUP:g}x TRL's everywhere; peak RSS <= "
         f"{TARGET_RSS_RATIO:g}x TRL's at rows of {RSS_TARGET_SEQ_LEN}+; eval loss within "
-        f"{EVAL_LOSS_TOLERANCE:.0%} of TRL's"
+        f"{EVAL_LOSS_TOLERANCE:.0%} of TRL's; the whole run took {report['wall_s'] / 60:.0f} min"
     )
-    if cfg.json_path is not None:
-        cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json_path.write_text(json.dumps(report, indent=1) + "\n")
     return 0

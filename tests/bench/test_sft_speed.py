@@ -174,14 +174,16 @@ def test_trl_side_is_skipped_with_one_line_when_trl_is_not_importable(tmp_path, 
     monkeypatch.setattr(
         sft_speed, "_evaluate", lambda inputs, models, cfg: {"eval_loss": {"ours": 9.0}}
     )
-    lines = []
-    cfg = SftSpeedConfig(tuning=("full",), seq_lens=(512,), repeats=2, cache_dir=tmp_path)
-    report = run_sft_bench(cfg, progress=lines.append)
-    assert sides == ["ours", "ours"]
+    lines, partial = [], []
+    cfg = SftSpeedConfig(tuning=("full",), seq_lens=(512, 1024), repeats=2, cache_dir=tmp_path)
+    report = run_sft_bench(cfg, lines.append, partial.append)
+    assert sides == ["ours"] * 4
     skipped = [line for line in lines if "TRL side skipped" in line]
     assert len(skipped) == 1 and "pip install 'lowmem-pipeline[trl]'" in skipped[0]
     assert report["trl_skipped"] is not None
-    (row,) = report["comparisons"]
+    # The report so far after each configuration: a long run cut short keeps what it finished.
+    assert [(len(r["comparisons"]), r["complete"]) for r in partial] == [(1, False), (2, True)]
+    row = report["comparisons"][0]
     assert "trl" not in row and "ours_over_trl" not in row and row["ours"]["eval_loss"] == 9.0
     assert (
         table(report)

@@ -210,6 +210,7 @@ class _Run:
             max_grad_norm=o.max_grad_norm,
             max_bad_steps=o.max_bad_steps,
             offload_activations=self.plan.offload_activations,
+            memory_advice=self.plan.memory_advice(),
         )
         self._apply_plan_sizes()
 

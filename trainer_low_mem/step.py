@@ -53,6 +53,7 @@ class Stepper:
         max_grad_norm: float,
         max_bad_steps: int = 3,
         offload_activations: bool = False,
+        memory_advice: str = "try a shorter --max_seq_len",
     ):
         self.accelerator, self.ctx = accelerator, ctx
         self.labels_shifted = labels_shifted  # the batch spec's (pipeline/batch_spec.py)
@@ -65,6 +66,7 @@ class Stepper:
         self.skipped = False  # whether the last step was skipped
         self.injector = oom.OomInjector(ctx.rank)
         self.offload_activations = offload_activations
+        self.memory_advice = memory_advice  # the plan's: only levers that are off
 
     def set_sizes(self, micro_batch: int, accumulation: int, global_batch: int) -> None:
         """Give accelerate and DeepSpeed the plan's micro-batch and accumulation."""
@@ -95,7 +97,7 @@ class Stepper:
                         # its gradient partitions, which cannot be rolled back from here.
                         raise MemoryLimitError(
                             f"out of memory in a DeepSpeed step ({failure}); restart with a "
-                            "smaller --batch_size_per_gpu or --grad_checkpointing=True"
+                            f"smaller --batch_size_per_gpu, or {self.memory_advice}"
                         )
                     return failure
                 _, detail = oom.attempt(self._backward, token_loss_sum * scale, last)

@@ -377,7 +377,8 @@ def _nothing_fits(
                 f"{levers.offload_optimizer} moves {format_bytes(optimizer)} of optimizer "
                 "states to host RAM"
             )
-        cuts = [x for x in (levers.grad_checkpointing, levers.shorter_rows) if x is not None]
+        checkpointing = None if fp.grad_checkpointing else levers.grad_checkpointing
+        cuts = [x for x in (checkpointing, levers.shorter_rows) if x is not None]
         hints.append(f"{' or '.join(cuts)} cuts activations")
     else:
         if states.offloaded:

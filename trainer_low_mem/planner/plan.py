@@ -187,14 +187,15 @@ class Plan:
             raise MemoryLimitError(
                 f"out of memory at micro-batch 1 (planned peak "
                 f"{format_bytes(self.device_peak_bytes_planned)} of "
-                f"{format_bytes(self.device_budget_bytes)}); {self._levers_off()}"
+                f"{format_bytes(self.device_budget_bytes)}); {self.memory_advice()}"
             )
         half = self.micro_batch_per_rank // 2
         micro = max(m for m in divisors(self.per_rank_batch) if m <= half)
         return self.with_micro_batch(micro, "halved after running out of memory")
 
-    def _levers_off(self) -> str:
-        """Advice naming only the memory levers this plan runs without."""
+    def memory_advice(self) -> str:
+        """What to try after running out of memory, naming only the levers this plan is
+        without (8-bit states not under DeepSpeed, activation offload only with a GPU)."""
         fp = self.footprint
         off = [] if fp is not None and fp.grad_checkpointing else ["--grad_checkpointing=True"]
         if self.optimizer == "adamw" and (fp is None or not fp.zero_stage):

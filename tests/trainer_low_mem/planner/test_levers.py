@@ -189,3 +189,15 @@ def test_the_analytic_count_keeps_one_layers_saved_activations_on_the_device_und
     )
     assert ckpt.offload_host_bytes_per_token == 2 * 128
     assert ckpt.offload_device_bytes_per_token == ckpt.activation_bytes_per_token - 128
+
+
+def test_checkpointing_that_is_on_is_not_advised_whatever_the_levers_say(lever_plan):
+    # The plan knows --grad_checkpointing itself: advice from any caller's levers omits it.
+    with pytest.raises(MemoryLimitError) as info:
+        lever_plan(LARGE_ACTIVATIONS, top=1000 * MB, grad_checkpointing=True)
+    assert "--grad_checkpointing" not in str(info.value)
+    with pytest.raises(MemoryLimitError) as info:
+        lever_plan(LARGE_ACTIVATIONS, top=1000 * MB, grad_checkpointing=False)
+    assert "--grad_checkpointing=True or a shorter --max_seq_len cuts activations" in str(
+        info.value
+    )

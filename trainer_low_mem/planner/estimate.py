@@ -76,7 +76,16 @@ def estimate_model_memory(
     """
     precision, seq_len = config.training.mixed_precision, config.data.max_seq_len
     if device == "cuda" and model is not None and not deepspeed:
-        return _probe(model, shape, seq_len, precision, batch_spec)
+        probed = _probe(model, shape, seq_len, precision, batch_spec)
+        proportions = analytic_model_memory(
+            shape,
+            seq_len,
+            grad_checkpointing=config.model.grad_checkpointing,
+            dtype_bytes=4 if precision == "no" else 2,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
+        lever_memory = with_lever_figures(probed.memory, model, proportions)
+        return dataclasses.replace(probed, memory=lever_memory)
     analytic = analytic_model_memory(
         shape,
         seq_len,
@@ -142,6 +151,25 @@ def _placed(memory: ModelMemory, zero_stage: int, offload: bool, world_size: int
         DEFAULT_REDUCE_BUCKET_ELEMENTS,
     )
     return dataclasses.replace(memory, static_device_bytes=placed, host_offload_bytes=host)
+
+
+def with_lever_figures(memory: ModelMemory, model: nn.Module, analytic: ModelMemory) -> ModelMemory:
+    """A probe's memory with what its measured steps do not show: the 8-bit AdamW states of the
+    model's trainable parameters, counted exactly, and the activation-offload split, taken in
+    the analytic count's proportions of the measured bytes per token."""
+    from trainer_low_mem.planner.optimizer_states import adamw_8bit_state_bytes
+    from trainer_low_mem.planner.trace import CUDA_BLOCK_BYTES
+
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    per_token, whole = memory.activation_bytes_per_token, analytic.activation_bytes_per_token
+    device = analytic.offload_device_bytes_per_token
+    host = analytic.offload_host_bytes_per_token
+    return dataclasses.replace(
+        memory,
+        adamw_8bit_state_bytes=adamw_8bit_state_bytes(trainable, CUDA_BLOCK_BYTES),
+        offload_device_bytes_per_token=-(-per_token * device // whole),
+        offload_host_bytes_per_token=-(-per_token * host // whole),
+    )
 
 
 def meta_copy_factory(model: nn.Module) -> ModelFactory:

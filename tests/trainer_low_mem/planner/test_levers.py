@@ -201,3 +201,22 @@ def test_checkpointing_that_is_on_is_not_advised_whatever_the_levers_say(lever_p
     assert "--grad_checkpointing=True or a shorter --max_seq_len cuts activations" in str(
         info.value
     )
+
+
+def test_a_gpu_probe_gets_the_8bit_states_and_offload_split_it_cannot_measure():
+    from trainer_low_mem.model import MODEL_PRESETS, DecoderLM
+    from trainer_low_mem.planner.estimate import with_lever_figures
+
+    model = DecoderLM(MODEL_PRESETS["tiny"])
+    analytic = analytic_model_memory(model.preset, seq_len=128, dtype_bytes=4)
+    probed = ModelMemory(param_count=P, activation_bytes_per_token=30_000, source="probe")
+    memory = with_lever_figures(probed, model, analytic)
+    numels = [p.numel() for p in model.parameters()]
+    assert memory.adamw_8bit_state_bytes == adamw_8bit_state_bytes(numels, round_to=512)
+    whole = analytic.activation_bytes_per_token
+    assert memory.offload_host_bytes_per_token == math.ceil(
+        30_000 * analytic.offload_host_bytes_per_token / whole
+    )
+    assert memory.offload_device_bytes_per_token == math.ceil(
+        30_000 * analytic.offload_device_bytes_per_token / whole
+    )

@@ -67,10 +67,11 @@ def lever_options(
 ) -> list[Option]:
     """The options a plan tries, in `LEVER_ORDER`; a lever the user fixed stays fixed.
 
-    8-bit states are refused under DeepSpeed: ZeRO steps only the optimizers it has tested
-    (bitsandbytes' is not one) on flattened fp32 partitions, and with optimizer offload its CPU
-    Adam keeps the states in host RAM anyway. Offload is tried by "auto" only on a GPU (on the
-    CPU the activations are in host RAM already) and where the estimate counts it.
+    8-bit states are refused under DeepSpeed: ZeRO takes bitsandbytes' optimizer only with
+    `zero_allow_untested_optimizer` and steps it on flattened fp32 partitions (not tested here),
+    and with optimizer offload its CPU Adam keeps the states in host RAM anyway. Offload is
+    tried by "auto" only on a GPU (on the CPU the activations are in host RAM already) and
+    where the estimate counts it.
     """
     if optimizer not in ("auto", "adamw", "adamw_8bit"):
         raise ConfigError(f"--optimizer must be auto, adamw or adamw_8bit, got {optimizer!r}")
@@ -83,9 +84,9 @@ def lever_options(
         )
     if optimizer == "adamw_8bit" and zero_stage:
         raise ConfigError(
-            "--optimizer adamw_8bit runs without DeepSpeed only: ZeRO steps only the optimizers "
-            "it has tested, and bitsandbytes' 8-bit AdamW is not one; drop --optimizer "
-            "adamw_8bit or launch without DeepSpeed"
+            "--optimizer adamw_8bit runs without DeepSpeed only: ZeRO takes bitsandbytes' 8-bit "
+            "AdamW only as an untested optimizer stepped on its flattened partitions; drop "
+            "--optimizer adamw_8bit or launch without DeepSpeed"
         )
     optimizers = {"adamw": ["adamw"], "adamw_8bit": ["adamw_8bit"]}.get(
         optimizer, ["adamw"] if zero_stage else ["adamw", "adamw_8bit"]
@@ -141,7 +142,7 @@ def lever_reasons(
     if offload_given != "auto":
         why = "given (--offload_activations {given})"
         if offload and on_gpu:
-            why += ": {host_per_token} B/token of pinned host RAM per micro-batch token"
+            why += ": {host_per_token} B/token of pinned host RAM, one micro-batch at a time"
     elif offload:
         why = (
             "saved activations wait in pinned host RAM ({host_per_token} B/token, device "

@@ -15,5 +15,11 @@ PROMPT_LENGTHS_COLUMN = "prompt_lengths"
 # 1 where the build cut the sample's response to fit --max-sample-tokens (its EOS is no target).
 # Shards written before it existed lack it: no response of theirs counts as cut.
 RESPONSE_CUT_COLUMN = "response_cut"
+# Chat datasets: a list<uint32> column beside PROMPT_LENGTHS_COLUMN holding, flat, the (start,
+# length) token spans of a document that carry labels (its assistant turns), or an empty list
+# where the labels are the one span from the prompt length to the end. A document with spans
+# keeps the start of its last span as its prompt length, so a reader that knows only prompt
+# lengths trains its last turn. Shards (and datasets) written before it existed lack it.
+LABEL_SPANS_COLUMN = "label_spans"
 KIND_TEXT = "text"
 KIND_SFT = "sft"

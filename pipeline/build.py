@@ -5,8 +5,8 @@ Inputs are read in chunks of documents (pipeline/sources.py), tokenised a chunk 
 releasing the GIL) by `num_proc` threads, and handed to the shard writer (pipeline/shards.py)
 in a temporary folder beside the output, which replaces the output only when every file and
 `index.json` are complete and fsynced (pipeline/output.py). With `--sft`, each prompt/response
-record becomes one document and its prompt length (pipeline/sft.py), and index.json says
-"kind": "sft".
+or chat record becomes one document with its prompt length and, for a chat with several
+supervised turns, its labelled spans (pipeline/sft.py), and index.json says "kind": "sft".
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lowmem_core.locks import FolderLock
 from pipeline import output, sources
 from pipeline.config import BuildConfig
 from pipeline.output import check_out
-from pipeline.sft import LazyChat, SftFields, encode_pairs, limit_samples, split_records
+from pipeline.sft import LazyChat, SftFields, encode_records, limit_samples, split_records
 from pipeline.shards import ShardWriter
 from pipeline.sources import (
     Chunk,
@@ -73,6 +73,9 @@ class BuildReport:
     max_sample_tokens: int | None = None
     samples_tokenised_apart: int = 0  # sft samples whose whole ids do not start with the prompt's
     tokenizing: str | None = None  # how a tokenizer.json encoded the texts, for the user
+    turns: int = 0  # assistant turns in the chat records
+    turns_supervised: int = 0  # of them labelled (--train-on-turns)
+    label_tokens: int = 0  # sft: tokens that carry labels, with the EOS the loader appends
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,6 +109,12 @@ class BuildReport:
                 f"{self.samples_truncated} truncated (response cut at the end), "
                 f"{self.samples_dropped} dropped; the EOS after a cut response is no target"
             )
+        if self.turns:
+            lines.append(
+                f"labelled {self.turns_supervised:,} of {self.turns:,} assistant turns in chat "
+                f"records (--train-on-turns); {self.label_tokens:,} label tokens of "
+                f"{self.num_tokens:,}, with the EOS after each sample"
+            )
         if self.samples_tokenised_apart:
             lines.append(
                 f"{self.samples_tokenised_apart} samples have a token spanning the end of the "
@@ -133,6 +142,9 @@ class EncodedChunk:
     samples_dropped: int = 0
     samples_tokenised_apart: int = 0
     unsplit_stretches: int = 0
+    spans: tuple[np.ndarray, np.ndarray] | None = None  # sft: (span counts, (S, 2) spans)
+    turns: tuple[int, int] = (0, 0)  # sft: assistant turns, of them supervised
+    label_tokens: int = 0  # sft: labelled tokens, with the EOS after each uncut sample
 
 
 def encode_chunk(chunk: Chunk, tokenizer, dtype: np.dtype, strip: bool) -> EncodedChunk:
@@ -243,12 +255,13 @@ def _encode_records(
     fields: SftFields,
     chat: LazyChat | None,
     limit: tuple[int, str] | None,
+    last_only: bool = False,
 ) -> EncodedChunk:
-    """Prompt/response records -> one document each (prompt then response) + prompt lengths."""
-    prompts, responses = split_records(
-        chunk.records, fields, str(chunk.source.path), chat, chunk.first, chunk.unit
+    """Prompt/response and chat records -> one document each + prompt lengths and spans."""
+    parsed = split_records(
+        chunk.records, fields, str(chunk.source.path), chat, chunk.first, chunk.unit, last_only
     )
-    pairs = encode_pairs(tokenizer, prompts, responses, tokenizer.prefix, tokenizer.eos_id)
+    pairs = encode_records(tokenizer, parsed, tokenizer.prefix, tokenizer.eos_id)
     _check_ids(pairs.values, tokenizer, f"the tokenizer {tokenizer.id} produced")
     truncated = dropped = 0
     if limit is not None:
@@ -266,6 +279,9 @@ def _encode_records(
         truncated,
         dropped,
         pairs.tokenised_apart,
+        spans=(pairs.span_counts, pairs.spans),
+        turns=(pairs.turns, pairs.turns_supervised),
+        label_tokens=pairs.label_tokens + int((~pairs.response_cut).sum()),
     )
 
 
@@ -354,12 +370,20 @@ def _write(
         fields = SftFields(cfg.prompt_field, cfg.response_field, cfg.messages_field)
         names = (fields.prompt, fields.response, fields.messages)
         chunks = (chunk for source in sources for chunk in read_records(source, names))
-        chat = LazyChat(Path(cfg.tokenizer)) if Path(cfg.tokenizer).is_dir() else None
+        chat = None
+        if Path(cfg.tokenizer).is_dir():
+            chat = LazyChat(Path(cfg.tokenizer), cfg.template_kwargs(), tokenizer.eos_id)
         limit = None
         if cfg.max_sample_tokens is not None:
             limit = (cfg.max_sample_tokens, cfg.long_samples)
         encode = partial(
-            _encode_records, tokenizer=tokenizer, dtype=dtype, fields=fields, chat=chat, limit=limit
+            _encode_records,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            fields=fields,
+            chat=chat,
+            limit=limit,
+            last_only=cfg.train_on_turns == "last",
         )
     else:
         options = ReadOptions(text_field=cfg.text_field, split=cfg.split, cut=tokenizer.safe_cut)
@@ -369,6 +393,7 @@ def _write(
     skipped: dict[str, list[int]] = {}
     in_pieces = unsplit = 0
     cut = [0, 0, 0]  # samples truncated, dropped, tokenised apart
+    turns = [0, 0, 0]  # assistant turns, of them supervised, label tokens
     # A with-block closes the bar on errors too, so the error line starts a line of its own.
     with (
         tqdm(unit=" docs", unit_scale=True, desc="build", disable=not progress) as bar,
@@ -377,8 +402,15 @@ def _write(
     ):
         for result in ordered_map(encode, chunks, cfg.num_proc):
             writer.append(
-                result.encoded, result.tail_continues, result.prompt_lengths, result.response_cut
+                result.encoded,
+                result.tail_continues,
+                result.prompt_lengths,
+                result.response_cut,
+                result.spans,
             )
+            turns[0] += result.turns[0]
+            turns[1] += result.turns[1]
+            turns[2] += result.label_tokens
             if result.skipped_empty or result.skipped_null:
                 counts = skipped.setdefault(str(result.source.path), [0, 0])
                 counts[0] += result.skipped_empty
@@ -436,6 +468,8 @@ def _write(
             "dropped": cut[1],
         }
         index["build"]["tokenised_apart"] = cut[2]
+        index["build"]["label_tokens"] = turns[2]
+        index["build"]["chat"] = _chat_record(cfg, chat, turns)
         index["build"]["fields"] = {
             "prompt": cfg.prompt_field,
             "response": cfg.response_field,
@@ -458,7 +492,27 @@ def _write(
         cfg.max_sample_tokens,
         cut[2],
         _tokenizing_note(index["build"]["fast_bpe"]),
+        turns[0],
+        turns[1],
+        turns[2],
     )
+
+
+def _chat_record(cfg: BuildConfig, chat: LazyChat | None, turns: list[int]) -> dict:
+    """What index.json says of the chat records: the template's keyword arguments, which turns
+    were labelled, and how the template ends a turn (its final EOS is dropped, as the loader
+    appends one after every sample)."""
+    template = chat.loaded if chat is not None else None
+    return {
+        "train_on_turns": cfg.train_on_turns,
+        "template_kwargs": cfg.template_kwargs(),
+        "assistant_turns": turns[0],
+        "turns_supervised": turns[1],
+        "generation_markers": template.markers if template else None,
+        "turn_end": template.turn_end if template else None,
+        "turn_ends_with_eos": template.turn_ends_with_eos if template else None,
+        "eos_after_sample": "appended by the loader (a final EOS the template writes is dropped)",
+    }
 
 
 def _tokenizing_note(fast_bpe: dict | None) -> str | None:
@@ -467,6 +521,8 @@ def _tokenizing_note(fast_bpe: dict | None) -> str | None:
     if "refused" in fast_bpe:
         return f"tokenised with tokenizers alone, no exact fast path: {fast_bpe['refused']}"
     rest = "" if fast_bpe["fast_texts"] == fast_bpe["texts"] else "; the rest with tokenizers"
+    if fast_bpe.get("left"):
+        rest += " (" + "; ".join(f"{n:,}: {why}" for why, n in fast_bpe["left"].items()) + ")"
     return (
         f"tokenised {fast_bpe['fast_texts']:,} of {fast_bpe['texts']:,} texts with tiktoken, "
         f"whose ids provably equal the tokenizer's ({fast_bpe['split']} split){rest}"

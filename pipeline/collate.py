@@ -5,11 +5,14 @@ parallel. A batch is described by *segments*: runs of consecutive tokens of one 
 with where it comes from (`seg_src`, a global token index), how many tokens (`seg_n`), where it
 lands in the flat B*L output (`seg_dst`), where its document started in output coordinates
 (`seg_doc0`, may be negative: positions restart at document starts), where the document's EOS
-lands (`seg_eos`, -1 if outside this batch), and how many of its first tokens are prompt tokens
-(`seg_prompt`: label -100, no loss; prompt/response datasets only).
+lands (`seg_eos`, -1 if outside this batch), how many of its first tokens are prompt tokens
+(`seg_prompt`: label -100, no loss; prompt/response datasets only), and its document
+(`seg_doc`). A document with labelled spans (multi-turn chats) gets no prompt count: every token
+of it outside its spans gets label -100 (`mask_outside_spans`).
 Labels are unshifted (the label at a position is the token there; the model shifts them).
 Filling a batch: segments -> `emit_from_chunks` (tokens, labels and positions in one pass) ->
-`finish_rows` (EOS, prompt masking, padding). `sample_starts` lays out whole-sample packing.
+`finish_rows` (EOS, prompt masking, padding) -> `mask_outside_spans` (datasets with spans).
+`sample_starts` lays out whole-sample packing.
 Every kernel is tested against a plain numpy reference in tests/pipeline/test_collate.py.
 """
 
@@ -31,7 +34,7 @@ _pread.restype = ctypes.c_ssize_t
 
 
 class Segments(NamedTuple):
-    """Scratch for one batch's segments: six (capacity,) int64 arrays (see the module docstring).
+    """Scratch for one batch's segments: seven (capacity,) int64 arrays (see the module docstring).
 
     A reader thread keeps one and reuses it; a call fills the first `count` entries of each.
     """
@@ -42,10 +45,11 @@ class Segments(NamedTuple):
     doc0: np.ndarray
     eos: np.ndarray
     prompt: np.ndarray
+    doc: np.ndarray
 
     @classmethod
     def empty(cls, capacity: int) -> Segments:
-        return cls(*np.empty((6, capacity), dtype=np.int64))
+        return cls(*np.empty((7, capacity), dtype=np.int64))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -67,9 +71,12 @@ def sample_starts(lengths, seq_len, starts):
 
 
 @numba.njit(nogil=True, cache=True)
-def _masked(prompt_lengths, doc, lo, hi):
-    """How many of a document's tokens [lo, hi) are prompt tokens (all at the segment's start)."""
+def _masked(prompt_lengths, span_starts, doc, lo, hi):
+    """How many of a document's tokens [lo, hi) are prompt tokens (all at the segment's start);
+    0 for a document with labelled spans (`mask_outside_spans` labels those)."""
     if prompt_lengths.shape[0] == 0:
+        return 0
+    if span_starts.shape[0] and span_starts[doc + 1] > span_starts[doc]:
         return 0
     return max(min(hi, prompt_lengths[doc]) - lo, 0)
 
@@ -80,6 +87,7 @@ def packing_segments(
     cum,
     doc_starts,
     prompt_lengths,
+    span_starts,
     s0,
     s1,
     seg_src,
@@ -88,12 +96,14 @@ def packing_segments(
     seg_doc0,
     seg_eos,
     seg_prompt,
+    seg_doc,
 ):
     """Segments of flat positions [s0, s1): permuted document k at cum[k], its EOS right after.
 
     perm: (N,) permuted document ids; cum: (N+1,) flat start of each permuted document (back to
     back in stream packing, with padding gaps in whole-sample packing). prompt_lengths: (N,)
-    prompt tokens per document, or empty when no token is masked. Returns the segments written.
+    prompt tokens per document, or empty when no token is masked; span_starts: the dataset's
+    (N+1,) span rows, or empty. Returns the segments written.
     """
     num_docs = perm.shape[0]
     k = np.searchsorted(cum, s0, side="right") - 1
@@ -110,7 +120,8 @@ def packing_segments(
         seg_doc0[nseg] = cum[k] - s0
         eos_at = cum[k] + length
         seg_eos[nseg] = eos_at - s0 if s0 <= eos_at < s1 else -1
-        seg_prompt[nseg] = _masked(prompt_lengths, doc, lo, hi)
+        seg_prompt[nseg] = _masked(prompt_lengths, span_starts, doc, lo, hi)
+        seg_doc[nseg] = doc
         nseg += 1
         k += 1
     return nseg
@@ -122,6 +133,7 @@ def padding_segments(
     row_cum,
     doc_starts,
     prompt_lengths,
+    span_starts,
     r0,
     r1,
     seq_len,
@@ -131,6 +143,7 @@ def padding_segments(
     seg_doc0,
     seg_eos,
     seg_prompt,
+    seg_doc,
 ):
     """One segment per global row in [r0, r1): piece `r - row_cum[k]` of permuted document k,
     which has ceil((len+1)/seq_len) pieces; its EOS ends the last (possibly token-less) piece."""
@@ -150,7 +163,8 @@ def padding_segments(
         seg_dst[nseg] = dst
         seg_doc0[nseg] = dst
         seg_eos[nseg] = dst + n if r == row_cum[k + 1] - 1 else -1
-        seg_prompt[nseg] = _masked(prompt_lengths, doc, offset, offset + n)
+        seg_prompt[nseg] = _masked(prompt_lengths, span_starts, doc, offset, offset + n)
+        seg_doc[nseg] = doc
         nseg += 1
     return nseg
 
@@ -265,6 +279,35 @@ def finish_rows(
             end = e + 1
     _pad(ids, labels, pos, end, ids.shape[0], pad_id)
     return useful
+
+
+@numba.njit(nogil=True, cache=True)
+def mask_outside_spans(
+    labels, doc_starts, span_starts, spans, seg_src, seg_n, seg_dst, seg_doc, nseg
+):
+    """After `finish_rows`: label -100 every token of a segment whose document has labelled
+    spans (rows [span_starts[doc], span_starts[doc + 1]) of spans (S, 2): start and length in
+    the document, in order) that lies outside them. Returns the positions unlabelled here."""
+    cleared = 0
+    for i in range(nseg):
+        doc = seg_doc[i]
+        first, last = span_starts[doc], span_starts[doc + 1]
+        if first == last or seg_n[i] == 0:
+            continue
+        lo = seg_src[i] - doc_starts[doc]  # the segment's tokens are [lo, hi) of its document
+        hi = lo + seg_n[i]
+        shift = seg_dst[i] - lo  # output position of document token t: t + shift
+        x = lo  # tokens before x are done
+        for j in range(first, last + 1):
+            gap_end = hi if j == last else min(spans[j, 0], hi)
+            for t in range(x, gap_end):
+                labels[t + shift] = IGNORE_INDEX
+            cleared += max(gap_end - x, 0)
+            if j < last:
+                x = max(x, min(spans[j, 0] + spans[j, 1], hi))
+            if x >= hi:
+                break
+    return cleared
 
 
 @numba.njit(nogil=True, cache=True)

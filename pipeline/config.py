@@ -6,6 +6,7 @@ dataclasses by tyro (pipeline/__main__.py), and validation happens in `__post_in
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,14 @@ class BuildConfig:
     messages_field: str = "messages"
     """With --sft: the field holding a chat ([{role, content}, ...], the last one the
     assistant's), rendered with the --tokenizer folder's chat template instead of the two above."""
+    train_on_turns: Literal["all", "last"] = "all"
+    """With --sft, for records with messages: put loss on every assistant turn (its text and the
+    end-of-turn token the template writes after it), or on the last one only. System, user and
+    tool messages are never trained."""
+    chat_template_kwargs: str | None = None
+    """With --sft: a JSON object of keyword arguments for the chat template, such as
+    '{"enable_thinking": false}'; each must be a variable the template reads. Recorded in
+    index.json."""
     max_sample_tokens: int | None = None
     """With --sft: samples longer than this (tokens + the EOS the loader adds; usually the
     trainer's --max_seq_len) are handled by --long-samples; default: no limit."""
@@ -97,12 +106,32 @@ class BuildConfig:
                 f"--long-samples {self.long_samples} needs --max-sample-tokens N (the longest "
                 "sample to keep whole, usually the trainer's --max_seq_len)"
             )
+        if not self.sft and (self.train_on_turns != "all" or self.chat_template_kwargs):
+            raise ConfigError(
+                "--train-on-turns and --chat-template-kwargs apply to chat records; add --sft"
+            )
+        self.template_kwargs()  # a bad JSON object fails here, before any work
         fields = (self.prompt_field, self.response_field, self.messages_field)
         if not self.sft and fields != ("prompt", "response", "messages"):
             raise ConfigError(
                 "--prompt-field/--response-field/--messages-field apply to prompt/response "
                 "builds; add --sft, or name the text field with --text-field"
             )
+
+    def template_kwargs(self) -> dict:
+        """--chat-template-kwargs as a dict ({} when not given)."""
+        if self.chat_template_kwargs is None:
+            return {}
+        try:
+            kwargs = json.loads(self.chat_template_kwargs)
+        except json.JSONDecodeError as exc:
+            kwargs = exc
+        if not isinstance(kwargs, dict):
+            raise ConfigError(
+                f"--chat-template-kwargs {self.chat_template_kwargs!r} is not a JSON object; "
+                """write one such as '{"enable_thinking": false}'"""
+            )
+        return kwargs
 
 
 @dataclass

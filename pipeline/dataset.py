@@ -9,7 +9,8 @@ ultra-low-mem `pread`) is decided once at open, in pipeline/storage.py.
 
 A prompt/response dataset (index.json "kind": "sft") also holds each document's prompt length
 and whether the build cut its response to fit (one int64 and one byte per document), kept
-beside the offsets in the same shared file, in either mode.
+beside the offsets in the same shared file, in either mode; a chat dataset whose documents
+hold several assistant turns also their labelled token spans (`label_spans`).
 
 Also opens a `datasets` save_to_disk folder that has a token-id list column, without a rebuild
 (and as "sft" when a `prompt_lengths` integer column sits beside it).
@@ -57,6 +58,8 @@ class _Layout:
     meta: dict  # vocab_size, bos_id, eos_id, pad_id, tokenizer_id, fingerprint, source
     prompt_lengths: np.ndarray | None  # (num_docs,) int64, for a prompt/response dataset
     response_cut: np.ndarray | None  # (num_docs,) uint8, 1: response cut (its EOS no target)
+    span_starts: np.ndarray | None  # (num_docs + 1,) int64 rows of `spans` per document
+    spans: np.ndarray | None  # (S, 2) int64 (start, length) labelled spans
     index_folder: Path  # where the shared index files live (pipeline/index_cache.py)
 
 
@@ -66,8 +69,12 @@ class TokenDataset:
     `kind` is "text" or "sft"; an "sft" dataset's `prompt_lengths` (num_docs,) int64 gives the
     prompt tokens at the start of each document and its `response_cut` (num_docs,) uint8, 1
     where the build cut the response to fit, so the EOS after it is no target (None for
-    "text"). `doc_starts`, `prompt_lengths` and `response_cut` are read-only views of a file
-    shared by the node; `index_folder` holds it and the loader's epoch indexes."""
+    "text"). `label_spans(i)` gives the token spans of document i that carry labels.
+    `doc_starts`, `prompt_lengths`, `response_cut`, `span_starts` and `spans` are read-only
+    views of a file shared by the node; `index_folder` holds it and the loader's epoch
+    indexes. `span_starts` / `spans` are None unless some document has several spans: document
+    i's are rows [span_starts[i], span_starts[i + 1]) of the (S, 2) int64 `spans`, and one
+    with none has the one span from its prompt length to its end."""
 
     def __init__(
         self,
@@ -101,6 +108,8 @@ class TokenDataset:
         self.doc_starts: np.ndarray = layout.doc_starts
         self.prompt_lengths: np.ndarray | None = layout.prompt_lengths
         self.response_cut: np.ndarray | None = layout.response_cut
+        self.span_starts: np.ndarray | None = layout.span_starts
+        self.spans: np.ndarray | None = layout.spans
         self.kind: str = KIND_TEXT if layout.prompt_lengths is None else KIND_SFT
 
     # -- sizes ------------------------------------------------------------------------------
@@ -118,12 +127,29 @@ class TokenDataset:
     @property
     def shared_index_bytes(self) -> int:
         """Bytes of the node's shared index files for this dataset (pipeline/cost.py)."""
-        return cost.shared_index_bytes(len(self), self.kind == KIND_SFT)
+        num_spans = 0 if self.spans is None else int(self.spans.shape[0])
+        return cost.shared_index_bytes(len(self), self.kind == KIND_SFT, num_spans)
 
     @property
     def doc_lengths(self) -> np.ndarray:
         """(num_docs,) int64 tokens per document (computed on each call; 8 bytes per document)."""
         return np.diff(self.doc_starts)
+
+    def label_spans(self, i: int) -> np.ndarray:
+        """(k, 2) int64 (start, length) token spans of document i that carry labels, in order
+        (the loader labels them, and the EOS it appends after the document). A text dataset's
+        document is one span; a prompt/response one the span after its prompt."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for a dataset of {n} documents")
+        i %= n
+        length = int(self.doc_starts[i + 1] - self.doc_starts[i])
+        if self.span_starts is not None and self.span_starts[i + 1] > self.span_starts[i]:
+            return np.array(self.spans[self.span_starts[i] : self.span_starts[i + 1]])
+        start = 0 if self.prompt_lengths is None else int(self.prompt_lengths[i])
+        if start == length:
+            return np.zeros((0, 2), dtype=np.int64)
+        return np.array([[start, length - start]], dtype=np.int64)
 
     # -- reads ------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> np.ndarray:
@@ -272,9 +298,21 @@ def _open_built(path: Path, verify: bool, given_cache) -> tuple[_Layout, list]:
     }
     folder = index_cache.cache_folder(path, fingerprint, given_cache)
     shared = index_cache.doc_arrays(folder, fingerprint, chunks, batches, COLUMN, sft, _REBUILD)
-    starts, prompt_lengths, response_cut = shared
-    layout = _Layout(chunks, starts, token_dtype, meta, prompt_lengths, response_cut, folder)
-    return layout, maps
+    return _layout(chunks, token_dtype, meta, shared, folder), maps
+
+
+def _layout(chunks, token_dtype, meta: dict, shared: dict, folder: Path) -> _Layout:
+    return _Layout(
+        chunks,
+        shared["doc_starts"],
+        np.dtype(token_dtype),
+        meta,
+        shared.get("prompt_lengths"),
+        shared.get("response_cut"),
+        shared.get("span_starts"),
+        shared.get("spans"),
+        folder,
+    )
 
 
 def _open_datasets_folder(path: Path, given_cache) -> tuple[_Layout, list]:
@@ -335,11 +373,7 @@ def _open_datasets_folder(path: Path, given_cache) -> tuple[_Layout, list]:
     folder = index_cache.cache_folder(path, fingerprint, given_cache)
     fix = f"fix or drop the dataset's {PROMPT_LENGTHS_COLUMN!r} column"
     shared = index_cache.doc_arrays(folder, fingerprint, chunks, batches, column, sft, fix)
-    starts, prompt_lengths, response_cut = shared
-    layout = _Layout(
-        chunks, starts, np.dtype(token_dtype), meta, prompt_lengths, response_cut, folder
-    )
-    return layout, maps
+    return _layout(chunks, token_dtype, meta, shared, folder), maps
 
 
 def _token_column(path: Path, schema: pa.Schema) -> tuple[str, np.dtype]:

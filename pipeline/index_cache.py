@@ -1,9 +1,10 @@
 """Index files every process of a node maps instead of holding its own copy.
 
-A dataset's document offsets (and prompt lengths and cut flags) and each epoch's index
-(permutation, row layout and its scalars) grow with the corpus: held privately they cost about
-27 bytes per document in every rank. Here each is written once into a file and mapped read-only
-by every rank, reader and process of the node, so they share its page-cache pages.
+A dataset's document offsets (and prompt lengths, cut flags and labelled spans) and each
+epoch's index (permutation, row layout and its scalars) grow with the corpus: held privately
+they cost about 27 bytes per document in every rank. Here each is written once into a file and
+mapped read-only by every rank, reader and process of the node, so they share its page-cache
+pages.
 
 Writing: whichever process needs a file first takes an flock beside it (it dies with its holder),
 writes `NAME.tmp-*` through a shared mapping, fsyncs it and renames it into place; the others
@@ -46,7 +47,7 @@ import pyarrow as pa
 
 from lowmem_core.durable import atomic_file, fd_sha256
 from lowmem_core.errors import PipelineError
-from lowmem_core.format import PROMPT_LENGTHS_COLUMN, RESPONSE_CUT_COLUMN
+from lowmem_core.format import LABEL_SPANS_COLUMN, PROMPT_LENGTHS_COLUMN, RESPONSE_CUT_COLUMN
 from lowmem_core.memory import format_bytes
 from pipeline import sampler
 from pipeline.output import disk_full
@@ -133,26 +134,45 @@ def doc_arrays(
     column: str,
     sft: bool,
     fix: str,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The dataset's read-only (N+1,) int64 document starts and, for sft, (N,) int64 prompt
-    lengths and (N,) uint8 response-cut flags (1: the build cut the response, so its EOS is no
-    target; 0 for shards without RESPONSE_CUT_COLUMN). `batches`: for each chunk, its record
-    batch (token lists in `column`) over a map of the chunk's file, and that map's base address.
-    Only the process that writes the index file reads (with pread: none of the file's pages stay
-    mapped) and checks the offsets."""
+) -> dict[str, np.ndarray]:
+    """The dataset's read-only arrays: "doc_starts" (N+1,) int64 and, for sft,
+    "prompt_lengths" (N,) int64 and "response_cut" (N,) uint8 (1: the build cut the response,
+    so its EOS is no target; 0 for shards without RESPONSE_CUT_COLUMN); for sft datasets with
+    LABEL_SPANS_COLUMN also "span_starts" (N+1,) int64, document i's labelled spans being rows
+    [span_starts[i], span_starts[i+1]) of "spans" (S, 2) int64 (start, length) (none: the one
+    span from its prompt length). `batches`: for each chunk, its record batch (token lists in
+    `column`) over a map of the chunk's file, and that map's base address. Only the process
+    that writes the index file reads (with pread: none of the file's pages stay mapped) and
+    checks the offsets."""
     num_docs = sum(batch.num_rows for batch, _ in batches)
+    # Spans before each chunk: the lists' values are flat (start, length) pairs.
+    first_span = np.zeros(len(batches) + 1, dtype=np.int64)
+    for i, (batch, _) in enumerate(batches):
+        held = 0
+        if sft and LABEL_SPANS_COLUMN in batch.schema.names:
+            offsets = raw_offsets(_spans_column(chunks[i].path, batch, fix))
+            held = (int(offsets[-1]) - int(offsets[0])) // 2
+        first_span[i + 1] = first_span[i] + held
+    with_spans = sft and any(LABEL_SPANS_COLUMN in b.schema.names for b, _ in batches)
     fields: Fields = [("doc_starts", np.dtype(np.int64), num_docs + 1)]
     if sft:
         fields.append(("prompt_lengths", np.dtype(np.int64), num_docs))
         fields.append(("response_cut", np.dtype(np.uint8), num_docs))
+    if with_spans:
+        fields.append(("span_starts", np.dtype(np.int64), num_docs + 1))
+        fields.append(("spans", np.dtype(np.int64), 2 * int(first_span[-1])))
     key = {"kind": "docs", "fingerprint": fingerprint, "num_docs": num_docs, "sft": sft}
     if sft:
         key["response_cut"] = True  # files written before the flags lack them: rebuilt
+    if with_spans:
+        key["label_spans"] = int(first_span[-1])
 
     def fill(arrays: dict[str, np.ndarray]) -> dict:
         arrays["doc_starts"][0] = 0
-        for chunk, (batch, base) in zip(chunks, batches, strict=True):
-            _fill_chunk(chunk, batch, base, column, arrays, fix)
+        if with_spans:
+            arrays["span_starts"][0] = 0
+        for i, (chunk, (batch, base)) in enumerate(zip(chunks, batches, strict=True)):
+            _fill_chunk(chunk, batch, base, column, arrays, fix, int(first_span[i]))
         return {}
 
     path = folder / f"docs-{fingerprint}.idx"
@@ -164,14 +184,21 @@ def doc_arrays(
             f"index file {path} disagrees with the dataset's shards (replaced since it was "
             f"written); remove {path} and open the dataset again"
         )
-    return starts, arrays.get("prompt_lengths"), arrays.get("response_cut")
+    if "spans" in arrays:
+        arrays = dict(arrays, spans=arrays["spans"].reshape(-1, 2))
+    return arrays
 
 
-def _fill_chunk(chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: str) -> None:
-    """One chunk's starts (and prompt lengths and cut flags), a piece of _PIECE_ROWS documents
-    at a time."""
+def _fill_chunk(
+    chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: str, first_span: int
+) -> None:
+    """One chunk's starts (and prompt lengths, cut flags and spans), a piece of _PIECE_ROWS
+    documents at a time; its spans start at row `first_span` of the dataset's."""
     starts, prompts = arrays["doc_starts"], arrays.get("prompt_lengths")
     cut, cut_column = arrays.get("response_cut"), None
+    span_reader = None
+    if "span_starts" in arrays:
+        span_reader = _SpanReader(chunk, batch, base, arrays, fix, first_span)
     fd = os.open(chunk.path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -206,6 +233,8 @@ def _fill_chunk(chunk: Chunk, batch, base: int, column: str, arrays: dict, fix: 
                     cut[chunk.first_doc + lo : chunk.first_doc + hi] = cut_column.read(
                         fd, lo, hi - lo
                     )
+            if span_reader is not None:
+                span_reader.read(fd, lo, hi, doc_lengths, prompts)
         release_pages(starts)  # written: the page cache holds them, this process need not
     finally:
         os.close(fd)
@@ -231,6 +260,71 @@ class _Column:
         nbytes = count * self.dtype.itemsize
         data = os.pread(fd, nbytes, self.at + first * self.dtype.itemsize)
         return np.frombuffer(data, dtype=self.dtype)
+
+
+class _SpanReader:
+    """One chunk's labelled spans into the dataset's span arrays, checked: each span inside its
+    document, in order, not overlapping, and a document's prompt length the start of its last
+    span (what a reader of prompt lengths alone trains)."""
+
+    def __init__(self, chunk: Chunk, batch, base: int, arrays: dict, fix: str, first_span: int):
+        self.chunk, self.fix = chunk, fix
+        self.span_starts, self.spans = arrays["span_starts"], arrays["spans"].reshape(-1, 2)
+        self.next_span = first_span
+        self.lists = self.values = None
+        if LABEL_SPANS_COLUMN in batch.schema.names:
+            column = _spans_column(chunk.path, batch, fix)
+            size = os.path.getsize(chunk.path)
+            self.lists = _Column(column, base, size, list_offsets=True)
+            self.values = _Column(column.values, base, size, list_offsets=False)
+
+    def read(self, fd: int, lo: int, hi: int, doc_lengths: np.ndarray, prompts) -> None:
+        d0 = self.chunk.first_doc
+        if self.lists is None:
+            self.span_starts[d0 + lo + 1 : d0 + hi + 1] = self.next_span
+            return
+        offsets = self.lists.read(fd, lo, hi - lo + 1).astype(np.int64)
+        flat = self.values.read(fd, int(offsets[0]), int(offsets[-1] - offsets[0]))
+        counts = np.diff(offsets) // 2
+        spans = flat.astype(np.int64).reshape(-1, 2)
+        self._check(counts, spans, doc_lengths, prompts[d0 + lo : d0 + hi], lo)
+        ends = self.next_span + np.cumsum(counts)
+        self.span_starts[d0 + lo + 1 : d0 + hi + 1] = ends
+        self.spans[self.next_span : self.next_span + spans.shape[0]] = spans
+        self.next_span += spans.shape[0]
+
+    def _check(self, counts, spans, doc_lengths, prompts, lo: int) -> None:
+        doc = np.repeat(np.arange(counts.size), counts)  # each span's document in the piece
+        first = np.zeros(counts.size, dtype=np.int64)
+        np.cumsum(counts[:-1], out=first[1:])
+        starts, ends = spans[:, 0], spans.sum(axis=1)
+        follows = np.ones(doc.size, dtype=bool)  # a span starts at or after the previous end
+        same_doc = np.r_[False, doc[1:] == doc[:-1]]
+        follows[same_doc] = starts[same_doc] >= ends[np.flatnonzero(same_doc) - 1]
+        bad_span = (spans[:, 1] < 1) | (ends > doc_lengths[doc]) | ~follows
+        last_start = np.zeros(counts.size, dtype=np.int64)
+        if doc.size:
+            last_start = starts[np.maximum(first + counts - 1, 0)]
+        bad = (counts > 0) & (prompts != last_start)
+        bad[doc[bad_span]] = True
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise PipelineError(
+                f"{self.chunk.path}: row {lo + i} has labelled spans that are out of order, "
+                f"outside its {doc_lengths[i]} tokens, or not ending at its prompt length; "
+                f"{self.fix}"
+            )
+
+
+def _spans_column(file_path: Path, batch, fix: str):
+    """The batch's labelled-span column, checked to be lists of uint32 without nulls."""
+    column = batch.column(LABEL_SPANS_COLUMN)
+    if column.type != pa.list_(pa.uint32()) or column.null_count:
+        raise PipelineError(
+            f"column {LABEL_SPANS_COLUMN!r} in {file_path} is {column.type} with "
+            f"{column.null_count} nulls, expected list<uint32>; {fix}"
+        )
+    return column
 
 
 def raw_offsets(arr) -> np.ndarray:

@@ -9,7 +9,9 @@ partial; the rows it lacks are padding (labels -100) so every rank still gets [B
 waits on a collective the others skipped.
 
 Prompt/response datasets (`dataset.prompt_lengths` is not None): prompt tokens get label -100 in
-every layout, so the labelled tokens of an epoch are the response tokens plus one EOS per sample
+every layout (in a chat with several supervised turns every token outside its labelled spans,
+`dataset.label_spans(i)`), so the labelled tokens of an epoch are the response tokens (the
+assistant turns) plus one EOS per sample
 (none after a response the build cut to fit, `dataset.response_cut`: the model must not learn
 to stop there), and packing places whole samples in rows, best-fit by default (the layouts are
 in pipeline/sampler.py); `split_samples` counts the samples too long for one row. A loader
@@ -122,6 +124,12 @@ class Loader(RowSource, Stateful):
         self._prompt_lengths = np.ascontiguousarray(
             prompt_lengths if prompt_lengths is not None else (), dtype=np.int64
         )
+        # (num_docs + 1,) int64 rows of the (S, 2) `spans` per document; empty without spans.
+        span_starts = getattr(dataset, "span_starts", None)
+        self._span_starts = np.ascontiguousarray(
+            span_starts if span_starts is not None else (), dtype=np.int64
+        )
+        self._spans = getattr(dataset, "spans", None)
         # (num_docs,) uint8, 1 where the EOS is no target; None when every EOS is one.
         cut = getattr(dataset, "response_cut", None)
         self._response_cut = cut if cut is not None and cut.any() else None
@@ -177,13 +185,14 @@ class Loader(RowSource, Stateful):
         pos = buffers["position_ids"].numpy().reshape(-1)
         segs = self._scratch.segs
         index, L, ds, prompts = task.index, self.seq_len, self.dataset, self._prompt_lengths
+        span_starts = self._span_starts
         if self.packing:
             s0 = task.row_start * L
             s1 = min(task.row_end * L, index.stream_end)
             count = 0
             if s1 > s0:
                 count = collate.packing_segments(
-                    index.perm, index.cum, ds.doc_starts, prompts, s0, s1, *segs
+                    index.perm, index.cum, ds.doc_starts, prompts, span_starts, s0, s1, *segs
                 )
         else:
             count = collate.padding_segments(
@@ -191,6 +200,7 @@ class Loader(RowSource, Stateful):
                 index.cum,
                 ds.doc_starts,
                 prompts,
+                span_starts,
                 task.row_start,
                 task.row_end,
                 L,
@@ -214,25 +224,31 @@ class Loader(RowSource, Stateful):
                 ds.pad_id,
             )
         )
+        if self._spans is not None and count:
+            num_tokens -= int(
+                collate.mask_outside_spans(
+                    labels,
+                    ds.doc_starts,
+                    span_starts,
+                    self._spans,
+                    segs.src,
+                    segs.n,
+                    segs.dst,
+                    segs.doc,
+                    count,
+                )
+            )
         if self._response_cut is not None and count:
-            num_tokens -= self._unlabel_cut_eos(task, segs, count, labels)
+            num_tokens -= self._unlabel_cut_eos(segs, count, labels)
         # A row's first label is nobody's target: (labels[:, 1:] != -100) counts the rest.
         row_heads = int(np.count_nonzero(labels[::L] != IGNORE_INDEX))
         return Batch(buffers, num_tokens, num_tokens - row_heads)
 
-    def _unlabel_cut_eos(self, task: BatchTask, segs, count: int, labels: np.ndarray) -> int:
+    def _unlabel_cut_eos(self, segs, count: int, labels: np.ndarray) -> int:
         """Label -100 on the EOS of each document of the batch whose response was cut; returns
-        how many. Segment i is permuted document k0 + i (packing: one per document from the
-        one holding the first position) or that of row r0 + i (padding: one per row)."""
-        index = task.index
-        if self.packing:
-            k0 = int(np.searchsorted(index.cum, task.row_start * self.seq_len, side="right")) - 1
-            k = np.arange(k0, k0 + count)
-        else:
-            rows = np.arange(task.row_start, task.row_start + count)
-            k = np.searchsorted(index.cum, rows, side="right") - 1
+        how many."""
         eos = segs.eos[:count]
-        hit = (eos >= 0) & (self._response_cut[index.perm[k]] != 0)
+        hit = (eos >= 0) & (self._response_cut[segs.doc[:count]] != 0)
         labels[eos[hit]] = IGNORE_INDEX
         return int(hit.sum())
 

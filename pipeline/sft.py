@@ -1,18 +1,26 @@
-"""Prompt/response records -> token ids plus each sample's prompt length (loss on the response).
+"""Prompt/response and chat records -> token ids plus each sample's labelled token spans.
 
 A record is `{"prompt": ..., "response": ...}` (field names are options), or
-`{"messages": [{"role": ..., "content": ...}, ...]}` rendered with the tokenizer's chat template:
-everything up to the last assistant message is the prompt (rendered with the generation
-prompt), the last assistant message is the response. A sample is tokenised whole and split
-after its prompt's own tokens (`encode_pairs` says when it cannot be); the loader appends EOS
-after the response and gives the prompt's tokens label -100. Each sample is stored as one
-document plus its prompt length, so exactly-once, resume and packing work as for plain text.
+`{"messages": [{"role": ..., "content": ...}, ...]}` rendered once, whole, with the tokenizer's
+chat template. A prompt/response sample is tokenised whole and split after its prompt's own
+tokens (`encode_pairs` says when it cannot be): one labelled span, the response. In a chat every
+assistant turn ("assistant" or "model"; `last_only`: the last one) is a labelled span: its text
+and the end-of-turn token the template writes after it, found in the rendering by rendering the
+conversation again with each assistant text replaced by a marker (or by the template's
+`{% generation %}` blocks), and mapped to tokens by encoding the rendering's pieces between the
+span edges, which must give the whole rendering's ids (else the record is refused: no token may
+span an edge). The rendering ends with the last turn's end-of-turn token, less a final EOS: the
+loader appends EOS after every sample (labelled), so a sample holds one end of turn. Each
+sample is stored as one document plus its prompt length (the start of its last span) and, for a
+chat with several spans, the spans, so exactly-once, resume and packing work as for plain text.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,11 @@ import pyarrow as pa
 from lowmem_core.errors import PipelineError, require_extra
 from pipeline.records import lone_surrogates
 from pipeline.tokenizer import Encoded, interleave, with_prefix
+
+ASSISTANT_ROLES = ("assistant", "model")  # "model": Gemma's name for the assistant
+_MARK = "\ue000{}\ue001"  # private-use characters around a number: no template rewrites them
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass(frozen=True)
@@ -32,74 +45,331 @@ class SftFields:
 
 @dataclass(frozen=True)
 class SftEncoded:
-    values: np.ndarray  # (sum(lengths),) uint32: each sample's prompt then response tokens
+    values: np.ndarray  # (sum(lengths),) uint32: each sample's tokens
     lengths: np.ndarray  # (num_samples,) int64 tokens per sample
-    prompt_lengths: np.ndarray  # (num_samples,) int64 prompt tokens at the start of each sample
+    prompt_lengths: (
+        np.ndarray
+    )  # (num_samples,) int64: where each sample's last labelled span starts
     response_cut: np.ndarray  # (num_samples,) bool: response cut to fit, so its EOS is no target
     tokenised_apart: int = 0  # samples whose prompt and response were tokenised apart
+    # (num_samples,) int64 labelled spans listed per sample: 0 where the one span runs from the
+    # prompt length to the end (prompt/response samples, chats with one supervised turn).
+    span_counts: np.ndarray | None = None
+    spans: np.ndarray | None = None  # (sum(span_counts), 2) int64 (start, length) in the sample
+    turns: int = 0  # assistant turns in the chats
+    turns_supervised: int = 0  # of them labelled
+
+    def __post_init__(self) -> None:
+        if self.span_counts is None:
+            object.__setattr__(self, "span_counts", np.zeros(self.lengths.size, np.int64))
+            object.__setattr__(self, "spans", np.zeros((0, 2), np.int64))
+
+    @property
+    def label_tokens(self) -> int:
+        """Tokens of the samples that carry labels (the EOS the loader appends not counted)."""
+        plain = self.span_counts == 0
+        return int((self.lengths - self.prompt_lengths)[plain].sum() + self.spans[:, 1].sum())
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation rendered: its text (cut after the last supervised turn, less a final EOS)
+    and the (start, end) characters of each supervised turn, in order."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    turns: int  # assistant turns in the conversation
+
+
+@dataclass
+class Parsed:
+    """A chunk's records, each a prompt/response pair or a rendered chat, with its place."""
+
+    places: list[str] = field(default_factory=list)  # "FILE line N", per record
+    is_chat: list[bool] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # of the pairs, in order
+    responses: list[str] = field(default_factory=list)
+    chats: list[Chat] = field(default_factory=list)  # of the chats, in order
 
 
 class ChatTemplate:
-    """The chat template of a Hugging Face tokenizer folder, via `transformers`."""
+    """The chat template of a Hugging Face tokenizer folder, rendered through `transformers`.
 
-    def __init__(self, folder: Path):
+    `kwargs` go to the template (`enable_thinking=False`); each must be a variable the template
+    reads. `eos_id`: the build's EOS, dropped where it ends a rendering."""
+
+    def __init__(self, folder: Path, kwargs: dict | None = None, eos_id: int | None = None):
         transformers = require_extra("transformers", "hf", "rendering records with messages")
         self._tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if not getattr(self._tok, "chat_template", None):
+        template = getattr(self._tok, "chat_template", None)
+        if not template:
             raise PipelineError(
                 f"{folder} has no chat template, so records with messages cannot be rendered; "
                 "use prompt/response records or a tokenizer folder with a chat_template"
             )
+        if not isinstance(template, str):
+            template = template.get("default") if isinstance(template, dict) else None
+        self.template: str = template
+        self.kwargs = dict(kwargs or {})
+        _check_kwargs(self.template, self.kwargs, folder)
+        self._render_fn = transformers.utils.chat_template_utils.render_jinja_template
+        self.markers = bool(_GENERATION_RE.search(self.template))
+        eos = self._tok.convert_ids_to_tokens(eos_id) if eos_id is not None else None
+        self.eos_text: str | None = eos or self._tok.eos_token
+        # Tokens that end a turn when the template writes one right after a text.
+        specials = {t.content for t in self._tok.added_tokens_decoder.values() if t.special}
+        self._turn_ends = sorted(specials, key=len, reverse=True)
+        self.turn_end = self._probe_turn_end()
 
-    def render(self, messages: list[dict]) -> tuple[str, str]:
-        """(prompt text, response text) of a conversation ending with an assistant message."""
+    def _render(self, messages: list[dict], marks: bool = False):
         try:
-            prompt = self._tok.apply_chat_template(
-                messages[:-1], tokenize=False, add_generation_prompt=True
+            texts, blocks = self._render_fn(
+                conversations=[messages],
+                chat_template=self.template,
+                return_assistant_tokens_mask=marks,
+                **{**self._tok.special_tokens_map, **self.kwargs},
             )
-            full = self._tok.apply_chat_template(messages, tokenize=False)
         except Exception as exc:  # a template raises jinja2 errors, TypeError or KeyError alike
             raise PipelineError(
-                f"the chat template fails on these messages ({exc}); give each message a role "
-                "and a text content"
+                f"the chat template fails on these messages ({str(exc).splitlines()[0]}); give "
+                "each message a role the template knows and a text content"
             ) from None
-        if not full.startswith(prompt):
-            raise PipelineError(
-                "the chat template renders the conversation without its prompt as a prefix, so "
-                "the response cannot be separated; use prompt/response records instead"
+        return texts[0], (blocks[0] if marks else None)
+
+    def _probe_turn_end(self) -> str | None:
+        """What the template writes after an assistant text that ends a conversation (such as
+        "<|im_end|>\\n"); None where it fails on a two-message conversation."""
+        mark = _MARK.format(0)
+        try:
+            text, _ = self._render(
+                [{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}]
             )
-        _check_rendered(messages, full)
-        return prompt, full[len(prompt) :]
+        except PipelineError:
+            return None
+        return text.rpartition(mark)[2] if mark in text else None
+
+    @property
+    def turn_ends_with_eos(self) -> bool | None:
+        """Whether the template ends an assistant turn with the EOS (and whitespace): the
+        build drops it, the loader appending one. None where the probe failed."""
+        if self.turn_end is None:
+            return None
+        return bool(self.eos_text) and self.turn_end.rstrip().endswith(self.eos_text)
+
+    def render(self, messages: list[dict], last_only: bool = False) -> Chat:
+        """The conversation rendered once, with its supervised turns' character spans."""
+        full, blocks = self._render(messages, marks=self.markers)
+        texts = [_texts(m) for m in messages]
+        assistants = [
+            i for i, m in enumerate(messages) if m["role"] in ASSISTANT_ROLES and "".join(texts[i])
+        ]
+        _check_rendered(messages, texts, full)
+        if self.markers:
+            spans = self._from_blocks(full, blocks, messages, assistants, texts)
+        else:
+            spans = self._locate(full, messages, assistants, texts)
+        turns = sum(m["role"] in ASSISTANT_ROLES for m in messages)
+        if last_only:
+            spans = spans[-1:]
+        end = spans[-1][1]
+        text = full[:end]
+        if self.eos_text and text.rstrip().endswith(self.eos_text):
+            text = text.rstrip()[: -len(self.eos_text)]
+        spans[-1] = (spans[-1][0], min(spans[-1][1], len(text)))
+        return Chat(text, spans, turns)
+
+    def _from_blocks(self, full, blocks, messages, assistants, texts) -> list[tuple[int, int]]:
+        """The template's `{% generation %}` blocks, one per assistant turn with text."""
+        counted = sum(m["role"] in ASSISTANT_ROLES for m in messages)
+        if len(blocks) != counted:
+            raise PipelineError(
+                f"the chat template marks {len(blocks)} generation blocks for {counted} "
+                "assistant messages, so its turns cannot be told apart; fix the template"
+            )
+        roles = [i for i, m in enumerate(messages) if m["role"] in ASSISTANT_ROLES]
+        spans = []
+        for i, (start, end) in zip(roles, blocks, strict=True):
+            if i not in assistants:
+                continue
+            if any(part.strip() not in full[start:end] for part in texts[i]):
+                raise PipelineError(
+                    f"the chat template's generation block of message {i + 1} does not hold its "
+                    "text; fix the template's {% generation %} markers"
+                )
+            spans.append((start, end))
+        return spans
+
+    def _locate(self, full, messages, assistants, texts) -> list[tuple[int, int]]:
+        """Each assistant turn's text in `full`, found by rendering the conversation with its
+        text parts replaced by numbered marks: `full` must be that rendering with each mark
+        replaced by its text (ends trimmed of whitespace, as templates may do), so every
+        position is exact. A text holding a reasoning block ("...</think>") the template
+        rewrites is marked after the block."""
+        for after_think in (False, True):
+            probe, parts = _marked(messages, assistants, texts, after_think)
+            found = _walk(full, self._render(probe)[0], parts)
+            if isinstance(found, list):
+                break
+            if not any("</think>" in t for i in assistants for t in texts[i]):
+                break
+        if isinstance(found, str):
+            raise PipelineError(found)
+        spans = []
+        for i in assistants:
+            owned = [span for (owner, _), span in zip(parts, found, strict=True) if owner == i]
+            spans.append((owned[0][0], self._turn_end_at(full, owned[-1][1])))
+        return spans
+
+    def _turn_end_at(self, full: str, end: int) -> int:
+        """`end` moved past the whitespace and end-of-turn token the template writes right after
+        a text (such as "<|im_end|>"), when it writes one."""
+        rest = full[end:]
+        gap = len(rest) - len(rest.lstrip())
+        for token in self._turn_ends:
+            if rest.startswith(token, gap):
+                return end + gap + len(token)
+        return end
 
 
-def _check_rendered(messages: list[dict], full: str) -> None:
+def _check_kwargs(template: str, kwargs: dict, folder: Path) -> None:
+    """A keyword the template never reads is a typo: refuse it, naming those it reads."""
+    if not kwargs:
+        return
+    import jinja2.meta
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        reads = jinja2.meta.find_undeclared_variables(env.parse(template))
+    except jinja2.TemplateSyntaxError:
+        return  # rendering says what is wrong with it
+    unknown = sorted(set(kwargs) - reads)
+    if unknown:
+        raise PipelineError(
+            f"--chat-template-kwargs {', '.join(unknown)}: the chat template of {folder} does "
+            f"not read {'it' if len(unknown) == 1 else 'them'} (it reads: "
+            f"{', '.join(sorted(reads - {'messages'})) or 'nothing else'}); fix the name"
+        )
+
+
+def _texts(message: dict) -> list[str]:
+    """A message's text parts: its content, or the text of each {"type": "text"} part."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content if part.get("type") == "text"]
+    return []
+
+
+def _marked(messages, assistants, texts, after_think: bool):
+    """A copy of `messages` with each text part of the assistant turns replaced by a numbered
+    mark (after a reasoning block with `after_think`); and (message, text) per mark."""
+    probe = copy.deepcopy(messages)
+    parts = []
+    for i in assistants:
+        content = probe[i]["content"]
+        pieces = [content] if isinstance(content, str) else content
+        for j, piece in enumerate(pieces):
+            text = piece if isinstance(piece, str) else piece.get("text")
+            if not isinstance(text, str) or (
+                not isinstance(piece, str) and piece["type"] != "text"
+            ):
+                continue
+            head = ""
+            if after_think and "</think>" in text:
+                cut = text.rindex("</think>") + len("</think>")
+                head, text = text[:cut], text[cut:]
+            mark = head + _MARK.format(len(parts))
+            parts.append((i, text))
+            if isinstance(content, str):
+                probe[i]["content"] = mark
+            else:
+                content[j] = dict(piece, text=mark)
+    return probe, parts
+
+
+def _walk(full: str, probe: str, parts: list[tuple[int, str]]) -> list[tuple[int, int]] | str:
+    """The (start, end) of each marked text in `full`, or why `full` is not `probe` with its
+    marks replaced by their texts."""
+    pieces = _MARK_RE.split(probe)  # literal, mark number, literal, ...
+    numbers = [int(n) for n in pieces[1::2]]
+    if numbers != list(range(len(parts))):
+        missing = next((k for k in range(len(parts)) if numbers.count(k) != 1), 0)
+        owner = parts[missing][0] + 1 if parts else 0
+        times = numbers.count(missing)
+        return (
+            f"the chat template renders the text of message {owner} {times} times, not once, "
+            "so its labels cannot be placed; fix the record or use prompt/response records"
+        )
+    literals = pieces[0::2]
+    spans, pos = [], 0
+    for k, (owner, text) in enumerate(parts):
+        if not full.startswith(literals[k], pos):
+            return _moved(owner)
+        pos += len(literals[k])
+        nxt = literals[k + 1]
+        kept = next((v for v in _trims(text) if full.startswith(v + nxt, pos)), None)
+        if kept is None:
+            return _moved(owner)
+        spans.append((pos, pos + len(kept)))
+        pos += len(kept)
+    if pos + len(literals[-1]) != len(full) or not full.endswith(literals[-1]):
+        return _moved(parts[-1][0] if parts else 0)
+    return spans
+
+
+def _moved(owner: int) -> str:
+    return (
+        f"the chat template renders message {owner + 1} (an assistant turn) differently from "
+        "its text (it rewrites or moves it), so its labels cannot be placed exactly; fix the "
+        "record or use prompt/response records"
+    )
+
+
+def _trims(text: str) -> list[str]:
+    """`text` and its forms with whitespace trimmed at either end, as templates trim."""
+    forms = [text, text.strip(), text.lstrip(), text.rstrip(), text.strip("\n")]
+    return list(dict.fromkeys(forms))
+
+
+def _check_rendered(messages: list[dict], texts: list[list[str]], full: str) -> None:
     """Fail when the template left a message's text out (templates skip roles they do not know:
     a "human" turn renders as nothing). A reasoning block of an earlier turn may be dropped by
     design, so only the text after a message's last "</think>" is looked for."""
     for i, message in enumerate(messages):
-        text = message["content"].rpartition("</think>")[2].strip()
-        if text and text not in full:
-            raise PipelineError(
-                f"the chat template leaves out message {i + 1} (role {message['role']!r}): its "
-                "text is not in what the template renders; give it a role the template knows "
-                "(usually system, user or assistant)"
-            )
+        for part in texts[i]:
+            text = part.rpartition("</think>")[2].strip()
+            if text and text not in full:
+                raise PipelineError(
+                    f"the chat template leaves out message {i + 1} (role {message['role']!r}): "
+                    "its text is not in what the template renders; give it a role the template "
+                    "knows (usually system, user or assistant)"
+                )
 
 
 class LazyChat:
     """The chat template of a tokenizer folder, loaded when the first record with messages
     needs it (so prompt/response builds never import `transformers`); thread-safe."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, kwargs: dict | None = None, eos_id: int | None = None):
+        self.folder, self.kwargs, self.eos_id = folder, kwargs, eos_id
         self._chat: ChatTemplate | None = None
         self._lock = threading.Lock()
 
-    def render(self, messages: list[dict]) -> tuple[str, str]:
+    @property
+    def template(self) -> ChatTemplate:
         with self._lock:
             if self._chat is None:
-                self._chat = ChatTemplate(self.folder)
-        return self._chat.render(messages)
+                self._chat = ChatTemplate(self.folder, self.kwargs, self.eos_id)
+        return self._chat
+
+    @property
+    def loaded(self) -> ChatTemplate | None:
+        return self._chat
+
+    def render(self, messages: list[dict], last_only: bool = False) -> Chat:
+        return self.template.render(messages, last_only)
 
 
 def split_records(
@@ -109,17 +379,23 @@ def split_records(
     chat: ChatTemplate | LazyChat | None,
     first: int,
     unit: str = "record",
-) -> tuple[list[str], list[str]]:
-    """(prompts, responses) of `records`, the first of which is `unit` ("line" or "record")
-    `first` of the file `where`; a bad record is one error naming its place and the fix.
+    last_only: bool = False,
+) -> Parsed:
+    """The pairs and rendered chats of `records`, the first of which is `unit` ("line" or
+    "record") `first` of the file `where`; a bad record is one error naming its place and the
+    fix. `last_only`: supervise only each chat's last assistant turn.
 
     An empty prompt is allowed (a response-only sample); an empty response is not."""
-    prompts, responses = [], []
+    parsed = Parsed()
     for i, record in enumerate(records):
         at = f"{where} {unit} {first + i}"
+        parsed.places.append(at)
         if isinstance(record, dict) and record.get(fields.messages) is not None:
-            prompt, response = _from_messages(record[fields.messages], at, chat)
-        elif isinstance(record, dict):
+            rendered = _from_messages(record[fields.messages], at, chat, last_only)
+            parsed.is_chat.append(True)
+            parsed.chats.append(rendered)
+            continue
+        if isinstance(record, dict):
             _check_texts(record, fields, at)
             prompt, response = record[fields.prompt], record[fields.response]
         else:
@@ -132,9 +408,10 @@ def split_records(
                 f"{at} has an empty response: nothing to learn from; drop the record or fill it"
             )
         _check_unicode(at, prompt, response)
-        prompts.append(prompt)
-        responses.append(response)
-    return prompts, responses
+        parsed.is_chat.append(False)
+        parsed.prompts.append(prompt)
+        parsed.responses.append(response)
+    return parsed
 
 
 def _check_unicode(at: str, prompt: str, response: str) -> None:
@@ -166,19 +443,18 @@ def _check_texts(record: dict, fields: SftFields, at: str) -> None:
         )
 
 
-def _from_messages(messages, at: str, chat: ChatTemplate | LazyChat | None) -> tuple[str, str]:
+def _from_messages(messages, at: str, chat, last_only: bool) -> Chat:
     if not isinstance(messages, list) or not messages:
         raise PipelineError(f"{at}: messages must be a non-empty list of {{role, content}}")
     for i, message in enumerate(messages, start=1):
         _check_message(message, i, at)
     last = messages[-1]
-    if not isinstance(last, dict) or last.get("role") != "assistant":
+    if last["role"] not in ASSISTANT_ROLES:
         raise PipelineError(
             f"{at}: the last message must be the assistant's (the response), "
-            f"found role {last.get('role') if isinstance(last, dict) else None!r}; fix the record"
+            f"found role {last['role']!r}; fix the record"
         )
-    content = last.get("content")
-    if not isinstance(content, str) or not content.strip():
+    if not "".join(_texts(last)).strip():
         raise PipelineError(
             f"{at} has an empty response (the last message's content): nothing to learn from; "
             "drop the record or fill it"
@@ -188,14 +464,24 @@ def _from_messages(messages, at: str, chat: ChatTemplate | LazyChat | None) -> t
             f"{at} has messages but the tokenizer has no chat template; pass "
             "--tokenizer MODEL_DIR whose tokenizer_config.json holds one"
         )
+    for message in messages:
+        for text in _texts(message):
+            if _MARK_RE.search(text) or "\ue000" in text:
+                raise PipelineError(
+                    f"{at}: a message holds U+E000, the private-use character the build marks "
+                    "turns with; remove it from the record"
+                )
+            _check_unicode(at, text, "")
     try:
-        return chat.render(messages)
+        return chat.render(messages, last_only)
     except PipelineError as exc:
         raise PipelineError(f"{at}: {exc}") from None
 
 
 def _check_message(message, number: int, at: str) -> None:
-    """A message is {role: non-empty text, content: text}: a template drops a message without a
+    """A message is {role: non-empty text, content: text or a list of {"type": "text", "text"}
+    parts (other parts, such as images, are the template's)}; an assistant message may have no
+    content when it holds tool calls (not supervised). A template drops a message without a
     role and renders one without content as an empty turn, so both are refused here."""
     if not isinstance(message, dict):
         raise PipelineError(
@@ -209,12 +495,22 @@ def _check_message(message, number: int, at: str) -> None:
             f"{at}: message {number} has {found}; give every message a role (system, user, "
             "assistant) or drop the record"
         )
+    if content is None and message.get("tool_calls") and role in ASSISTANT_ROLES:
+        return
+    if isinstance(content, list) and all(_is_part(p) for p in content):
+        return
     if not isinstance(content, str):
         found = "no content" if content is None else f"content of type {type(content).__name__}"
         raise PipelineError(
-            f"{at}: message {number} ({role}) has {found}, expected text; give it its text or "
-            "drop the message"
+            f"{at}: message {number} ({role}) has {found}, expected text or a list of "
+            '{"type": "text", "text": ...} parts; give it its text or drop the message'
         )
+
+
+def _is_part(part) -> bool:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        return False
+    return part["type"] != "text" or isinstance(part.get("text"), str)
 
 
 def encode_pairs(
@@ -304,28 +600,159 @@ def _tails(whole: Encoded, heads: np.ndarray, where: np.ndarray) -> Encoded:
     return Encoded(whole.values[keep], (whole.lengths - skip)[where])
 
 
+def encode_records(
+    tokenizer, parsed: Parsed, prefix: tuple[int, ...] = (), eos_id: int | None = None
+) -> SftEncoded:
+    """The samples of a chunk's records in their order: pairs through `encode_pairs`, chats
+    through `encode_chats`."""
+    pairs = encode_pairs(tokenizer, parsed.prompts, parsed.responses, prefix, eos_id)
+    if not parsed.chats:
+        return pairs
+    chats = encode_chats(
+        tokenizer,
+        parsed.chats,
+        [p for p, c in zip(parsed.places, parsed.is_chat, strict=True) if c],
+        prefix,
+    )
+    if not parsed.prompts:
+        return chats
+    is_chat = np.array(parsed.is_chat)
+    where_pair, where_chat = np.flatnonzero(~is_chat), np.flatnonzero(is_chat)
+    merged = interleave(
+        (where_pair, Encoded(pairs.values, pairs.lengths)),
+        (where_chat, Encoded(chats.values, chats.lengths)),
+    )
+    n = is_chat.size
+    prompt_lengths = np.empty(n, np.int64)
+    prompt_lengths[where_pair], prompt_lengths[where_chat] = (
+        pairs.prompt_lengths,
+        chats.prompt_lengths,
+    )
+    span_counts = np.zeros(n, np.int64)
+    span_counts[where_chat] = chats.span_counts
+    return SftEncoded(
+        values=merged.values,
+        lengths=merged.lengths,
+        prompt_lengths=prompt_lengths,
+        response_cut=np.zeros(n, dtype=bool),
+        tokenised_apart=pairs.tokenised_apart,
+        span_counts=span_counts,
+        spans=chats.spans,  # only chats list spans, and they keep their order
+        turns=chats.turns,
+        turns_supervised=chats.turns_supervised,
+    )
+
+
+def encode_chats(
+    tokenizer, chats: list[Chat], places: list[str], prefix: tuple[int, ...] = ()
+) -> SftEncoded:
+    """Each rendered chat tokenised whole, its supervised turns mapped to token spans: the
+    rendering is also tokenised in pieces cut at every span edge, and the pieces' ids joined
+    must be the whole's (a token spanning an edge refuses the record, naming it), so each
+    piece's ids are exactly its share of the whole. `prefix` (the BOS the tokenizer puts before
+    a text) starts each sample whose rendering does not already start with it."""
+    texts, pieces, cuts_per_chat = [], [], []
+    for c in chats:
+        cuts = [0, *(edge for span in c.spans for edge in span), len(c.text)]
+        texts.append(c.text)
+        pieces += [c.text[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        cuts_per_chat.append(len(cuts) - 1)
+    whole = tokenizer.encode_arrow(pa.array(texts, pa.large_string()))
+    split = tokenizer.encode_arrow(pa.array(pieces, pa.large_string()))
+    per_chat = np.array(cuts_per_chat, dtype=np.int64)
+    piece_chat = np.repeat(np.arange(len(chats)), per_chat)
+    joined = np.bincount(piece_chat, weights=split.lengths, minlength=len(chats)).astype(np.int64)
+    same = joined == whole.lengths
+    if same.all():
+        same &= (
+            np.bincount(
+                np.repeat(np.arange(len(chats)), whole.lengths)[split.values != whole.values],
+                minlength=len(chats),
+            )
+            == 0
+        )
+    if not same.all():
+        k = int(np.flatnonzero(~same)[0])
+        raise PipelineError(
+            f"{places[k]}: a token of the rendered chat spans the edge of an assistant turn "
+            "(the tokenizer joins a turn's first or last characters with the template's text "
+            "around them), so its labels cannot be placed exactly; trim the turn's text or "
+            "use prompt/response records"
+        )
+    head = Encoded(
+        np.tile(np.array(prefix, dtype=np.uint32), len(chats)),
+        np.full(len(chats), len(prefix), dtype=np.int64),
+    )
+    has = _starts_with(whole, head) if prefix else np.ones(len(chats), dtype=bool)
+    shift = np.where(has, 0, len(prefix))  # a BOS put before the sample moves its spans
+    encoded = with_prefix(whole, prefix, ~has)
+    # Piece p starts at token piece_at[p] of its chat's ids; a chat's odd pieces are its spans.
+    piece_at = _starts(split.lengths) - _starts(whole.lengths)[piece_chat]
+    within = np.arange(split.lengths.size) - _starts(per_chat)[piece_chat]
+    odd = np.flatnonzero(within % 2 == 1)
+    spans = np.stack([piece_at[odd] + shift[piece_chat[odd]], split.lengths[odd]], axis=1).astype(
+        np.int64
+    )
+    counts = (per_chat - 1) // 2
+    last = _starts(counts) + counts - 1
+    prompt_lengths = spans[last, 0]
+    # A chat with one span (it runs to the end) is stored as a prompt length alone.
+    many = counts > 1
+    keep = np.repeat(many, counts)
+    return SftEncoded(
+        values=encoded.values,
+        lengths=encoded.lengths,
+        prompt_lengths=prompt_lengths,
+        response_cut=np.zeros(len(chats), dtype=bool),
+        span_counts=np.where(many, counts, 0),
+        spans=spans[keep],
+        turns=sum(c.turns for c in chats),
+        turns_supervised=int(counts.sum()),
+    )
+
+
 def limit_samples(pairs: SftEncoded, max_tokens: int, mode: str) -> tuple[SftEncoded, int, int]:
-    """Samples whose tokens + EOS exceed `max_tokens`: kept ("keep"), their response cut at the
-    end to fit ("truncate": flagged in `response_cut`, so the EOS after the cut is no target; a
-    prompt that leaves no room for one response token drops the sample), or dropped ("drop").
+    """Samples whose tokens + EOS exceed `max_tokens`: kept ("keep"), cut at the end to fit
+    ("truncate": flagged in `response_cut`, so the EOS after the cut is no target; a sample
+    whose first labelled token does not fit is dropped; a chat cut between two turns ends at
+    the last labelled one, and its spans are cut with it), or dropped ("drop").
     Returns (samples, truncated, dropped)."""
     over = pairs.lengths + 1 > max_tokens
     if mode == "keep" or not over.any():
         return pairs, 0, 0
     new_lengths = pairs.lengths.copy()
-    drop = over.copy() if mode == "drop" else over & (pairs.prompt_lengths + 2 > max_tokens)
+    prompt_lengths = pairs.prompt_lengths.copy()
+    counts = pairs.span_counts.copy()
+    span_lists = np.split(pairs.spans, np.cumsum(pairs.span_counts)[:-1])
+    first_labelled = prompt_lengths.copy()
+    many = counts > 0
+    first_labelled[many] = [int(span_lists[i][0, 0]) for i in np.flatnonzero(many)]
+    drop = over.copy() if mode == "drop" else over & (first_labelled + 2 > max_tokens)
     cut = over & ~drop
     new_lengths[cut] = max_tokens - 1
+    for i in np.flatnonzero(cut & many):
+        spans = span_lists[i]
+        spans = spans[spans[:, 0] < max_tokens - 1].copy()
+        spans[-1, 1] = min(spans[-1, 1], max_tokens - 1 - spans[-1, 0])
+        new_lengths[i] = spans[-1].sum()  # nothing after the last labelled token is learnt from
+        prompt_lengths[i] = spans[-1, 0]
+        counts[i] = spans.shape[0] if spans.shape[0] > 1 else 0
+        span_lists[i] = spans[: counts[i]]
     new_lengths[drop] = 0
     # Keep token k of sample i when k < new_lengths[i].
     within = np.arange(pairs.values.size) - np.repeat(_starts(pairs.lengths), pairs.lengths)
     keep = within < np.repeat(new_lengths, pairs.lengths)
     kept = ~drop
+    spans = [span_lists[i] for i in np.flatnonzero(kept)]
     limited = SftEncoded(
         values=pairs.values[keep],
         lengths=new_lengths[kept],
-        prompt_lengths=pairs.prompt_lengths[kept],
+        prompt_lengths=prompt_lengths[kept],
         response_cut=(pairs.response_cut | cut)[kept],
         tokenised_apart=pairs.tokenised_apart,
+        span_counts=counts[kept],
+        spans=np.concatenate(spans).reshape(-1, 2) if spans else np.zeros((0, 2), np.int64),
+        turns=pairs.turns,
+        turns_supervised=pairs.turns_supervised,
     )
     return limited, int(cut.sum()), int(drop.sum())

@@ -4,7 +4,8 @@ Tokens are appended to a raw file in the temporary folder; each shard is then wr
 Arrow file whose values come straight from a memory map of that raw file, in record batches of
 at most BATCH_TOKENS tokens, so the writer's resident memory stays at a batch whatever the
 corpus or document size. A prompt/response build also writes each document's prompt length
-and whether its response was cut to fit (`RESPONSE_CUT_COLUMN`).
+and whether its response was cut to fit (`RESPONSE_CUT_COLUMN`), and a chat build the labelled
+token spans of its multi-turn documents (`LABEL_SPANS_COLUMN`, in shards that hold any).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from lowmem_core.durable import file_sha256, fsync_path
-from lowmem_core.format import COLUMN, PROMPT_LENGTHS_COLUMN, RESPONSE_CUT_COLUMN
+from lowmem_core.format import (
+    COLUMN,
+    LABEL_SPANS_COLUMN,
+    PROMPT_LENGTHS_COLUMN,
+    RESPONSE_CUT_COLUMN,
+)
 from pipeline.tokenizer import Encoded
 
 
@@ -29,8 +35,10 @@ class ShardWriter:
     A document that arrives in pieces (a chunk's last document continues in the next chunk)
     stays open until its last piece, and shards switch only at document boundaries. With
     `prompt_lengths`, every document comes whole with its prompt length, stored in the shard's
-    PROMPT_LENGTHS_COLUMN (uint32, one per document), and whether its response was cut, in
-    RESPONSE_CUT_COLUMN (uint8, 1 where cut).
+    PROMPT_LENGTHS_COLUMN (uint32, one per document), whether its response was cut, in
+    RESPONSE_CUT_COLUMN (uint8, 1 where cut), and its labelled spans, in LABEL_SPANS_COLUMN
+    (list<uint32> of flat (start, length) pairs; empty for a one-span document), written only
+    in shards where some document has spans.
     """
 
     def __init__(
@@ -45,10 +53,14 @@ class ShardWriter:
     def _open_raw(self) -> None:
         self._raw_tokens = (self.tmp_dir / f"tokens-{len(self.shards):05d}.raw").open("wb")
         self._raw_lengths = (self.tmp_dir / f"lengths-{len(self.shards):05d}.raw").open("wb")
-        self._raw_prompts = self._raw_cut = None
+        self._raw_prompts = self._raw_cut = self._raw_span_counts = self._raw_spans = None
         if self.prompt_lengths:
-            self._raw_prompts = (self.tmp_dir / f"prompts-{len(self.shards):05d}.raw").open("wb")
-            self._raw_cut = (self.tmp_dir / f"cut-{len(self.shards):05d}.raw").open("wb")
+            n = len(self.shards)
+            self._raw_prompts = (self.tmp_dir / f"prompts-{n:05d}.raw").open("wb")
+            self._raw_cut = (self.tmp_dir / f"cut-{n:05d}.raw").open("wb")
+            self._raw_span_counts = (self.tmp_dir / f"span-counts-{n:05d}.raw").open("wb")
+            self._raw_spans = (self.tmp_dir / f"spans-{n:05d}.raw").open("wb")
+        self._shard_spans = 0
         self._shard_tokens = 0
         self._shard_docs = 0
 
@@ -58,12 +70,16 @@ class ShardWriter:
         tail_continues: bool,
         prompt_lengths: np.ndarray | None = None,
         response_cut: np.ndarray | None = None,
+        spans: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Append documents; `prompt_lengths` (num_docs,) and `response_cut` (num_docs,) bool
-        with a writer made for them."""
+        with a writer made for them, and `spans`: (span counts (num_docs,) int64, 0 for a
+        one-span document; their (start, length) pairs (sum(counts), 2)), or None for none."""
         values, lengths = encoded.values, encoded.lengths
         if self.prompt_lengths:
-            self._append_documents(values, lengths, prompt_lengths, response_cut)
+            if spans is None:
+                spans = (np.zeros(lengths.size, np.int64), np.zeros((0, 2), np.int64))
+            self._append_documents(values, lengths, (prompt_lengths, response_cut, *spans))
             return
         if self._open_tokens is not None:  # lengths[0] continues the open document
             n = int(lengths[0])
@@ -96,8 +112,7 @@ class ShardWriter:
         self,
         values: np.ndarray,
         lengths: np.ndarray,
-        prompts: np.ndarray | None = None,
-        cut: np.ndarray | None = None,
+        sft: tuple[np.ndarray, ...] | None = None,
     ) -> None:
         """Append whole documents, starting a new shard at a document boundary when full."""
         while lengths.size:
@@ -112,10 +127,15 @@ class ShardWriter:
             n_tokens = int(ends[fit - 1])
             self._write(values[:n_tokens])
             self._raw_lengths.write(lengths[:fit].astype(np.int64, copy=False).tobytes())
-            if prompts is not None:
+            if sft is not None:
+                prompts, cut, span_counts, spans = sft
                 self._raw_prompts.write(prompts[:fit].astype(np.uint32).tobytes())
                 self._raw_cut.write(cut[:fit].astype(np.uint8).tobytes())
-                prompts, cut = prompts[fit:], cut[fit:]
+                self._raw_span_counts.write(span_counts[:fit].astype(np.int64).tobytes())
+                taken = int(span_counts[:fit].sum())
+                self._raw_spans.write(spans[:taken].astype(np.uint32).tobytes())
+                self._shard_spans += taken
+                sft = (prompts[fit:], cut[fit:], span_counts[fit:], spans[taken:])
             self._shard_docs += fit
             values, lengths = values[n_tokens:], lengths[fit:]
 
@@ -135,7 +155,9 @@ class ShardWriter:
         return self.shards
 
     def _raw_files(self) -> list:
-        extra = [self._raw_prompts, self._raw_cut] if self._raw_prompts is not None else []
+        extra = []
+        if self._raw_prompts is not None:
+            extra = [self._raw_prompts, self._raw_cut, self._raw_span_counts, self._raw_spans]
         return [self._raw_tokens, self._raw_lengths, *extra]
 
     def _finish_shard(self) -> None:
@@ -152,6 +174,8 @@ class ShardWriter:
         if self.prompt_lengths:
             fields.append(pa.field(PROMPT_LENGTHS_COLUMN, pa.uint32(), nullable=False))
             fields.append(pa.field(RESPONSE_CUT_COLUMN, pa.uint8(), nullable=False))
+        if self._shard_spans:
+            fields.append(pa.field(LABEL_SPANS_COLUMN, pa.list_(pa.uint32()), nullable=False))
         schema = pa.schema(fields)
         name = f"shard-{len(self.shards):05d}.arrow"
         path = self.tmp_dir / name
@@ -180,6 +204,9 @@ class ShardWriter:
                     prompts = np.fromfile(sft_files[0], dtype=np.uint32, count=lengths.size)
                     cut = np.fromfile(sft_files[1], dtype=np.uint8, count=lengths.size)
                     columns += [pa.array(prompts, pa.uint32()), pa.array(cut, pa.uint8())]
+                    counts = np.fromfile(sft_files[2], dtype=np.int64, count=lengths.size)
+                    if self._shard_spans:
+                        columns.append(_span_lists(sft_files[3], counts))
                 writer.write_batch(pa.record_batch(columns, schema=schema))
                 del columns, values
                 tokens.drop_until(end)
@@ -199,6 +226,15 @@ class ShardWriter:
                 "sha256": file_sha256(path),
             }
         )
+
+
+def _span_lists(spans_file, counts: np.ndarray) -> pa.ListArray:
+    """The next `counts` documents' spans from the raw spans file as a list<uint32> array of
+    flat (start, length) pairs."""
+    offsets = np.zeros(counts.size + 1, dtype=np.int32)
+    np.cumsum(2 * counts, out=offsets[1:])
+    flat = np.fromfile(spans_file, dtype=np.uint32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.uint32()))
 
 
 # Tokens per record batch of a shard: what the writer holds mapped at once (8 MB of uint16:

@@ -18,8 +18,8 @@ RECORDS = [
 
 
 def test_pairs_are_laid_out_prompt_then_response_with_the_prompt_length():
-    prompts, responses = split_records(RECORDS, SftFields(), "in.jsonl", None, 1)
-    enc = encode_pairs(ByteTokenizer(), prompts, responses)
+    parsed = split_records(RECORDS, SftFields(), "in.jsonl", None, 1)
+    enc = encode_pairs(ByteTokenizer(), parsed.prompts, parsed.responses)
     offset = 0
     for record, length, prompt_len in zip(RECORDS, enc.lengths, enc.prompt_lengths, strict=True):
         doc = bytes(enc.values[offset : offset + length].astype("uint8"))
@@ -31,8 +31,8 @@ def test_pairs_are_laid_out_prompt_then_response_with_the_prompt_length():
 
 def test_field_names_can_be_changed():
     records = [{"instruction": "do", "output": "done"}]
-    prompts, responses = split_records(records, SftFields("instruction", "output"), "x", None, 1)
-    assert (prompts, responses) == (["do"], ["done"])
+    parsed = split_records(records, SftFields("instruction", "output"), "x", None, 1)
+    assert (parsed.prompts, parsed.responses) == (["do"], ["done"])
 
 
 @pytest.mark.parametrize(
@@ -79,9 +79,12 @@ def test_messages_are_rendered_with_the_chat_template(tmp_path):
             {"role": "assistant", "content": "hello world"},
         ]
     }
-    prompts, responses = split_records([record], SftFields(), "chat.jsonl", chat, 1)
-    assert prompts == ["<user>how are you?</s><assistant>"]
-    assert responses == ["hello world</s>"]
+    parsed = split_records([record], SftFields(), "chat.jsonl", chat, 1)
+    # Rendered once; the supervised turn is its text and the "</s>" the template ends it with,
+    # and the final EOS is dropped (the loader appends one).
+    [rendered] = parsed.chats
+    assert rendered.text == "<user>how are you?</s><assistant>hello world"
+    assert rendered.spans == [(len("<user>how are you?</s><assistant>"), len(rendered.text))]
 
 
 def test_sample_summaries_have_whole_articles_as_prompts_and_their_first_sentence_as_response(

@@ -166,11 +166,14 @@ def test_a_qwen3_chat_is_stored_as_the_tokenizer_encodes_its_render(tmp_path, ca
     code, said = build(capsys, src, "--out", tmp_path / "ds", "--sft", "--tokenizer", QWEN3)
     assert code == 0, said
     hf = transformers.AutoTokenizer.from_pretrained(QWEN3, local_files_only=True)
-    prompt = hf.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
     full = hf.apply_chat_template(chat, tokenize=False)
+    # The template ends the turn with its EOS and a newline: dropped, the loader appends EOS.
+    assert full.endswith(" In the western isles.<|im_end|>\n")
+    kept = full.removesuffix("<|im_end|>\n")
+    before = kept.removesuffix(" In the western isles.")
     ds = open_dataset(tmp_path / "ds")
-    assert ds[0].tolist() == hf(full, add_special_tokens=False)["input_ids"]
-    assert ds.prompt_lengths.tolist() == [len(hf(prompt, add_special_tokens=False)["input_ids"])]
+    assert ds[0].tolist() == hf(kept, add_special_tokens=False)["input_ids"]
+    assert ds.prompt_lengths.tolist() == [len(hf(before, add_special_tokens=False)["input_ids"])]
 
 
 # ----------------------------------------------------------------------------- cut responses

@@ -1,4 +1,4 @@
-"""`python -m pipeline {build,tokenize-distributed,demo,plan}`: parse the subcommand's flags
+"""`python -m pipeline {build,tokenize-distributed,demo,show,plan}`: parse the subcommand's flags
 and delegate.
 
 `plan` is the trainer's (`train_low_mem.py plan`), with the same flags: listed in this help,
@@ -11,7 +11,7 @@ import tyro
 
 from lowmem_core.errors import run_cli
 from lowmem_core.flags import parse_flags
-from pipeline.config import BuildConfig, DemoConfig, TokenizeDistributedConfig
+from pipeline.config import BuildConfig, DemoConfig, ShowConfig, TokenizeDistributedConfig
 from trainer_low_mem.config import PlanConfig
 
 
@@ -49,15 +49,24 @@ def demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def show(cfg: ShowConfig) -> None:
+    from pipeline.show import show as run
+
+    print("\n\n".join(run(cfg)))
+
+
 # subcommand name -> (config dataclass, handler)
 SUBCOMMANDS = {
     "build": (BuildConfig, build),
     "tokenize-distributed": (TokenizeDistributedConfig, tokenize_distributed),
     "demo": (DemoConfig, demo),
+    "show": (ShowConfig, show),
 }
 
 
-def parse_args(argv: list[str]) -> BuildConfig | TokenizeDistributedConfig | DemoConfig:
+def parse_args(
+    argv: list[str],
+) -> BuildConfig | TokenizeDistributedConfig | DemoConfig | ShowConfig:
     """The config of the subcommand `argv` names (`plan` is listed, but `_main` hands it to the
     trainer before this parse)."""
     configs = {name: cls for name, (cls, _) in SUBCOMMANDS.items()} | {"plan": PlanConfig}
@@ -67,8 +76,9 @@ def parse_args(argv: list[str]) -> BuildConfig | TokenizeDistributedConfig | Dem
             prog="python -m pipeline",
             args=args,
             description="build: tokenise inputs; tokenize-distributed: tokenise on a Ray "
-            "cluster into Parquet shards that build ingests; demo: the quick start; plan: size a "
-            "run (`python -m pipeline plan --help`)",
+            "cluster into Parquet shards that build ingests; demo: the quick start; show: print "
+            "stored samples with their labelled spans marked; plan: size a run (`python -m "
+            "pipeline plan --help`)",
         ),
         argv,
         "python -m pipeline",

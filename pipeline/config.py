@@ -184,3 +184,24 @@ class DemoConfig:
     """Tokens per row."""
     batch_size: int = 16
     """Rows per batch."""
+
+
+@dataclass
+class ShowConfig:
+    """Print stored samples decoded with the dataset's tokenizer, their labelled spans marked."""
+
+    dataset: Annotated[Path, tyro.conf.Positional] = Path("data/tokens")
+    """Dataset folder built by `python -m pipeline build` (or a `datasets` save_to_disk folder)."""
+    sample: int = 0
+    """Number of the first document (sample) to print, from 0."""
+    count: int = 1
+    """How many documents to print, from --sample on."""
+    tokenizer: str | None = None
+    """Decode with this tokenizer (`byte`, a tokenizer.json or a model folder) instead of the one
+    index.json records, for a dataset whose tokenizer has moved."""
+
+    def __post_init__(self) -> None:
+        if self.sample < 0:
+            raise ConfigError(f"--sample must be >= 0 (the first sample is 0), got {self.sample}")
+        if self.count < 1:
+            raise ConfigError(f"--count must be >= 1, got {self.count}")

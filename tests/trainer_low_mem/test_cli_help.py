@@ -34,7 +34,7 @@ def test_debug_is_in_the_help(main, argv, capsys):
 
 def test_the_pipeline_help_lists_plan(capsys):
     out = help_text(pipeline_main, ["--help"], capsys)
-    assert "{build,tokenize-distributed,demo,plan}" in out
+    assert "{build,tokenize-distributed,demo,show,plan}" in out
     assert "The plan a run would use" in out
 
 

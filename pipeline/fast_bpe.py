@@ -21,10 +21,21 @@ it is a letter (\p{L}), a number (\p{N}) or whitespace (\s), and, in the GPT-4-s
 its case. So a document goes to `tiktoken` unless it holds a character on which the two regex
 engines (Oniguruma in `tokenizers`, fancy-regex in `tiktoken`) disagree about a class (found by
 running each class over every code point in both, kept in the user's cache), a character that
-case-maps to a contraction's letters, or an added token's text; and, with a normalizer, unless
-it is already in that normal form. Under a case-insensitive split or a normalizer, a code point
-that Python's Unicode tables leave unassigned also sends it to `tokenizers`. A probe set is
-compared with `tokenizers` when the fast path is set up.
+case-maps to a contraction's letters, or an added token that `tokenizers` matches in a way a
+plain search does not (lstrip, rstrip, single_word, or on normalised text); and, with a
+normalizer, unless it is already in that normal form. Under a case-insensitive split or a
+normalizer, a code point that Python's Unicode tables leave unassigned also sends it to
+`tokenizers`. A probe set is compared with `tokenizers` when the fast path is set up.
+
+Added tokens (a chat's `<|im_start|>`, `<|im_end|>`): `tokenizers` first cuts the raw text at
+every added token whose flags are all off and that is matched on the raw text, leftmost-longest,
+and then normalises, splits and merges each piece between them on its own. So a text holding
+such tokens is cut the same way here (the longest token first at each place), each piece is
+judged and encoded as a document, and the token's id goes between them; the text goes to
+`tiktoken` when every piece does.
+
+The check takes seconds for a 150k-merge vocabulary, so its outcome is kept in the user's
+cache, one file per tokenizer.json and library versions (`check(tok, cache_key=...)`).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import functools
 import hashlib
 import itertools
 import json
+import re
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -57,6 +69,17 @@ _NORMAL_FORMS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
 _CONTRACTIONS = frozenset({"s", "t", "re", "ve", "m", "ll", "d"})
 _LAST_CODE_POINT = 0x10FFFF
 _FACTS = ("classes_differ", "case_maps_to_contraction", "unassigned")
+# Why a text left the fast path, by the code `FastBPE.reasons` gives it (0: it did not).
+LEFT_REASONS = (
+    "",
+    "no text (null)",
+    "an added token tokenizers matches with lstrip, rstrip, single_word or after normalising",
+    "a character the two regex engines may split differently",
+    "text not in the normalizer's normal form",
+)
+_NULL, _ADDED, _CHARACTER, _NOT_NORMAL = 1, 2, 3, 4
+# Bump when what the check caches changes shape.
+_CHECK_CACHE_VERSION = 1
 
 
 def byte_chars() -> list[str]:
@@ -80,17 +103,49 @@ class FastBPE:
 
     encoding: object  # tiktoken.Encoding over merge-ordered ranks
     rank_to_id: np.ndarray  # (256 + merges,) uint32: the tokenizer's id of each tiktoken rank
-    outside: str | None  # RE2 pattern: a document matching it goes to `tokenizers`
+    outside: str | None  # RE2 class of the characters that send a document to `tokenizers`
     forms: tuple[str, ...]  # the normalizer's Unicode normal forms, in order
     split_name: str
+    cut_at: dict[str, int]  # added tokens texts are cut at first, as tokenizers does: text -> id
+    refused_added: tuple[str, ...]  # added tokens it cannot match as tokenizers does
+    split: str  # the pre-tokenizer's regex, as `encoding` splits with it
+
+    def __post_init__(self) -> None:
+        # Longest first: at each place Python's alternation takes the first that matches, which
+        # is then the longest, as tokenizers' leftmost-longest matching takes.
+        longest = sorted(self.cut_at, key=len, reverse=True)
+        self._cut_re = (
+            re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
+        )
+        self._cut_any = _re2_alternation(longest)
+        self._refused_any = _re2_alternation(self.refused_added)
+        # Each token cut at gets a rank past the merges', so one id lookup serves both.
+        self._cut_rank = {t: self.rank_to_id.size + k for k, t in enumerate(self.cut_at)}
+        self._all_ids = np.concatenate(
+            [self.rank_to_id, np.array(list(self.cut_at.values()), dtype=np.uint32)]
+        )
 
     @classmethod
-    def check(cls, tok) -> FastBPE | str:
-        """The fast path for the `tokenizers.Tokenizer` `tok`, or why it has none (one line)."""
+    def check(cls, tok, cache_key: str | None = None) -> FastBPE | str:
+        """The fast path for the `tokenizers.Tokenizer` `tok`, or why it has none (one line).
+        `cache_key` names `tok`'s tokenizer.json (a digest of it): the outcome is then kept in
+        the user's cache and read back next time."""
         try:
             import tiktoken
         except ImportError:
             return "tiktoken is not installed (pip install tiktoken)"
+        if cache_key is None:
+            return cls._check(tok, tiktoken)
+        path = _check_cache_path(cache_key, tiktoken)
+        cached = _read_check(path, tiktoken)
+        if cached is not None:
+            return cached
+        found = cls._check(tok, tiktoken)
+        _write_check(path, found)
+        return found
+
+    @classmethod
+    def _check(cls, tok, tiktoken) -> FastBPE | str:
         saved = tok.to_str()
         spec = json.loads(saved)
         reason = _unsupported_shape(spec)
@@ -121,7 +176,8 @@ class FastBPE:
                 return f"two merges make the token {joined!r}"
             ranks[raw] = 256 + i
             rank_to_id[256 + i] = vocab[joined]
-        added = {t.content for t in tok.get_added_tokens_decoder().values() if t.content}
+        added_tokens = tok.get_added_tokens_decoder()
+        added = {t.content for t in added_tokens.values() if t.content}
         if model.get("ignore_merges"):
             # tokenizers then takes a whole piece that is any vocabulary entry; tiktoken only a
             # ranked one.
@@ -144,11 +200,19 @@ class FastBPE:
         encoding = tiktoken.Encoding(name, pat_str=split, mergeable_ranks=ranks, special_tokens={})
         forms = tuple(step["type"] for step in _normalizer_steps(spec.get("normalizer")))
         unsafe = unsafe_code_points("(?i" in split, bool(forms))
-        added_texts = tuple(sorted(added))
-        escaped = ["".join(f"\\x{{{ord(c):x}}}" for c in t) for t in added_texts]
-        outside = "|".join(([_re2_class(unsafe)] if unsafe.size else []) + escaped) or None
+        outside = _re2_class(unsafe) if unsafe.size else None
+        cut_at, refused_added = {}, []
+        for token_id, t in sorted(added_tokens.items()):
+            if not t.content:
+                continue
+            if t.lstrip or t.rstrip or t.single_word or t.normalized:
+                refused_added.append(t.content)
+            else:
+                cut_at[t.content] = int(token_id)
         split_name = "GPT-2" if split == GPT2_SPLIT else "GPT-4-style"
-        fast = cls(encoding, rank_to_id, outside, forms, split_name)
+        fast = cls(
+            encoding, rank_to_id, outside, forms, split_name, cut_at, tuple(refused_added), split
+        )
         mismatch = fast._probe(tok)
         if mismatch is not None:
             return f"tiktoken and tokenizers disagree on {mismatch!r}"
@@ -157,38 +221,87 @@ class FastBPE:
     def accepts(self, texts: pa.Array, strings: list | None = None) -> np.ndarray:
         """(len(texts),) bool: the documents this path encodes (null texts never). `strings`:
         the same texts as Python strings, where the caller has them already."""
-        if self.outside is None:
-            other = pc.is_null(texts)
+        return self.reasons(texts, strings) == 0
+
+    def reasons(self, texts: pa.Array, strings: list | None = None) -> np.ndarray:
+        """(len(texts),) uint8: 0 where this path encodes the document, else why not (an index
+        into LEFT_REASONS). A document holding added tokens is judged piece by piece."""
+        codes = self._whole_reasons(texts, strings)
+        if self._cut_any is None:
+            return codes
+        holds = pc.fill_null(pc.match_substring_regex(texts, self._cut_any), False)
+        held = np.flatnonzero(holds.to_numpy(zero_copy_only=False) & (codes == 0))
+        if held.size == 0:
+            return codes
+        if strings is None:
+            strings = texts.take(held).to_pylist()
+            held_strings = strings
         else:
-            other = pc.fill_null(pc.match_substring_regex(texts, self.outside), True)
-        accepted = ~other.to_numpy(zero_copy_only=False)
+            held_strings = [strings[i] for i in held]
+        pieces = [self._cut_re.split(text)[::2] for text in held_strings]
+        counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        flat = list(itertools.chain.from_iterable(pieces))
+        piece_codes = self._whole_reasons(pa.array(flat, type=pa.large_string()), flat)
+        codes[held] = np.maximum.reduceat(piece_codes, _starts(counts))
+        return codes
+
+    def _whole_reasons(self, texts: pa.Array, strings: list | None) -> np.ndarray:
+        codes = np.where(pc.is_null(texts).to_numpy(zero_copy_only=False), _NULL, 0)
+        codes = codes.astype(np.uint8)
+        for pattern, code in ((self._refused_any, _ADDED), (self.outside, _CHARACTER)):
+            if pattern is None:
+                continue
+            found = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+            codes[(codes == 0) & found.to_numpy(zero_copy_only=False)] = code
         if self.forms:
             # ASCII is in every normal form; other text is checked as the normalizer would see it.
             ascii_text = pc.fill_null(pc.string_is_ascii(texts), True).to_numpy(
                 zero_copy_only=False
             )
-            check = np.flatnonzero(accepted & ~ascii_text)
+            check = np.flatnonzero((codes == 0) & ~ascii_text)
             if strings is None:
                 found = texts.take(check).to_pylist()
             else:
                 found = [strings[i] for i in check]
             for i, text in zip(check, found, strict=True):
-                accepted[i] = all(unicodedata.is_normalized(form, text) for form in self.forms)
-        return accepted
+                if not all(unicodedata.is_normalized(form, text) for form in self.forms):
+                    codes[i] = _NOT_NORMAL
+        return codes
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(uint32 ids back to back, int64 lengths) of `texts`, each accepted by `accepts`."""
         # encode_ordinary releases the GIL, so --num-proc threads encode in parallel.
-        ranks = list(map(self.encoding.encode_ordinary, texts))
+        if self._cut_re is None:
+            ranks = list(map(self.encoding.encode_ordinary, texts))
+        else:
+            ranks = list(map(self._encode_cut, texts))
         lengths = np.fromiter(map(len, ranks), dtype=np.int64, count=len(ranks))
         flat = np.fromiter(
             itertools.chain.from_iterable(ranks), dtype=np.uint32, count=int(lengths.sum())
         )
-        return self.rank_to_id[flat], lengths
+        return self._all_ids[flat], lengths
+
+    def _encode_cut(self, text: str) -> list[int]:
+        """Ranks of `text` cut at its added tokens: each piece encoded alone, each token its own
+        rank past the merges'."""
+        parts = self._cut_re.split(text)
+        if len(parts) == 1:
+            return self.encoding.encode_ordinary(text)
+        ranks: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ranks.append(self._cut_rank[part])
+            elif part:
+                ranks.extend(self.encoding.encode_ordinary(part))
+        return ranks
 
     def _probe(self, tok) -> str | None:
         """The first probe text whose ids differ between the two paths, or None."""
         texts = _probe_texts()
+        for token in itertools.islice(itertools.chain(self.cut_at, self.refused_added), 64):
+            # Added tokens between, beside and inside text, and glued to each other.
+            texts += [token, f"a{token}b", f" {token} ", f"\n{token}\n\n", token + token]
+            texts += [f"x{token[:-1]}", f"{token[1:]}y", f"héllo{token}wörld 12"]
         accepted = self.accepts(pa.array(texts, type=pa.large_string()), texts)  # as documents
         texts = [t for t, ok in zip(texts, accepted, strict=True) if ok]
         values, lengths = self.encode(texts)
@@ -375,3 +488,93 @@ def _probe_texts() -> list[str]:
         "مرحبا ٣٤٥ بالعالم\n",
     ]
     return texts
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _re2_alternation(texts) -> str | None:
+    """An RE2 pattern matching any of `texts` literally, or None for none."""
+    escaped = ["".join(f"\\x{{{ord(c):x}}}" for c in t) for t in texts]
+    return "|".join(escaped) or None
+
+
+def _check_cache_path(cache_key: str, tiktoken):
+    import tokenizers
+
+    versions = f"{tokenizers.__version__}-{tiktoken.__version__}-{unicodedata.unidata_version}"
+    name = f"check-{_CHECK_CACHE_VERSION}-{cache_key}-{versions}.npz"
+    return user_cache_root() / "fast-bpe" / name
+
+
+def _read_check(path, tiktoken) -> FastBPE | str | None:
+    """The check's kept outcome, or None when there is none (or it cannot be read)."""
+    try:
+        with np.load(path) as saved:
+            meta = json.loads(str(saved["meta"]))
+            if "refused" in meta:
+                return meta["refused"]
+            token_bytes, offsets = saved["token_bytes"].tobytes(), saved["offsets"]
+            rank_to_id = saved["rank_to_id"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    bounds = offsets.tolist()
+    ranks = {
+        token_bytes[a:b]: rank
+        for rank, (a, b) in enumerate(itertools.pairwise(bounds))
+        if b > a  # a merge never formed from a byte-level piece has no bytes and no rank
+    }
+    encoding = tiktoken.Encoding(
+        meta["name"], pat_str=meta["split"], mergeable_ranks=ranks, special_tokens={}
+    )
+    return FastBPE(
+        encoding,
+        rank_to_id,
+        meta["outside"],
+        tuple(meta["forms"]),
+        meta["split_name"],
+        meta["cut_at"],
+        tuple(meta["refused_added"]),
+        meta["split"],
+    )
+
+
+def _write_check(path, found: FastBPE | str) -> None:
+    if isinstance(found, str):
+        arrays = {"meta": np.array(json.dumps({"refused": found}))}
+    else:
+        by_rank = [_token_bytes(found.encoding, rank) for rank in range(found.rank_to_id.size)]
+        offsets = np.zeros(len(by_rank) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in by_rank], out=offsets[1:])
+        meta = {
+            "name": found.encoding.name,
+            "split": found.split,
+            "outside": found.outside,
+            "forms": list(found.forms),
+            "split_name": found.split_name,
+            "cut_at": found.cut_at,
+            "refused_added": list(found.refused_added),
+        }
+        arrays = {
+            "meta": np.array(json.dumps(meta)),
+            "token_bytes": np.frombuffer(b"".join(by_rank), dtype=np.uint8),
+            "offsets": offsets,
+            "rank_to_id": found.rank_to_id,
+        }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
+    except OSError:
+        pass  # an unwritable cache only means checking again next time
+
+
+def _token_bytes(encoding, rank: int) -> bytes:
+    """The bytes of `rank`, or none where no merge made a byte-level token there."""
+    try:
+        return encoding.decode_single_token_bytes(rank)
+    except KeyError:
+        return b""

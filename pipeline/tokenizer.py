@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from lowmem_core.errors import PipelineError, require_extra
-from pipeline.fast_bpe import FastBPE
+from pipeline.fast_bpe import LEFT_REASONS, FastBPE, byte_chars
 
 # Special tokens of the byte tokenizer sit right after the 256 byte values.
 BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258
@@ -140,6 +140,8 @@ class JsonTokenizer:
         self._fast: FastBPE | None = None
         self._fast_refused: str | None = None  # why `use_fast_bpe` found no exact fast path
         self._texts = [0, 0]  # encoded by the fast path, encoded in all (with it in use)
+        self._left = np.zeros(len(LEFT_REASONS), dtype=np.int64)  # texts that left it, by why
+        self._byte_lengths: np.ndarray | None = None  # (vocab_size,) int64, byte-level only
         self._count_lock = threading.Lock()  # --num-proc threads encode at once
         self.source = str(path.resolve())
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -206,16 +208,21 @@ class JsonTokenizer:
         # Sent to other processes (Ray workers) without the fast path or its lock: a receiver
         # sets up its own with `use_fast_bpe`, and counts its own texts.
         state = dict(self.__dict__, _fast=None, _fast_refused=None, _texts=[0, 0])
+        del state["_left"]  # a receiver may map arrays read-only (Ray): it makes its own
         del state["_count_lock"]
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _count_lock=threading.Lock())
+        self.__dict__.update(
+            state,
+            _count_lock=threading.Lock(),
+            _left=np.zeros(len(LEFT_REASONS), dtype=np.int64),
+        )
 
     def use_fast_bpe(self) -> str | None:
         """Encode with `tiktoken` the texts whose ids it provably gives as this tokenizer would
         (pipeline/fast_bpe.py). None when set up, else why not (one line)."""
-        fast = FastBPE.check(self._tok)
+        fast = FastBPE.check(self._tok, cache_key=self.id)
         if isinstance(fast, str):
             self._fast_refused = fast
             return fast
@@ -223,14 +230,19 @@ class JsonTokenizer:
         return None
 
     def fast_bpe_report(self) -> dict | None:
-        """Since `use_fast_bpe`: the split and how many texts `tiktoken` encoded, of all; or why
-        there was no fast path. None when `use_fast_bpe` was not called."""
+        """Since `use_fast_bpe`: the split and how many texts `tiktoken` encoded, of all, and
+        why the others left it ("left": {reason: texts}, only when some did); or why there was
+        no fast path. None when `use_fast_bpe` was not called."""
         if self._fast_refused is not None:
             return {"refused": self._fast_refused}
         if self._fast is None:
             return None
         fast, total = self._texts
-        return {"split": self._fast.split_name, "texts": total, "fast_texts": fast}
+        report = {"split": self._fast.split_name, "texts": total, "fast_texts": fast}
+        left = {LEFT_REASONS[k]: int(n) for k, n in enumerate(self._left) if k and n}
+        if left:
+            report["left"] = left
+        return report
 
     def encode_arrow(self, texts: pa.Array, continues: bool = False) -> Encoded:
         """Ids of each text without special tokens (the builder adds `prefix` where it belongs).
@@ -242,10 +254,7 @@ class JsonTokenizer:
             texts = pa.array(strings, pa.large_string())
         if self._fast is None:
             return self._encode_strings(strings)
-        fast = self._fast.accepts(texts, strings)
-        with self._count_lock:
-            self._texts[0] += int(fast.sum())
-            self._texts[1] += fast.size
+        fast = self._fast_texts(texts, strings)
         if fast.all():
             return Encoded(*self._fast.encode(strings))
         if not fast.any():
@@ -255,6 +264,75 @@ class JsonTokenizer:
             (where_fast, Encoded(*self._fast.encode([strings[i] for i in where_fast]))),
             (where_other, self._encode_strings([strings[i] for i in where_other])),
         )
+
+    def encode_with_offsets(self, strings: list[str]) -> tuple[Encoded, np.ndarray]:
+        """`encode_arrow` of `strings` (the same ids) and, for every token, the character of its
+        text where it starts ((sum(lengths),) int64; a token that starts inside a character's
+        UTF-8 bytes gets that character). On the fast path the places follow from the ids (each
+        token's byte count: the text is in the normalizer's form there, so bytes are the
+        text's); elsewhere they are the tokenizer's own offsets."""
+        texts = pa.array(strings, type=pa.large_string())
+        fast = self._fast_texts(texts, strings)
+        where_fast, where_other = np.flatnonzero(fast), np.flatnonzero(~fast)
+        parts = []
+        if where_fast.size:
+            chosen = [strings[i] for i in where_fast]
+            encoded = Encoded(*self._fast.encode(chosen))
+            parts.append((where_fast, encoded, self._byte_level_starts(chosen, encoded)))
+        if where_other.size:
+            chosen = [strings[i] for i in where_other]
+            parts.append((where_other, *self._encode_with_own_offsets(chosen)))
+        encoded = interleave(*((where, part) for where, part, _ in parts))
+        as_values = [(where, Encoded(starts, part.lengths)) for where, part, starts in parts]
+        starts = interleave(*as_values).values.astype(np.int64)
+        return encoded, starts
+
+    def _encode_with_own_offsets(self, strings: list[str]) -> tuple[Encoded, np.ndarray]:
+        encodings = self._tok.encode_batch(strings, add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(strings))
+        count = int(lengths.sum())
+        ids = itertools.chain.from_iterable(e.ids for e in encodings)
+        starts = itertools.chain.from_iterable((a for a, _ in e.offsets) for e in encodings)
+        return (
+            Encoded(np.fromiter(ids, dtype=np.uint32, count=count), lengths),
+            np.fromiter(starts, dtype=np.int64, count=count),
+        )
+
+    def _byte_level_starts(self, strings: list[str], encoded: Encoded) -> np.ndarray:
+        """Where each fast-path token starts, in characters of its text."""
+        if self._byte_lengths is None:
+            chars = set(byte_chars())
+            table = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+                # The fast path's check made sure every token it gives is byte-level.
+                table[i] = len(token) if set(token) <= chars else 0
+            for i, added in self._tok.get_added_tokens_decoder().items():
+                table[i] = len(added.content.encode())
+            self._byte_lengths = table
+        token_bytes = self._byte_lengths[encoded.values]
+        starts = np.empty(encoded.values.size, dtype=np.int64)
+        at = 0
+        for text, n in zip(strings, encoded.lengths.tolist(), strict=True):
+            code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            utf8_bytes = 1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800)
+            utf8_bytes += code_points >= 0x10000
+            char_of_byte = np.repeat(np.arange(code_points.size), utf8_bytes)
+            own = token_bytes[at : at + n]
+            starts[at : at + n] = char_of_byte[np.cumsum(own) - own]
+            at += n
+        return starts
+
+    def _fast_texts(self, texts: pa.Array, strings: list[str]) -> np.ndarray:
+        """(len(texts),) bool: those the fast path encodes, counted in the report with why the
+        others left it."""
+        if self._fast is None:
+            return np.zeros(len(texts), dtype=bool)
+        reasons = self._fast.reasons(texts, strings)
+        with self._count_lock:
+            self._texts[0] += int((reasons == 0).sum())
+            self._texts[1] += reasons.size
+            self._left += np.bincount(reasons, minlength=len(LEFT_REASONS))
+        return reasons == 0
 
     def safe_cut(self, text: str, lo: int, hi: int, partial: bool = False) -> int | None:
         """The last place in [lo, hi] where `text` can be cut so that its two sides' ids, joined,

@@ -9,6 +9,7 @@ import json
 import pickle
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pytest
 from pipeline import fast_bpe, open_dataset
 from pipeline.build import build_dataset
 from pipeline.config import BuildConfig
-from pipeline.fast_bpe import KNOWN_SPLITS, FastBPE, byte_chars
+from pipeline.fast_bpe import KNOWN_SPLITS, LEFT_REASONS, FastBPE, byte_chars
 from pipeline.sample_corpus import generate_documents
 from pipeline.tokenizer import JsonTokenizer
 
@@ -26,6 +27,7 @@ pytest.importorskip("tiktoken")
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_end|>"]
+QWEN3 = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "qwen3"
 SHAPES = {
     "gpt2": (None, False, False),  # ByteLevel's own split, merges
     "llama3": (KNOWN_SPLITS[1], True, False),  # GPT-4-style split, whole words first
@@ -115,7 +117,8 @@ def test_every_document_gets_the_ids_tokenizers_gives(tmp_path, corpus, trained,
     [
         ("gpt2", "plain text.\n", True),
         ("gpt2", "café, 中文\u3000٣ and\x0bcontrol", True),
-        ("gpt2", "x <|im_end|> y", False),  # an added token splits the text first
+        ("gpt2", "x <|im_end|> y", True),  # cut at the added token, each piece judged
+        ("qwen2", "cafe\u0301<|im_end|>x", False),  # a piece NFC would compose
         ("gpt2", "<|im_end", True),
         ("gpt2", None, False),
         ("gpt2", "l'ſ", True),  # the GPT-2 split is case-sensitive
@@ -308,12 +311,21 @@ def test_a_build_stores_the_same_dataset_with_or_without_the_fast_path(tmp_path,
     np.testing.assert_array_equal(a.doc_lengths, b.doc_lengths)
     np.testing.assert_array_equal(a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens))
     stored = [d for d in docs if d.strip()]  # the build skips blank documents
-    accepted = int(FastBPE.check(trained["llama3"]).accepts(pa.array(stored)).sum())
-    assert fast_bpe == {"split": "GPT-4-style", "texts": len(stored), "fast_texts": accepted}
+    reasons = FastBPE.check(trained["llama3"]).reasons(pa.array(stored))
+    accepted = int((reasons == 0).sum())
+    left = {LEFT_REASONS[k]: int(n) for k, n in enumerate(np.bincount(reasons)) if k and n}
+    assert list(left) == ["a character the two regex engines may split differently"]
+    assert fast_bpe == {
+        "split": "GPT-4-style",
+        "texts": len(stored),
+        "fast_texts": accepted,
+        "left": left,
+    }
     assert off is None
     assert report.notes("text")[0] == (
         f"tokenised {accepted:,} of {len(stored):,} texts with tiktoken, whose ids provably "
-        "equal the tokenizer's (GPT-4-style split); the rest with tokenizers"
+        "equal the tokenizer's (GPT-4-style split); the rest with tokenizers "
+        f"({len(stored) - accepted:,}: a character the two regex engines may split differently)"
     )
 
 
@@ -327,3 +339,172 @@ def test_a_build_says_why_its_tokenizer_has_no_fast_path(tmp_path, corpus, train
         f"tokenised with tokenizers alone, no exact fast path: {reason}"
     )
     assert len(open_dataset(out)) == 20
+
+
+def chat_texts(rng: random.Random, count: int, specials: list[str]) -> list[str]:
+    """Texts shaped like rendered chats: added tokens between, beside and glued to text (words,
+    digits, whitespace runs, accents, CJK, and a half-written added token)."""
+    bits = [
+        "Hello",
+        " world",
+        "\n",
+        "\n\n",
+        "  ",
+        "12345",
+        "é",
+        "中文",
+        "'s",
+        "<|",
+        "|>",
+        ".",
+        "\t",
+    ]
+    bits += ["user", "assistant", "<think>", "</think>", "<|im_start"]
+    return [
+        "".join(rng.choice(specials if rng.random() < 0.25 else bits) for _ in range(n))
+        for n in (rng.randint(1, 60) for _ in range(count))
+    ]
+
+
+def assert_same_ids(tok: JsonTokenizer, reference: Tokenizer, texts: list[str]) -> np.ndarray:
+    """Asserts `tok` encodes `texts` (in one batch) as `reference` does; returns the ids."""
+    got = tok.encode_arrow(pa.array(texts, type=pa.large_string()))
+    ends = np.cumsum(got.lengths)
+    want = reference.encode_batch(texts, add_special_tokens=False)
+    for text, end, length, w in zip(texts, ends, got.lengths, want, strict=True):
+        assert got.values[end - length : end].tolist() == w.ids, text
+    return got.values
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_texts_holding_added_tokens_take_the_fast_path_with_the_same_ids(tmp_path, trained, shape):
+    texts = chat_texts(random.Random(5), 2000, SPECIALS) + ["cafe\u0301<|im_end|>x"]
+    tok = save(trained[shape], tmp_path / "tokenizer.json")
+    assert tok.use_fast_bpe() is None
+    assert_same_ids(tok, trained[shape], texts)
+    holding = [t for t in texts if any(s in t for s in SPECIALS)]
+    assert len(holding) > 1000
+    report = tok.fast_bpe_report()
+    # Only a piece NFC would compose leaves (under the NFC normalizer), counted by why.
+    if shape == "qwen2":
+        assert report["fast_texts"] == len(texts) - 1
+        assert report["left"] == {"text not in the normalizer's normal form": 1}
+    else:
+        assert report == {"split": report["split"], "texts": len(texts), "fast_texts": len(texts)}
+
+
+@pytest.mark.parametrize(
+    "flag, text, reason",
+    [
+        ("lstrip", "x <|im_end|> y", 2),
+        ("rstrip", "x<|im_end|>  y", 2),
+        ("single_word", "x<|im_end|>y", 2),
+        ("normalized", "x<|im_end|>y", 2),
+    ],
+)
+def test_an_added_token_matched_otherwise_than_by_plain_search_sends_its_text_away(
+    tmp_path, trained, flag, text, reason
+):
+    def flagged(spec):
+        for token in spec["added_tokens"]:
+            if token["content"] == "<|im_end|>":
+                token[flag] = True
+
+    tok_ = edited(trained["gpt2"], flagged)
+    fast = FastBPE.check(tok_)
+    assert fast.refused_added == ("<|im_end|>",)
+    texts = pa.array([text, "x <|endoftext|> y"])
+    assert fast.reasons(texts).tolist() == [reason, 0]
+    assert LEFT_REASONS[reason].startswith("an added token tokenizers matches with lstrip")
+    assert_same_ids(save(tok_, tmp_path / "tokenizer.json"), tok_, [text, "x <|endoftext|> y"])
+
+
+def test_the_longest_added_token_wins_where_two_start_at_one_place(tmp_path, trained):
+    def more(spec):
+        for k, content in enumerate(["<|im", "<|im_end|>x", "<|"]):
+            spec["added_tokens"].append(
+                {
+                    "id": 1200 + k,
+                    "content": content,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": k == 0,
+                }
+            )
+
+    tok_ = edited(trained["qwen2"], more)
+    tok = save(tok_, tmp_path / "tokenizer.json")
+    assert tok.use_fast_bpe() is None
+    texts = ["a<|im_end|>x<|im_end|>b", "<|im<|im_end|>", "<|<|im_start|>", "<|im_end|"]
+    texts += chat_texts(random.Random(8), 500, [*SPECIALS, "<|im", "<|im_end|>x", "<|"])
+    assert_same_ids(tok, tok_, texts)
+    assert tok.fast_bpe_report()["fast_texts"] == len(texts)
+
+
+def test_the_check_is_kept_in_the_user_cache_per_tokenizer(monkeypatch, tmp_path, trained):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = save(trained["qwen2"], tmp_path / "tokenizer.json")
+    assert first.use_fast_bpe() is None
+    kept = list((tmp_path / "cache" / "lowmem-pipeline" / "fast-bpe").glob("check-*.npz"))
+    assert len(kept) == 1 and first.id in kept[0].name
+    monkeypatch.setattr(FastBPE, "_check", classmethod(lambda *a: pytest.fail("checked again")))
+    again = JsonTokenizer(tmp_path / "tokenizer.json")
+    assert again.use_fast_bpe() is None
+    for name in ("outside", "forms", "split_name", "cut_at", "refused_added", "split"):
+        assert getattr(again._fast, name) == getattr(first._fast, name)
+    np.testing.assert_array_equal(again._fast.rank_to_id, first._fast.rank_to_id)
+    texts = chat_texts(random.Random(2), 300, SPECIALS)
+    np.testing.assert_array_equal(
+        assert_same_ids(again, trained["qwen2"], texts),
+        first.encode_arrow(pa.array(texts)).values,
+    )
+    kept[0].write_bytes(b"damaged")  # read as absent: checked afresh
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert JsonTokenizer(tmp_path / "tokenizer.json").use_fast_bpe() is None
+
+
+def test_a_refusal_is_kept_in_the_user_cache_too(monkeypatch, tmp_path, trained):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lowercase = edited(trained["gpt2"], lambda s: s.update(normalizer={"type": "Lowercase"}))
+    reason = save(lowercase, tmp_path / "tokenizer.json").use_fast_bpe()
+    monkeypatch.setattr(FastBPE, "_check", classmethod(lambda *a: pytest.fail("checked again")))
+    assert JsonTokenizer(tmp_path / "tokenizer.json").use_fast_bpe() == reason
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_token_offsets_are_where_each_token_starts_in_its_text(tmp_path, trained, fast):
+    texts = chat_texts(random.Random(4), 400, SPECIALS) + ["", "é中😀<|im_end|>x"]
+    tok = save(trained["qwen2"], tmp_path / "tokenizer.json")
+    if fast:
+        assert tok.use_fast_bpe() is None
+    encoded, starts = tok.encode_with_offsets(texts)
+    np.testing.assert_array_equal(
+        encoded.values, tok.encode_arrow(pa.array(texts, type=pa.large_string())).values
+    )
+    want = trained["qwen2"].encode_batch(texts, add_special_tokens=False)
+    assert starts.tolist() == [start for w in want for start, _ in w.offsets]
+
+
+@pytest.mark.skipif(not QWEN3.is_dir(), reason="needs ../shared/tokenizers/qwen3")
+def test_rendered_chats_take_the_fast_path_with_qwen3s_ids():
+    tok = JsonTokenizer(QWEN3)
+    assert tok.use_fast_bpe() is None
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "<|endoftext|>"]
+    rng = random.Random(9)
+    texts = [
+        "".join(
+            f"<|im_start|>{role}\n{body}<|im_end|>\n"
+            for role, body in zip(
+                ["system", "user", "assistant"] * 2, chat_texts(rng, 6, specials), strict=True
+            )
+        )
+        for _ in range(300)
+    ]
+    texts += chat_texts(rng, 1000, specials) + ["<|im_start|>user\ncafe\u0301<|im_end|>\n"]
+    assert_same_ids(tok, tok._tok, texts)
+    report = tok.fast_bpe_report()
+    assert report["fast_texts"] == report["texts"] - 1
+    assert report["left"] == {"text not in the normalizer's normal form": 1}

@@ -145,3 +145,55 @@ def test_a_missing_dataset_is_one_line(tmp_path, capsys):
         f"error: dataset {tmp_path / 'nope'} does not exist; build it with "
         f"`python -m pipeline build INPUT... --out {tmp_path / 'nope'}`\n"
     )
+
+
+CHATML = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Where is Enloka?"},
+    {"role": "assistant", "content": "In the western isles."},
+    {"role": "user", "content": "And Riarlo?"},
+    {"role": "assistant", "content": "North of it."},
+]
+
+
+def test_a_chat_shows_every_assistant_turn_labelled_and_one_end_of_turn(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([m["content"] for m in CHAT] * 10, trainer)
+    folder = tmp_path / "tok"
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML,
+    ).save_pretrained(folder)
+    ds = built(tmp_path, capsys, [{"messages": CHAT}], "--sft", "--tokenizer", folder)
+    code, out, err = run(capsys, "show", ds)
+    assert (code, err) == (0, "")
+    title, sample = out.split("\n\n")
+    assert title == f"{ds} (sft, 1 samples, tokenizer {folder.resolve()})"
+    head, body = sample.split("\n", 1)
+    assert head.startswith("sample 0 of 1: ")
+    assert head.endswith('the loader appends EOS "<|im_end|>" (labelled)')
+    # The system prompt and the user turns are kept and not labelled; the template's last
+    # <|im_end|> is the loader's EOS, so the sample ends one turn once.
+    assert body == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere is Enloka?<|im_end|>\n"
+        "<|im_start|>assistant\n«In the western isles.<|im_end|>»\n"
+        "<|im_start|>user\nAnd Riarlo?<|im_end|>\n<|im_start|>assistant\n"
+        "«North of it.»«<|im_end|>»\n"
+    )

@@ -35,34 +35,30 @@ class QuantisedLinear(nn.Linear):
     """A frozen linear layer stored as bitsandbytes stores it (an nn.Linear to peft, which wraps
     it with LoRA as it wraps any linear layer)."""
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        mode: str,
-        compute_dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)  # nn.Linear's own would allocate the unquantised weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.mode, self.compute_dtype = mode, compute_dtype
-        self.planned_device_type = "cuda"
+        self.planned_device_type = "cuda"  # the trace says which device it plans for
         n, k = self.out_features, self.in_features
-        device = linear.weight.device
+        on = {"device": linear.weight.device}
         if mode == "4bit":
-            packed = torch.empty(QuantisedWeights.packed_bytes(mode, n, k), 1, dtype=torch.uint8)
+            packed_bytes = QuantisedWeights.packed_bytes(mode, n, k)
+            packed = torch.empty(packed_bytes, 1, dtype=torch.uint8, **on)
             blocks = math.ceil(n * k / FOUR_BIT_BLOCK)
             state = {
-                "absmax": torch.empty(blocks, dtype=torch.uint8),
-                "code": torch.empty(FOUR_BIT_CODE_ENTRIES),
-                "nested_absmax": torch.empty(math.ceil(blocks / NESTED_BLOCK)),
-                "nested_code": torch.empty(NESTED_CODE_ENTRIES),
-                "offset": torch.empty(()),
+                "absmax": torch.empty(blocks, dtype=torch.uint8, **on),
+                "code": torch.empty(FOUR_BIT_CODE_ENTRIES, **on),
+                "nested_absmax": torch.empty(math.ceil(blocks / NESTED_BLOCK), **on),
+                "nested_code": torch.empty(NESTED_CODE_ENTRIES, **on),
+                "offset": torch.empty((), **on),
             }
         else:
-            packed = torch.empty(n, k, dtype=torch.int8)
-            state = {"scb": torch.empty(n)}
-        self.weight = nn.Parameter(packed.to(device), requires_grad=False)
+            packed = torch.empty(n, k, dtype=torch.int8, **on)
+            state = {"scb": torch.empty(n, **on)}  # SCB: fp32 scale per output row
+        self.weight = nn.Parameter(packed, requires_grad=False)
         for name, tensor in state.items():
-            self.register_buffer(name, tensor.to(device), persistent=False)
+            self.register_buffer(name, tensor, persistent=False)
         self._state_names = tuple(state)
         self.bias = linear.bias
         if self.bias is not None:

@@ -33,7 +33,7 @@ QWEN15_7B = {
 }
 USER_FLAGS = (
     "--lora_rank 32 --load_in_4bit True --max_seq_len 1024 --global_batch 16 --world_size 1 "
-    "--device_budget 16GiB --mixed_precision bf16 --grad_checkpointing True"
+    "--device_budget 16GiB --mixed_precision bf16 --grad_checkpointing True --host_ram_limit 32GiB"
 )
 
 

@@ -299,7 +299,8 @@ class _SpanReader:
         np.cumsum(counts[:-1], out=first[1:])
         starts, ends = spans[:, 0], spans.sum(axis=1)
         follows = np.ones(doc.size, dtype=bool)  # a span starts at or after the previous end
-        same_doc = np.r_[False, doc[1:] == doc[:-1]]
+        same_doc = np.zeros(doc.size, dtype=bool)
+        same_doc[1:] = doc[1:] == doc[:-1]
         follows[same_doc] = starts[same_doc] >= ends[np.flatnonzero(same_doc) - 1]
         bad_span = (spans[:, 1] < 1) | (ends > doc_lengths[doc]) | ~follows
         last_start = np.zeros(counts.size, dtype=np.int64)

@@ -9,6 +9,10 @@ tokens; a response over Ld - 1 keeps its first Ld - 1 tokens and still ends with
 response the build already cut to fit (`dataset.response_cut`) gets no EOS label: the model
 must not learn to stop there.
 `PairIndex` counts both (the trainer logs them).
+A chat with several supervised turns splits at its prompt length, the start of its last span
+(lowmem_core/format.py LABEL_SPANS_COLUMN): the encoder reads the conversation up to the last
+reply, the decoder learns that reply. An encoder-decoder has one output per input, so the
+earlier replies are input, not targets.
 
 Everything else is the Loader's (pipeline/rows.py): a global step takes `batch_size *
 world_size` consecutive rows, rank k rows [start + k*B, start + (k+1)*B); the state is (epoch,

@@ -289,3 +289,103 @@ def test_a_dataset_with_prompt_lengths_only_loads_and_labels_as_before(tmp_path)
     assert [ds.label_spans(i).tolist() for i in range(3)] == [[[2, 2]], [[0, 3]], [[1, 1]]]
     got = [labelled(ids, labels) for ids, labels in rows(ds)]
     assert sorted(got) == [[7, 8, 257], [9, 10, 11, 257], [13, 257]]
+
+
+# ----------------------------------------------------------------------------- stored spans
+
+REPLIES = ["fine thanks", "hello world", "how are you", "thanks", "fine"]
+
+
+def conversation(i: int) -> list[dict]:
+    """Record i: 1 to 3 exchanges; Gemma's "model" names the assistant in every third."""
+    role = "model" if i % 3 == 0 else "assistant"
+    messages = []
+    for t in range(1 + i % 3):
+        messages.append({"role": "user", "content": f"question {i} {t}"})
+        messages.append({"role": role, "content": REPLIES[(i + t) % len(REPLIES)]})
+    return messages
+
+
+@pytest.mark.parametrize("ultra_low_mem", [False, True])
+@pytest.mark.parametrize("packing", [True, False])
+def test_spans_across_shards_and_batches_label_exactly_the_replies_over_an_epoch(
+    tmp_path, capsys, monkeypatch, ultra_low_mem, packing
+):
+    from collections import Counter
+
+    from pipeline import shards
+
+    monkeypatch.setattr(shards, "BATCH_TOKENS", 60)  # several record batches per shard
+    folder = folder_with(tmp_path, LLAMA3_STYLE)
+    records = [{"messages": conversation(i)} for i in range(40)]
+    records.insert(5, {"prompt": "how are you?", "response": "fine"})
+    src = write_jsonl(tmp_path / "chat.jsonl", records)
+    args = ("--sft", "--tokenizer", folder, "--max-shard-tokens", "400", "--num-proc", "2")
+    code, said = build(capsys, src, "--out", tmp_path / "ds", *args)
+    assert code == 0, said
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = tok.token_to_id("</s>")
+
+    def ids(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    expected = Counter(ids("fine") + [eos])
+    for record in records[:5] + records[6:]:
+        for m in record["messages"][1::2]:
+            expected.update(ids(m["content"] + "<|eot|>"))
+        expected[eos] += 1
+    ds = open_dataset(tmp_path / "ds", ultra_low_mem=ultra_low_mem)
+    assert len(json.loads((tmp_path / "ds" / "index.json").read_text())["files"]) > 1
+    assert [len(ds.label_spans(i)) for i in range(len(ds))] == [
+        1 if i == 5 else 1 + (i - (i > 5)) % 3 for i in range(len(ds))
+    ]
+    got, count = Counter(), 0
+    for batch in Loader(ds, 2, 24, packing=packing):
+        labels = batch["labels"].flatten()
+        got.update(labels[labels != IGNORE_INDEX].tolist())
+        count += batch.num_tokens
+    assert got == expected
+    assert count == sum(expected.values())
+
+
+def test_an_encoder_decoder_learns_the_last_reply_with_the_earlier_turns_as_its_input(
+    tmp_path, capsys
+):
+    from pipeline.pairs import PairLoader
+
+    folder = folder_with(tmp_path, LLAMA3_STYLE)
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    code, said = build(capsys, src, "--out", tmp_path / "ds", "--sft", "--tokenizer", folder)
+    assert code == 0, said
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ds = open_dataset(tmp_path / "ds")
+    [batch] = list(PairLoader(ds, 1, 64, 32, start_id=0))
+    labels = batch["labels"][0]
+    reply = tok.encode("hello world<|eot|>", add_special_tokens=False).ids
+    assert labels[labels != IGNORE_INDEX].tolist() == reply + [tok.token_to_id("</s>")]
+    encoder = batch["input_ids"][0][batch["position_ids"][0] >= 0].tolist()
+    assert encoder == ds[0].tolist()[: int(ds.prompt_lengths[0])]
+    assert tok.encode("fine thanks<|eot|>", add_special_tokens=False).ids[0] in encoder
+
+
+def test_cutting_a_long_chat_cuts_its_spans_and_ends_at_its_last_labelled_token():
+    from pipeline.sft import SftEncoded, limit_samples
+
+    sample = SftEncoded(
+        values=np.arange(20, dtype=np.uint32),
+        lengths=np.array([20]),
+        prompt_lengths=np.array([15]),
+        response_cut=np.zeros(1, dtype=bool),
+        span_counts=np.array([3]),
+        spans=np.array([[2, 3], [8, 4], [15, 5]]),
+    )
+    cut, truncated, dropped = limit_samples(sample, 12, "truncate")  # 11 tokens + EOS
+    assert (truncated, dropped) == (1, 0)
+    assert cut.lengths.tolist() == [11] and cut.values.tolist() == list(range(11))
+    assert cut.spans.tolist() == [[2, 3], [8, 3]] and cut.prompt_lengths.tolist() == [8]
+    assert cut.response_cut.tolist() == [True]
+    cut, _, _ = limit_samples(sample, 8, "truncate")  # cut in the gap after the first span
+    assert cut.lengths.tolist() == [5] and cut.span_counts.tolist() == [0]
+    assert cut.prompt_lengths.tolist() == [2] and cut.label_tokens == 3
+    cut, truncated, dropped = limit_samples(sample, 3, "truncate")  # no labelled token fits
+    assert (truncated, dropped, cut.lengths.size) == (0, 1, 0)

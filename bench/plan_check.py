@@ -192,13 +192,7 @@ def cases(quick: bool) -> list[Case]:
         _quantised("hf-llama L=256 8bit lora ckpt", "8bit", True),
     ]
     if quick:
-        keep = {
-            "tiny L=256",
-            "tiny L=256 ckpt",
-            "hf-llama L=256 lora",
-            "hf-gpt2 L=256",
-            "hf-llama L=256 4bit lora",
-        }
+        keep = {"tiny L=256", "tiny L=256 ckpt", "hf-llama L=256 lora", "hf-gpt2 L=256"}
         out = [c for c in out if c.name in keep]
     return out
 

@@ -314,12 +314,14 @@ def gemma(tmp_path):
     return tok, save_folder(tok, tmp_path / "tok", GEMMA_TEMPLATE, "<bos>", "<eos>", "<pad>")
 
 
+@pytest.mark.parametrize("role", ["assistant", "model"])
 def test_a_gemma_template_keeps_the_system_prompt_unlabelled_in_the_first_user_turn(
-    tmp_path, capsys, gemma
+    tmp_path, capsys, gemma, role
 ):
     tok, folder = gemma
-    assert_renders(folder, GEMMA_CHAT, GEMMA_PIECES, "\n")
-    [row] = built_rows(tmp_path, capsys, folder, [GEMMA_CHAT])
+    chat = [dict(m, role=role) if m["role"] == "assistant" else m for m in GEMMA_CHAT]
+    assert_renders(folder, chat, GEMMA_PIECES, "\n")
+    [row] = built_rows(tmp_path, capsys, folder, [chat])
     assert row[0].count(tok.token_to_id("<bos>")) == 1
     # <end_of_turn> is not the EOS: the loader appends <eos> after the last turn, labelled.
     assert_sample(row, reference(tok, GEMMA_PIECES), appended_eos=tok.token_to_id("<eos>"))

@@ -213,6 +213,11 @@ def _host_reason(plan: Plan, fp: Footprint, mapped: int) -> Reason:
     why += "epoch index (shared, page cache) {index_bytes} + " if fp.index_bytes else ""
     why += "{ranks} rank(s) x (process {process_bytes}"
     why += " + offloaded optimizer {offloaded_bytes}" if fp.offloaded_bytes else ""
+    if fp.host_activation_bytes_per_token:
+        numbers["saved_bytes"] = (
+            fp.host_activation_bytes_per_token * fp.seq_len * plan.micro_batch_per_rank
+        )
+        why += " + offloaded activations of one micro-batch {saved_bytes}"
     why += "" if fp.on_gpu else " + training state"
     why += " + prefetch pool + {readers} reader(s))"
     return Reason("host_bytes_planned", plan.host_bytes_planned, why, numbers)

@@ -220,3 +220,12 @@ def test_a_gpu_probe_gets_the_8bit_states_and_offload_split_it_cannot_measure():
     assert memory.offload_device_bytes_per_token == math.ceil(
         30_000 * analytic.offload_device_bytes_per_token / whole
     )
+
+
+def test_the_host_reason_counts_the_offloaded_activations(lever_plan):
+    p = lever_plan(LARGE_ACTIVATIONS, top=2100 * MB)
+    saved = 3_800_000 * SEQ * p.micro_batch_per_rank
+    assert p.reasons["host_bytes_planned"].numbers["saved_bytes"] == saved
+    assert f"+ offloaded activations of one micro-batch {format_bytes(saved)} +" in (
+        p.reasons["host_bytes_planned"].text
+    )

@@ -40,8 +40,9 @@ from torch import nn
 from lowmem_core.errors import ConfigError, require_extra
 from lowmem_core.format import IGNORE_INDEX
 from lowmem_core.hub_kernels import require_extra_offline
+from trainer_low_mem.attention import sample_isolation
 from trainer_low_mem.loss import LogitMap, chunked_cross_entropy, shift_labels
-from trainer_low_mem.model import ModelOutput, document_causal_mask
+from trainer_low_mem.model import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -667,22 +668,12 @@ class HFCausalLM(HFWrapper):
     def _attention_kwargs(self, input_ids, position_ids) -> dict:
         if position_ids is None:
             return {}
-        kwargs = {"position_ids": position_ids}
         if not self.document_masking:
             # An explicit all-ones padding mask: transformers would otherwise read packed rows off
             # the position ids and mask across documents by itself.
-            kwargs["attention_mask"] = torch.ones_like(input_ids)
-        elif "flash" not in str(self.config._attn_implementation):
-            allowed = document_causal_mask(position_ids)  # (B, 1, L, L) bool
-            dtype = self.hf_model.get_input_embeddings().weight.dtype
-            if not dtype.is_floating_point:
-                dtype = torch.float32
-            # An additive mask: eager and SDPA implementations both take it as it is.
-            kwargs["attention_mask"] = torch.zeros(
-                allowed.shape, dtype=dtype, device=input_ids.device
-            )
-            kwargs["attention_mask"].masked_fill_(~allowed, torch.finfo(dtype).min)
-        return kwargs
+            return {"position_ids": position_ids, "attention_mask": torch.ones_like(input_ids)}
+        dtype = self.hf_model.get_input_embeddings().weight.dtype
+        return sample_isolation(position_ids, str(self.config._attn_implementation), dtype)
 
     def _chunked_loss(self, input_ids, position_ids, labels):
         head, backbone = self._head_and_backbone()

@@ -54,7 +54,7 @@ class LoadReading:
 
     @property
     def planned_private_bytes(self) -> int:
-        return load_private_bytes(self.param_count, on_gpu=True)
+        return load_private_bytes(self.param_count)
 
     @property
     def private_ratio(self) -> float:

@@ -360,7 +360,10 @@ def build_hf_model(
         )
     if from_scratch:
         try:
-            return auto_class.from_config(config)
+            # In `dtype`, as from its weights: transformers would take config.json's (bf16 for
+            # most released models), and the plan's trace of this build would count half-size
+            # weights, gradients and optimizer states.
+            return auto_class.from_config(config, dtype=dtype)
         except _model_errors() as exc:
             raise ConfigError(
                 f"transformers cannot build --model {folder} from its config.json "

@@ -299,8 +299,9 @@ def _difference(row: Row, lf_gb: float) -> str:
             "embeddings and head, which stay unquantised, and the micro-batch's activations"
         )
     return (
-        "LLaMA-Factory's 2 B/param is the 16-bit frozen weights at batch 1; ours counts the "
-        "weights the trainer keeps, the adapters' states and the chosen micro-batch's activations"
+        "LLaMA-Factory's 2 B/param is the 16-bit frozen weights at batch 1; the trainer keeps "
+        "the frozen base in fp32 (4 B/param), and ours adds the adapters' states and the chosen "
+        "micro-batch's activations"
     )
 
 

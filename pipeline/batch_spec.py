@@ -135,8 +135,9 @@ class PairRows:
         return (
             f"data: {len(dataset):,} prompt/response pairs packed by tokens into "
             f"encoder rows of {self.enc_len} and decoder rows of {self.dec_len}; padding "
-            f"{enc_pad:.1f}% encoder, {dec_pad:.1f}% decoder; truncated: "
-            f"{loader.index.cut_prompts:,} prompts, {loader.index.cut_responses:,} responses"
+            f"{enc_pad:.1f}% encoder, {dec_pad:.1f}% decoder; truncated to fit them (a pair "
+            f"cannot continue across rows): {loader.index.cut_prompts:,} of {len(dataset):,} "
+            f"prompts, {loader.index.cut_responses:,} of {len(dataset):,} responses"
         )
 
 

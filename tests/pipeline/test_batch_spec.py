@@ -114,7 +114,12 @@ def test_each_spec_says_in_one_line_how_the_data_is_laid_out(make_dataset, pairs
         "of 48 and decoder rows of 32; padding "
     )
     index = loader.index
-    assert line.endswith(f"{index.cut_prompts:,} prompts, {index.cut_responses:,} responses")
+    n = len(pairs_dataset)
+    assert index.cut_prompts + index.cut_responses > 0
+    assert line.endswith(
+        f"truncated to fit them (a pair cannot continue across rows): {index.cut_prompts:,} of "
+        f"{n:,} prompts, {index.cut_responses:,} of {n:,} responses"
+    )
 
 
 def test_token_rows_of_a_resumed_run_keep_the_layout_its_state_was_saved_on(pairs_dataset):

@@ -89,12 +89,13 @@ def agreed_failure(ctx: RankContext, where: str, detail: str | None) -> str | No
     return f"rank {', '.join(map(str, failed))}, {where}: {details[failed[0]]}"
 
 
-def fatal_in_collective(rank: int, where: str, detail: str) -> MemoryLimitError:
-    """The error for an OOM where the ranks cannot agree (inside the gradient reduction)."""
+def fatal_in_collective(rank: int, where: str, detail: str, advice: str) -> MemoryLimitError:
+    """The error for an OOM where the ranks cannot agree (inside the gradient reduction);
+    `advice` is the plan's, naming only levers that are off."""
     return MemoryLimitError(
         f"out of GPU memory inside the gradient reduction (rank {rank}, {where}: {detail}); the "
-        "ranks cannot back off together there: restart with a smaller --batch_size_per_gpu or "
-        "--grad_checkpointing=True"
+        f"ranks cannot back off together there: restart with a smaller --batch_size_per_gpu, or "
+        f"{advice}"
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lowmem_core.errors import ConfigError, require_extra
+from lowmem_core.hub_kernels import require_extra_offline
 from trainer_low_mem.config import OptimConfig
 from trainer_low_mem.planner.optimizer_states import MIN_8BIT_SIZE
 
@@ -61,7 +62,7 @@ def build_optimizer(
         adam = require_extra("deepspeed.ops.adam", "deepspeed", "ZeRO CPU optimizer offload")
         return adam.DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, adamw_mode=True)
     if optimizer == "adamw_8bit":
-        bnb = require_extra("bitsandbytes.optim", "qlora", "--optimizer adamw_8bit")
+        bnb = require_extra_offline("bitsandbytes.optim", "qlora", "--optimizer adamw_8bit")
         return bnb.AdamW8bit(groups, lr=o.lr, betas=betas, min_8bit_size=MIN_8BIT_SIZE)
     if optimizer != "adamw":
         raise ConfigError(f"unknown optimizer {optimizer!r}; use adamw or adamw_8bit")

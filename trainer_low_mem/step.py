@@ -108,7 +108,9 @@ class Stepper:
                     if failure is not None:
                         return failure
                 elif detail is not None:
-                    raise oom.fatal_in_collective(ctx.rank, f"micro-batch {i} backward", detail)
+                    raise oom.fatal_in_collective(
+                        ctx.rank, f"micro-batch {i} backward", detail, self.memory_advice
+                    )
                 loss_sum += token_loss_sum.detach()
         self._optimizer_step(loss_sum, step)
         return loss_sum, global_tokens, forward_s

@@ -21,6 +21,7 @@ import copy
 import re
 import threading
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import pyarrow as pa
 
 from lowmem_core.errors import PipelineError, require_extra
 from pipeline.records import lone_surrogates
+from pipeline.template_tokens import template_tokens
 from pipeline.tokenizer import Encoded, interleave, with_prefix
 
 ASSISTANT_ROLES = ("assistant", "model")  # "model": Gemma's name for the assistant
@@ -99,8 +101,10 @@ class ChatTemplate:
     reads. `eos_id`: the build's EOS, dropped where it ends a rendering."""
 
     def __init__(self, folder: Path, kwargs: dict | None = None, eos_id: int | None = None):
-        transformers = require_extra("transformers", "hf", "rendering records with messages")
-        self._tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        require_extra("transformers", "hf", "rendering records with messages")
+        # The folder's files as transformers reads them (checked once per folder), without
+        # loading its tokenizer class: pipeline/template_tokens.py.
+        self._tok = template_tokens(folder)
         template = getattr(self._tok, "chat_template", None)
         if not template:
             raise PipelineError(
@@ -112,7 +116,8 @@ class ChatTemplate:
         self.template: str = template
         self.kwargs = dict(kwargs or {})
         _check_kwargs(self.template, self.kwargs, folder)
-        self._render_fn = transformers.utils.chat_template_utils.render_jinja_template
+        utils = import_module("transformers.utils.chat_template_utils")
+        self._render_fn = utils.render_jinja_template
         self.markers = bool(_GENERATION_RE.search(self.template))
         eos = self._tok.convert_ids_to_tokens(eos_id) if eos_id is not None else None
         self.eos_text: str | None = eos or self._tok.eos_token

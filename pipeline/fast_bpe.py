@@ -234,10 +234,10 @@ class FastBPE:
         if held.size == 0:
             return codes
         if strings is None:
-            strings = texts.take(held).to_pylist()
-            held_strings = strings
+            held_strings = texts.take(held).to_pylist()
         else:
             held_strings = [strings[i] for i in held]
+        # re.split with one group gives [piece, token, piece, ..., piece]: the pieces are even.
         pieces = [self._cut_re.split(text)[::2] for text in held_strings]
         counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         flat = list(itertools.chain.from_iterable(pieces))

@@ -277,8 +277,9 @@ class SftSpeedConfig:
     """Runs per side and configuration, interleaved ours, TRL, ours, TRL; medians reported."""
     lr: float = 2e-4
     """Peak learning rate of both sides (constant after the linear warm-up)."""
-    lr_warmup_steps: int = 1
-    """Optimizer steps of linear learning-rate warm-up on both sides."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warm-up on both sides. 0 (constant lr) keeps the
+    sides' schedules equal: transformers' warm-up gives step 1 lr 0, ours lr / warm-up steps."""
     lora_rank: int = 16
     """LoRA rank of both sides."""
     lora_alpha: float = 16.0

@@ -389,3 +389,19 @@ def test_cutting_a_long_chat_cuts_its_spans_and_ends_at_its_last_labelled_token(
     assert cut.prompt_lengths.tolist() == [2] and cut.label_tokens == 3
     cut, truncated, dropped = limit_samples(sample, 3, "truncate")  # no labelled token fits
     assert (truncated, dropped, cut.lengths.size) == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (("--train-on-turns", "last"), "apply to chat records; add --sft"),
+        (("--sft", "--chat-template-kwargs", "[1]"), "is not a JSON object"),
+        (("--sft", "--chat-template-kwargs", "{enable"), "is not a JSON object"),
+    ],
+)
+def test_chat_flags_are_checked_before_any_work(tmp_path, capsys, flags, named):
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    code, said = build(capsys, src, "--out", tmp_path / "ds", *flags)
+    assert code != 0 and not (tmp_path / "ds").exists()
+    [line] = [s for s in said.splitlines() if s.startswith("error: ")]
+    assert named in line

@@ -405,3 +405,20 @@ def test_chat_flags_are_checked_before_any_work(tmp_path, capsys, flags, named):
     assert code != 0 and not (tmp_path / "ds").exists()
     [line] = [s for s in said.splitlines() if s.startswith("error: ")]
     assert named in line
+
+
+@pytest.mark.skipif(not QWEN3.is_dir(), reason="needs ../shared/tokenizers/qwen3")
+def test_a_reasoning_block_qwen3_rewrites_stays_unlabelled_and_the_answers_train(tmp_path, capsys):
+    """Qwen3 drops an earlier turn's reasoning and rewrites the last one's: the texts after
+    "</think>" are the labelled answers."""
+    messages = [dict(m) for m in TWO_TURNS]
+    messages[2]["content"] = "<think>\n想一想\n</think>\n\n第一答"
+    messages[4]["content"] = "<think>想二想</think>第二答"
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    code, said = build(capsys, src, "--out", tmp_path / "ds", "--sft", "--tokenizer", QWEN3)
+    assert code == 0, said
+    tok = tokenizers.Tokenizer.from_file(str(QWEN3 / "tokenizer.json"))
+    [(ids, labels)] = rows(open_dataset(tmp_path / "ds"))
+    text = tok.decode(labelled(ids, labels), skip_special_tokens=False)
+    assert text == "第一答<|im_end|>第二答<|im_end|>"
+    assert "想二想" in tok.decode(ids, skip_special_tokens=False)

@@ -78,7 +78,10 @@ def merged_state_dict(
             key = f"{name}.weight"
             base = merged.get(key, sub.get_base_layer().weight)
             delta = sum(sub.get_delta_weight(a) for a in sub.active_adapters)
-            merged[key] = (base + delta.to(base.dtype)).detach()
+            # In fp32 whatever the base's dtype (a LoRA base kept in bf16: a small delta added
+            # in bf16 would round away), then straight to the written dtype, so no fp32 copy
+            # of every merged weight is held at once.
+            merged[key] = (base.float() + delta.float()).to(dtype or base.dtype)
         # Each quantised layer's statistics (absmax, quant_map, SCB, ...) under its plain name.
         statistics = {
             _plain_name(f"{name}.weight", adapted)[: -len("weight")] for name in quantised

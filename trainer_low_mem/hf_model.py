@@ -363,7 +363,7 @@ def build_hf_model(
             # In `dtype`, as from its weights: transformers would take config.json's (bf16 for
             # most released models), and the plan's trace of this build would count half-size
             # weights, gradients and optimizer states.
-            return auto_class.from_config(config, dtype=dtype)
+            return _keep_in_fp32(auto_class.from_config(config, dtype=dtype), dtype)
         except _model_errors() as exc:
             raise ConfigError(
                 f"transformers cannot build --model {folder} from its config.json "
@@ -396,6 +396,21 @@ def build_hf_model(
             ) from None
     _check_loading_info(weights, info)
     hf_model.name_or_path = hf_model.config.name_or_path = str(folder)  # not the temporary one
+    return hf_model
+
+
+def _keep_in_fp32(hf_model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`hf_model` with the layers from_pretrained keeps in fp32 at `dtype` in fp32 too (T5's
+    `wo` under fp16, for its range), so a build from the config, the planner's among them, holds
+    what a load from the weights holds."""
+    kept = set()
+    if dtype == torch.float16:
+        kept |= set(getattr(hf_model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        kept |= set(getattr(hf_model, "_keep_in_fp32_modules_strict", None) or ())
+    for name, param in hf_model.named_parameters():
+        if kept.intersection(name.split(".")):
+            param.data = param.data.float()
     return hf_model
 
 
@@ -492,10 +507,11 @@ def load_model_folder(
     document_masking: bool = True,
     quantisation: Quantisation | None = None,
     loss_chunk_tokens: int = 4096,
+    dtype: torch.dtype = torch.float32,
 ) -> HFCausalLM:
-    """The causal LM in `path`, wrapped in `HFCausalLM` (see the module docstring): fp32, or
-    with `quantisation` its linear layers quantised on this rank's device (see
-    `_load_quantised`)."""
+    """The causal LM in `path`, wrapped in `HFCausalLM` (see the module docstring): in `dtype`
+    (fp32, or a LoRA run's frozen base in its compute dtype), or with `quantisation` its linear
+    layers quantised on this rank's device (see `_load_quantised`)."""
     folder = check_model_folder(path)
     config = read_folder_config(folder)
     if config.is_encoder_decoder:
@@ -504,7 +520,9 @@ def load_model_folder(
             "causal-LM path needs a decoder-only model"
         )
     if quantisation is None:
-        hf_model = build_hf_model("AutoModelForCausalLM", folder, config, from_scratch=from_scratch)
+        hf_model = build_hf_model(
+            "AutoModelForCausalLM", folder, config, from_scratch=from_scratch, dtype=dtype
+        )
     else:
         hf_model = _load_quantised(folder, config, quantisation, from_scratch)
     if from_scratch:

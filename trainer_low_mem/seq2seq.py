@@ -72,13 +72,17 @@ def load_seq2seq_folder(
     from_scratch: bool = False,
     grad_checkpointing: bool = False,
     loss_chunk_tokens: int = 4096,
+    dtype: torch.dtype = torch.float32,
 ) -> Seq2SeqLM:
-    """The encoder-decoder model in `path`, fp32, wrapped in `Seq2SeqLM`."""
+    """The encoder-decoder model in `path`, in `dtype` (fp32, or a LoRA run's frozen base in its
+    compute dtype), wrapped in `Seq2SeqLM`."""
     folder = check_model_folder(path)
     config = read_folder_config(folder)
     if not config.is_encoder_decoder:
         raise ConfigError(f"--model {folder} is not an encoder-decoder ({config.model_type})")
-    hf_model = build_hf_model("AutoModelForSeq2SeqLM", folder, config, from_scratch=from_scratch)
+    hf_model = build_hf_model(
+        "AutoModelForSeq2SeqLM", folder, config, from_scratch=from_scratch, dtype=dtype
+    )
     if grad_checkpointing:
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

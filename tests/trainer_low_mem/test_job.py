@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from lowmem_core.errors import LowMemError
 from lowmem_core.memory import DEFAULT_HOST_SAFETY_FRAC
@@ -51,6 +52,9 @@ def _decide(flags: list[str], tmp_path: Path):
     except LowMemError as exc:
         planned = str(exc)
     train_flags = [*flags, "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+    # accelerate keeps one state per process: a case with another --mixed_precision needs a
+    # fresh one, as a new `train` process would have.
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         result = train(parse_job_config([*train_flags, "--progress_bar=False"]))
         trained = _settings(result.plan)
@@ -77,6 +81,13 @@ CASES = [
     (
         "causal-lora",
         ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "128", "--lora_rank", "4"],
+        True,
+    ),
+    # The frozen base in bf16 (the adapters in fp32): plan traces what train loads.
+    (
+        "causal-lora-bf16",
+        ["--data", "llama_sft", "--model", "llama", "--max_seq_len", "128", "--lora_rank", "4"]
+        + ["--mixed_precision", "bf16"],
         True,
     ),
     (
@@ -119,6 +130,12 @@ CASES = [
     (
         "seq2seq-lora",
         ["--data", "t5_sft", "--model", "t5", "--max_seq_len", "128", "--lora_rank", "4"],
+        True,
+    ),
+    (
+        "seq2seq-lora-bf16",
+        ["--data", "t5_sft", "--model", "t5", "--max_seq_len", "128", "--lora_rank", "4"]
+        + ["--mixed_precision", "bf16"],
         True,
     ),
     ("seq2seq-plain-text", ["--data", "text", "--model", "t5", "--max_seq_len", "128"], False),

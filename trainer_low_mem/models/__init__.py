@@ -13,9 +13,12 @@ is an encoder-decoder); everything else asks the kind.
 
 from __future__ import annotations
 
+import torch
+
 from lowmem_core.errors import ConfigError
 from trainer_low_mem.config import ModelConfig
 from trainer_low_mem.hf_model import (
+    COMPUTE_DTYPES,
     Quantisation,
     check_model_folder,
     has_weights,
@@ -51,12 +54,13 @@ def _family(cfg: ModelConfig, mixed_precision: str) -> ModelKind:
     config = read_folder_config(folder)
     # A folder without weights trains only when asked: --from_scratch, or --init_from's weights.
     from_scratch = cfg.from_scratch or (cfg.init_from is not None and not has_weights(folder))
+    quantisation = Quantisation.of(cfg.quantisation, mixed_precision)
     settings = {
         "from_scratch": from_scratch,
         "grad_checkpointing": cfg.grad_checkpointing,
         "lora_targets": None if cfg.lora is None else cfg.lora.target_modules,
+        "base_dtype": base_dtype(cfg, mixed_precision),
     }
-    quantisation = Quantisation.of(cfg.quantisation, mixed_precision)
     if not config.is_encoder_decoder:
         return HFCausalKind(folder, config, quantisation=quantisation, **settings)
     if quantisation is not None:
@@ -65,3 +69,15 @@ def _family(cfg: ModelConfig, mixed_precision: str) -> ModelKind:
             f"encoder-decoder: drop {quantisation.flag} (LoRA alone works)"
         )
     return Seq2SeqKind(folder, config, **settings)
+
+
+def base_dtype(cfg: ModelConfig, mixed_precision: str) -> torch.dtype:
+    """What a Hugging Face folder's unquantised weights are loaded and kept in, for `train` and
+    the planner's trace alike: a LoRA run's frozen base in the compute dtype of
+    --mixed_precision (safetensors weights are mostly bf16 already, so no fp32 copy exists;
+    the fp32 adapters are peft's, see LoraKind), fp32 otherwise: full fine-tuning keeps fp32
+    master weights, and --mixed_precision no (a CPU without bf16) computes in fp32. A quantised
+    run keeps its other layers in the compute dtype on its own (Quantisation)."""
+    if cfg.lora is None or cfg.quantisation is not None:
+        return torch.float32
+    return COMPUTE_DTYPES[mixed_precision]

@@ -94,6 +94,7 @@ class HFCausalKind(HFFolderKind):
             grad_checkpointing=self.grad_checkpointing,
             document_masking=document_masking,
             quantisation=self.quantisation if quantised else None,
+            dtype=self.base_dtype,
         )
 
     def adapter_host(self, module: HFCausalLM) -> AdapterHost:

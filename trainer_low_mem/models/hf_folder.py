@@ -25,11 +25,22 @@ class HFFolderKind(ABC):
 
     peft_task_type: str  # what peft is told the model is
 
-    def __init__(self, folder: Path, config, *, from_scratch: bool, grad_checkpointing: bool):
+    def __init__(
+        self,
+        folder: Path,
+        config,
+        *,
+        from_scratch: bool,
+        grad_checkpointing: bool,
+        base_dtype: torch.dtype = torch.float32,
+    ):
         self.folder = folder
         self.config = config  # transformers' PretrainedConfig, read once by resolve_model_kind
         self.from_scratch = from_scratch
         self.grad_checkpointing = grad_checkpointing
+        # What the unquantised weights are loaded and kept in: fp32, or a LoRA run's frozen
+        # base in its compute dtype (resolve_model_kind decides).
+        self.base_dtype = base_dtype
         self._export_dtype: str | None = None  # None: the source's (`source_dtype`)
 
     @property
@@ -87,7 +98,12 @@ class HFFolderKind(ABC):
             )
 
     def identity(self, vocab_size: int) -> dict[str, Any]:
-        return {"folder_config": self._folder_config(), "lora": None}
+        identity = {"folder_config": self._folder_config(), "lora": None}
+        if self.base_dtype != torch.float32:
+            # Absent for fp32, so states saved before still match. A resume with another base
+            # dtype is refused: its frozen weights, hence its losses, would differ.
+            identity["base_dtype"] = str(self.base_dtype).removeprefix("torch.")
+        return identity
 
     def _folder_config(self) -> dict[str, Any] | None:
         """config.json as the folder holds it (None when it cannot be read now)."""
@@ -100,7 +116,7 @@ class HFFolderKind(ABC):
     def source_dtype(self) -> str:
         """The dtype the folder's model is stored in: config.json's `dtype` (`torch_dtype`
         before transformers 4.56), else that of most of its safetensors weights, else
-        float32. The trainer loads it in float32 whatever it is."""
+        float32. The trainer loads it in `base_dtype` whatever it is."""
         stated = self._folder_config() or {}
         for key in ("dtype", "torch_dtype"):
             if stated.get(key) in export.EXPORT_DTYPES:

@@ -44,6 +44,7 @@ class Seq2SeqKind(HFFolderKind):
             self.folder,
             from_scratch=self.from_scratch or not weights,
             grad_checkpointing=self.grad_checkpointing,
+            dtype=self.base_dtype,
         )
 
     def adapter_host(self, module: Seq2SeqLM) -> AdapterHost:

@@ -5,8 +5,9 @@ A record is `{"prompt": ..., "response": ...}` (field names are options), or
 chat template. A prompt/response sample is tokenised whole and split after its prompt's own
 tokens (`encode_pairs` says when it cannot be): one labelled span, the response. In a chat every
 assistant turn ("assistant" or "model"; `last_only`: the last one) is a labelled span: its text
-and the end-of-turn token the template writes after it, found in the rendering by rendering the
-conversation again with each assistant text replaced by a marker (or by the template's
+and the end-of-turn token the template writes after it, from the "<think>" tag before its
+reasoning where the template renders that, found in the rendering by rendering the conversation
+again with each assistant text (and reasoning) replaced by a marker (or by the template's
 `{% generation %}` blocks), and mapped to tokens by encoding the rendering's pieces between the
 span edges, which must give the whole rendering's ids (else the record is refused: no token may
 span an edge). The rendering ends with the last turn's end-of-turn token, less a final EOS: the
@@ -23,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +38,7 @@ ASSISTANT_ROLES = ("assistant", "model")  # "model": Gemma's name for the assist
 _MARK = "\ue000{}\ue001"  # private-use characters around a number: no template rewrites them
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_THINK, _THINK_END = "<think>", "</think>"  # a reasoning block, as Qwen3 and R1 write it
 
 
 @dataclass(frozen=True)
@@ -208,21 +211,29 @@ class ChatTemplate:
         """Each assistant turn's text in `full`, found by rendering the conversation with its
         text parts replaced by numbered marks: `full` must be that rendering with each mark
         replaced by its text (ends trimmed of whitespace, as templates may do), so every
-        position is exact. A text holding a reasoning block ("...</think>") the template
-        rewrites is marked after the block."""
-        for after_think in (False, True):
-            probe, parts = _marked(messages, assistants, texts, after_think)
+        position is exact. Reasoning (`reasoning_content`, or a text's head up to "</think>" for
+        a template that rewrites it) has a mark of its own: where the template renders it, the
+        turn is labelled from the "<think>" tag written before it; where it drops it, from the
+        answer."""
+        for split_think in (False, True):
+            probe, parts = _marked(messages, assistants, texts, split_think)
             found = _walk(full, self._render(probe)[0], parts)
             if isinstance(found, list):
                 break
-            if not any("</think>" in t for i in assistants for t in texts[i]):
+            if not any(_THINK_END in t for i in assistants for t in texts[i]):
                 break
         if isinstance(found, str):
             raise PipelineError(found)
         spans = []
         for i in assistants:
-            owned = [span for (owner, _), span in zip(parts, found, strict=True) if owner == i]
-            spans.append((owned[0][0], self._turn_end_at(full, owned[-1][1])))
+            owned = [
+                (p, span) for p, span in zip(parts, found, strict=True) if p.owner == i and span
+            ]
+            (first, (start, _)), end = owned[0], owned[-1][1][1]
+            if first.reasoning:
+                before = max((span[1] for span in found if span and span[1] <= start), default=0)
+                start = _think_tag_at(full, before, start)
+            spans.append((start, self._turn_end_at(full, end)))
         return spans
 
     def _turn_end_at(self, full: str, end: int) -> int:
@@ -267,12 +278,32 @@ def _texts(message: dict) -> list[str]:
     return []
 
 
-def _marked(messages, assistants, texts, after_think: bool):
+class _Part(NamedTuple):
+    """A marked text: its message, the text, and whether it is reasoning (which a template may
+    drop, as Qwen3 does in the turns before the last user query)."""
+
+    owner: int
+    text: str
+    reasoning: bool
+
+
+def _marked(messages, assistants, texts, split_think: bool):
     """A copy of `messages` with each text part of the assistant turns replaced by a numbered
-    mark (after a reasoning block with `after_think`); and (message, text) per mark."""
+    mark, and the `_Part` of each mark. A `reasoning_content` is marked as reasoning; with
+    `split_think`, so is a text part's head up to its first "</think>" (after its "<think>"),
+    the text after its last "</think>" being the answer, as templates that rewrite it read it."""
     probe = copy.deepcopy(messages)
-    parts = []
+    parts: list[_Part] = []
+
+    def mark(owner: int, text: str, reasoning: bool = False) -> str:
+        parts.append(_Part(owner, text, reasoning))
+        return _MARK.format(len(parts) - 1)
+
     for i in assistants:
+        reasoning = probe[i].get("reasoning_content")
+        given = isinstance(reasoning, str) and bool(reasoning.strip())
+        if given:  # rendered before the content, so marked first
+            probe[i]["reasoning_content"] = mark(i, reasoning, True)
         content = probe[i]["content"]
         pieces = [content] if isinstance(content, str) else content
         for j, piece in enumerate(pieces):
@@ -281,46 +312,70 @@ def _marked(messages, assistants, texts, after_think: bool):
                 not isinstance(piece, str) and piece["type"] != "text"
             ):
                 continue
-            head = ""
-            if after_think and "</think>" in text:
-                cut = text.rindex("</think>") + len("</think>")
-                head, text = text[:cut], text[cut:]
-            mark = head + _MARK.format(len(parts))
-            parts.append((i, text))
+            split = split_think and not given and _THINK_END in text
+            marked = _mark_think(i, text, mark) if split else mark(i, text)
             if isinstance(content, str):
-                probe[i]["content"] = mark
+                probe[i]["content"] = marked
             else:
-                content[j] = dict(piece, text=mark)
+                content[j] = dict(piece, text=marked)
     return probe, parts
 
 
-def _walk(full: str, probe: str, parts: list[tuple[int, str]]) -> list[tuple[int, int]] | str:
-    """The (start, end) of each marked text in `full`, or why `full` is not `probe` with its
-    marks replaced by their texts."""
+def _mark_think(owner: int, text: str, mark) -> str:
+    """`text` with its reasoning (between its "<think>" and first "</think>") and its answer
+    (after its last "</think>") marked; a blank reasoning is left as it is, unlabelled, as the
+    empty block a template inserts."""
+    close = text.index(_THINK_END)
+    opened = text.rfind(_THINK, 0, close)
+    start = opened + len(_THINK) if opened >= 0 else 0
+    answer_at = text.rindex(_THINK_END) + len(_THINK_END)
+    thought = text[start:close]
+    if not thought.strip():
+        return text[:answer_at] + mark(owner, text[answer_at:])
+    head = text[:start] + mark(owner, thought, True) + text[close:answer_at]
+    return head + mark(owner, text[answer_at:])
+
+
+def _think_tag_at(full: str, before: int, start: int) -> int:
+    """Where the reasoning rendered at `start` is labelled from: the "<think>" tag that ends,
+    but for whitespace, the template's text since `before` (the previous marked text's end),
+    or the reasoning itself where the template writes no such tag."""
+    lead = full[before:start].rstrip()
+    return before + len(lead) - len(_THINK) if lead.endswith(_THINK) else start
+
+
+def _walk(full: str, probe: str, parts: list[_Part]) -> list[tuple[int, int] | None] | str:
+    """The (start, end) of each marked text in `full` (None for reasoning the template
+    dropped), or why `full` is not `probe` with its marks replaced by their texts."""
     pieces = _MARK_RE.split(probe)  # literal, mark number, literal, ...
     numbers = [int(n) for n in pieces[1::2]]
-    if numbers != list(range(len(parts))):
-        missing = next((k for k in range(len(parts)) if numbers.count(k) != 1), 0)
-        owner = parts[missing][0] + 1 if parts else 0
-        times = numbers.count(missing)
-        return (
-            f"the chat template renders the text of message {owner} {times} times, not once, "
-            "so its labels cannot be placed; fix the record or use prompt/response records"
-        )
+    for k, part in enumerate(parts):
+        times = numbers.count(k)
+        if times > 1 or (times == 0 and not part.reasoning):
+            return (
+                f"the chat template renders the text of message {part.owner + 1} {times} times, "
+                "not once, so its labels cannot be placed; fix the record or use prompt/response "
+                "records"
+            )
+    if numbers != sorted(numbers):
+        back = next(k for a, k in zip(numbers, numbers[1:], strict=False) if k < a)
+        return _moved(parts[back].owner)
     literals = pieces[0::2]
-    spans, pos = [], 0
-    for k, (owner, text) in enumerate(parts):
-        if not full.startswith(literals[k], pos):
+    spans: list[tuple[int, int] | None] = [None] * len(parts)
+    pos = 0
+    for at, k in enumerate(numbers):
+        owner, text = parts[k].owner, parts[k].text
+        if not full.startswith(literals[at], pos):
             return _moved(owner)
-        pos += len(literals[k])
-        nxt = literals[k + 1]
+        pos += len(literals[at])
+        nxt = literals[at + 1]
         kept = next((v for v in _trims(text) if full.startswith(v + nxt, pos)), None)
         if kept is None:
             return _moved(owner)
-        spans.append((pos, pos + len(kept)))
+        spans[k] = (pos, pos + len(kept))
         pos += len(kept)
     if pos + len(literals[-1]) != len(full) or not full.endswith(literals[-1]):
-        return _moved(parts[-1][0] if parts else 0)
+        return _moved(parts[numbers[-1]].owner if numbers else 0)
     return spans
 
 
@@ -470,7 +525,8 @@ def _from_messages(messages, at: str, chat, last_only: bool) -> Chat:
             "--tokenizer MODEL_DIR whose tokenizer_config.json holds one"
         )
     for message in messages:
-        for text in _texts(message):
+        reasoning = message.get("reasoning_content")
+        for text in _texts(message) + ([reasoning] if isinstance(reasoning, str) else []):
             if _MARK_RE.search(text) or "\ue000" in text:
                 raise PipelineError(
                     f"{at}: a message holds U+E000, the private-use character the build marks "

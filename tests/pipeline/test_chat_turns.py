@@ -407,18 +407,109 @@ def test_chat_flags_are_checked_before_any_work(tmp_path, capsys, flags, named):
     assert named in line
 
 
-@pytest.mark.skipif(not QWEN3.is_dir(), reason="needs ../shared/tokenizers/qwen3")
-def test_a_reasoning_block_qwen3_rewrites_stays_unlabelled_and_the_answers_train(tmp_path, capsys):
-    """Qwen3 drops an earlier turn's reasoning and rewrites the last one's: the texts after
-    "</think>" are the labelled answers."""
-    messages = [dict(m) for m in TWO_TURNS]
-    messages[2]["content"] = "<think>\n想一想\n</think>\n\n第一答"
-    messages[4]["content"] = "<think>想二想</think>第二答"
+def qwen3_labelled(tmp_path, capsys, messages: list[dict]) -> tuple[str, str]:
+    """The rendered text of a one-record Qwen3 build and its labelled text."""
     src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     code, said = build(capsys, src, "--out", tmp_path / "ds", "--sft", "--tokenizer", QWEN3)
     assert code == 0, said
     tok = tokenizers.Tokenizer.from_file(str(QWEN3 / "tokenizer.json"))
     [(ids, labels)] = rows(open_dataset(tmp_path / "ds"))
-    text = tok.decode(labelled(ids, labels), skip_special_tokens=False)
-    assert text == "第一答<|im_end|>第二答<|im_end|>"
-    assert "想二想" in tok.decode(ids, skip_special_tokens=False)
+    text = tok.decode(ids, skip_special_tokens=False)
+    return text, tok.decode(labelled(ids, labels), skip_special_tokens=False)
+
+
+def with_reasoning(messages: list[dict], form: str, k: int, thought: str, answer: str) -> None:
+    """Message `k` given `thought` as a think block in its content or as `reasoning_content`."""
+    if form == "content":
+        messages[k]["content"] = f"<think>\n{thought}\n</think>\n\n{answer}"
+    else:
+        messages[k].update(content=answer, reasoning_content=thought)
+
+
+@pytest.mark.skipif(not QWEN3.is_dir(), reason="needs ../shared/tokenizers/qwen3")
+@pytest.mark.parametrize("form", ["content", "reasoning_content"])
+def test_qwen3_trains_the_reasoning_it_renders_from_its_think_tag(tmp_path, capsys, form):
+    """Qwen3 renders the reasoning of the turns after the last user query, which the model must
+    learn to write: labelled from the "<think>" tag; an earlier turn's it drops."""
+    messages = [dict(m) for m in TWO_TURNS]
+    with_reasoning(messages, form, 2, "想一想", "第一答")
+    with_reasoning(messages, form, 4, "Two and two.", "Four.")
+    text, trained = qwen3_labelled(tmp_path, capsys, messages)
+    assert trained == "第一答<|im_end|><think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"
+    assert "想一想" not in text and text.count("<think>") == 1
+
+
+@pytest.mark.skipif(not QWEN3.is_dir(), reason="needs ../shared/tokenizers/qwen3")
+def test_qwen3_trains_the_reasoning_of_each_turn_after_the_last_query(tmp_path, capsys):
+    """A tool call and the answer after it both follow the last user query: both reasoning
+    blocks are rendered and labelled, the tool's reply is not."""
+    messages = [
+        {"role": "user", "content": "Weather in Enloka?"},
+        {"role": "assistant", "content": "<think>Ask the tool.</think>Let me look it up."},
+        {"role": "tool", "content": '{"sky": "grey"}'},
+        {"role": "assistant", "content": "Grey.", "reasoning_content": "It says grey."},
+    ]
+    text, trained = qwen3_labelled(tmp_path, capsys, messages)
+    assert trained == (
+        "<think>\nAsk the tool.\n</think>\n\nLet me look it up.<|im_end|>"
+        "<think>\nIt says grey.\n</think>\n\nGrey.<|im_end|>"
+    )
+    assert '{"sky": "grey"}' in text
+
+
+@pytest.mark.skipif(not QWEN3.is_dir(), reason="needs ../shared/tokenizers/qwen3")
+@pytest.mark.parametrize("last", ["第二答", "<think>\n\n</think>\n\n第二答"])
+def test_the_empty_think_block_qwen3_inserts_stays_unlabelled(tmp_path, capsys, last):
+    """With no reasoning given (or a blank one), the empty block before the last answer is the
+    template's, as in the enable_thinking=False generation prompt: context, not a target."""
+    messages = [dict(m) for m in TWO_TURNS]
+    messages[4]["content"] = last
+    text, trained = qwen3_labelled(tmp_path, capsys, messages)
+    assert trained == "第一答<|im_end|>第二答<|im_end|>"
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n第二答<|im_end|>")
+
+
+REASONED = [
+    {"role": "user", "content": "how are you?"},
+    {"role": "assistant", "content": "fine thanks", "reasoning_content": "hello world"},
+]
+
+
+def test_reasoning_a_template_renders_without_a_think_tag_is_labelled_from_itself(tmp_path, capsys):
+    plain = (
+        "{% for m in messages %}<{{ m['role'] }}>{% if m.reasoning_content %}"
+        "{{ m.reasoning_content }}\n{% endif %}{{ m['content'] }}<|eot|>{% endfor %}"
+    )
+    folder = folder_with(tmp_path, plain)
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": REASONED}])
+    code, said = build(capsys, src, "--out", tmp_path / "ds", "--sft", "--tokenizer", folder)
+    assert code == 0, said
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    [(ids, labels)] = rows(open_dataset(tmp_path / "ds"))
+    trained = tok.decode(labelled(ids, labels), skip_special_tokens=False)
+    assert trained == "hello world\nfine thanks<|eot|></s>"
+
+
+@pytest.mark.parametrize(
+    "template, said_of_it",
+    [
+        (  # the reasoning twice: no one place to label
+            "{% for m in messages %}{{ m.reasoning_content or '' }}"
+            "{{ m.reasoning_content or '' }}{{ m['content'] }}</s>{% endfor %}",
+            "renders the text of message 2 2 times",
+        ),
+        (  # the reasoning after the answer: no one span from its tag to the end of the turn
+            "{% for m in messages %}{{ m['content'] }}{% if m.reasoning_content %}<think>"
+            "{{ m.reasoning_content }}</think>{% endif %}</s>{% endfor %}",
+            "renders message 2 (an assistant turn) differently",
+        ),
+    ],
+)
+def test_reasoning_a_template_repeats_or_moves_is_refused_naming_the_record(
+    tmp_path, capsys, template, said_of_it
+):
+    folder = folder_with(tmp_path, template)
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": REASONED}])
+    code, said = build(capsys, src, "--out", tmp_path / "ds", "--sft", "--tokenizer", folder)
+    assert code != 0 and not (tmp_path / "ds").exists()
+    assert f"chat.jsonl line 1: the chat template {said_of_it}" in said

@@ -630,18 +630,20 @@ def _docs(vocab_size: int) -> list[torch.Tensor]:
 
 
 def packed_and_unpacked_loss(model, vocab_size: int, device: torch.device) -> tuple[float, float]:
-    """Summed loss of the documents packed in one row (document masking by position ids) and of
-    each document alone; labels never ask one document to predict the next."""
+    """Summed loss of the documents packed in a row (document masking by position ids) and of
+    each document alone; labels never ask one document to predict the next. The packed batch
+    holds the row twice: a batch of several rows is what the trainer gives, and what
+    flash-attention sees as one sequence per row unless the rows are flattened."""
     docs = [d.to(device) for d in _docs(vocab_size)]
-    ids = torch.cat(docs)[None]
-    positions = torch.cat([torch.arange(len(d), device=device) for d in docs])[None]
+    ids = torch.cat(docs)[None].repeat(2, 1)
+    positions = torch.cat([torch.arange(len(d), device=device) for d in docs])[None].repeat(2, 1)
     labels = ids.clone()
     starts = torch.tensor([0, *DOC_LENGTHS[:-1]]).cumsum(0)
-    labels[0, starts.to(device)] = -100
+    labels[:, starts.to(device)] = -100
     with torch.no_grad():
         packed = model(ids, position_ids=positions, labels=labels)
         alone = [model(d[None], labels=d[None]) for d in docs]
-    total_packed = float(packed.loss * packed.n_loss_tokens)
+    total_packed = float(packed.loss * packed.n_loss_tokens) / 2
     total_alone = float(sum(o.loss * o.n_loss_tokens for o in alone))
     return total_packed, total_alone
 

@@ -686,20 +686,28 @@ class HFCausalLM(HFWrapper):
             )
         return "chunked", f"{what}, a chunk of labelled positions at a time"
 
-    def _attention_kwargs(self, input_ids, position_ids) -> dict:
+    def _inputs(self, input_ids, position_ids) -> dict:
+        """The forward's inputs: with document masking, what keeps packed samples apart for
+        this model's attention (`sample_isolation`; flash-attention takes the batch as one
+        row, so outputs may come back as (1, B * L, ...))."""
         if position_ids is None:
-            return {}
+            return {"input_ids": input_ids}
         if not self.document_masking:
             # An explicit all-ones padding mask: transformers would otherwise read packed rows off
             # the position ids and mask across documents by itself.
-            return {"position_ids": position_ids, "attention_mask": torch.ones_like(input_ids)}
+            return {
+                "input_ids": input_ids,
+                "position_ids": position_ids,
+                "attention_mask": torch.ones_like(input_ids),
+            }
         dtype = self.hf_model.get_input_embeddings().weight.dtype
-        return sample_isolation(position_ids, str(self.config._attn_implementation), dtype)
+        attn = str(self.config._attn_implementation)
+        return sample_isolation(input_ids, position_ids, attn, dtype)
 
     def _chunked_loss(self, input_ids, position_ids, labels):
         head, backbone = self._head_and_backbone()
         hidden = backbone(
-            input_ids=input_ids, use_cache=False, **self._attention_kwargs(input_ids, position_ids)
+            use_cache=False, **self._inputs(input_ids, position_ids)
         ).last_hidden_state
         return chunked_cross_entropy(
             hidden,
@@ -711,9 +719,7 @@ class HFCausalLM(HFWrapper):
         )
 
     def _logits_loss(self, input_ids, position_ids, labels):
-        logits = self.hf_model(
-            input_ids=input_ids, use_cache=False, **self._attention_kwargs(input_ids, position_ids)
-        ).logits
+        logits = self.hf_model(use_cache=False, **self._inputs(input_ids, position_ids)).logits
         targets = shift_labels(labels).reshape(-1)
         n_loss_tokens = (targets != IGNORE_INDEX).sum()
         loss_sum = F.cross_entropy(
@@ -732,12 +738,10 @@ class HFCausalLM(HFWrapper):
     ) -> ModelOutput:
         """Run the wrapped model; loss when labels are given, logits otherwise."""
         if labels is None:
-            logits = self.hf_model(
-                input_ids=input_ids,
-                use_cache=False,
-                **self._attention_kwargs(input_ids, position_ids),
-            ).logits
-            return ModelOutput(loss=None, n_loss_tokens=None, logits=logits)
+            logits = self.hf_model(use_cache=False, **self._inputs(input_ids, position_ids)).logits
+            return ModelOutput(
+                loss=None, n_loss_tokens=None, logits=logits.view(*input_ids.shape, -1)
+            )
         if self.loss_path == "chunked":
             loss, n_loss_tokens = self._chunked_loss(input_ids, position_ids, labels)
         else:

@@ -101,9 +101,9 @@ def test_packed_samples_see_only_themselves_and_the_loss_is_the_trainers(dataset
     model = tiny_model(kind, attn).eval()
     batch = next(iter(Loader(open_dataset(dataset), batch_size=2, seq_len=512, seed=0)))
     ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
-    isolated = sample_isolation(pos, attn)
+    isolated = sample_isolation(ids, pos, attn)
     with torch.no_grad():
-        packed = model(input_ids=ids, use_cache=False, **isolated).logits
+        packed = model(use_cache=False, **isolated).logits
         starts = [(r, int(s)) for r in range(ids.shape[0]) for s in torch.nonzero(pos[r] == 0)]
         assert len(starts) > 4
         for (r, a), (r2, b) in zip(starts, [*starts[1:], (None, None)], strict=True):
@@ -111,7 +111,7 @@ def test_packed_samples_see_only_themselves_and_the_loss_is_the_trainers(dataset
             alone = model(input_ids=ids[r : r + 1, a:end], use_cache=False).logits
             torch.testing.assert_close(packed[r, a:end], alone[0], rtol=1e-5, atol=1e-5)
         head = model.get_output_embeddings()
-        hidden = model.base_model(input_ids=ids, use_cache=False, **isolated).last_hidden_state
+        hidden = model.base_model(use_cache=False, **isolated).last_hidden_state
         loss, n = chunked_cross_entropy(
             hidden, head.weight, shift_labels(labels), 4096, bias=head.bias
         )
@@ -120,14 +120,26 @@ def test_packed_samples_see_only_themselves_and_the_loss_is_the_trainers(dataset
     torch.testing.assert_close(loss, trainer.loss, rtol=1e-6, atol=1e-6)
 
 
-def test_flash_attention_reads_samples_off_the_position_ids_alone():
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    assert sample_isolation(pos, "flash_attention_2") == {"position_ids": pos}
+def test_flash_attention_gets_the_batch_as_one_row_whose_samples_transformers_finds():
+    fa_utils = pytest.importorskip("transformers.modeling_flash_attention_utils")
+    ids = torch.arange(12).view(2, 6)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+
+    isolated = sample_isolation(ids, pos, "flash_attention_2")
+
+    assert set(isolated) == {"input_ids", "position_ids"}  # no mask: the kernel is varlen
+    assert torch.equal(isolated["input_ids"], ids.view(1, 12))
+    assert fa_utils._is_packed_sequence(isolated["position_ids"], batch_size=1)
+    (cu_seqlens, _), _ = fa_utils.prepare_fa_kwargs_from_position_ids(isolated["position_ids"])
+    # Every sample of both rows, the second row's first one included, is its own sequence.
+    assert cu_seqlens.tolist() == [0, 3, 5, 6, 10, 12]
+    # As given ([2, 6]), transformers would not see the samples at all.
+    assert not fa_utils._is_packed_sequence(pos, batch_size=2)
 
 
 def test_the_mask_lets_each_position_see_its_own_sample_up_to_itself():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    mask = sample_isolation(pos, "sdpa", torch.bfloat16)["attention_mask"]
+    mask = sample_isolation(torch.zeros_like(pos), pos, "sdpa", torch.bfloat16)["attention_mask"]
     assert mask.shape == (1, 1, 6, 6) and mask.dtype == torch.bfloat16
     allowed = (mask[0, 0] == 0).int().tolist()
     assert allowed == [

@@ -5,9 +5,11 @@ It writes a Qwen-style bf16 model with `save_pretrained` (safetensors), starts t
 lets them load together, and samples every process's smaps_rollup while they do: the peak of
 each one's anonymous (private) memory above what it held before loading, and the node's peak
 PSS (shared file pages divided among the processes mapping them). "trainer" is
-`load_model_folder` (fp32, as the trainer keeps it); "stored-dtype" is the lower bound of a
-frozen base kept in the folder's dtype: `from_pretrained(dtype="auto")`, every weight then read
-once, as a first forward would.
+`load_model_folder` (fp32, as the trainer keeps it for full fine-tuning); "trainer-lora-bf16" is
+the trainer's own LoRA build under --mixed_precision bf16 (the frozen base in bf16, rank-16 fp32
+adapters: `resolve_model_kind(...).build`), every weight then read once, as a first forward
+would; "stored-dtype" is the lower bound of a frozen base kept in the folder's dtype:
+`from_pretrained(dtype="auto")`, every weight read once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from trainer_low_mem.planner.load_memory import load_private_bytes
 
 GiB = 1 << 30
 SAMPLE_INTERVAL_S = 0.05
-LOADERS = ("trainer", "stored-dtype")
+LOADERS = ("trainer", "trainer-lora-bf16", "stored-dtype")
+LORA_RANK = 16
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,11 @@ class LoadReading:
     peak_private_bytes: int  # the largest process's peak anonymous memory above its baseline
     peak_node_pss_bytes: int  # the processes' PSS summed, at its peak, above their baselines
     seconds: float
+    mapped_count: int = 0  # parameters the loader keeps in the stored bf16 (a LoRA base)
 
     @property
     def planned_private_bytes(self) -> int:
-        return load_private_bytes(self.param_count)
+        return load_private_bytes(self.param_count, self.mapped_count)
 
     @property
     def private_ratio(self) -> float:
@@ -104,6 +108,26 @@ def rollup(pid: int) -> dict[str, int]:
     return fields
 
 
+def lora_kind(folder: str):
+    """The trainer's model kind of a rank-16 LoRA run under --mixed_precision bf16."""
+    from trainer_low_mem.config import ModelConfig
+    from trainer_low_mem.models import resolve_model_kind
+
+    return resolve_model_kind(ModelConfig(model=Path(folder), lora_rank=LORA_RANK), "bf16")
+
+
+def lora_counts(folder: Path) -> tuple[int, int]:
+    """(all parameters, those kept in bf16) of the trainer's LoRA build of `folder`, built on
+    the meta device (no memory)."""
+    import torch
+
+    kind = lora_kind(str(folder))
+    with torch.device("meta"):
+        module = kind.build(kind.vocab_size, document_masking=True, weights=False)
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.element_size() == 2)
+
+
 def _load(folder: str, loader: str, ready, go, loaded, release) -> None:
     """One loading process: import, say ready, load on `go`, hold the model until `release`."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -112,12 +136,16 @@ def _load(folder: str, loader: str, ready, go, loaded, release) -> None:
 
     from trainer_low_mem.hf_model import load_model_folder
 
+    kind = lora_kind(folder) if loader == "trainer-lora-bf16" else None
     ready.set()
     go.wait()
     if loader == "trainer":
         model = load_model_folder(folder)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        if kind is not None:
+            model = kind.build(kind.vocab_size, document_masking=True, weights=True)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
         with torch.no_grad():
             for param in model.parameters():
                 param.sum()
@@ -133,6 +161,9 @@ def _check_alive(procs, loader: str) -> None:
 
 def measure(folder: Path, loader: str, processes: int, param_count: int) -> LoadReading:
     """Start `processes` loaders, release them together and sample them until all have loaded."""
+    mapped = 0
+    if loader == "trainer-lora-bf16":
+        param_count, mapped = lora_counts(folder)
     ctx = mp.get_context("spawn")
     go, release = ctx.Event(), ctx.Event()
     readies = [ctx.Event() for _ in range(processes)]
@@ -180,6 +211,7 @@ def measure(folder: Path, loader: str, processes: int, param_count: int) -> Load
         peak_private_bytes=max(peak_private),
         peak_node_pss_bytes=peak_pss,
         seconds=seconds,
+        mapped_count=mapped,
     )
 
 

@@ -1,6 +1,7 @@
 """`bench load`: processes loading one bf16 folder the trainer's way peak at the private host
 RAM the planner counts per process (trainer_low_mem/planner/load_memory.py), however many load at
-once, and a frozen base kept in its stored dtype shares the file's pages instead."""
+once, and a frozen base kept in its stored dtype (the trainer's bf16 LoRA base among them) shares
+the file's pages instead."""
 
 from __future__ import annotations
 
@@ -19,6 +20,22 @@ LOW_FRAC, HIGH_SLACK_BYTES = 0.85, 256 << 20
 def test_the_load_term_is_the_measured_bytes_per_parameter():
     assert LOAD_PRIVATE_BYTES_PER_PARAM == 5
     assert load_private_bytes(1_720_574_976) == 8_602_874_880
+    # A base kept in its stored bf16: 1 B per such parameter, 5 per fp32 one (the adapters).
+    assert load_private_bytes(1_000_000, 900_000) == 100_000 * 5 + 900_000
+
+
+@pytest.mark.slow
+def test_the_trainers_bf16_lora_load_peaks_at_the_planned_private_bytes(tmp_path):
+    folder = tmp_path / "model"
+    write_model(folder, SMALL)
+    stored = (folder / "model.safetensors").stat().st_size
+    for processes in (1, 2):
+        reading = measure(folder, "trainer-lora-bf16", processes, 0)
+        planned = reading.planned_private_bytes
+        assert 0 < reading.mapped_count < reading.param_count
+        assert LOW_FRAC * planned <= reading.peak_private_bytes, reading.row()
+        assert reading.peak_private_bytes <= planned + HIGH_SLACK_BYTES, reading.row()
+        assert reading.peak_private_bytes < stored * 1.5, reading.row()  # no fp32 copy
 
 
 @pytest.mark.slow

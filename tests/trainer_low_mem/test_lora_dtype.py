@@ -14,10 +14,11 @@ from accelerate.state import AcceleratorState
 
 from lowmem_core.errors import CheckpointError
 from trainer_low_mem import loop
-from trainer_low_mem.cli import parse_job_config
+from trainer_low_mem.cli import parse_job_config, parse_plan_config, plan_from_config
 from trainer_low_mem.config import ModelConfig
 from trainer_low_mem.export import merged_state_dict
 from trainer_low_mem.models import is_adapter, resolve_model_kind
+from trainer_low_mem.planner.load_memory import load_private_bytes
 from trainer_low_mem.sample_model import write_sample_model
 from trainer_low_mem.seq2seq import write_sample_t5
 
@@ -139,3 +140,19 @@ def test_a_bf16_base_trains_evaluates_and_resumes_bit_equal(lora_inputs, tmp_pat
     # The resume with an fp32 base is refused in one line naming the field.
     with pytest.raises(CheckpointError, match=r"model\.base_dtype: saved 'bfloat16', now None"):
         _train(lora_inputs, tmp_path / "run", "no", "--is_keep_training=True", "--max_steps", "6")
+
+
+def test_plan_counts_a_half_precision_base_as_mapped_at_load(folders):
+    kind = resolve_model_kind(ModelConfig(model=folders["causal"], lora_rank=4), "bf16")
+    with torch.device("meta"):
+        module = kind.build(kind.vocab_size, document_masking=True, weights=False)
+    params = [p for p in module.parameters()]
+    total = sum(p.numel() for p in params)
+    half = sum(p.numel() for p in params if p.dtype == torch.bfloat16)
+    flags = ["--model", str(folders["causal"]), "--lora_rank", "4", "--max_seq_len", "128"]
+    flags += ["--global_batch", "4", "--device_budget", str(8 << 30), "--host_ram_limit"]
+    flags += [str(16 << 30), "--num_cores", "2"]
+    bf16 = plan_from_config(parse_plan_config([*flags, "--mixed_precision", "bf16"]))
+    fp32 = plan_from_config(parse_plan_config([*flags, "--mixed_precision", "no"]))
+    assert bf16.footprint.load_bytes == load_private_bytes(total, half) == (total - half) * 5 + half
+    assert fp32.footprint.load_bytes == load_private_bytes(total) == total * 5

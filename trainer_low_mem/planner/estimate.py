@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lowmem_core.errors import LowMemError
 from lowmem_core.memory import format_bytes
 from trainer_low_mem.planner.explain import Reason, quantised_weights_wording
+from trainer_low_mem.planner.load_memory import load_private_bytes
 from trainer_low_mem.planner.model_memory import (
     DEFAULT_LOSS_CHUNK_TOKENS,
     ModelMemory,
@@ -74,6 +75,53 @@ def estimate_model_memory(
     on CUDA where it already sits on the GPU and DeepSpeed does not own it. The analytic count
     takes the loss chunk the model runs with (`loss_chunk_tokens`).
     """
+    estimate = _estimate(
+        config,
+        shape,
+        device=device,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+        deepspeed=deepspeed,
+        model=model,
+        model_factory=model_factory,
+        model_key=model_key,
+        batch_spec=batch_spec,
+        loss_chunk_tokens=loss_chunk_tokens,
+    )
+    mapped = _half_precision_count(shape)
+    if getattr(shape, "quantised_weights", None) is not None or not mapped:
+        return estimate  # a quantised load counts its own (quantised_host_model_bytes)
+    host = load_private_bytes(estimate.memory.param_count, mapped)
+    return dataclasses.replace(
+        estimate, memory=dataclasses.replace(estimate.memory, host_model_bytes=host)
+    )
+
+
+def _half_precision_count(shape: ModelShape) -> int:
+    """Parameters the model keeps in bf16/fp16 (a LoRA run's frozen base, views of the mapped
+    folder when it loads: see load_memory.py); 0 for a preset's dimensions."""
+    parameters = getattr(shape, "parameters", None)
+    if parameters is None:
+        return 0
+    return sum(p.numel() for p in parameters() if p.is_floating_point() and p.element_size() == 2)
+
+
+def _estimate(
+    config: JobConfig | PlanConfig,
+    shape: ModelShape,
+    *,
+    device: str,
+    world_size: int,
+    zero_stage: int,
+    offload_optimizer: bool,
+    deepspeed: bool,
+    model: nn.Module | None,
+    model_factory: ModelFactory | None,
+    model_key: str | None,
+    batch_spec: BatchSpec | None,
+    loss_chunk_tokens: int,
+) -> Estimate:
     precision, seq_len = config.training.mixed_precision, config.data.max_seq_len
     if device == "cuda" and model is not None and not deepspeed:
         probed = _probe(model, shape, seq_len, precision, batch_spec)

@@ -205,6 +205,7 @@ def _host_reason(plan: Plan, fp: Footprint, mapped: int) -> Reason:
         "ranks": fp.ranks_per_node,
         "process_bytes": fp.process_bytes,
         "offloaded_bytes": fp.offloaded_bytes,
+        "load_bytes": fp.load_bytes,
         "readers": plan.num_readers,
         "index_bytes": fp.index_bytes,
     }
@@ -212,7 +213,13 @@ def _host_reason(plan: Plan, fp: Footprint, mapped: int) -> Reason:
     why += "mapped dataset {dataset_bytes} + " if mapped else ""
     why += "epoch index (shared, page cache) {index_bytes} + " if fp.index_bytes else ""
     why += "{ranks} rank(s) x (process {process_bytes}"
-    why += " + offloaded optimizer {offloaded_bytes}" if fp.offloaded_bytes else ""
+    if fp.load_bytes and fp.offloaded_bytes:
+        # The load copy is freed before the offloaded states exist (Footprint.load_bytes).
+        why += " + the larger of model load {load_bytes} and offloaded optimizer {offloaded_bytes}"
+    elif fp.load_bytes:
+        why += " + model load {load_bytes}"
+    elif fp.offloaded_bytes:
+        why += " + offloaded optimizer {offloaded_bytes}"
     if fp.host_activation_bytes_per_token:
         numbers["saved_bytes"] = (
             fp.host_activation_bytes_per_token * fp.seq_len * plan.micro_batch_per_rank

@@ -106,7 +106,7 @@ class Footprint:
     budget_bytes: int | None  # GPU: per-rank budget; CPU: cap on the rank's share (None: none)
     model_device_bytes: int  # weights, gradients, device optimizer states, step transients
     activation_bytes_per_token: int
-    process_bytes: int  # per process in host RAM: interpreter and libraries (+ GPU: model copy)
+    process_bytes: int  # per process in host RAM: interpreter and libraries
     offloaded_bytes: int  # per rank in host RAM: offloaded optimizer states
     cuda_reserve_bytes: int  # CUDA context, workspaces, allocator fragmentation
     dataset_bytes: int  # tokens of the dataset, in the page cache unless ultra-low-mem; 0: unknown
@@ -120,6 +120,16 @@ class Footprint:
     host_activation_bytes_per_token: int = 0  # those, per token of one micro-batch
     grad_checkpointing: bool = False  # as given: it decides activation_bytes_per_token
     zero_stage: int = 0  # DeepSpeed ZeRO stage (8-bit AdamW runs without DeepSpeed only)
+    # GPU: per process in host RAM, the model's copy while it loads (load_memory.py). It is
+    # freed when the model moves to its GPU (the trainer's `.to(device)`, or DeepSpeed's engine
+    # before it builds its optimizer), before any offloaded optimizer state exists: a rank holds
+    # the larger of the two, not both.
+    load_bytes: int = 0
+
+    @property
+    def load_or_offloaded_bytes(self) -> int:
+        """Per rank in host RAM: the larger of the load copy and the offloaded states."""
+        return max(self.load_bytes, self.offloaded_bytes)
 
     @property
     def on_gpu(self) -> bool:
@@ -145,7 +155,9 @@ class Footprint:
         process = self.process_bytes + readers * READER_THREAD_BYTES
         if self.on_gpu:
             device_fixed = self.model_device_bytes + self.cuda_reserve_bytes
-            host_fixed = ranks * (process + self.offloaded_bytes) + dataset + self.index_bytes
+            host_fixed = (
+                ranks * (process + self.load_or_offloaded_bytes) + dataset + self.index_bytes
+            )
             # The device also holds the prefetcher's copies of the pool's batches.
             return Lines(
                 self.budget_bytes or 0,

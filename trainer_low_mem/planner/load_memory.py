@@ -1,25 +1,41 @@
 """Host RAM that loading a model costs each process, as the planner counts it.
 
-A process that trains on a GPU builds its model on the host first, in fp32 (the trainer's master
-weights), then moves it to its device. `from_pretrained` reads the folder's stored weights (bf16
-for the users' models) and casts them: the fp32 copy, 4 bytes per parameter, plus the stored-dtype
-buffers the allocator still holds at the peak. `bench load` measures the peak anonymous memory of
-each process above its reading before the load (Qwen3-style bf16 folders, 1, 2 and 3 processes
-loading at once, the same in each process whatever their number): 2.96 GiB at 0.63B parameters
-(5.01 bytes per parameter), 745 MiB at 0.13B (about 200 MiB of it code and buffers of the first
-load, which the planner's process base covers). The file's own pages are page cache, shared by
-the processes that map it and reclaimable, and are not counted here. A frozen base kept in its
-stored dtype would cost about 90 MiB per process whatever its size (its tensors stay views of the
-mapped file), but the trainer keeps every weight in fp32, so that is not what a plan counts.
+A process that trains on a GPU builds its model on the host first, then moves it to its device.
+Weights the trainer keeps in fp32 (full fine-tuning's master weights, a LoRA base under
+--mixed_precision no, the adapters): `from_pretrained` reads the folder's stored weights (bf16
+for the users' models) and casts them: the fp32 copy, 4 bytes per parameter, plus the
+stored-dtype buffers the allocator still holds at the peak. `bench load` measures the peak
+anonymous memory of each process above its reading before the load (Qwen3-style bf16 folders,
+1, 2 and 3 processes loading at once, the same in each process whatever their number): 2.96 GiB
+at 0.63B parameters (5.01 bytes per parameter), 745 MiB at 0.13B (about 200 MiB of it code and
+buffers of the first load, which the planner's process base covers).
+
+A LoRA run's frozen base kept in bf16/fp16 (trainer_low_mem/models: `base_dtype`) and stored so
+in the folder is not cast to an fp32 copy: most of its tensors stay views of the memory-mapped
+file, whose pages are page cache shared by every process that maps it (and reclaimable), not
+private memory. `bench load` ("trainer-lora-bf16": the trainer's own rank-16 LoRA build, every
+weight then read once) measures 654 MiB private per process at 0.63B parameters (1.07 bytes per
+parameter; 666 MiB each with 2 processes) and 302 MiB at 0.13B: about 0.7 bytes per parameter
+plus about 210 MiB of code and buffers (peft's import among them) that the process base covers.
+So the planner counts a half-precision parameter at 1 byte and an fp32 one (the adapters) at 5.
+A bf16 base read from an fp32 folder would be a private 2-byte copy: the users' folders are bf16,
+so that is not what a plan counts.
 """
 
 from __future__ import annotations
 
-# Peak private host bytes per parameter while a process loads its model (see above).
+# Peak private host bytes per fp32 parameter while a process loads its model (see above).
 LOAD_PRIVATE_BYTES_PER_PARAM = 5
+# Peak private host bytes per parameter kept in the folder's half-precision dtype (see above).
+MAPPED_LOAD_PRIVATE_BYTES_PER_PARAM = 1
 
 
-def load_private_bytes(param_count: int) -> int:
+def load_private_bytes(param_count: int, mapped_count: int = 0) -> int:
     """Private host bytes one process peaks at while it loads a model of `param_count`
-    parameters to train it on a GPU."""
-    return param_count * LOAD_PRIVATE_BYTES_PER_PARAM
+    parameters to train it on a GPU, `mapped_count` of them kept in the folder's half-precision
+    dtype (mostly views of the mapped file)."""
+    fp32_count = param_count - mapped_count
+    return (
+        fp32_count * LOAD_PRIVATE_BYTES_PER_PARAM
+        + mapped_count * MAPPED_LOAD_PRIVATE_BYTES_PER_PARAM
+    )

@@ -365,6 +365,8 @@ def _nothing_fits(
     hints = []
     device_bound = failures[0].startswith("GPU")
     eight_bit, offloaded = option[0] == "adamw_8bit", option[1]
+    checkpointing = None if fp.grad_checkpointing else levers.grad_checkpointing
+    activation_cuts = " or ".join(x for x in (checkpointing, levers.shorter_rows) if x is not None)
     if not eight_bit and zero_stage == 0 and (device_bound or not fp.on_gpu):
         hints.append(f"{levers.optimizer_8bit} stores the optimizer states in 8 bits")
     if device_bound:
@@ -378,10 +380,11 @@ def _nothing_fits(
                 f"{levers.offload_optimizer} moves {format_bytes(optimizer)} of optimizer "
                 "states to host RAM"
             )
-        checkpointing = None if fp.grad_checkpointing else levers.grad_checkpointing
-        cuts = [x for x in (checkpointing, levers.shorter_rows) if x is not None]
-        hints.append(f"{' or '.join(cuts)} cuts activations")
+        hints.append(f"{activation_cuts} cuts activations")
     else:
+        if fp.host_activation_bytes_per_token:
+            # The GPU fitted only by offloading activations, and their host copy is too big.
+            hints.append(f"{activation_cuts} cuts the activations offloaded to host RAM")
         if states.offloaded:
             hints.append(
                 f"the offloaded optimizer takes "

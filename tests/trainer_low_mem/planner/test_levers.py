@@ -229,3 +229,22 @@ def test_the_host_reason_counts_the_offloaded_activations(lever_plan):
     assert f"+ offloaded activations of one micro-batch {format_bytes(saved)} +" in (
         p.reasons["host_bytes_planned"].text
     )
+
+
+def test_when_offloaded_activations_overflow_the_host_the_advice_cuts_activations(
+    lever_plan, roomy_host
+):
+    # The GPU fits only with activations offloaded, and one sequence's host copy is too big.
+    top = 2100 * MB
+    roomy = lever_plan(LARGE_ACTIVATIONS, top=top)
+    needed = roomy.host_fixed_bytes + roomy.host_bytes_per_sequence // 2
+    limit = math.ceil(needed / (1 - DEFAULT_HOST_SAFETY_FRAC))
+    with pytest.raises(MemoryLimitError) as info:
+        lever_plan(
+            LARGE_ACTIVATIONS, top=top, host_ram_limit_bytes=limit, host_from_flags=True, host=None
+        )
+    advice = str(info.value).split("Try: ")[1]
+    assert advice.startswith(
+        "--grad_checkpointing=True or a shorter --max_seq_len cuts the activations offloaded "
+        "to host RAM; "
+    )

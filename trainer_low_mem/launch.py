@@ -178,6 +178,8 @@ class Launch:
             offload = offload or section.get("offload_optimizer_device")
         elif deepspeed:
             distributed_type = "DEEPSPEED"
+        elif env_true(env, "ACCELERATE_USE_FSDP"):  # `accelerate launch` with an FSDP config
+            distributed_type = "FSDP"
         elif "LOCAL_RANK" in env:  # started by torchrun, i.e. `accelerate launch --multi_gpu`
             cpu_only = env_true(env, "ACCELERATE_USE_CPU") or cuda_device_count == 0
             distributed_type = "MULTI_CPU" if cpu_only else "MULTI_GPU"

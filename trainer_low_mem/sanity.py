@@ -51,6 +51,14 @@ def check_launch(facts: Launch) -> None:
             f"{levers.zero_stage}; where the optimizer states still do not fit, "
             f"{levers.offload_optimizer} moves them to host RAM"
         )
+    if facts.distributed_type == "FSDP":
+        # Run as is, accelerate would wrap the model in FSDP under a trainer whose checkpoints,
+        # export and plan assume every rank holds the whole model.
+        raise ConfigError(
+            f"the launch config uses FSDP ({facts.config_file or 'ACCELERATE_USE_FSDP'}), which "
+            f"this trainer does not run (sharded parameters); use {levers.zero_stage}, or "
+            "accelerate_configs/multi_gpu_3.yaml for plain DDP"
+        )
     if facts.deepspeed and facts.deepspeed_installed is False:
         raise ConfigError(
             "the launch config uses DeepSpeed ZeRO but the `deepspeed` extra is not installed; "

@@ -72,6 +72,25 @@ def test_torchrun_with_one_process_is_caught():
         check_launch(launch)
 
 
+def test_an_fsdp_launch_is_refused_before_anything_starts(tmp_path):
+    # accelerate sets ACCELERATE_USE_FSDP for an FSDP config; run as DDP, every rank would still
+    # hold the whole model, and wrapped, the checkpoints would not be the trainer's.
+    from_env = _env_launch(_torchrun_env(2) | {"ACCELERATE_USE_FSDP": "true"})
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n"
+        "fsdp_config:\n  fsdp_version: 2\n"
+    )
+    from_file = _env_launch(_torchrun_env(2), accelerate_config_file=config)
+    for launch in (from_env, from_file):
+        assert launch.distributed_type == "FSDP"
+        with pytest.raises(ConfigError, match="^the launch config uses FSDP") as info:
+            check_launch(launch)
+        assert "\n" not in str(info.value)
+        assert "ZeRO-2" in str(info.value) and "multi_gpu_3.yaml" in str(info.value)
+    assert str(config) in str(pytest.raises(ConfigError, check_launch, from_file).value)
+
+
 def test_torchrun_without_cuda_is_multi_cpu():
     launch = _env_launch(_torchrun_env(3), cuda_device_count=0)
     assert launch.distributed_type == "MULTI_CPU"

@@ -39,6 +39,7 @@ _MARK = "\ue000{}\ue001"  # private-use characters around a number: no template 
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _THINK, _THINK_END = "<think>", "</think>"  # a reasoning block, as Qwen3 and R1 write it
+_BLANK_THINK_RE = re.compile(r"\s*<think>\s*</think>\s*")
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,13 @@ class ChatTemplate:
         self._turn_ends = sorted(specials, key=len, reverse=True)
         self.turn_end = self._probe_turn_end()
 
-    def _render(self, messages: list[dict], marks: bool = False):
+    def _render(self, messages: list[dict], marks: bool = False, generation_prompt=False):
         try:
             texts, blocks = self._render_fn(
                 conversations=[messages],
                 chat_template=self.template,
                 return_assistant_tokens_mask=marks,
+                add_generation_prompt=generation_prompt,
                 **{**self._tok.special_tokens_map, **self.kwargs},
             )
         except Exception as exc:  # a template raises jinja2 errors, TypeError or KeyError alike
@@ -169,7 +171,9 @@ class ChatTemplate:
         full, blocks = self._render(messages, marks=self.markers)
         texts = [_texts(m) for m in messages]
         assistants = [
-            i for i, m in enumerate(messages) if m["role"] in ASSISTANT_ROLES and "".join(texts[i])
+            i
+            for i, m in enumerate(messages)
+            if m["role"] in ASSISTANT_ROLES and ("".join(texts[i]) or _tool_calls(m))
         ]
         _check_rendered(messages, texts, full)
         if self.markers:
@@ -177,6 +181,11 @@ class ChatTemplate:
         else:
             spans = self._locate(full, messages, assistants, texts)
         turns = sum(m["role"] in ASSISTANT_ROLES for m in messages)
+        if not spans:
+            raise PipelineError(
+                "the chat template renders nothing of the assistant's turns (tool calls it does "
+                "not write out): nothing to learn from; use a template that renders tool calls"
+            )
         if last_only:
             spans = spans[-1:]
         end = spans[-1][1]
@@ -229,12 +238,49 @@ class ChatTemplate:
             owned = [
                 (p, span) for p, span in zip(parts, found, strict=True) if p.owner == i and span
             ]
-            (first, (start, _)), end = owned[0], owned[-1][1][1]
+            if not owned:  # tool calls only, which the template does not render
+                continue
+            (first, (start, _)), (last, (_, end)) = owned[0], owned[-1]
             if first.reasoning:
                 before = max((span[1] for span in found if span and span[1] <= start), default=0)
                 start = _think_tag_at(full, before, start)
-            spans.append((start, self._turn_end_at(full, end)))
+            elif first.call:  # no text before the calls: the turn starts where generation does
+                start = self._generation_start(full, messages, i, start)
+            if last.call:  # the call's arguments and closing syntax run on to the end of turn
+                later = min((span[0] for span in found if span and span[0] >= end), default=None)
+                end = self._call_turn_end(full, end, later, i)
+            else:
+                end = self._turn_end_at(full, end)
+            spans.append((start, end))
         return spans
+
+    def _generation_start(self, full: str, messages: list[dict], i: int, call_at: int) -> int:
+        """Where assistant message `i`, which opens with a tool call, starts: after the
+        rendering of the messages before it with the generation prompt (checked to be where
+        `full` starts), past an empty reasoning block the template inserts (left unlabelled, as
+        before a text)."""
+        prompt, _ = self._render(messages[:i], generation_prompt=True)
+        if not full.startswith(prompt) or len(prompt) > call_at:
+            raise PipelineError(
+                f"the chat template renders the conversation before message {i + 1} (a tool "
+                "call) differently inside the whole conversation, so where the call starts "
+                "cannot be placed exactly; fix the record or use prompt/response records"
+            )
+        blank = _BLANK_THINK_RE.match(full, len(prompt))
+        return blank.end() if blank and blank.end() <= call_at else len(prompt)
+
+    def _call_turn_end(self, full: str, call_end: int, later: int | None, i: int) -> int:
+        """The end of the end-of-turn token that closes assistant message `i`'s last tool
+        call (whose name ends at `call_end`), before any later message's marked text."""
+        token = (self.turn_end or "").strip()
+        at = full.find(token, call_end) if token else -1
+        if at < 0 or (later is not None and at + len(token) > later):
+            raise PipelineError(
+                f"the chat template writes no end of turn after the tool calls of message "
+                f"{i + 1}, so where they end cannot be placed exactly; fix the record or use "
+                "prompt/response records"
+            )
+        return at + len(token)
 
     def _turn_end_at(self, full: str, end: int) -> int:
         """`end` moved past the whitespace and end-of-turn token the template writes right after
@@ -285,6 +331,7 @@ class _Part(NamedTuple):
     owner: int
     text: str
     reasoning: bool
+    call: bool = False  # a tool call's function name
 
 
 def _marked(messages, assistants, texts, split_think: bool):
@@ -295,8 +342,8 @@ def _marked(messages, assistants, texts, split_think: bool):
     probe = copy.deepcopy(messages)
     parts: list[_Part] = []
 
-    def mark(owner: int, text: str, reasoning: bool = False) -> str:
-        parts.append(_Part(owner, text, reasoning))
+    def mark(owner: int, text: str, reasoning: bool = False, call: bool = False) -> str:
+        parts.append(_Part(owner, text, reasoning, call))
         return _MARK.format(len(parts) - 1)
 
     for i in assistants:
@@ -304,13 +351,15 @@ def _marked(messages, assistants, texts, split_think: bool):
         given = isinstance(reasoning, str) and bool(reasoning.strip())
         if given:  # rendered before the content, so marked first
             probe[i]["reasoning_content"] = mark(i, reasoning, True)
-        content = probe[i]["content"]
-        pieces = [content] if isinstance(content, str) else content
+        content = probe[i].get("content")
+        pieces = [content] if isinstance(content, str) else content or []
         for j, piece in enumerate(pieces):
             text = piece if isinstance(piece, str) else piece.get("text")
             if not isinstance(text, str) or (
                 not isinstance(piece, str) and piece["type"] != "text"
             ):
+                continue
+            if not text:  # the empty content of a tool call: a mark would be a truthy text
                 continue
             split = split_think and not given and _THINK_END in text
             marked = _mark_think(i, text, mark) if split else mark(i, text)
@@ -318,7 +367,18 @@ def _marked(messages, assistants, texts, split_think: bool):
                 probe[i]["content"] = marked
             else:
                 content[j] = dict(piece, text=marked)
+        for call in _tool_calls(probe[i]):  # rendered after the content
+            named = call["function"] if isinstance(call.get("function"), dict) else call
+            if isinstance(named.get("name"), str) and named["name"]:
+                named["name"] = mark(i, named["name"], call=True)
     return probe, parts
+
+
+def _tool_calls(message: dict) -> list[dict]:
+    """An assistant message's tool calls ({"function": {"name", "arguments"}} or
+    {"name", "arguments"}); [] where it has none."""
+    calls = message.get("tool_calls")
+    return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
 
 
 def _mark_think(owner: int, text: str, mark) -> str:
@@ -345,13 +405,13 @@ def _think_tag_at(full: str, before: int, start: int) -> int:
 
 
 def _walk(full: str, probe: str, parts: list[_Part]) -> list[tuple[int, int] | None] | str:
-    """The (start, end) of each marked text in `full` (None for reasoning the template
-    dropped), or why `full` is not `probe` with its marks replaced by their texts."""
+    """The (start, end) of each marked text in `full` (None for reasoning or a tool call the
+    template dropped), or why `full` is not `probe` with its marks replaced by their texts."""
     pieces = _MARK_RE.split(probe)  # literal, mark number, literal, ...
     numbers = [int(n) for n in pieces[1::2]]
     for k, part in enumerate(parts):
         times = numbers.count(k)
-        if times > 1 or (times == 0 and not part.reasoning):
+        if times > 1 or (times == 0 and not (part.reasoning or part.call)):
             return (
                 f"the chat template renders the text of message {part.owner + 1} {times} times, "
                 "not once, so its labels cannot be placed; fix the record or use prompt/response "
@@ -514,7 +574,7 @@ def _from_messages(messages, at: str, chat, last_only: bool) -> Chat:
             f"{at}: the last message must be the assistant's (the response), "
             f"found role {last['role']!r}; fix the record"
         )
-    if not "".join(_texts(last)).strip():
+    if not "".join(_texts(last)).strip() and not _tool_calls(last):
         raise PipelineError(
             f"{at} has an empty response (the last message's content): nothing to learn from; "
             "drop the record or fill it"
@@ -542,7 +602,7 @@ def _from_messages(messages, at: str, chat, last_only: bool) -> Chat:
 def _check_message(message, number: int, at: str) -> None:
     """A message is {role: non-empty text, content: text or a list of {"type": "text", "text"}
     parts (other parts, such as images, are the template's)}; an assistant message may have no
-    content when it holds tool calls (not supervised). A template drops a message without a
+    content when it holds tool calls (supervised like a text). A template drops a message without a
     role and renders one without content as an empty turn, so both are refused here."""
     if not isinstance(message, dict):
         raise PipelineError(

@@ -207,6 +207,106 @@ def test_qwen3_trains_every_assistant_reply_and_nothing_else(tmp_path, capsys, q
     )
 
 
+def _call(name: str, **arguments) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+QWEN3_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Enloka"}}\n</tool_call>'
+# A tool call is what the model generates: from where generation starts (after the header and
+# an empty <think> block the template inserts, as before a text) to the end of turn.
+QWEN3_CALLS: list[tuple[list[dict], Pieces]] = [
+    (
+        [
+            {"role": "user", "content": "Weather in Enloka?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [_call("get_weather", city="Enloka")],
+            },
+            {"role": "tool", "content": '{"sky": "grey"}'},
+            {"role": "assistant", "content": "Grey."},
+        ],
+        [
+            ("<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n", False),
+            (QWEN3_CALL + "<|im_end|>", True),
+            (
+                '\n<|im_start|>user\n<tool_response>\n{"sky": "grey"}\n</tool_response><|im_end|>'
+                "\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+                False,
+            ),
+            ("Grey.<|im_end|>", True),
+        ],
+    ),
+    (
+        [
+            {"role": "user", "content": "Weather in Enloka?"},
+            {
+                "role": "assistant",
+                "content": "Let me check.",
+                "tool_calls": [_call("get_weather", city="Enloka")],
+            },
+        ],
+        [
+            (
+                "<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n"
+                "<think>\n\n</think>\n\n",
+                False,
+            ),
+            ("Let me check.\n" + QWEN3_CALL + "<|im_end|>", True),
+        ],
+    ),
+    (
+        [
+            {"role": "user", "content": "Weather in Enloka?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [_call("get_weather", city="Enloka")],
+            },
+        ],
+        [
+            (
+                "<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n"
+                "<think>\n\n</think>\n\n",
+                False,
+            ),
+            (QWEN3_CALL + "<|im_end|>", True),
+        ],
+    ),
+]
+
+
+def test_qwen3_trains_tool_calls_as_assistant_turns(tmp_path, capsys, qwen3):
+    for messages, pieces in QWEN3_CALLS:
+        assert_renders(QWEN3, messages, pieces, "\n")
+    rows = built_rows(tmp_path, capsys, QWEN3, [messages for messages, _ in QWEN3_CALLS])
+    for row, (_, pieces) in zip(rows, QWEN3_CALLS, strict=True):
+        assert_sample(row, reference(qwen3, pieces), appended_eos=None)
+    assert labelled_text(qwen3, rows[0]) == QWEN3_CALL + "<|im_end|>Grey.<|im_end|>"
+
+
+def test_a_tool_call_the_template_does_not_write_leaves_its_turn_unlabelled(tmp_path, capsys):
+    # A template that ignores tool_calls: the call is not in the sample, so nothing of it is
+    # labelled; a record whose only assistant turn is such a call has nothing to learn from.
+    template = (
+        "{%- for m in messages %}"
+        "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+    )
+    tok = trained_tokenizer(CHATML_SPECIALS, ["Weather?", "Grey."])
+    folder = save_folder(tok, tmp_path / "tok", template, None, "<|im_end|>", "<|endoftext|>")
+    calling = {"role": "assistant", "content": "", "tool_calls": [_call("get_weather")]}
+    user = {"role": "user", "content": "Weather?"}
+    rows = built_rows(
+        tmp_path, capsys, folder, [[user, calling, {"role": "assistant", "content": "Grey."}]]
+    )
+    assert labelled_text(tok, rows[0]) == "Grey.<|im_end|>"
+    (tmp_path / "only").mkdir()
+    code, said, _ = build(tmp_path / "only", capsys, folder, [[user, calling]])
+    assert code != 0
+    assert "renders nothing of the assistant's turns" in said
+
+
 # ----------------------------------------------------------------------------- Llama 3
 
 LLAMA3_SPECIALS = [

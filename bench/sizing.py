@@ -161,6 +161,7 @@ def plan_config(model: str, folder: Path | None, method: str, machine: Machine, 
         "--world_size", str(machine.gpus),
         "--ranks_per_node", str(machine.gpus),
         "--num_cores", "8",
+        "--grad_checkpointing", "True",
     ]  # fmt: skip
     argv += ["--model", str(folder)] if folder is not None else ["--model_preset", model]
     if method != "full":
@@ -186,7 +187,8 @@ def plan_row(model: str, folder: Path | None, method: str, machine: Machine) -> 
             row.note = str(exc).split(". ")[0][:160]
             continue
         except (ConfigError, LowMemError) as exc:
-            row.note = f"not planned: {str(exc)[:160]}"
+            # The row's folder is a temporary one: name the model instead.
+            row.note = f"not planned: {str(exc).replace(str(folder), model)[:160]}"
             return row
         _fill(row, result.to_dict(), "ZeRO-2 offload" if offload else "DDP")
         return row
@@ -204,7 +206,9 @@ def _fill(row: Row, d: dict, launch: str) -> None:
     row.activations_bytes = fp["activation_bytes_per_token"] * fp["seq_len"] * row.micro
     row.terms = _parse_states(fp["states"])
     row.host_node_bytes = d["host_bytes_planned"]
-    row.host_per_process_bytes = fp["process_bytes"] + fp["offloaded_bytes"]
+    # The load copy is freed before the offloaded states exist (the planner's Footprint).
+    load_or_offloaded = max(fp.get("load_bytes", 0), fp["offloaded_bytes"])
+    row.host_per_process_bytes = fp["process_bytes"] + load_or_offloaded
 
 
 def _parse_states(states: str) -> dict[str, int]:
@@ -241,8 +245,9 @@ def param_count(model: str, folder: Path | None) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# LLaMA-Factory's README, "Hardware Requirement": GB of GPU memory per billion parameters by
-# method (the xB column), and its 7B column where it gives one.
+# LLaMA-Factory's README, "Hardware Requirement" (hiyouga/LLaMA-Factory README.md, checked at
+# commit 00409ff28a30): GB of GPU memory per billion parameters by method (its `x`B column:
+# Full (bf16 or fp16) 18x, Freeze/LoRA 2x, QLoRA 4-bit x/2), and its 7B column (120, 16, 6 GB).
 LLAMA_FACTORY_GB_PER_B = {"full": 18.0, "lora": 2.0, "qlora": 0.5}
 LLAMA_FACTORY_7B_GB = {"full": 120, "lora": 16, "qlora": 6}
 LLAMA_FACTORY_WHAT = {
@@ -300,8 +305,8 @@ def _difference(row: Row, lf_gb: float) -> str:
         )
     return (
         "LLaMA-Factory's 2 B/param is the 16-bit frozen weights at batch 1; the trainer keeps "
-        "the frozen base in fp32 (4 B/param), and ours adds the adapters' states and the chosen "
-        "micro-batch's activations"
+        "the frozen base in bf16 too (--mixed_precision bf16), and ours adds the fp32 adapters "
+        "and their states and the chosen micro-batch's activations"
     )
 
 
@@ -378,11 +383,12 @@ def table(rows: list[Row]) -> str:
 
 def run_sizing(markdown: Path | None, models: tuple[str, ...] | None) -> int:
     """Print the table; with `markdown`, write it between the markers of that file."""
-    rows = size_all(models)
-    text = table(rows)
-    print(text)
-    if markdown is not None:
-        write_into(markdown, text)
+    rows: list[Row] = []
+    for model in models or (*MODEL_CONFIGS, *PRESETS):
+        rows += size_all((model,))
+        if markdown is not None:  # after each model: an interrupted run keeps what it planned
+            write_into(markdown, table(rows))
+    print(table(rows))
     return 0
 
 

@@ -71,3 +71,9 @@ def test_the_whole_table_says_what_the_users_found():
     full_7b = by[("Qwen1.5-7B", "full", one_16)]
     assert not full_7b.fits or full_7b.launch.startswith("ZeRO-2 offload")
     assert by[("Qwen2.5-0.5B", "lora", MACHINES[0].name)].fits
+    # The user: Qwen1.5-7B QLoRA in about 10-12 GB, so on the 12 GB and 16 GB cards;
+    # its bf16 LoRA base (14.4 GiB) needs the 20 GB cards.
+    for machine in MACHINES:
+        assert by[("Qwen1.5-7B", "qlora", machine.name)].fits, machine
+    assert by[("Qwen1.5-7B", "lora", MACHINES[2].name)].fits
+    assert not by[("Qwen1.5-7B", "lora", one_16)].fits

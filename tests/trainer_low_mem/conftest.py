@@ -1,7 +1,9 @@
-"""Fixtures of the trainer tests: prompt/response datasets built for a sample model."""
+"""Fixtures of the trainer tests: prompt/response datasets built for a sample model, and a run
+stopped after a given step as a SIGTERM stops it."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,24 @@ def build_sample_sft():
         return out
 
     return build
+
+
+@pytest.fixture(scope="session")
+def stop_after_step():
+    """A function: with `patch` (a monkeypatch, or its `.context()` so the resume runs
+    unpatched), the next training run receives SIGTERM once it has finished optimizer step
+    `step` (counted from 1), as a user's stop or a scheduler's preemption does."""
+    from trainer_low_mem import loop
+
+    def arm(patch: pytest.MonkeyPatch, step: int) -> None:
+        original = loop._Run._train_step
+
+        def train_step(self):
+            outcome = original(self)
+            if self.progress.step + 1 == step:
+                signal.raise_signal(signal.SIGTERM)
+            return outcome
+
+        patch.setattr(loop._Run, "_train_step", train_step)
+
+    return arm

@@ -5,7 +5,6 @@ adds each adapter to its weight in fp32."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -116,23 +115,13 @@ def _train(inputs: dict[str, Path], out: Path, precision: str, *extra: str):
     return loop.train(config)
 
 
-def _stop_after_step_2(monkeypatch):
-    original = loop._Run._train_step
-
-    def train_step(self):
-        outcome = original(self)
-        if self.progress.step + 1 == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return outcome
-
-    monkeypatch.setattr(loop._Run, "_train_step", train_step)
-
-
-def test_a_bf16_base_trains_evaluates_and_resumes_bit_equal(lora_inputs, tmp_path, monkeypatch):
+def test_a_bf16_base_trains_evaluates_and_resumes_bit_equal(
+    lora_inputs, tmp_path, monkeypatch, stop_after_step
+):
     straight = _train(lora_inputs, tmp_path / "straight", "bf16")
     assert all(torch.isfinite(torch.tensor(straight.losses)))
     with monkeypatch.context() as patch:
-        _stop_after_step_2(patch)
+        stop_after_step(patch, 2)
         first = _train(lora_inputs, tmp_path / "run", "bf16")
     assert first.final_step == 2
     resumed = _train(lora_inputs, tmp_path / "run", "bf16", "--is_keep_training=True")

@@ -4,7 +4,6 @@ resume, and a base that changed is refused."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -53,22 +52,12 @@ def _config(inputs: dict[str, Path], out: Path, *extra: str, model: Path | None 
     )
 
 
-def _stop_after_step_2(monkeypatch):
-    original = loop._Run._train_step
-
-    def train_step(self):
-        outcome = original(self)
-        if self.progress.step + 1 == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return outcome
-
-    monkeypatch.setattr(loop._Run, "_train_step", train_step)
-
-
-def test_the_state_holds_the_adapters_and_resumes_bit_equal(lora_inputs, tmp_path, monkeypatch):
+def test_the_state_holds_the_adapters_and_resumes_bit_equal(
+    lora_inputs, tmp_path, monkeypatch, stop_after_step
+):
     straight = loop.train(_config(lora_inputs, tmp_path / "straight"))
     with monkeypatch.context() as patch:
-        _stop_after_step_2(patch)
+        stop_after_step(patch, 2)
         first = loop.train(_config(lora_inputs, tmp_path / "run"))
     assert first.final_step == 2
     weights = tmp_path / "run" / "train_latest_state" / "model.safetensors"
@@ -79,10 +68,10 @@ def test_the_state_holds_the_adapters_and_resumes_bit_equal(lora_inputs, tmp_pat
     assert first.losses + resumed.losses == straight.losses  # exact float equality
 
 
-def test_a_changed_base_is_refused_at_resume(lora_inputs, tmp_path, monkeypatch):
+def test_a_changed_base_is_refused_at_resume(lora_inputs, tmp_path, monkeypatch, stop_after_step):
     base = write_sample_model(tmp_path / "base", seed=0)
     with monkeypatch.context() as patch:
-        _stop_after_step_2(patch)
+        stop_after_step(patch, 2)
         loop.train(_config(lora_inputs, tmp_path / "run", model=base))
     write_sample_model(tmp_path / "base", seed=1)  # same architecture, other weights
     with pytest.raises(CheckpointError, match="frozen weights it trained on .* --model or"):

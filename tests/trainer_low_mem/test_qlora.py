@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -101,18 +100,6 @@ def _config(inputs: dict[str, Path], out: Path, bits: str, *extra: str):
     )
 
 
-def _stop_after_step_2(monkeypatch):
-    original = loop._Run._train_step
-
-    def train_step(self):
-        outcome = original(self)
-        if self.progress.step + 1 == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return outcome
-
-    monkeypatch.setattr(loop._Run, "_train_step", train_step)
-
-
 def _state_tensor_names(out: Path) -> list[str]:
     with safe_open(str(out / "train_latest_state" / "model.safetensors"), "pt") as f:
         return list(f.keys())
@@ -121,7 +108,7 @@ def _state_tensor_names(out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "bits"), [("llama", "4bit"), ("qwen", "8bit")])
 def test_quantised_lora_trains_evaluates_and_resumes_bit_equal(
-    folders, tmp_path, monkeypatch, capsys, family, bits
+    folders, tmp_path, monkeypatch, capsys, family, bits, stop_after_step
 ):
     inputs = folders[family]
     flags = ("--grad_checkpointing", "True", "--eval_data", str(inputs["eval_data"]))
@@ -137,7 +124,7 @@ def test_quantised_lora_trains_evaluates_and_resumes_bit_equal(
     names = _state_tensor_names(tmp_path / "straight")
     assert names and all("lora_" in name for name in names)
     with monkeypatch.context() as patch:
-        _stop_after_step_2(patch)
+        stop_after_step(patch, 2)
         first = loop.train(_config(inputs, tmp_path / "run", bits, *flags))
     assert first.final_step == 2
     resumed = loop.train(_config(inputs, tmp_path / "run", bits, *flags, "--is_keep_training=True"))
@@ -152,10 +139,12 @@ def test_quantised_lora_trains_evaluates_and_resumes_bit_equal(
 
 
 @pytest.mark.slow
-def test_resume_with_another_quantisation_is_refused_in_one_line(folders, tmp_path, monkeypatch):
+def test_resume_with_another_quantisation_is_refused_in_one_line(
+    folders, tmp_path, monkeypatch, stop_after_step
+):
     inputs = folders["llama"]
     with monkeypatch.context() as patch:
-        _stop_after_step_2(patch)
+        stop_after_step(patch, 2)
         loop.train(_config(inputs, tmp_path / "run", "4bit"))
     with pytest.raises(CheckpointError, match="was saved with other model") as info:
         loop.train(_config(inputs, tmp_path / "run", "8bit", "--is_keep_training=True"))

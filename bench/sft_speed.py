@@ -403,6 +403,16 @@ def _median_ratio(ours: list[dict], trl: list[dict], key: str) -> float:
     return statistics.median(o[key] / t[key] for o, t in zip(ours, trl, strict=True))
 
 
+# The figures of each pass that the report gives per side and as ours / TRL.
+COMPARED = (
+    "label_tokens_per_s",
+    "cpu_s_per_label_token",
+    "peak_rss_self_bytes",
+    "peak_pss_tree_bytes",
+    "torch_peak_bytes",
+)
+
+
 def compare(runs: list[dict], eval_loss: dict) -> list[dict]:
     """Per configuration: medians of each side, median ratios of the repeats' pairs, eval
     losses, and which targets are met. `eval_loss`: {"tuning/seq_len": {side: loss}}."""
@@ -419,17 +429,7 @@ def compare(runs: list[dict], eval_loss: dict) -> list[dict]:
         for side, rs in (("ours", ours), ("trl", trl)):
             if not rs:
                 continue
-            row[side] = {
-                key: statistics.median(r[key] for r in rs)
-                for key in (
-                    "label_tokens_per_s",
-                    "cpu_s_per_label_token",
-                    "peak_rss_self_bytes",
-                    "peak_pss_tree_bytes",
-                    "torch_peak_bytes",
-                    "steps",
-                )
-            }
+            row[side] = {key: statistics.median(r[key] for r in rs) for key in (*COMPARED, "steps")}
             row[side]["pass_label_tokens"] = rs[0]["pass_label_tokens"]
             row[side]["eval_loss"] = loss.get(side)
         if trl:
@@ -440,16 +440,7 @@ def compare(runs: list[dict], eval_loss: dict) -> list[dict]:
                     f"{sorted(counts)} label tokens on the two sides, so the comparison is void; "
                     "check the records' tokenisation (prompt/response boundary)"
                 )
-            row["ours_over_trl"] = {
-                key: _median_ratio(ours, trl, key)
-                for key in (
-                    "label_tokens_per_s",
-                    "cpu_s_per_label_token",
-                    "peak_rss_self_bytes",
-                    "peak_pss_tree_bytes",
-                    "torch_peak_bytes",
-                )
-            }
+            row["ours_over_trl"] = {key: _median_ratio(ours, trl, key) for key in COMPARED}
             row["targets"] = targets(row)
         out.append(row)
     return out

@@ -55,6 +55,10 @@ class DivergenceError(LowMemError):
     exit_code = 4
 
 
+class RankLostError(LowMemError):
+    """Another rank of the job died mid-run (its process or its node), so a collective failed."""
+
+
 class StoppedError(LowMemError):
     """A stop signal (SIGINT, SIGTERM) ended the job where it could not save first: during
     start-up, or while another rank had already gone. The exit code is the signal's (130, 143)."""

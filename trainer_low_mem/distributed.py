@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,21 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+# What gloo and NCCL say when a collective's peer is gone (its process died, its node went down).
+_PEER_GONE = re.compile(
+    r"(Connection (?:closed|reset) by peer(?: \[[^\]]*\]:\d+)?|NCCL communicator was aborted"
+    r"|ncclRemoteError)"
+)
+
+
+def peer_lost(exc: BaseException) -> str:
+    """The backend's words when `exc` is a collective (or the launcher's store) failing because
+    another rank of the job is gone, else ""."""
+    if isinstance(exc, dist.DistNetworkError):
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    found = _PEER_GONE.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    return found[1].strip() if found else ""
 
 
 def report_to_launcher(exc: BaseException) -> None:

@@ -30,6 +30,7 @@ from lowmem_core.errors import (
     ConfigError,
     LowMemError,
     MemoryLimitError,
+    RankLostError,
     StoppedError,
     require_extra,
 )
@@ -42,7 +43,7 @@ from trainer_low_mem.checkpoint import (
 )
 from trainer_low_mem.config import JobConfig
 from trainer_low_mem.data import TrainData, check_shard_sizes, verify_dataset
-from trainer_low_mem.distributed import RankContext, create_accelerator
+from trainer_low_mem.distributed import RankContext, create_accelerator, peer_lost
 from trainer_low_mem.evaluate import evaluate
 from trainer_low_mem.export import EXPORT_DIR_NAME, export_model
 from trainer_low_mem.job import FlagChecks, build_job, check_flags
@@ -500,6 +501,14 @@ def train(config: JobConfig) -> TrainResult:
             try:
                 return _Run(config, launch, flags, accelerator, ctx, stop).run()
             except Exception as exc:
+                if not stop.signum and peer_lost(exc):
+                    # A killed rank or node: every survivor's next collective fails at once
+                    # (its sockets closed), where a traceback would hide the cause.
+                    raise RankLostError(
+                        f"another rank of the job is gone ({peer_lost(exc)}): a process or a "
+                        "node died, see its log; the last saved state is intact: resume every "
+                        "node with --is_keep_training=True"
+                    ) from exc
                 if not stop.signum or isinstance(exc, LowMemError):
                     raise
                 # A stopped job's collectives fail once a rank is gone: say so in one line.

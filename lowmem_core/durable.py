@@ -58,16 +58,17 @@ def fsync_tree(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, tag: str = "") -> Iterator[BinaryIO]:
     """A new file (read-write, binary) that becomes `path` when the block ends without an
     exception: it is fsynced, renamed over `path`, and the folder fsynced. On an exception it
     is removed and `path` is left as it was.
 
-    Its name, `NAME.tmp-PID-RANDOM` beside `path`, is unique among writers of the same path, so
-    a crashed writer's leftover (matching `NAME.tmp-*`) is never reused, and can be removed.
+    Its name, `NAME.tmp-TAGPID-RANDOM` beside `path`, is unique among writers of the same path,
+    so a crashed writer's leftover (matching `NAME.tmp-*`) is never reused, and can be removed;
+    `tag` (e.g. a host's) lets a sweep match only its own writers' leftovers.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{path.name}.tmp-{tag}{os.getpid()}-{secrets.token_hex(4)}")
     # 0o666 before the umask, as open() creates files: readable wherever open()'s would be.
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:

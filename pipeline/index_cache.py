@@ -10,7 +10,8 @@ Writing: whichever process needs a file first takes an flock beside it (it dies 
 writes `NAME.tmp-*` through a shared mapping, fsyncs it and renames it into place; the others
 wait on the lock and then map the finished file. A file is only ever read under its final name
 and after its header matches the key, so a temporary left by a killed builder is never used (the
-next builder removes it). Building epoch e of a key removes that key's epochs before e - 1.
+next builder on its host removes it). Building epoch e of a key removes that key's epochs before
+e - 1.
 
 Trust: a file's disk blocks are allocated before it is mapped, so a full disk fails the write
 with a PipelineError instead of killing the process with SIGBUS; its header records a sha256 of
@@ -36,6 +37,7 @@ import mmap
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +67,13 @@ _MISSING = "is missing"
 _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # a folder that does not take the write
 
 log = logging.getLogger(__name__)
+
+# Names this host's temporaries. Nodes of a job may share the folder (a dataset on shared
+# storage) where flock does not reach across hosts (NFS with local locks, Lustre without -o
+# flock): each node then holds "the" lock at once. Writing stays safe (a temporary of its own
+# renamed over the file, whose bytes are the same whichever node writes them); sweeping must
+# spare the temporaries other hosts are still writing, so a builder removes only its host's.
+_HOST_TAG = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) + "-"
 
 Fields = list[tuple[str, np.dtype, int]]  # (name, dtype, count) of each array, in file order
 
@@ -478,7 +487,7 @@ def open_or_build(
                 return (*found, False)
             if problem != _MISSING:
                 log.warning("index file %s %s; rebuilding it", path, problem)
-            for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+            for leftover in path.parent.glob(f"{path.name}.tmp-{_HOST_TAG}*"):
                 leftover.unlink(missing_ok=True)  # a killed builder's: no live one holds the lock
             _write(path, key, fields, fill)
     except OSError as exc:
@@ -577,7 +586,7 @@ def _digest(fd: int, key: dict, scalars: dict) -> str:
 
 def _write(path: Path, key: dict, fields: Fields, fill) -> None:
     offsets, size = _offsets(fields)
-    with atomic_file(path) as f:
+    with atomic_file(path, tag=_HOST_TAG) as f:
         _reserve(f.fileno(), size)
         # Shared: the pages written are the file's page cache, and no private copy is made.
         mapping = mmap.mmap(f.fileno(), size)

@@ -3,13 +3,14 @@
 Rank 0 checks the folder (writable, room for one more state) and takes a `FolderLock` on
 `OUTPUT_DIR/.train.lock`; the other ranks learn the outcome through one collective, so a second
 trainer on the same folder stops at once on every rank. The lock dies with its process; its file
-lists every rank's pid, for `train_low_mem.py stop` (trainer_low_mem/stop.py).
+lists the pids of the ranks on rank 0's node, for `train_low_mem.py stop` (trainer_low_mem/stop.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 from lowmem_core.errors import ConfigError
@@ -56,9 +57,11 @@ def lock_output_dir(output_dir: Path, ctx: RankContext) -> FolderLock | None:
             if created:
                 with contextlib.suppress(OSError):
                     output_dir.rmdir()
-    pids = ctx.gather(os.getpid())
+    ranks = ctx.gather((socket.gethostname(), os.getpid()))
     if lock is not None:
-        lock.record_pids(pids)  # `train_low_mem.py stop` signals every rank
+        # `train_low_mem.py stop` signals them, on this node: another node's pids name unrelated
+        # processes here, and a stop seen by one rank stops every rank (its signal is all-reduced).
+        lock.record_pids([pid for host, pid in ranks if host == ranks[0][0]])
     if ctx.all_reduce_max(int(failure is not None)) if ctx.world_size > 1 else failure:
         if failure is None:
             raise ConfigError(

@@ -1,9 +1,9 @@
 """Two nodes on one machine: two `accelerate launch` process groups (`--num_machines 2
---machine_rank 0/1`, two CPU ranks each) form one 4-rank DDP job over gloo. Every row of an
-epoch reaches exactly one of the four ranks, each node writes its index files once (into the
-dataset's shared cache, or into the node-local folder $LOWMEM_INDEX_CACHE names), a kill -9 of one
-node ends the other with one line, and both resume to the losses and weights of a run that was
-never interrupted."""
+--machine_rank 0/1`, two CPU ranks each) form one 4-rank job over gloo, on DDP and on DeepSpeed
+ZeRO-2 with the optimizer in host RAM. Every row of an epoch reaches exactly one of the four
+ranks, each node writes its index files once (into the dataset's shared cache, or into the
+node-local folder $LOWMEM_INDEX_CACHE names), a kill -9 of one node ends the other with one line,
+and both resume to the losses of a run that was never interrupted (and its weights to 1e-6)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ STEP_LINE = re.compile(r"^step: (\d+)/\d+, loss: ([0-9.]+)", re.M)
 RESUMED_LINE = re.compile(r"resumed from \S+ at step (\d+) ")
 LAUNCH_TIMEOUT_S = 240
 ROWS_PER_EPOCH = 42  # the 8 sample documents in rows of 64 tokens
+ZERO2_CONFIG = REPO / "accelerate_configs" / "zero2_offload_3gpu.yaml"
 STEPS = 8  # 6 steps of 8 rows cover epoch 0 (the 6th: 2 rows and 6 of padding), then epoch 1
 
 # Records, per process, each batch the training loop takes and each index file the process built.
@@ -90,10 +91,17 @@ def _free_port() -> int:
 
 
 def _start_nodes(
-    world: Path, out: Path, trace: Path, *flags: str, max_steps: int, node_caches: bool
+    world: Path,
+    out: Path,
+    trace: Path,
+    *flags: str,
+    engine: str,
+    max_steps: int,
+    node_caches: bool,
 ) -> list[subprocess.Popen]:
-    """Machine ranks 0 and 1 of one job, each `accelerate launch`ing 2 of its 4 ranks; with
-    node_caches each node's index files go to a folder of its own ($LOWMEM_INDEX_CACHE)."""
+    """Machine ranks 0 and 1 of one job, each `accelerate launch`ing 2 of its 4 ranks on
+    `engine` ("ddp" or "zero2"); with node_caches each node's index files go to a folder of its
+    own ($LOWMEM_INDEX_CACHE)."""
     trace.mkdir(parents=True, exist_ok=True)
     port = str(_free_port())
     nodes = []
@@ -110,10 +118,20 @@ def _start_nodes(
         env.pop("LOWMEM_INDEX_CACHE", None)
         if node_caches:
             env["LOWMEM_INDEX_CACHE"] = str(world / f"node{machine_rank}-cache")
+        if engine == "ddp":
+            engine_flags = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        else:
+            # torchrun on each node, as for DDP, instead of DeepSpeed's pdsh launcher.
+            engine_flags = [
+                "--config_file",
+                str(ZERO2_CONFIG),
+                "--deepspeed_multinode_launcher",
+                "standard",
+            ]
         cmd = [
             str(ACCELERATE),
             "launch",
-            "--multi_gpu",
+            *engine_flags,
             "--num_machines",
             "2",
             "--machine_rank",
@@ -124,10 +142,6 @@ def _start_nodes(
             "127.0.0.1",
             "--main_process_port",
             port,
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
             str(world / "driver.py"),
             "train",
             "--data",
@@ -252,14 +266,22 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_nodes_train_exactly_once_survive_a_killed_node_and_resume_to_the_same_losses(world):
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_two_nodes_train_exactly_once_survive_a_killed_node_and_resume_to_the_same_losses(
+    world, engine
+):
     started = time.monotonic()
     shared_cache = world / "tokens" / ".index_cache"
 
     # 1. An uninterrupted run, both nodes on the dataset's own (shared) index cache.
     reference_trace = world / "trace-reference"
     nodes = _start_nodes(
-        world, world / "reference", reference_trace, max_steps=STEPS, node_caches=False
+        world,
+        world / "reference",
+        reference_trace,
+        engine=engine,
+        max_steps=STEPS,
+        node_caches=False,
     )
     (code0, out0), (code1, out1) = _finish(nodes)
     assert (code0, code1) == (0, 0), out0 + out1
@@ -294,7 +316,9 @@ def test_two_nodes_train_exactly_once_survive_a_killed_node_and_resume_to_the_sa
     # 2. The same job with node-local caches; node 1 is killed -9 mid-run.
     out = world / "run"
     killed_trace = world / "trace-killed"
-    node0, node1 = _start_nodes(world, out, killed_trace, max_steps=400, node_caches=True)
+    node0, node1 = _start_nodes(
+        world, out, killed_trace, engine=engine, max_steps=400, node_caches=True
+    )
     seen = []
     for line in node0.stdout:
         seen.append(line)
@@ -328,6 +352,7 @@ def test_two_nodes_train_exactly_once_survive_a_killed_node_and_resume_to_the_sa
         out,
         resumed_trace,
         "--is_keep_training=True",
+        engine=engine,
         max_steps=STEPS,
         node_caches=True,
     )
@@ -377,7 +402,7 @@ def test_two_nodes_train_exactly_once_survive_a_killed_node_and_resume_to_the_sa
         assert not [f for f in files if ".tmp-" in f or f.endswith(".lock")], files
         assert any(f.startswith("docs-") for f in files), files
     assert {p.name: p.stat().st_mtime_ns for p in shared_cache.iterdir()} == shared_files
-    print(f"two-node DDP launch, kill -9 and resume: {time.monotonic() - started:.0f} s")
+    print(f"two-node {engine} launch, kill -9 and resume: {time.monotonic() - started:.0f} s")
 
 
 def test_a_collective_whose_peer_is_gone_is_named_by_the_backends_words():
@@ -390,3 +415,20 @@ def test_a_collective_whose_peer_is_gone_is_named_by_the_backends_words():
     assert peer_lost(reset) == "Connection reset by peer"
     assert peer_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == ""
     assert peer_lost(ValueError("Connection closed by peer")) == ""
+
+
+def test_the_run_lock_lists_the_ranks_on_rank_0s_node_for_stop(tmp_path):
+    from trainer_low_mem.distributed import RankContext
+    from trainer_low_mem.run_lock import lock_output_dir
+    from trainer_low_mem.stop import run_pids
+
+    ctx = RankContext.single()
+    here = socket.gethostname()
+    # What rank 0 gathers in a 4-rank job over two nodes (it is the first of its node's two).
+    ctx.gather = lambda value: [value, (here, 4343), ("other-node", 4242), ("other-node", 4244)]
+    out = tmp_path / "out"
+    lock = lock_output_dir(out, ctx)
+    try:
+        assert run_pids(out) == [os.getpid(), 4343]
+    finally:
+        lock.release()

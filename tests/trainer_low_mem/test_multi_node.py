@@ -415,6 +415,9 @@ def test_a_collective_whose_peer_is_gone_is_named_by_the_backends_words():
     assert peer_lost(reset) == "Connection reset by peer"
     assert peer_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == ""
     assert peer_lost(ValueError("Connection closed by peer")) == ""
+    # The launcher's store on machine 0 gone: torch's own type, its first line.
+    store = torch.distributed.DistNetworkError("failed to recv, got 0 bytes\nException raised from")
+    assert peer_lost(store) == "failed to recv, got 0 bytes"
 
 
 def test_the_run_lock_lists_the_ranks_on_rank_0s_node_for_stop(tmp_path):

@@ -62,6 +62,7 @@ def test_the_table_goes_between_the_markers_and_the_prose_stays(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # 63 plans, a 7B trace in about a dozen of them: 10-25 min on 2 cores
 def test_the_whole_table_says_what_the_users_found():
     models = (*MODEL_CONFIGS, *PRESETS)
     rows = size_all()

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ from lowmem_core.hub_kernels import require_extra_offline
 from trainer_low_mem.attention import sample_isolation
 from trainer_low_mem.loss import LogitMap, chunked_cross_entropy, shift_labels
 from trainer_low_mem.model import ModelOutput
+
+if TYPE_CHECKING:
+    from trainer_low_mem.planner.model_memory import QuantisedWeights
 
 log = logging.getLogger(__name__)
 
@@ -584,6 +587,16 @@ class HFWrapper(nn.Module):
     """What every wrapper of a `transformers` model (`self.hf_model`) shares: its config,
     embedding rows and the parts of the planner's ModelShape that read the same everywhere
     (subclasses give `n_layers` and `d_ff`, which architectures spell differently)."""
+
+    # Set by a quantised kind's planner shape (models/hf_causal.py); never on a built model.
+    quantised_weights: QuantisedWeights | None = None
+
+    def half_precision_param_count(self) -> int:
+        """Parameters kept in bf16/fp16: a LoRA run's frozen base (see the planner's
+        ModelShape)."""
+        return sum(
+            p.numel() for p in self.parameters() if p.is_floating_point() and p.element_size() == 2
+        )
 
     @property
     def config(self):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,11 @@ class ModelPreset:
     n_heads: int
     d_ff: int
     max_seq_len: int
+    # The planner's ModelShape: a preset is never quantised and holds no bf16/fp16 weights.
+    quantised_weights: ClassVar[None] = None
+
+    def half_precision_param_count(self) -> int:
+        return 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):

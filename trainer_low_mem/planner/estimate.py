@@ -89,22 +89,13 @@ def estimate_model_memory(
         batch_spec=batch_spec,
         loss_chunk_tokens=loss_chunk_tokens,
     )
-    mapped = _half_precision_count(shape)
-    if getattr(shape, "quantised_weights", None) is not None or not mapped:
+    mapped = shape.half_precision_param_count()
+    if shape.quantised_weights is not None or not mapped:
         return estimate  # a quantised load counts its own (quantised_host_model_bytes)
     host = load_private_bytes(estimate.memory.param_count, mapped)
     return dataclasses.replace(
         estimate, memory=dataclasses.replace(estimate.memory, host_model_bytes=host)
     )
-
-
-def _half_precision_count(shape: ModelShape) -> int:
-    """Parameters the model keeps in bf16/fp16 (a LoRA run's frozen base, views of the mapped
-    folder when it loads: see load_memory.py); 0 for a preset's dimensions."""
-    parameters = getattr(shape, "parameters", None)
-    if parameters is None:
-        return 0
-    return sum(p.numel() for p in parameters() if p.is_floating_point() and p.element_size() == 2)
 
 
 def _estimate(
@@ -141,8 +132,8 @@ def _estimate(
         dtype_bytes=4 if precision == "no" else 2,
         loss_chunk_tokens=loss_chunk_tokens,
     )
-    quantised = getattr(shape, "quantised_weights", None)
-    if isinstance(quantised, QuantisedWeights):
+    quantised = shape.quantised_weights
+    if quantised is not None:
         analytic = with_quantised_weights(
             analytic, quantised, shape, config.model.grad_checkpointing
         )

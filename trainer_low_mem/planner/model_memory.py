@@ -57,6 +57,16 @@ class ModelShape(Protocol):
         """Parameters that get gradients and optimizer states (adapters only under LoRA)."""
         ...
 
+    @property
+    def quantised_weights(self) -> QuantisedWeights | None:
+        """The linear layers bitsandbytes stores quantised; None for a model that is not."""
+        ...
+
+    def half_precision_param_count(self) -> int:
+        """Parameters kept in bf16/fp16 (a LoRA run's frozen base, mostly views of the mapped
+        folder when it loads: load_memory.py); 0 for dimensions without a built model."""
+        ...
+
 
 @dataclass(frozen=True)
 class QuantisedWeights:

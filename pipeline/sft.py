@@ -130,7 +130,7 @@ class ChatTemplate:
         self._turn_ends = sorted(specials, key=len, reverse=True)
         self.turn_end = self._probe_turn_end()
 
-    def _render(self, messages: list[dict], marks: bool = False, generation_prompt=False):
+    def _render(self, messages: list[dict], marks: bool = False, generation_prompt: bool = False):
         try:
             texts, blocks = self._render_fn(
                 conversations=[messages],

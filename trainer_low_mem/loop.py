@@ -501,11 +501,12 @@ def train(config: JobConfig) -> TrainResult:
             try:
                 return _Run(config, launch, flags, accelerator, ctx, stop).run()
             except Exception as exc:
-                if not stop.signum and peer_lost(exc):
+                lost = "" if stop.signum else peer_lost(exc)
+                if lost:
                     # A killed rank or node: every survivor's next collective fails at once
                     # (its sockets closed), where a traceback would hide the cause.
                     raise RankLostError(
-                        f"another rank of the job is gone ({peer_lost(exc)}): a process or a "
+                        f"another rank of the job is gone ({lost}): a process or a "
                         "node died, see its log; the last saved state is intact: resume every "
                         "node with --is_keep_training=True"
                     ) from exc

@@ -212,67 +212,45 @@ def _call(name: str, **arguments) -> dict:
 
 
 QWEN3_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Enloka"}}\n</tool_call>'
+ASK = {"role": "user", "content": "Weather in Enloka?"}
+ASKED = "<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n"
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # the template's, before the last turn: unlabelled
+
+
+def _calling(content: str) -> dict:
+    return {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [_call("get_weather", city="Enloka")],
+    }
+
+
 # A tool call is what the model generates: from where generation starts (after the header and
 # an empty <think> block the template inserts, as before a text) to the end of turn.
 QWEN3_CALLS: list[tuple[list[dict], Pieces]] = [
     (
         [
-            {"role": "user", "content": "Weather in Enloka?"},
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [_call("get_weather", city="Enloka")],
-            },
+            ASK,
+            _calling(""),
             {"role": "tool", "content": '{"sky": "grey"}'},
             {"role": "assistant", "content": "Grey."},
         ],
         [
-            ("<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n", False),
+            (ASKED, False),
             (QWEN3_CALL + "<|im_end|>", True),
             (
                 '\n<|im_start|>user\n<tool_response>\n{"sky": "grey"}\n</tool_response><|im_end|>'
-                "\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+                "\n<|im_start|>assistant\n" + EMPTY_THINK,
                 False,
             ),
             ("Grey.<|im_end|>", True),
         ],
     ),
     (
-        [
-            {"role": "user", "content": "Weather in Enloka?"},
-            {
-                "role": "assistant",
-                "content": "Let me check.",
-                "tool_calls": [_call("get_weather", city="Enloka")],
-            },
-        ],
-        [
-            (
-                "<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n"
-                "<think>\n\n</think>\n\n",
-                False,
-            ),
-            ("Let me check.\n" + QWEN3_CALL + "<|im_end|>", True),
-        ],
+        [ASK, _calling("Let me check.")],
+        [(ASKED + EMPTY_THINK, False), ("Let me check.\n" + QWEN3_CALL + "<|im_end|>", True)],
     ),
-    (
-        [
-            {"role": "user", "content": "Weather in Enloka?"},
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [_call("get_weather", city="Enloka")],
-            },
-        ],
-        [
-            (
-                "<|im_start|>user\nWeather in Enloka?<|im_end|>\n<|im_start|>assistant\n"
-                "<think>\n\n</think>\n\n",
-                False,
-            ),
-            (QWEN3_CALL + "<|im_end|>", True),
-        ],
-    ),
+    ([ASK, _calling("")], [(ASKED + EMPTY_THINK, False), (QWEN3_CALL + "<|im_end|>", True)]),
 ]
 
 

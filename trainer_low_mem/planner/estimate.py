@@ -164,8 +164,10 @@ def _estimate(
     return Estimate(memory, _trace_reason(traced, analytic))
 
 
-def _analytic(memory: ModelMemory, why: str, numbers: dict, quantised) -> Estimate:
-    if isinstance(quantised, QuantisedWeights):
+def _analytic(
+    memory: ModelMemory, why: str, numbers: dict, quantised: QuantisedWeights | None
+) -> Estimate:
+    if quantised is not None:
         quantised_why, quantised_numbers = quantised_weights_wording(
             memory.static_device_bytes, quantised
         )

@@ -485,11 +485,20 @@ class LaunchConfig:
     without GPUs."""
 
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer states partitioned), 2 (gradients too)."""
+    """DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer states partitioned), 2 (gradients too),
+    3 (parameters too)."""
 
     offload_optimizer: bool = False
     """ZeRO CPU offload: fp32 master weights and Adam states live in host RAM (needs --zero_stage
-    1 or 2)."""
+    1, 2 or 3)."""
+
+    fsdp: bool = False
+    """FSDP2 (accelerate's fsdp_version: 2): parameters, gradients and optimizer states sharded
+    over the ranks, one transformer block gathered at a time."""
+
+    offload_params: bool = False
+    """Sharded parameters rest in host RAM between uses (FSDP2's fsdp_offload_params, ZeRO-3's
+    offload_param; needs --fsdp or --zero_stage 3)."""
 
     num_cores: int | None = None
     """CPU cores of the host; default: this process's affinity, capped by the cgroup's cpu.max."""

@@ -67,6 +67,24 @@ class Launch:
     config_is_deepspeed_json: bool = False
     """`config_file` is a DeepSpeed JSON (zero_optimization.*), not the accelerate config's
     deepspeed_config section (zero_stage, offload_optimizer_device)."""
+    fsdp_version: int | None = None
+    """accelerate's FSDP version (1 or 2) when the launch uses FSDP; None otherwise."""
+    param_offload: str | None = None
+    """Where sharded parameters rest between uses: "cpu" (FSDP2 fsdp_offload_params, ZeRO-3
+    offload_param) or None (on the GPU)."""
+
+    @property
+    def sharding_engine(self) -> str | None:
+        """The engine that shards the parameters themselves: "fsdp2", "zero3", or None when
+        every rank holds the whole model (DDP, ZeRO-1/2)."""
+        if self.distributed_type == "FSDP":
+            return "fsdp2" if self.fsdp_version == 2 else "fsdp1"
+        return "zero3" if self.zero_stage == 3 else None
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank holds 1/world_size of the parameters (FSDP2 or ZeRO-3)."""
+        return self.sharding_engine is not None
 
     @property
     def offloads_optimizer(self) -> bool:
@@ -109,6 +127,8 @@ class Launch:
         """The launch `plan --world_size ... --zero_stage ...` describes."""
         if flags.zero_stage:
             distributed_type = "DEEPSPEED"
+        elif flags.fsdp:
+            distributed_type = "FSDP"
         else:
             distributed_type = "MULTI_GPU" if flags.world_size > 1 else "NO"
         return cls(
@@ -121,6 +141,8 @@ class Launch:
             deepspeed=flags.zero_stage > 0,
             num_cores=flags.num_cores,
             host_from_flags=True,
+            fsdp_version=2 if flags.fsdp else None,
+            param_offload="cpu" if flags.offload_params else None,
         )
 
     @classmethod
@@ -164,6 +186,10 @@ class Launch:
             else None
         )
         offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
+        param_offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+        fsdp = env_true(env, "ACCELERATE_USE_FSDP")
+        fsdp_version = _env_int(env, "FSDP_VERSION", 1) if fsdp else None
+        fsdp_offload = env_true(env, "FSDP_OFFLOAD_PARAMS")
         num_processes = None
         if accelerate_config_file is not None:
             cluster = load_accelerate_config(accelerate_config_file)
@@ -176,6 +202,11 @@ class Launch:
             if zero_stage is None and "zero_stage" in section:
                 zero_stage = int(section["zero_stage"])
             offload = offload or section.get("offload_optimizer_device")
+            param_offload = param_offload or section.get("offload_param_device")
+            if distributed_type == "FSDP":
+                fsdp_section = cluster.fsdp_config or {}
+                fsdp_version = int(fsdp_section.get("fsdp_version", fsdp_version or 1))
+                fsdp_offload = fsdp_offload or _true(fsdp_section.get("fsdp_offload_params"))
         elif deepspeed:
             distributed_type = "DEEPSPEED"
         elif env_true(env, "ACCELERATE_USE_FSDP"):  # `accelerate launch` with an FSDP config
@@ -187,10 +218,16 @@ class Launch:
             distributed_type = "NO"
         if deepspeed and ds_config_file:
             ds_config_file = str(resolve_deepspeed_json(ds_config_file))
-            ds_stage, ds_offload = read_deepspeed_zero_settings(ds_config_file)
+            ds_stage, ds_offload, ds_param_offload = read_deepspeed_zero_settings(ds_config_file)
             zero_stage = ds_stage if ds_stage is not None else zero_stage
             offload = ds_offload or offload
+            param_offload = ds_param_offload or param_offload
         offload = str(offload).lower() if offload else None
+        param_offload = str(param_offload).lower() if param_offload else None
+        if distributed_type == "FSDP":
+            param_offload = "cpu" if fsdp_offload else None
+        elif not (deepspeed and (zero_stage or 0) == 3 and param_offload in ("cpu", "nvme")):
+            param_offload = None
         return cls(
             distributed_type=distributed_type,
             world_size=world_size,
@@ -208,6 +245,8 @@ class Launch:
             device_map=device_map,
             config_file=ds_config_file or _accelerate_config_name(env, accelerate_config_file),
             config_is_deepspeed_json=bool(deepspeed and ds_config_file),
+            fsdp_version=fsdp_version if distributed_type == "FSDP" else None,
+            param_offload=param_offload,
         )
 
     @property
@@ -255,9 +294,11 @@ def resolve_deepspeed_json(path: str | Path) -> Path:
     )
 
 
-def read_deepspeed_zero_settings(path: str | Path) -> tuple[int | None, str | None]:
-    """(ZeRO stage, optimizer offload device) from a DeepSpeed JSON; None for what it leaves unset.
-    `path` is resolved by `resolve_deepspeed_json`."""
+def read_deepspeed_zero_settings(
+    path: str | Path,
+) -> tuple[int | None, str | None, str | None]:
+    """(ZeRO stage, optimizer offload device, parameter offload device) from a DeepSpeed JSON;
+    None for what it leaves unset. `path` is resolved by `resolve_deepspeed_json`."""
     path = resolve_deepspeed_json(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -268,8 +309,11 @@ def read_deepspeed_zero_settings(path: str | Path) -> tuple[int | None, str | No
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage")
     offload_device = (zero.get("offload_optimizer") or {}).get("device")
-    return (int(stage) if stage is not None else None), (
-        str(offload_device) if offload_device else None
+    param_device = (zero.get("offload_param") or {}).get("device")
+    return (
+        int(stage) if stage is not None else None,
+        str(offload_device) if offload_device else None,
+        str(param_device) if param_device else None,
     )
 
 
@@ -304,4 +348,9 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def env_true(env: Mapping[str, str], name: str) -> bool:
     """accelerate writes booleans into the environment as "true"/"True"/"1"."""
-    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+    return _true(env.get(name, ""))
+
+
+def _true(value: object) -> bool:
+    """A boolean as accelerate writes it into the environment or a config file."""
+    return str(value).strip().lower() in ("1", "true", "yes")

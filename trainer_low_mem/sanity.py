@@ -51,6 +51,12 @@ def check_launch(facts: Launch) -> None:
             f"{levers.zero_stage}; where the optimizer states still do not fit, "
             f"{levers.offload_optimizer} moves them to host RAM"
         )
+    if facts.sharding_engine == "fsdp1":
+        raise ConfigError(
+            f"the launch config uses FSDP version {facts.fsdp_version} "
+            f"({facts.config_file or 'FSDP_VERSION'}); this trainer runs FSDP2 only: set "
+            "fsdp_version: 2 in the accelerate config's fsdp_config (or --fsdp_version 2)"
+        )
     if facts.distributed_type == "FSDP":
         # Run as is, accelerate would wrap the model in FSDP under a trainer whose checkpoints,
         # export and plan assume every rank holds the whole model.

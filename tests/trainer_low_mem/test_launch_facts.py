@@ -75,7 +75,7 @@ def test_torchrun_with_one_process_is_caught():
 def test_an_fsdp_launch_is_refused_before_anything_starts(tmp_path):
     # accelerate sets ACCELERATE_USE_FSDP for an FSDP config; run as DDP, every rank would still
     # hold the whole model, and wrapped, the checkpoints would not be the trainer's.
-    from_env = _env_launch(_torchrun_env(2) | {"ACCELERATE_USE_FSDP": "true"})
+    from_env = _env_launch(_torchrun_env(2) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     config = tmp_path / "fsdp.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n"
@@ -89,6 +89,22 @@ def test_an_fsdp_launch_is_refused_before_anything_starts(tmp_path):
         assert "\n" not in str(info.value)
         assert "ZeRO-2" in str(info.value) and "multi_gpu_3.yaml" in str(info.value)
     assert str(config) in str(pytest.raises(ConfigError, check_launch, from_file).value)
+
+
+def test_an_fsdp1_launch_is_refused_with_the_version_to_set(tmp_path):
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n"
+        "fsdp_config:\n  fsdp_version: 1\n  fsdp_offload_params: true\n"
+    )
+    from_file = _env_launch(_torchrun_env(2), accelerate_config_file=config)
+    from_env = _env_launch(_torchrun_env(2) | {"ACCELERATE_USE_FSDP": "true"})
+    for launch in (from_file, from_env):
+        assert (launch.fsdp_version, launch.sharding_engine) == (1, "fsdp1")
+        with pytest.raises(ConfigError, match="^the launch config uses FSDP version 1 ") as info:
+            check_launch(launch)
+        assert "fsdp_version: 2" in str(info.value) and "\n" not in str(info.value)
+    assert from_file.param_offload == "cpu" and from_env.param_offload is None
 
 
 def test_torchrun_without_cuda_is_multi_cpu():

@@ -100,6 +100,9 @@ class Checkpointer:
         # then may it become .prev and the older .prev go; otherwise .prev is the state to keep.
         self._latest_good = False
         self._objects: dict[str, Stateful] = {}
+        # The model and optimizer when the trainer shards them itself (trainer_low_mem/fsdp.py):
+        # saved and loaded as one distributed checkpoint beside accelerate's files.
+        self.sharded_state = None
         if accelerator is not None:
             accelerator.register_save_state_pre_hook(self._save_weights_hook)
             accelerator.register_load_state_pre_hook(self._load_weights_hook)
@@ -141,6 +144,8 @@ class Checkpointer:
             # DeepSpeed's own "latest" pointer file is not wanted: the manifest names the state.
             kwargs = {"save_latest": False} if ctx.uses_deepspeed else {}
             self.accelerator.save_state(str(tmp), **kwargs)
+            if self.sharded_state is not None:
+                self.sharded_state.save(tmp)
             if ctx.is_main:
                 for name, obj in self._objects.items():
                     torch.save(obj.state_dict(), tmp / f"{name}.pt")
@@ -191,6 +196,11 @@ class Checkpointer:
                 )
         models.clear()
 
+    @property
+    def _sharding(self) -> str | None:
+        """The engine that sharded the saved parameters itself, for the manifest."""
+        return None if self.sharded_state is None else self.sharded_state.engine
+
     def _raise_if_any_failed(self, failure: BaseException | None, tmp: Path) -> None:
         """Collective: when any rank's write failed, remove the temp dir and raise on every rank."""
         if not self.ctx.all_reduce_max(int(failure is not None)):
@@ -240,6 +250,7 @@ class Checkpointer:
             "dataset_fingerprint": state.compat.get("dataset_fingerprint"),
             "world_size": state.world_size,
             "deepspeed": self.ctx.uses_deepspeed,
+            "sharding": self._sharding,
             "plan": state.plan,
             "files": files,
         }
@@ -340,6 +351,13 @@ class Checkpointer:
                 f"run is {'with' if ctx.uses_deepspeed else 'without'} it; resume with the same "
                 "accelerate config"
             )
+        saved_sharding = manifest.get("sharding")
+        if saved_sharding != self._sharding:
+            raise CheckpointError(
+                f"{path} was saved with {saved_sharding or 'whole-model ranks'} but this run uses "
+                f"{self._sharding or 'whole-model ranks'}; resume with the accelerate config it "
+                "was saved with"
+            )
         kwargs = {}
         if ctx.uses_deepspeed:
             if state.world_size != ctx.world_size:
@@ -358,6 +376,8 @@ class Checkpointer:
         try:
             with _without_positional_objects(path) as view:
                 self.accelerator.load_state(str(view), **kwargs)
+            if self.sharded_state is not None:
+                self.sharded_state.load(path)
             for name, obj in self._objects.items():
                 obj.load_state_dict(torch.load(_object_file(path, name), weights_only=True))
         except CheckpointError:

@@ -146,6 +146,15 @@ def check_flags(config: JobConfig | PlanConfig, launch: Launch) -> FlagChecks:
     """The checks that need no dataset: the launch, the batch split, the model kind (its
     config.json), the row length against the model."""
     check_launch(launch)
+    quantisation = config.model.quantisation
+    if quantisation is not None and launch.sharding_engine == "fsdp2":
+        # fully_shard turns every parameter into a DTensor, and bitsandbytes' packed 4-bit/8-bit
+        # weights (uint8/int8 codes with their statistics beside them) do not survive it.
+        raise ConfigError(
+            f"--load_in_{quantisation} cannot run under FSDP2 (bitsandbytes' quantised weights "
+            "are not sharded); launch QLoRA with accelerate_configs/multi_gpu_3.yaml or "
+            "zero2_offload_3gpu.yaml, or drop the flag to shard a bf16 LoRA base"
+        )
     t, d = config.training, config.data
     global_batch = config.resolve_global_batch(launch.world_size)
     check_split(

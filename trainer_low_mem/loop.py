@@ -34,9 +34,9 @@ from lowmem_core.errors import (
     StoppedError,
     require_extra,
 )
-from lowmem_core.memory import effective_host_limit_bytes
+from lowmem_core.memory import effective_host_limit_bytes, format_bytes
 from pipeline import open_dataset
-from trainer_low_mem import oom, sanity
+from trainer_low_mem import fsdp, oom, sanity
 from trainer_low_mem.checkpoint import (
     Checkpointer,
     TrainingState,
@@ -188,6 +188,20 @@ class _Run:
                 "optimizer: DeepSpeed's CPU Adam (its C++ op is compiled on first use: a few "
                 "minutes, once per machine)"
             )
+        fsdp2 = launch.sharding_engine == fsdp.ENGINE
+        if fsdp2:  # before the optimizer, which must hold the shards
+            whole_bytes = fsdp.local_parameter_bytes(self.module)
+            fsdp.shard_model(
+                self.module,
+                mixed_precision=launch.mixed_precision,
+                offload_params=launch.param_offload == "cpu",
+            )
+            self._print(
+                f"FSDP2: parameters sharded over {self.ctx.world_size} ranks: "
+                f"{format_bytes(fsdp.local_parameter_bytes(self.module))} on rank 0 of "
+                f"{format_bytes(whole_bytes)}"
+                + (", resting in host RAM" if launch.param_offload == "cpu" else "")
+            )
         optimizer = build_optimizer(
             self.module, o, cpu_offload=launch.offloads_optimizer, optimizer=self.plan.optimizer
         )
@@ -200,7 +214,11 @@ class _Run:
                 launch.world_size,
                 o.max_grad_norm,
             )
-        model, optimizer = accelerator.prepare(self.module, optimizer)
+        if fsdp2:  # sharded above: accelerate would wrap it again (DDP on CPU ranks)
+            model = self.module
+            self.checkpointer.sharded_state = fsdp.ShardedState(model, optimizer)
+        else:
+            model, optimizer = accelerator.prepare(self.module, optimizer)
         self.stepper = Stepper(
             accelerator,
             self.ctx,
@@ -212,6 +230,7 @@ class _Run:
             max_bad_steps=o.max_bad_steps,
             offload_activations=self.plan.offload_activations,
             memory_advice=self.plan.memory_advice(),
+            fsdp2=fsdp2,
         )
         self._apply_plan_sizes()
 
@@ -454,15 +473,16 @@ class _Run:
     def _export(self) -> Path:
         """Collective: rank 0 writes OUTPUT_DIR/final, a folder transformers loads."""
         out = self.config.checkpoint.output_dir / EXPORT_DIR_NAME
-        if self.ctx.is_main:
-            export_model(
-                self.job.kind,
-                self.module,
-                out,
-                self.job.data,
-                adapter_only=self.config.checkpoint.export_adapter_only,
-            )
-            self._print(f"exported step {self.progress.step} to {out}")
+        with fsdp.gathered(self.module):  # FSDP2: every rank sends its shards, rank 0 writes
+            if self.ctx.is_main:
+                export_model(
+                    self.job.kind,
+                    self.module,
+                    out,
+                    self.job.data,
+                    adapter_only=self.config.checkpoint.export_adapter_only,
+                )
+                self._print(f"exported step {self.progress.step} to {out}")
         self.ctx.barrier()
         return out
 

@@ -57,13 +57,11 @@ def check_launch(facts: Launch) -> None:
             f"({facts.config_file or 'FSDP_VERSION'}); this trainer runs FSDP2 only: set "
             "fsdp_version: 2 in the accelerate config's fsdp_config (or --fsdp_version 2)"
         )
-    if facts.distributed_type == "FSDP":
-        # Run as is, accelerate would wrap the model in FSDP under a trainer whose checkpoints,
-        # export and plan assume every rank holds the whole model.
+    if facts.sharding_engine == "fsdp2" and facts.mixed_precision == "fp16":
+        # FSDP2 runs without accelerate's optimizer wrapper here, so no loss scaling.
         raise ConfigError(
-            f"the launch config uses FSDP ({facts.config_file or 'ACCELERATE_USE_FSDP'}), which "
-            f"this trainer does not run (sharded parameters); use {levers.zero_stage}, or "
-            "accelerate_configs/multi_gpu_3.yaml for plain DDP"
+            "FSDP2 trains in bf16 or fp32 here (fp16 would need loss scaling): launch with "
+            "--mixed_precision bf16, or --mixed_precision no on GPUs without bf16"
         )
     if facts.deepspeed and facts.deepspeed_installed is False:
         raise ConfigError(

@@ -30,7 +30,7 @@ import torch
 
 from lowmem_core.errors import DivergenceError, MemoryLimitError
 from lowmem_core.format import IGNORE_INDEX
-from trainer_low_mem import oom
+from trainer_low_mem import fsdp, oom
 from trainer_low_mem.distributed import RankContext
 from trainer_low_mem.loss import shift_labels
 from trainer_low_mem.planner.saved_activations import offload_saved_activations
@@ -54,6 +54,7 @@ class Stepper:
         max_bad_steps: int = 3,
         offload_activations: bool = False,
         memory_advice: str = "try a shorter --max_seq_len",
+        fsdp2: bool = False,
     ):
         self.accelerator, self.ctx = accelerator, ctx
         self.labels_shifted = labels_shifted  # the batch spec's (pipeline/batch_spec.py)
@@ -67,6 +68,7 @@ class Stepper:
         self.injector = oom.OomInjector(ctx.rank)
         self.offload_activations = offload_activations
         self.memory_advice = memory_advice  # the plan's: only levers that are off
+        self.fsdp2 = fsdp2  # the model is sharded by trainer_low_mem/fsdp.py, not accelerate
 
     def set_sizes(self, micro_batch: int, accumulation: int, global_batch: int) -> None:
         """Give accelerate and DeepSpeed the plan's micro-batch and accumulation."""
@@ -127,7 +129,10 @@ class Stepper:
 
     # -- parts of a step ----------------------------------------------------------------------
     def _gradient_sync(self, last: bool):
-        """DDP reduces gradients in the final micro-batch's backward only."""
+        """DDP and FSDP2 reduce gradients in the final micro-batch's backward only."""
+        if self.fsdp2:
+            fsdp.set_gradient_sync(self.model, last)
+            return contextlib.nullcontext()
         if last or self.engine is not None:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
@@ -161,7 +166,10 @@ class Stepper:
         if self.engine is None and finite:
             # The gradients are reduced already: every rank sees the same global norm.
             limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
+            if self.fsdp2:
+                grad_norm = fsdp.clip_grad_norm(self.model.parameters(), limit)
+            else:
+                grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
             finite = math.isfinite(grad_norm)
         self.last_grad_norm = grad_norm
         bad = int(not finite)
@@ -181,7 +189,8 @@ class Stepper:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps = 0
-        if not self.optimizer.step_was_skipped:
+        # Only accelerate's optimizer wrapper skips (an fp16 overflow); FSDP2 runs without it.
+        if self.fsdp2 or not self.optimizer.step_was_skipped:
             self.scheduler.step()
 
     def _deepspeed_step(self, step: int) -> bool:

@@ -181,3 +181,13 @@ def test_zero2_yaml_launch_reaches_the_trainer_as_zero2_with_cpu_offload(tmp_pat
     YAML; the launch read from it is stage 2 + CPU offload."""
     reports = _launch("zero2_offload_3gpu.yaml", tmp_path, "--num_processes", "2")
     assert reports == {f"rank{rank}": "DEEPSPEED 2 2 cpu" for rank in range(2)}
+
+
+@pytest.mark.parametrize("name", ["fsdp2_3gpu.yaml", "fsdp2_cpu_2proc.yaml"])
+def test_fsdp2_yamls_reach_the_trainer_as_fsdp2_without_parameter_offload(name):
+    config = load_config_from_file(str(CONFIGS / name))
+    env = {"WORLD_SIZE": str(config.num_processes), "LOCAL_WORLD_SIZE": str(config.num_processes)}
+    launch = Launch.from_env(
+        "no", accelerate_config_file=CONFIGS / name, env=env | {"RANK": "0", "LOCAL_RANK": "0"}
+    )
+    assert (launch.sharding_engine, launch.param_offload) == ("fsdp2", None)

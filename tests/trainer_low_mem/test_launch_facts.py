@@ -72,9 +72,9 @@ def test_torchrun_with_one_process_is_caught():
         check_launch(launch)
 
 
-def test_an_fsdp_launch_is_refused_before_anything_starts(tmp_path):
-    # accelerate sets ACCELERATE_USE_FSDP for an FSDP config; run as DDP, every rank would still
-    # hold the whole model, and wrapped, the checkpoints would not be the trainer's.
+def test_an_fsdp2_launch_passes_as_fsdp2(tmp_path):
+    # accelerate sets ACCELERATE_USE_FSDP for an FSDP config; the trainer shards the model with
+    # FSDP2 itself (trainer_low_mem/fsdp.py).
     from_env = _env_launch(_torchrun_env(2) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     config = tmp_path / "fsdp.yaml"
     config.write_text(
@@ -83,12 +83,8 @@ def test_an_fsdp_launch_is_refused_before_anything_starts(tmp_path):
     )
     from_file = _env_launch(_torchrun_env(2), accelerate_config_file=config)
     for launch in (from_env, from_file):
-        assert launch.distributed_type == "FSDP"
-        with pytest.raises(ConfigError, match="^the launch config uses FSDP") as info:
-            check_launch(launch)
-        assert "\n" not in str(info.value)
-        assert "ZeRO-2" in str(info.value) and "multi_gpu_3.yaml" in str(info.value)
-    assert str(config) in str(pytest.raises(ConfigError, check_launch, from_file).value)
+        assert (launch.distributed_type, launch.sharding_engine) == ("FSDP", "fsdp2")
+        assert check_launch(launch) is None
 
 
 def test_an_fsdp1_launch_is_refused_with_the_version_to_set(tmp_path):

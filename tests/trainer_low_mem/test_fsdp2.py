@@ -1,0 +1,262 @@
+"""FSDP2 parameter sharding (trainer_low_mem/fsdp.py) launched with
+accelerate_configs/fsdp2_cpu_2proc.yaml on two gloo CPU ranks: a built-in preset and a Hugging
+Face model with LoRA train, evaluate, stop, resume with the uninterrupted run's losses (also on
+another number of ranks: the distributed checkpoint reshards) and export one folder transformers
+loads holding the gathered training weights; what FSDP2 cannot run is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem.cli import parse_job_config, parse_plan_config
+from trainer_low_mem.fsdp import STATE_DIR_NAME, block_modules
+from trainer_low_mem.job import check_flags
+from trainer_low_mem.launch import Launch
+from trainer_low_mem.sample_model import write_sample_model
+from trainer_low_mem.sanity import check_launch
+
+REPO = Path(__file__).resolve().parents[2]
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+FSDP2_CONFIG = REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml"
+STEP_LINE = re.compile(r"^step: (\d+)/\d+, loss: ([0-9.]+)", re.M)
+EVAL_LINE = re.compile(r"^step: (\d+)/\d+, eval_loss: ([0-9.]+)", re.M)
+
+# The trainer's entry, stopped by SIGTERM once optimizer step $STOP_AFTER_STEP is done on every
+# rank, as a user's stop or a scheduler's preemption stops it.
+DRIVER = r"""
+import os, signal, sys
+from trainer_low_mem import loop
+from trainer_low_mem.cli import main
+
+stop_after = int(os.environ.get("STOP_AFTER_STEP", "0"))
+train_step = loop._Run._train_step
+
+
+def stopping_train_step(self):
+    outcome = train_step(self)
+    if self.progress.step + 1 == stop_after:
+        signal.raise_signal(signal.SIGTERM)
+    return outcome
+
+
+loop._Run._train_step = stopping_train_step
+sys.exit(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(
+    tmp: Path, engine: str, *flags: str, processes: int = 2, stop_after: int = 0
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` the trainer on `processes` CPU ranks under "fsdp2" or "ddp"."""
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    if engine == "fsdp2":
+        engine_flags = ["--config_file", str(FSDP2_CONFIG)]
+    else:
+        engine_flags = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        str(ACCELERATE), "launch", *engine_flags, "--num_machines", "1",
+        "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+        str(driver), "train", "--progress_bar=False", "--log_every", "1", *flags,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "STOP_AFTER_STEP": str(stop_after),
+    }
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def _losses(text: str, pattern: re.Pattern = STEP_LINE) -> dict[int, str]:
+    return {int(step): loss for step, loss in pattern.findall(text)}
+
+
+def _dcp_model_weights(state_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The trained weights the sharded state holds, gathered offline by torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(state_dir / STATE_DIR_NAME, tmp / "gathered.pt")
+    return torch.load(tmp / "gathered.pt", weights_only=True)["model"]
+
+
+# -- what the engine shards, and the refusals ------------------------------------------------
+def test_the_blocks_are_the_decoder_layers_of_a_preset_and_of_a_transformers_model(tmp_path):
+    from trainer_low_mem.model import Block, build_model
+
+    preset = build_model("tiny", vocab_size=259)
+    assert [type(b) for b in block_modules(preset)] == [Block] * preset.preset.n_layers
+    transformers = pytest.importorskip("transformers")
+    folder = write_sample_model(tmp_path / "llama")
+    llama = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert block_modules(llama) == list(llama.model.layers)
+
+
+def test_an_encoder_decoders_blocks_are_both_stacks():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2
+    )
+    t5 = transformers.T5ForConditionalGeneration(config)
+    assert block_modules(t5) == [*t5.encoder.block, *t5.decoder.block]
+
+
+def _fsdp2_launch(mixed_precision: str) -> Launch:
+    return Launch(
+        distributed_type="FSDP",
+        world_size=2,
+        ranks_per_node=2,
+        fsdp_version=2,
+        mixed_precision=mixed_precision,
+    )
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_an_fsdp2_launch_passes(precision):
+    launch = _fsdp2_launch(precision)
+    assert (launch.sharding_engine, launch.shards_parameters) == ("fsdp2", True)
+    assert check_launch(launch) is None
+
+
+def test_fp16_under_fsdp2_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as info:
+        check_launch(_fsdp2_launch("fp16"))
+    assert str(info.value) == (
+        "FSDP2 trains in bf16 or fp32 here (fp16 would need loss scaling): launch with "
+        "--mixed_precision bf16, or --mixed_precision no on GPUs without bf16"
+    )
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantised_loading_under_fsdp2_is_refused_for_plan_and_train(tmp_path, bits):
+    pytest.importorskip("peft")
+    folder = write_sample_model(tmp_path / "llama")
+    flags = ["--model", str(folder), "--data", str(tmp_path), f"--load_in_{bits}", "True"]
+    flags += ["--lora_rank", "4"]
+    plan = parse_plan_config([*flags, "--fsdp", "True", "--world_size", "2"])
+    for config, launch in (
+        (parse_job_config(flags), _fsdp2_launch("no")),
+        (plan, Launch.from_flags(plan.launch, "no")),
+    ):
+        with pytest.raises(ConfigError) as info:
+            check_flags(config, launch)
+        assert str(info.value) == (
+            f"--load_in_{bits} cannot run under FSDP2 (bitsandbytes' quantised weights are not "
+            "sharded); launch QLoRA with accelerate_configs/multi_gpu_3.yaml or "
+            "zero2_offload_3gpu.yaml, or drop the flag to shard a bf16 LoRA base"
+        )
+
+
+# -- two gloo ranks ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    """8 sample documents: 42 rows of 64 tokens per epoch."""
+    from pipeline.build import build_dataset
+    from pipeline.config import BuildConfig
+    from pipeline.sample_corpus import write_sample_corpus
+
+    root = tmp_path_factory.mktemp("fsdp2_tokens")
+    files = write_sample_corpus(root / "corpus", num_docs=8)
+    build_dataset(BuildConfig(inputs=[files["txt"]], out=root / "tokens"), progress=False)
+    return root / "tokens"
+
+
+@pytest.mark.slow
+def test_a_preset_trains_evaluates_stops_resumes_bit_equal_and_exports(tokens, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    common = (
+        "--data", str(tokens), "--eval_data", str(tokens), "--eval_every", "3",
+        "--model_preset", "tiny", "--max_seq_len", "64", "--global_batch", "8",
+        "--batch_size_per_gpu", "2", "--grad_checkpointing", "True", "--max_steps", "6",
+        "--warmup_steps", "2",
+    )  # fmt: skip
+    whole = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    assert "FSDP2: parameters sharded over 2 ranks: " in whole.stdout
+    losses = _losses(whole.stdout)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert sorted(_losses(whole.stdout, EVAL_LINE)) == [0, 3, 6]
+
+    out = tmp_path / "stopped"
+    stopped = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(out), stop_after=3)
+    # Every rank exits with 143 after saving; the launcher reports a failed job.
+    assert "exiting with code 143" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr
+    manifest = json.loads((out / "train_latest_state" / "manifest.json").read_text())
+    assert (manifest["step"], manifest["sharding"], manifest["world_size"]) == (3, "fsdp2", 2)
+    resumed = _launch(
+        tmp_path, "fsdp2", *common, "--output_dir", str(out), "--is_keep_training=True"
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 3 " in resumed.stdout
+    assert _losses(resumed.stdout) == {s: losses[s] for s in (4, 5, 6)}
+
+    exported = load_file(out / "final" / "model.safetensors")
+    assert exported.keys() == load_file(tmp_path / "whole" / "final" / "model.safetensors").keys()
+    for name, tensor in load_file(tmp_path / "whole" / "final" / "model.safetensors").items():
+        assert torch.equal(exported[name], tensor), name
+    # The export is the gathered training weights: those of the sharded state, gathered apart.
+    trained = _dcp_model_weights(out / "train_latest_state", tmp_path)
+    assert torch.equal(exported["model.embed_tokens.weight"], trained["embed.weight"])
+    assert torch.equal(
+        exported["model.layers.1.mlp.down_proj.weight"], trained["blocks.1.mlp.down_proj.weight"]
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+
+    # A whole-model launch cannot load sharded states (nor the reverse): one line.
+    ddp = _launch(
+        tmp_path, "ddp", *common, "--max_steps", "8", "--output_dir", str(out),
+        "--is_keep_training=True",
+    )  # fmt: skip
+    assert ddp.returncode != 0
+    assert (
+        f"error: {out / 'train_latest_state'} was saved with fsdp2 but this run uses whole-model "
+        "ranks; resume with the accelerate config it was saved with"
+    ) in ddp.stderr
+
+
+@pytest.mark.slow
+def test_a_sharded_state_resumes_on_another_number_of_ranks(tokens, tmp_path):
+    common = (
+        "--data", str(tokens), "--model_preset", "tiny", "--max_seq_len", "64",
+        "--global_batch", "12", "--max_steps", "4", "--warmup_steps", "1",
+    )  # fmt: skip
+    whole = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    out = tmp_path / "out"
+    stopped = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(out), stop_after=2)
+    # Every rank exits with 143 after saving; the launcher reports a failed job.
+    assert "exiting with code 143" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr
+    resumed = _launch(
+        tmp_path, "fsdp2", *common, "--output_dir", str(out), "--is_keep_training=True",
+        processes=3,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming a 2-rank state with 3 ranks" in resumed.stdout
+    assert "FSDP2: parameters sharded over 3 ranks: " in resumed.stdout
+    expected = _losses(whole.stdout)
+    got = _losses(resumed.stdout)
+    assert sorted(got) == [3, 4]
+    # The same global batch and weights: only the order of the sums over ranks differs.
+    for step, loss in got.items():
+        assert float(loss) == pytest.approx(float(expected[step]), abs=2e-4)

@@ -102,6 +102,8 @@ class Job:
             batch_spec=self.batch_spec,
             levers=launch.levers(m.grad_checkpointing),
             loss_chunk=chunk,
+            sharding=launch.sharding_engine,
+            offload_params=launch.param_offload == "cpu",
         )
 
     def _meta_factory(self, loss_chunk_tokens: int) -> nn.Module:

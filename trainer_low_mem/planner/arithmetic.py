@@ -30,6 +30,7 @@ from trainer_low_mem.planner.load_memory import load_private_bytes
 from trainer_low_mem.planner.machine import cores, detect_devices, host_limit
 from trainer_low_mem.planner.model_memory import ModelMemory
 from trainer_low_mem.planner.plan import Plan
+from trainer_low_mem.planner.sharding import ENGINE_NAMES, check_engine
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,6 +70,7 @@ def plan(
     optimizer: str = "adamw",
     offload_activations: str = "off",
     grad_checkpointing: bool = False,
+    sharding: str | None = None,
 ) -> Plan:
     """Size a run; see the module docstring.
 
@@ -80,13 +82,22 @@ def plan(
     `optimizer` ("auto", "adamw", "adamw_8bit") and `offload_activations` ("auto", "on",
     "off") are the levers as given: an "auto" one is turned on only when the plan does not fit
     without it, in the cost order of `LEVER_ORDER` (planner/levers.py); `grad_checkpointing`
-    is recorded as given (it already shaped `model`'s activations).
+    is recorded as given (it already shaped `model`'s activations). `sharding` ("fsdp2",
+    "zero3") says the engine shards the parameters: `model` holds its states placed so
+    (estimate.py, sharding.py) and 8-bit AdamW is not planned under it.
     `device` None means CUDA when a device budget is given or a GPU is visible. Raises
     ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers
     and advice that names each lever as `levers` spells it.
     """
     per_rank = per_rank_batch(global_batch, world_size)
-    _check_settings(seq_len, zero_stage, offload_optimizer, target_frac, max_readers)
+    _check_settings(seq_len, zero_stage, offload_optimizer, target_frac, max_readers, sharding)
+    if sharding and model.static_device_bytes is None:
+        raise ConfigError(
+            f"a {sharding} plan needs the model states placed by the sharding engine; "
+            "estimate them with estimate_model_memory(..., sharding=...)"
+        )
+    # Under sharding the engine owns the optimizer as ZeRO does: the levers treat it as stage 3.
+    stage = 3 if sharding else zero_stage
     if micro_batch_per_rank is not None:
         check_micro_batch(micro_batch_per_rank, global_batch, world_size)
     devices = detect_devices(
@@ -98,9 +109,13 @@ def plan(
     readers0, depth0 = _readers_and_depth(
         *cores(num_cores, host_from_flags), ranks, max_readers, reasons
     )
-    placed = place_model_states(model, world_size, zero_stage, offload_optimizer and on_gpu)
+    placement = f"{ENGINE_NAMES[sharding]} over {world_size} ranks" if sharding else None
+    placed = place_model_states(
+        model, world_size, zero_stage, offload_optimizer and on_gpu, placement
+    )
+    engine = ENGINE_NAMES[sharding] if sharding == "fsdp2" else "DeepSpeed"
     options = lever_options(
-        optimizer, offload_activations, model, on_gpu, zero_stage, offload_optimizer
+        optimizer, offload_activations, model, on_gpu, stage, offload_optimizer, engine
     )
 
     def footprint(option: Option) -> tuple[Footprint, ModelStates]:
@@ -134,7 +149,7 @@ def plan(
             offload_activations=offload,
             host_activation_bytes_per_token=host_per_token,
             grad_checkpointing=grad_checkpointing,
-            zero_stage=zero_stage,
+            zero_stage=stage,
         )
         return fp, states
 
@@ -157,12 +172,14 @@ def plan(
     if chosen is None:
         raise MemoryLimitError(
             _nothing_fits(
-                failures, fp, states, zero_stage, offload_optimizer, world_size, levers, option
+                failures, fp, states, stage, offload_optimizer, world_size, levers, option
             )
         )
     given = (optimizer, offload_activations, grad_checkpointing)
-    zero = (zero_stage, offload_optimizer and on_gpu)
-    reasons.update(lever_reasons(option, refused, given, on_gpu, zero, model, (placed, states)))
+    zero = (stage, offload_optimizer and on_gpu)
+    reasons.update(
+        lever_reasons(option, refused, given, on_gpu, zero, model, (placed, states), engine)
+    )
     depth, readers, ultra = chosen
 
     reasons["micro_batch_per_rank"] = _micro_reason(micro, micro_batch_per_rank, per_rank, fp)
@@ -211,13 +228,22 @@ def plan(
 
 
 def _check_settings(
-    seq_len: int, zero_stage: int, offload: bool, target_frac: tuple[float, float], max_readers: int
+    seq_len: int,
+    zero_stage: int,
+    offload: bool,
+    target_frac: tuple[float, float],
+    max_readers: int,
+    sharding: str | None,
 ) -> None:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if zero_stage not in (0, 1, 2):
+    check_engine(sharding)
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if (zero_stage == 3) != (sharding == "zero3"):
         raise ConfigError(
-            f"zero_stage must be 0, 1 or 2, got {zero_stage!r} (stage 3 is not supported)"
+            f"ZeRO stage {zero_stage} with sharding {sharding!r}: stage 3 shards the parameters "
+            "and is planned with sharding='zero3' (the launch's sharding_engine), and only it"
         )
     if offload and zero_stage == 0:
         raise ConfigError(

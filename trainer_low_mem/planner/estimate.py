@@ -26,6 +26,7 @@ from trainer_low_mem.planner.model_memory import (
     ModelMemory,
     ModelShape,
     QuantisedWeights,
+    ShardUnits,
     analytic_model_memory,
     quantised_host_model_bytes,
     with_quantised_weights,
@@ -64,6 +65,8 @@ def estimate_model_memory(
     model_key: str | None = None,
     batch_spec: BatchSpec | None = None,
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+    sharding: str | None = None,
+    offload_params: bool = False,
 ) -> Estimate:
     """The estimate for the job `config` describes on `device` ("cuda" or "cpu").
 
@@ -73,7 +76,9 @@ def estimate_model_memory(
     trace is made once per process; without it nothing is cached. `batch_spec` gives the
     batches the model takes (default: rows of max_seq_len tokens). A given `model` is probed
     on CUDA where it already sits on the GPU and DeepSpeed does not own it. The analytic count
-    takes the loss chunk the model runs with (`loss_chunk_tokens`).
+    takes the loss chunk the model runs with (`loss_chunk_tokens`). `sharding` ("fsdp2",
+    "zero3") places the model states as that engine shards them (sharding.py; never probed:
+    the probe measures whole-model ranks), `offload_params` with the shards in host RAM.
     """
     estimate = _estimate(
         config,
@@ -88,6 +93,8 @@ def estimate_model_memory(
         model_key=model_key,
         batch_spec=batch_spec,
         loss_chunk_tokens=loss_chunk_tokens,
+        sharding=sharding,
+        offload_params=offload_params,
     )
     mapped = shape.half_precision_param_count()
     if shape.quantised_weights is not None or not mapped:
@@ -112,9 +119,14 @@ def _estimate(
     model_key: str | None,
     batch_spec: BatchSpec | None,
     loss_chunk_tokens: int,
+    sharding: str | None = None,
+    offload_params: bool = False,
 ) -> Estimate:
     precision, seq_len = config.training.mixed_precision, config.data.max_seq_len
-    if device == "cuda" and model is not None and not deepspeed:
+    on_gpu = device == "cuda"
+    if sharding is not None:
+        zero_stage = 0  # the engine places the states itself (sharding.py)
+    if on_gpu and model is not None and not deepspeed and sharding is None:
         probed = _probe(model, shape, seq_len, precision, batch_spec)
         proportions = analytic_model_memory(
             shape,
@@ -138,6 +150,9 @@ def _estimate(
             analytic, quantised, shape, config.model.grad_checkpointing
         )
         analytic = _placed(analytic, zero_stage, offload_optimizer, world_size)
+    if sharding is not None:
+        offloads = (offload_optimizer and on_gpu, offload_params and on_gpu)
+        analytic = _sharded(analytic, shape, sharding, world_size, precision, offloads)
     factory = model_factory or (meta_copy_factory(model) if model is not None else None)
     if factory is None:
         why = "analytic: counted from the model's dimensions (no model to trace); " + _LINE
@@ -151,6 +166,8 @@ def _estimate(
         zero_stage,
         offload_optimizer and device == "cuda",
         world_size,
+        sharding,
+        offload_params and device == "cuda",
     )
     traced = _cached_trace(settings, factory, batch_spec)
     if isinstance(traced, str):
@@ -192,6 +209,42 @@ def _placed(memory: ModelMemory, zero_stage: int, offload: bool, world_size: int
         DEFAULT_REDUCE_BUCKET_ELEMENTS,
     )
     return dataclasses.replace(memory, static_device_bytes=placed, host_offload_bytes=host)
+
+
+def _sharded(
+    memory: ModelMemory,
+    shape: ModelShape,
+    sharding: str,
+    world_size: int,
+    precision: str,
+    offloads: tuple[bool, bool],
+) -> ModelMemory:
+    """The count's model states placed as `sharding` shards them (sharding.py); quantised
+    weights stay whole. `offloads`: (optimizer, parameters) in host RAM."""
+    from trainer_low_mem.planner.sharding import WHOLE_CATEGORIES, sharded_states
+
+    static = memory.static_device_bytes or {}
+    whole = {k: static[k] for k in WHOLE_CATEGORIES if k in static}
+    quantised = shape.quantised_weights
+    params = memory.param_count - (quantised.quantised_params if quantised else 0)
+    units = ShardUnits.of_shape(shape, memory.trainable)
+    states = sharded_states(
+        sharding,
+        param_count=params,
+        trainable_count=memory.trainable,
+        units=units,
+        world_size=world_size,
+        compute_dtype_bytes=4 if precision == "no" else 2,
+        offload_optimizer=offloads[0],
+        offload_params=offloads[1],
+        whole=whole,
+    )
+    return dataclasses.replace(
+        memory,
+        static_device_bytes=states.device,
+        host_offload_bytes=states.offloaded,
+        units=units,
+    )
 
 
 def with_lever_figures(memory: ModelMemory, model: nn.Module, analytic: ModelMemory) -> ModelMemory:
@@ -296,7 +349,8 @@ def _cached_trace(settings: tuple, factory: ModelFactory, batch_spec) -> TracedM
     if settings not in _TRACES or settings[0] is None:
         from trainer_low_mem.planner.trace import trace_step_memory
 
-        _, _, seq_len, device, precision, zero_stage, offload, world_size = settings
+        _, _, seq_len, device, precision, zero_stage, offload, world_size = settings[:8]
+        sharding, offload_params = settings[8:]
         # A failing fake-tensor op logs its traceback; the plan gives the cause in one line.
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
         level = fake_log.level
@@ -309,6 +363,8 @@ def _cached_trace(settings: tuple, factory: ModelFactory, batch_spec) -> TracedM
                 mixed_precision=precision,
                 zero_stage=zero_stage,
                 offload_optimizer=offload,
+                sharding=sharding,
+                offload_params=offload_params,
                 world_size=world_size,
                 batch_spec=batch_spec,
             )

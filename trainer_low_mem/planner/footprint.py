@@ -41,14 +41,20 @@ class ModelStates:
 
 
 def place_model_states(
-    model: ModelMemory, world_size: int, zero_stage: int, offload: bool
+    model: ModelMemory,
+    world_size: int,
+    zero_stage: int,
+    offload: bool,
+    placement: str | None = None,
 ) -> ModelStates:
-    """Weights stay whole on every rank; ZeRO-1 shards optimizer states, ZeRO-2 gradients too."""
-    if model.static_device_bytes is not None:  # a trace placed them itself
+    """Weights stay whole on every rank; ZeRO-1 shards optimizer states, ZeRO-2 gradients too.
+    `placement` names a parameter-sharding engine's placement, already in `model`."""
+    if model.static_device_bytes is not None:  # a trace (or sharding.py) placed them itself
+        placement = placement or f"ZeRO-{zero_stage}"
         return ModelStates(
             dict(model.static_device_bytes),
             model.host_offload_bytes,
-            f" ({model.source}: ZeRO-{zero_stage} placement applied by it)",
+            f" ({model.source}: {placement} placement applied by it)",
         )
     params, trainable, pb = model.param_count, model.trainable, model.param_dtype_bytes
     shard = math.ceil(trainable / world_size)

@@ -55,6 +55,8 @@ def plan_for_job(
     levers: Levers = PLAN_FLAG_LEVERS,
     host_from_flags: bool = False,
     loss_chunk: Reason | None = None,
+    sharding: str | None = None,
+    offload_params: bool = False,
 ) -> Plan:
     """The plan for `config` on this launch (see the module docstring).
 
@@ -65,7 +67,9 @@ def plan_for_job(
     plan is this process's own. Advice when nothing fits names `levers`. `host_from_flags`:
     the host limit given describes the target machine (see `plan`). `loss_chunk`: the
     `loss_chunk_for_job` reason the model (at hand, or `model_factory`'s) was given; None
-    chooses it here for a model that takes the chunk it was built with.
+    chooses it here for a model that takes the chunk it was built with. `sharding`: the
+    engine that shards the parameters ("fsdp2", "zero3"; `Launch.sharding_engine`), with the
+    shards in host RAM when `offload_params` (planner/sharding.py).
     """
     seq_len, t = config.data.max_seq_len, config.training
     if loss_chunk is None:
@@ -93,6 +97,8 @@ def plan_for_job(
         model_key=model_key,
         batch_spec=batch_spec,
         loss_chunk_tokens=loss_chunk.value,
+        sharding=sharding,
+        offload_params=offload_params,
     )
     memory = estimate.memory
     # A given micro-batch (--batch_size_per_gpu) is checked to fit; the data path is still sized.
@@ -116,6 +122,7 @@ def plan_for_job(
         optimizer=t.optimizer,
         offload_activations=t.offload_activations,
         grad_checkpointing=config.model.grad_checkpointing,
+        sharding=sharding,
     )
     reasons = {**result.reasons, "model_estimate": estimate.reason, loss_chunk.what: loss_chunk}
     result = dataclasses.replace(result, reasons=reasons, loss_chunk_tokens=loss_chunk.value)

@@ -64,6 +64,7 @@ def lever_options(
     on_gpu: bool,
     zero_stage: int,
     zero_offload: bool,
+    engine: str = "DeepSpeed",
 ) -> list[Option]:
     """The options a plan tries, in `LEVER_ORDER`; a lever the user fixed stays fixed.
 
@@ -71,7 +72,8 @@ def lever_options(
     `zero_allow_untested_optimizer` and steps it on flattened fp32 partitions (not tested here),
     and with optimizer offload its CPU Adam keeps the states in host RAM anyway. Offload is
     tried by "auto" only on a GPU (on the CPU the activations are in host RAM already) and
-    where the estimate counts it.
+    where the estimate counts it. `engine` names what owns the optimizer when `zero_stage` is
+    set: "DeepSpeed", or a parameter-sharding engine ("FSDP2"), planned as stage 3.
     """
     if optimizer not in ("auto", "adamw", "adamw_8bit"):
         raise ConfigError(f"--optimizer must be auto, adamw or adamw_8bit, got {optimizer!r}")
@@ -81,6 +83,12 @@ def lever_options(
         raise ConfigError(
             "--optimizer adamw_8bit cannot run with ZeRO optimizer offload: DeepSpeed's CPU Adam "
             "steps the states in host RAM; drop --optimizer adamw_8bit or the optimizer offload"
+        )
+    if optimizer == "adamw_8bit" and zero_stage and engine != "DeepSpeed":
+        raise ConfigError(
+            f"--optimizer adamw_8bit is not planned under {engine}: bitsandbytes' 8-bit AdamW "
+            "steps plain tensors, not the engine's sharded parameters; drop --optimizer "
+            "adamw_8bit or launch without parameter sharding"
         )
     if optimizer == "adamw_8bit" and zero_stage:
         raise ConfigError(
@@ -106,12 +114,13 @@ def lever_reasons(
     zero: tuple[int, bool],
     model: ModelMemory,
     states: tuple[ModelStates, ModelStates],
+    engine: str = "DeepSpeed",
 ) -> dict[str, Reason]:
     """Why the plan runs with `taken`: the options tried before it and why each did not fit.
 
     `given`: --optimizer, --offload_activations, --grad_checkpointing; `zero`: the ZeRO stage
     and whether it offloads the optimizer; `states`: the model states as placed with fp32 AdamW
-    and with the optimizer taken.
+    and with the optimizer taken; `engine`: what owns the optimizer under `zero`'s stage.
     """
     optimizer, offload = taken
     opt_given, offload_given, checkpointing = given
@@ -130,7 +139,7 @@ def lever_reasons(
     elif optimizer == "adamw_8bit":
         why = "8-bit states {chosen_bytes} instead of fp32 {adamw_bytes}: without them {tried}"
     elif stage:
-        why = "fp32 states: 8-bit AdamW does not run under DeepSpeed"
+        why = f"fp32 states: 8-bit AdamW does not run under {engine}"
     else:
         why = "fp32 states {adamw_bytes} fit: 8-bit states not needed"
     reasons = {"optimizer": Reason("optimizer", optimizer, why, {**numbers, "given": opt_given})}

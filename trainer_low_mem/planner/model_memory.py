@@ -122,6 +122,37 @@ class QuantisedWeights:
 
 
 @dataclass(frozen=True)
+class ShardUnits:
+    """The model as a parameter-sharding engine cuts it (planner/sharding.py): its largest
+    transformer block, which FSDP2 and ZeRO-3 gather one at a time, and the rest (embeddings,
+    head, final norm), which FSDP2 keeps gathered around the loss."""
+
+    block_params: int  # the largest transformer block's parameters
+    block_trainable: int  # of which trainable
+    root_params: int  # parameters outside the blocks
+    root_trainable: int  # of which trainable
+    half_frozen: int = 0  # frozen parameters kept in bf16/fp16 (a LoRA base)
+    largest_layer_params: int = 0  # the largest single module's own (DeepSpeed's estimator)
+
+    @classmethod
+    def of_shape(cls, shape: ModelShape, trainable: int) -> ShardUnits:
+        """Counted from the dimensions: the blocks hold what the embeddings and head do not
+        (untied), adapters only in the blocks."""
+        params, layers = shape.param_count(), shape.n_layers
+        embeddings = min(2 * shape.vocab_size * shape.d_model, params - layers)
+        block = (params - embeddings) // layers
+        full = trainable == params
+        return cls(
+            block_params=block,
+            block_trainable=block if full else -(-trainable // layers),
+            root_params=params - layers * block,
+            root_trainable=params - layers * block if full else 0,
+            half_frozen=shape.half_precision_param_count(),
+            largest_layer_params=max(shape.vocab_size * shape.d_model, shape.d_model * shape.d_ff),
+        )
+
+
+@dataclass(frozen=True)
 class ModelMemory:
     """One rank's model memory: static bytes per parameter, activations per token."""
 
@@ -146,6 +177,8 @@ class ModelMemory:
     # Host RAM of the model while a process builds it, before it moves to the GPU; None: an
     # fp32 copy of every parameter. A quantised model is loaded straight onto its device.
     host_model_bytes: int | None = None
+    # How FSDP2 / ZeRO-3 cut the model (sharding.py); None: not counted.
+    units: ShardUnits | None = None
 
     def __post_init__(self) -> None:
         for name in ("param_count", "activation_bytes_per_token"):

@@ -24,9 +24,16 @@ from torch.utils._pytree import tree_leaves
 
 from lowmem_core.errors import ConfigError, LowMemError
 from pipeline.batch_spec import BatchSpec, TokenRows
-from trainer_low_mem.planner.model_memory import QuantisedWeights
+from trainer_low_mem.planner.model_memory import QuantisedWeights, ShardUnits
 from trainer_low_mem.planner.optimizer_states import adamw_8bit_state_bytes
 from trainer_low_mem.planner.saved_activations import offload_saved_activations
+from trainer_low_mem.planner.sharding import (
+    WHOLE_CATEGORIES,
+    Zero3Buckets,
+    check_engine,
+    optimizer_step_scale,
+    sharded_states,
+)
 from trainer_low_mem.planner.traced_memory import (
     DEFAULT_REDUCE_BUCKET_ELEMENTS,
     OffloadPoint,
@@ -58,6 +65,9 @@ def trace_step_memory(
     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET_ELEMENTS,
     prefetch_depth: int = 2,
     batch_spec: BatchSpec | None = None,
+    sharding: str | None = None,
+    offload_params: bool = False,
+    zero3_buckets: Zero3Buckets | None = None,
 ) -> TracedMemory:
     """Trace one AdamW training step of `model_factory()` at each micro-batch (rows of seq_len).
 
@@ -70,8 +80,11 @@ def trace_step_memory(
     under ZeRO (DeepSpeed) makes the weights 16-bit, as DeepSpeed does. Autograd on fake CUDA
     tensors needs a CUDA device (a CPU build of torch aborts), so without one the step runs on fake
     CPU tensors with CUDA's choices (foreach AdamW, 512-byte blocks); both take fused attention
-    kernels.
+    kernels. `sharding` ("fsdp2", "zero3") places the states as that engine shards them
+    (planner/sharding.py) over 16-bit weights, as both gather them for compute;
+    `offload_params` keeps the shards in host RAM.
     """
+    check_engine(sharding)
     _check_arguments(
         seq_len,
         micro_batches,
@@ -84,8 +97,9 @@ def trace_step_memory(
     started = time.perf_counter()
     traced_on = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
     half = _AUTOCAST[mixed_precision]
-    weights_dtype = half if zero_stage else None
+    weights_dtype = half if zero_stage or sharding else None
     model = _build_on_meta(model_factory)
+    units = shard_units(model)  # before the weights take the traced dtype
     _plan_quantised_kernels_for(model, device_type)
     with FakeTensorMode(allow_non_fake_inputs=True):
         _make_fake(model, torch.device(traced_on), weights_dtype)
@@ -103,7 +117,7 @@ def trace_step_memory(
             seq_len,
             batch_spec or TokenRows(seq_len),
             traced_on,
-            autocast=None if weights_dtype else half,
+            autocast=half if sharding or not weights_dtype else None,
             round_to=CUDA_BLOCK_BYTES if device_type == "cuda" else 1,
         )
         static, optimizer_peak, points = step.run(sorted(set(micro_batches)))
@@ -115,15 +129,35 @@ def trace_step_memory(
     n_trainable = sum(p.numel() for p in trainable)
     param_dtype_bytes = trainable[0].element_size()
     slope, fixed, residual = fit_line(points)
-    placed, host, step_scale = place_traced_states(
-        static,
-        n_trainable,
-        param_dtype_bytes,
-        zero_stage,
-        offload_optimizer,
-        world_size,
-        reduce_bucket_elements,
-    )
+    if sharding is None:
+        placed, host, step_scale = place_traced_states(
+            static,
+            n_trainable,
+            param_dtype_bytes,
+            zero_stage,
+            offload_optimizer,
+            world_size,
+            reduce_bucket_elements,
+        )
+    else:
+        whole = {k: static[k] for k in WHOLE_CATEGORIES if k in static}
+        states = sharded_states(
+            sharding,
+            param_count=_unquantised_param_count(model),
+            trainable_count=n_trainable,
+            units=units,
+            world_size=world_size,
+            compute_dtype_bytes=2 if half is not None else 4,
+            offload_optimizer=offload_optimizer,
+            offload_params=offload_params,
+            whole=whole,
+            buckets=zero3_buckets,
+        )
+        placed, host = {**states.device, "buffers": static["buffers"]}, states.offloaded
+        offloaded_step = offload_params if sharding == "fsdp2" else offload_optimizer
+        step_scale = optimizer_step_scale(
+            sharding, n_trainable, world_size, static["optimizer"], offloaded_step
+        )
     return TracedMemory(
         param_count=_parameter_count(model),
         trainable_count=n_trainable,
@@ -143,7 +177,43 @@ def trace_step_memory(
         quantised=_quantised_weights(model),
         adamw_8bit_state_bytes=adamw_8bit_bytes,
         offload_points=tuple(offload_points),
+        units=units if sharding else None,
     )
+
+
+def shard_units(model: nn.Module) -> ShardUnits:
+    """How a sharding engine cuts `model`: its transformer blocks are the children of its
+    largest ModuleList (what accelerate's transformer-layer wrapping wraps), the rest is root."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    counted = list(model.parameters())  # a tied weight once
+
+    def size(module: nn.Module, trainable: bool = False) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+    blocks = list(max(lists, key=size)) if lists else []
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for p in counted if id(p) not in in_blocks]
+    largest = max(
+        (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0
+    )
+    return ShardUnits(
+        block_params=max((size(b) for b in blocks), default=0),
+        block_trainable=max((size(b, trainable=True) for b in blocks), default=0),
+        root_params=sum(p.numel() for p in root),
+        root_trainable=sum(p.numel() for p in root if p.requires_grad),
+        half_frozen=sum(
+            p.numel()
+            for p in counted
+            if not p.requires_grad and p.is_floating_point() and p.element_size() == 2
+        ),
+        largest_layer_params=largest,
+    )
+
+
+def _unquantised_param_count(model: nn.Module) -> int:
+    """Parameters outside the packed quantised weights (those stay whole under sharding)."""
+    packed = {id(t) for t in _quantised_tensors(model).get("quantised_weights", [])}
+    return sum(p.numel() for p in model.parameters() if id(p) not in packed)
 
 
 def _plan_quantised_kernels_for(model: nn.Module, device_type: str) -> None:

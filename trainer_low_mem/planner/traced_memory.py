@@ -17,7 +17,7 @@ from lowmem_core.errors import ConfigError
 from lowmem_core.memory import format_bytes
 from pipeline.cost import BATCH_BYTES_PER_TOKEN
 from trainer_low_mem.planner.explain import Reason, quantised_weights_wording
-from trainer_low_mem.planner.model_memory import ModelMemory, QuantisedWeights
+from trainer_low_mem.planner.model_memory import ModelMemory, QuantisedWeights, ShardUnits
 
 MiB = 1 << 20
 # What a CUDA process holds outside the tensors a trace sees; defaults until a probe measures them.
@@ -109,6 +109,7 @@ class TracedMemory:
     quantised: QuantisedWeights | None = None  # the layers bitsandbytes stores quantised
     adamw_8bit_state_bytes: int | None = None  # bitsandbytes AdamW8bit states of this rank
     offload_points: tuple[OffloadPoint, ...] = ()  # the micro-steps under activation offload
+    units: ShardUnits | None = None  # how FSDP2 / ZeRO-3 cut the model, when they shard it
 
     @property
     def static_device_bytes(self) -> int:
@@ -158,6 +159,7 @@ class TracedMemory:
             adamw_8bit_state_bytes=self.adamw_8bit_state_bytes,
             offload_device_bytes_per_token=offload_per_token,
             offload_host_bytes_per_token=host_per_token,
+            units=self.units,
         )
 
     def reasons(self) -> list[str]:

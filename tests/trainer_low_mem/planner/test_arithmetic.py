@@ -245,7 +245,9 @@ def test_the_remedies_are_named_as_the_given_levers_and_one_already_on_is_not_ad
 def test_invalid_settings_are_config_errors(gpu_plan):
     with pytest.raises(ConfigError, match="needs ZeRO stage 1 or 2"):
         gpu_plan(offload_optimizer=True)
-    with pytest.raises(ConfigError, match="zero_stage must be 0, 1 or 2"):
+    with pytest.raises(ConfigError, match="zero_stage must be 0, 1, 2 or 3, got 4"):
+        gpu_plan(zero_stage=4)
+    with pytest.raises(ConfigError, match="stage 3 shards the parameters"):
         gpu_plan(zero_stage=3)
     with pytest.raises(ConfigError, match="target_frac"):
         gpu_plan(target_frac=(0.95, 0.9))

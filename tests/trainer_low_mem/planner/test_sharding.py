@@ -1,0 +1,261 @@
+"""The planner's model of sharded parameters: FSDP2 and DeepSpeed ZeRO-3 (planner/sharding.py)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem.config import DataConfig, JobConfig, MemoryConfig, TrainingConfig
+from trainer_low_mem.model import resolve_preset
+from trainer_low_mem.planner import ModelMemory, plan, plan_for_job
+from trainer_low_mem.planner.estimate import estimate_model_memory
+from trainer_low_mem.planner.model_memory import ShardUnits
+from trainer_low_mem.planner.sharding import Zero3Buckets, sharded_states
+
+GiB = 1 << 30
+P = 1_000_000
+UNITS = ShardUnits(
+    block_params=100_000,
+    block_trainable=100_000,
+    root_params=200_000,
+    root_trainable=200_000,
+    largest_layer_params=150_000,
+)
+
+
+def states(engine: str, **kw):
+    args = dict(param_count=P, trainable_count=P, units=UNITS, world_size=4)
+    args.update(kw)
+    return sharded_states(engine, compute_dtype_bytes=2, **args)
+
+
+def test_fsdp2_shards_fp32_parameters_gradients_and_moments_and_gathers_two_blocks_and_root():
+    s = states("fsdp2")
+    assert s.device == {
+        "weights": 1_000_000,  # 4 B x P / 4
+        "gradients": 1_000_000,
+        "optimizer": 2_000_000,  # two fp32 moments
+        "gathered_parameters": 2 * (2 * 100_000 + 200_000),
+        "gathered_gradients": 2 * 200_000,  # the largest unit's: the root's
+    }
+    assert s.offloaded == 0
+    assert s.note == " (FSDP2 over 4 ranks)"
+
+
+def test_fsdp2_parameter_offload_keeps_the_shards_in_host_ram_and_the_working_set_on_the_gpu():
+    s = states("fsdp2", offload_params=True)
+    assert s.device == {"gathered_parameters": 800_000, "gathered_gradients": 400_000}
+    assert s.offloaded == 4_000_000
+    assert s.note == " (FSDP2 over 4 ranks, sharded states in host RAM)"
+
+
+def test_fsdp2_lora_shards_the_bf16_base_and_keeps_states_for_the_adapters_only():
+    units = ShardUnits(100_000, 1_000, 200_000, 0, half_frozen=990_000)
+    s = states("fsdp2", trainable_count=10_000, units=units)
+    assert s.device["weights"] == (4 * 10_000 + 2 * 990_000) // 4
+    assert (s.device["gradients"], s.device["optimizer"]) == (10_000, 20_000)
+    assert s.device["gathered_gradients"] == 2 * 1_000
+
+
+def test_zero3_partitions_16_bit_parameters_and_fp32_master_moments_and_gradients():
+    s = states("zero3")
+    assert s.device == {
+        "weights": 500_000,  # 2 B x P / 4
+        "gradients": 500_000 + 1_000_000,  # 16-bit partition + fp32 copy
+        "optimizer": 3_000_000,  # fp32 master + moments
+        "reduce_bucket": 2 * P,  # DeepSpeed's 5e8-element bucket, capped at T
+        "gathered_parameters": 2 * P,  # block + 5e7 prefetch, capped at P
+    }
+    assert s.offloaded == 0
+
+
+def test_zero3_offload_moves_master_moments_fp32_gradients_then_the_partitions_to_host():
+    buckets = Zero3Buckets(10_000, 20_000, 50_000)
+    s = states("zero3", offload_optimizer=True, buckets=buckets)
+    assert s.device["optimizer"] == 0 and s.device["gradients"] == 500_000
+    assert s.device["reduce_bucket"] == 20_000
+    assert s.device["gathered_parameters"] == 2 * 50_000  # max live caps block + prefetch
+    assert s.offloaded == 4_000_000
+    both = states("zero3", offload_optimizer=True, offload_params=True, buckets=buckets)
+    assert both.device["weights"] == 0
+    assert both.offloaded == 4_500_000
+    assert both.note == " (ZeRO-3 over 4 ranks, optimizer and parameters in host RAM)"
+
+
+def test_quantised_weights_stay_whole_on_every_rank():
+    whole = {"quantised_weights": 700_000, "quant_state": 30_000}
+    s = states("fsdp2", whole=whole)
+    assert s.device["quantised_weights"] == 700_000 and s.device["quant_state"] == 30_000
+
+
+def test_zero3_agrees_with_deepspeeds_estimator_but_for_what_it_leaves_out():
+    """DeepSpeed counts 18 B/param over N plus 4 B per largest-layer parameter: not the 16-bit
+    gradient partition (2 B/param over N), nor the buckets and gathered working set."""
+    stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    n, largest = 4, UNITS.largest_layer_params
+    kinds = ("weights", "gradients", "optimizer")
+    for offload in (False, True):
+        gpu = stage3.estimate_zero3_model_states_mem_needs(
+            P, largest, num_gpus_per_node=n, cpu_offload=offload, cpu_offload_params=False
+        )[1]
+        ours = states("zero3", offload_optimizer=offload)
+        assert sum(ours.device[k] for k in kinds) == gpu - 4 * largest + 2 * P // n
+    cpu = stage3.estimate_zero3_model_states_mem_needs(
+        P, largest, num_gpus_per_node=n, cpu_offload=True, cpu_offload_params=True
+    )[0]
+    offloaded = states("zero3", offload_optimizer=True, offload_params=True).offloaded
+    assert cpu == 1.5 * n * offloaded  # its host buffer factor, per node
+
+
+def test_shape_units_count_blocks_root_and_the_lora_base():
+    tiny = resolve_preset("tiny")
+    units = ShardUnits.of_shape(tiny, tiny.param_count())
+    assert units.root_params + tiny.n_layers * units.block_params == tiny.param_count()
+    assert units.block_trainable == units.block_params
+    assert units.root_params >= tiny.vocab_size * tiny.d_model
+
+
+def test_a_sharded_plan_needs_states_the_engine_placed(gpu_plan):
+    with pytest.raises(ConfigError, match="needs the model states placed by the sharding"):
+        gpu_plan(sharding="fsdp2")
+    with pytest.raises(ConfigError, match="sharding must be one of"):
+        gpu_plan(sharding="fsdp1")
+
+
+def job(seq_len: int = 64, **training) -> JobConfig:
+    return JobConfig(
+        data=DataConfig(max_seq_len=seq_len, num_readers=None),
+        training=TrainingConfig(**{"mixed_precision": "bf16", **training}),
+        memory=MemoryConfig(host_ram_limit="64GiB", device_budget="20GiB"),
+    )
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_the_job_plan_places_the_analytic_count_as_the_engine_shards_it(engine):
+    tiny = resolve_preset("tiny")
+    estimate = estimate_model_memory(job(), tiny, device="cuda", world_size=3, sharding=engine)
+    units = ShardUnits.of_shape(tiny, tiny.param_count())
+    expected = sharded_states(
+        engine,
+        param_count=tiny.param_count(),
+        trainable_count=tiny.param_count(),
+        units=units,
+        world_size=3,
+        compute_dtype_bytes=2,
+    )
+    assert dict(estimate.memory.static_device_bytes) == expected.device
+    p = plan_for_job(
+        job(global_batch=12),
+        tiny,
+        world_size=3,
+        device="cuda",
+        sharding=engine,
+        zero_stage=3 if engine == "zero3" else 0,
+        num_cores=8,
+    )
+    name = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}[engine]
+    assert f"(analytic: {name} over 3 ranks placement applied by it)" in p.footprint.states
+    assert p.reasons["optimizer"].text == "fp32 states: 8-bit AdamW does not run under " + (
+        "FSDP2" if engine == "fsdp2" else "DeepSpeed"
+    )
+
+
+def test_parameter_offload_moves_the_shards_to_host_ram_in_the_plan():
+    tiny = resolve_preset("tiny")
+    kept = plan_for_job(
+        job(global_batch=12), tiny, world_size=3, device="cuda", sharding="fsdp2", num_cores=8
+    )
+    off = plan_for_job(
+        job(global_batch=12),
+        tiny,
+        world_size=3,
+        device="cuda",
+        sharding="fsdp2",
+        offload_params=True,
+        num_cores=8,
+    )
+    moved = kept.footprint.model_device_bytes - off.footprint.model_device_bytes
+    assert moved == off.footprint.offloaded_bytes > 0
+
+
+def test_8_bit_adamw_is_refused_under_fsdp2_in_one_line():
+    tiny = resolve_preset("tiny")
+    with pytest.raises(ConfigError, match="adamw_8bit is not planned under FSDP2"):
+        plan_for_job(
+            job(global_batch=12, optimizer="adamw_8bit"),
+            tiny,
+            world_size=3,
+            device="cuda",
+            sharding="fsdp2",
+            num_cores=8,
+        )
+
+
+def test_a_trace_places_sharded_states_from_the_model_it_builds():
+    transformers = pytest.importorskip("transformers")
+    from trainer_low_mem.config import ModelConfig
+    from trainer_low_mem.models import resolve_model_kind
+    from trainer_low_mem.planner.trace import trace_step_memory
+
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        kind = resolve_model_kind(ModelConfig(model=folder, from_scratch=True), "bf16")
+
+        def factory():
+            return kind.build(512, document_masking=True, weights=False)
+
+        traced = trace_step_memory(
+            factory,
+            seq_len=32,
+            micro_batches=(1, 2),
+            device_type="cpu",
+            mixed_precision="bf16",
+            sharding="fsdp2",
+            world_size=2,
+        )
+    # Per block: q, o 64x64; k, v 64x32; MLP 3 x 64x128; two norms of 64.
+    block = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+    assert traced.units == ShardUnits(
+        block, block, 2 * 512 * 64 + 64, 2 * 512 * 64 + 64, 0, 512 * 64
+    )
+    params = 2 * block + 2 * 512 * 64 + 64
+    assert traced.static_bytes["weights"] == 4 * params // 2
+    assert traced.static_bytes["gathered_parameters"] == 2 * (2 * block + 2 * 512 * 64 + 64)
+    memory = traced.to_model_memory()
+    assert isinstance(memory, ModelMemory) and memory.units == traced.units
+
+
+def test_the_stage_3_refusal_is_gone_from_the_planner():
+    memory = ModelMemory(
+        param_count=100_000_000,
+        activation_bytes_per_token=100_000,
+        static_device_bytes={"weights": GiB},
+        trainable_count=None,
+    )
+    p = plan(
+        global_batch=384,
+        seq_len=512,
+        world_size=3,
+        model=memory,
+        zero_stage=3,
+        sharding="zero3",
+        device_budget_bytes=20 * GiB,
+        num_gpus_visible=0,
+        num_cores=16,
+        host_ram_limit_bytes=64 * GiB,
+        cuda_reserve_bytes=0,
+        process_base_bytes=0,
+    )
+    assert p.footprint.zero_stage == 3
+    assert "ZeRO-3 over 3 ranks placement applied by it" in p.footprint.states

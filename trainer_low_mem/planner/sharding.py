@@ -1,0 +1,148 @@
+"""A rank's model states when the engine shards the parameters: FSDP2 and DeepSpeed ZeRO-3.
+
+N ranks, P parameters (T trainable, H of the frozen ones kept in bf16/fp16, as a LoRA base is),
+c = the compute dtype's bytes (2 under bf16/fp16, 4 under --mixed_precision no), B and B_t the
+largest transformer block's parameters and trainable ones, R and R_t those outside the blocks
+(embeddings, output head, final norm).
+
+FSDP2 as accelerate applies it (fsdp_version 2; accelerate/utils/fsdp_utils.py
+`fsdp2_prepare_model`): `fully_shard` on each transformer block, the input embedding, the tail
+[final norm, head] with reshard_after_forward False, then the root; MixedPrecisionPolicy
+(param_dtype = reduce_dtype = c). accelerate upcasts the trainable parameters to fp32 before
+sharding, so the sharded parameter (a DTensor's local shard) is fp32, its gradient too:
+    weights    (4 (P - H) + 2 H) / N     sharded fp32 parameters (frozen bf16 ones stay bf16)
+    gradients  4 T / N                   sharded fp32 gradients (reduce-scattered in c, cast)
+    optimizer  8 T / N                   AdamW's two fp32 moments of the shard
+    gathered_parameters  c (2 B + R)     one block all-gathered, the next one prefetched, and
+                                         the root units (the tail stays gathered from forward
+                                         to backward; the embedding is gathered at each end)
+    gathered_gradients   c max(B_t, R_t) the largest unit's unsharded gradients before its
+                                         reduce-scatter frees them (one unit at a time)
+With fsdp_offload_params (CPUOffloadPolicy) the sharded weights, gradients and optimizer states
+live in pinned host RAM and AdamW steps there; the GPU keeps the gathered working set.
+
+DeepSpeed ZeRO-3 (deepspeed/runtime/zero/stage3.py): every parameter becomes a 16-bit
+partition; the optimizer keeps an fp32 master copy, the moments and an fp32 gradient partition:
+    weights    c P / N                   16-bit parameter partitions
+    gradients  c T / N + 4 T / N         16-bit gradient partition and its fp32 copy for Adam
+    optimizer  12 T / N                  fp32 master weights + moments (8 T / N under "no")
+    reduce_bucket        c min(reduce_bucket_size, T)
+    gathered_parameters  c min(stage3_max_live_parameters, B + stage3_prefetch_bucket_size, P)
+offload_optimizer moves the master copy, the moments and the fp32 gradients (16 T / N) to host
+RAM (DeepSpeed's CPU Adam); offload_param moves the 16-bit partitions (c P / N) there too. The
+bucket sizes are DeepSpeed's defaults (deepspeed/runtime/zero/config.py) unless given.
+DeepSpeed's own estimator (`estimate_zero3_model_states_mem_needs`) counts 18 B per parameter
+over N plus 4 B per parameter of the largest layer: it leaves out the 16-bit gradient partition
+and the buckets (tests/trainer_low_mem/planner/test_sharding.py and `bench sizing` compare).
+
+Activations are per micro-batch and do not change with sharding: the trace's line stands.
+Quantised weights (bitsandbytes' uint8 storage) stay whole on every rank: accelerate leaves them
+out of `fully_shard` rather than corrupt their quantisation state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lowmem_core.errors import ConfigError
+from trainer_low_mem.planner.footprint import ModelStates
+from trainer_low_mem.planner.model_memory import ShardUnits
+
+ENGINES = ("fsdp2", "zero3")
+ENGINE_NAMES = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}
+FP32_BYTES = 4
+ADAM_MOMENT_BYTES = 8
+# deepspeed/runtime/zero/config.py defaults (elements), used where the config does not say.
+ZERO3_REDUCE_BUCKET_ELEMENTS = 500_000_000
+ZERO3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
+ZERO3_MAX_LIVE_ELEMENTS = 1_000_000_000
+# Kept whole on every rank by both engines (see the module docstring).
+WHOLE_CATEGORIES = ("quantised_weights", "quant_state")
+
+
+@dataclass(frozen=True)
+class Zero3Buckets:
+    """ZeRO-3's working-set limits, in elements (a DeepSpeed config's stage3_* settings)."""
+
+    reduce_bucket_elements: int = ZERO3_REDUCE_BUCKET_ELEMENTS
+    prefetch_bucket_elements: int = ZERO3_PREFETCH_BUCKET_ELEMENTS
+    max_live_elements: int = ZERO3_MAX_LIVE_ELEMENTS
+
+
+def check_engine(sharding: str | None) -> None:
+    if sharding is not None and sharding not in ENGINES:
+        raise ConfigError(
+            f"sharding must be one of {ENGINES} or None, got {sharding!r}; launch with an "
+            "accelerate config that uses FSDP (fsdp_version: 2) or DeepSpeed ZeRO stage 3"
+        )
+
+
+def sharded_states(
+    engine: str,
+    *,
+    param_count: int,
+    trainable_count: int,
+    units: ShardUnits,
+    world_size: int,
+    compute_dtype_bytes: int,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    whole: Mapping[str, int] | None = None,
+    buckets: Zero3Buckets | None = None,
+) -> ModelStates:
+    """Per-rank bytes of weights, gradients, optimizer states and the gathered working set under
+    `engine` ("fsdp2" or "zero3"), and what sits in host RAM (see the module docstring).
+    `param_count` excludes quantised weights, which `whole` gives by category."""
+    check_engine(engine)
+    n, p, t, c = world_size, param_count, trainable_count, compute_dtype_bytes
+    whole = {k: v for k, v in (whole or {}).items() if v}
+    name = ENGINE_NAMES[engine]
+    if engine == "fsdp2":
+        states = {
+            "weights": math.ceil(
+                (FP32_BYTES * (p - units.half_frozen) + 2 * units.half_frozen) / n
+            ),
+            "gradients": math.ceil(FP32_BYTES * t / n),
+            "optimizer": math.ceil(ADAM_MOMENT_BYTES * t / n),
+        }
+        working = {
+            "gathered_parameters": c * (2 * units.block_params + units.root_params),
+            "gathered_gradients": c * max(units.block_trainable, units.root_trainable),
+        }
+        host = sum(states.values()) if offload_params else 0
+        device = {**whole, **({} if offload_params else states), **working}
+        note = f" ({name} over {n} ranks" + (", sharded states in host RAM)" if host else ")")
+        return ModelStates(device, host, note)
+    b = buckets or Zero3Buckets()
+    master = FP32_BYTES if c < FP32_BYTES else 0
+    weights = math.ceil(c * p / n)
+    fp32_grads = math.ceil(FP32_BYTES * t / n)
+    optimizer = math.ceil((master + ADAM_MOMENT_BYTES) * t / n)
+    live = min(b.max_live_elements, units.block_params + b.prefetch_bucket_elements, p)
+    device = {
+        **whole,
+        "weights": 0 if offload_params else weights,
+        "gradients": math.ceil(c * t / n) + (0 if offload_optimizer else fp32_grads),
+        "optimizer": 0 if offload_optimizer else optimizer,
+        "reduce_bucket": c * min(b.reduce_bucket_elements, t),
+        "gathered_parameters": c * live,
+    }
+    host = (optimizer + fp32_grads if offload_optimizer else 0) + (weights if offload_params else 0)
+    where = [
+        w for w, on in (("optimizer", offload_optimizer), ("parameters", offload_params)) if on
+    ]
+    note = f" ({name} over {n} ranks" + (f", {' and '.join(where)} in host RAM)" if where else ")")
+    return ModelStates(device, host, note)
+
+
+def optimizer_step_scale(
+    engine: str, trainable_count: int, world_size: int, traced_optimizer_bytes: int, offload: bool
+) -> float:
+    """How the traced optimizer step's transient scales: AdamW steps fp32 moments of a 1/N shard
+    (on the host when the engine offloads it)."""
+    if offload:
+        return 0.0
+    shard = math.ceil(trainable_count / world_size)
+    return shard * ADAM_MOMENT_BYTES / max(traced_optimizer_bytes, 1)

@@ -598,6 +598,13 @@ class HFWrapper(nn.Module):
             p.numel() for p in self.parameters() if p.is_floating_point() and p.element_size() == 2
         )
 
+    def loss_head_parameters(self) -> list[nn.Parameter]:
+        """What the forward reads outside the owning module's forward: the output head's
+        parameters, which the chunked loss multiplies by the hidden states (ZeRO-3 gathers them
+        for the whole forward, trainer_low_mem/zero3.py)."""
+        head = self.hf_model.get_output_embeddings()
+        return list(head.parameters()) if isinstance(head, nn.Linear) else []
+
     @property
     def config(self):
         return self.hf_model.config

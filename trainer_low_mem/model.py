@@ -304,6 +304,12 @@ class DecoderLM(nn.Module):
         """Longest row the model accepts."""
         return self.preset.max_seq_len
 
+    def loss_head_parameters(self) -> list[nn.Parameter]:
+        """What the forward reads outside the owning module's forward: the tied head's weight,
+        which the chunked loss multiplies by the hidden states (ZeRO-3 gathers it for the whole
+        forward, trainer_low_mem/zero3.py)."""
+        return [self.embed.weight]
+
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, 0.02), residual out-projections scaled by 1/sqrt(2 n_layers)."""
         residual_std = 0.02 / math.sqrt(2 * self.preset.n_layers)

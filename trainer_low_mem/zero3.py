@@ -1,0 +1,94 @@
+"""DeepSpeed ZeRO-3 in the trainer: what changes when every rank holds only its shard of the
+parameters.
+
+DeepSpeed partitions the model when accelerate prepares it, and from then on a parameter is an
+empty placeholder outside the forward/backward of the module that owns it. The trainer's other
+modules stay engine-agnostic and call in here at the few points where that matters:
+
+- Build: the model is built whole on every rank, then partitioned by `prepare`. transformers
+  would otherwise build a Hugging Face model under `deepspeed.zero.Init` (accelerate keeps its
+  `HfDeepSpeedConfig` alive for stage 3), and the trainer's build steps that read weights
+  (`--init_from`, LoRA, the loss-path check, parameter counts, the plan's model probe) would see
+  placeholders. `whole_model_build` hides that config for the build and the plan.
+- Loss: the chunked loss multiplies hidden states by the output head's weight outside the head's
+  own forward; `gather_loss_head` registers that weight with the module whose forward reads it.
+- Export: `gathered` all-gathers every parameter for the export (a collective) and partitions
+  them again afterwards.
+- Out-of-memory backoff: `release_gathered` frees what a failed forward left gathered.
+- Quantised weights (QLoRA): bitsandbytes' packed 4-bit/8-bit codes are partitioned like any
+  frozen parameter (DeepSpeed casts only floating-point tensors); their statistics stay whole
+  on every rank, and a resume quantises them again from the model folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned `module`'s parameters (each carries a ds_id)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def whole_model_build(accelerator) -> Iterator[None]:
+    """Build (and plan) the model whole on this rank, however transformers would under ZeRO-3;
+    the DeepSpeed config transformers reads is restored afterwards, as training expects it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not plugin.hf_ds_config.is_zero3():
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def parameter_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model's parameters) of a
+    partitioned module: each parameter's local partition (`ds_tensor`, padded to an equal share
+    per rank) against its full size."""
+    local = whole = 0
+    for param in module.parameters():
+        size = param.ds_tensor.element_size()
+        local += param.ds_tensor.numel() * size
+        whole += param.ds_numel * size
+    return local, whole
+
+
+def gather_loss_head(module: nn.Module) -> None:
+    """Make ZeRO-3 gather the output head's parameters for the whole forward and backward of
+    `module` (the chunked loss reads them there, outside the head's own forward). A module
+    without `loss_head_parameters` reads no parameter outside its owner."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for param in getattr(module, "loss_head_parameters", list)():
+        register_external_parameter(module, param)
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Collective under ZeRO-3 (every rank enters): all of `module`'s parameters whole on every
+    rank inside the block, read-only, partitioned again on exit. A no-op for a module that is
+    not partitioned."""
+    if not is_partitioned(module):
+        yield
+        return
+    from deepspeed.runtime.zero import GatheredParameters
+
+    with GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def release_gathered(engine) -> None:
+    """Partition again every parameter a failed forward or backward left gathered, so the retry
+    after an out-of-memory backoff starts from the engine's resting state."""
+    empty = getattr(engine, "empty_partition_cache", None)
+    if empty is not None and engine.zero_optimization_partition_weights():
+        empty()

@@ -46,7 +46,9 @@ from lowmem_core.durable import (
 from lowmem_core.errors import CheckpointError, ConfigError
 from lowmem_core.memory import format_bytes
 from lowmem_core.stateful import Stateful
+from trainer_low_mem import zero3
 from trainer_low_mem.distributed import RankContext
+from trainer_low_mem.export import is_quantised_linear
 from trainer_low_mem.state_files import (
     FORMAT,
     MANIFEST_NAME,
@@ -198,8 +200,11 @@ class Checkpointer:
 
     @property
     def _sharding(self) -> str | None:
-        """The engine that sharded the saved parameters itself, for the manifest."""
-        return None if self.sharded_state is None else self.sharded_state.engine
+        """The engine that sharded the saved parameters, for the manifest: the trainer's own
+        (FSDP2), DeepSpeed's ZeRO-3, or None when every rank held the whole model."""
+        if self.sharded_state is not None:
+            return self.sharded_state.engine
+        return zero3.ENGINE if zero3.zero_stage(self.accelerator) == 3 else None
 
     def _raise_if_any_failed(self, failure: BaseException | None, tmp: Path) -> None:
         """Collective: when any rank's write failed, remove the temp dir and raise on every rank."""
@@ -362,7 +367,9 @@ class Checkpointer:
         if ctx.uses_deepspeed:
             if state.world_size != ctx.world_size:
                 raise CheckpointError(
-                    f"{path} holds ZeRO-2 optimizer shards of {state.world_size} ranks and cannot "
+                    f"{path} holds ZeRO-{zero3.zero_stage(self.accelerator)} "
+                    f"{'parameter and ' if self._sharding else ''}optimizer shards of "
+                    f"{state.world_size} ranks and cannot "
                     f"be re-sharded for {ctx.world_size}; resume with --num_processes "
                     f"{state.world_size} (plain DDP and CPU runs resume with any number of "
                     "processes)"
@@ -372,7 +379,13 @@ class Checkpointer:
                     f"{path} lacks {DEEPSPEED_TAG}/ (the DeepSpeed engine's "
                     "state); the state is corrupt"
                 )
-            kwargs = {"load_optimizer_states": True, "load_lr_scheduler_states": False}
+            kwargs = {
+                "load_optimizer_states": True,
+                "load_lr_scheduler_states": False,
+                # bitsandbytes' statistics (absmax, quant_map, SCB) are in the saved module state
+                # but are quantised again from the model folder: the rest must still match.
+                "load_module_strict": not _holds_quantised_layers(self.accelerator),
+            }
         try:
             with _without_positional_objects(path) as view:
                 self.accelerator.load_state(str(view), **kwargs)
@@ -432,6 +445,15 @@ def _object_file(state_dir: Path, name: str) -> Path:
     if named.is_file() or name not in LEGACY_OBJECT_ORDER:
         return named
     return state_dir / f"custom_checkpoint_{LEGACY_OBJECT_ORDER.index(name)}.pkl"
+
+
+def _holds_quantised_layers(accelerator) -> bool:
+    """Whether a model the accelerator prepared has bitsandbytes-quantised layers."""
+    return any(
+        is_quantised_linear(sub)
+        for model in accelerator._models
+        for sub in accelerator.unwrap_model(model).modules()
+    )
 
 
 def _weights_name(index: int) -> str:

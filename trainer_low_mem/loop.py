@@ -36,7 +36,7 @@ from lowmem_core.errors import (
 )
 from lowmem_core.memory import effective_host_limit_bytes, format_bytes
 from pipeline import open_dataset
-from trainer_low_mem import fsdp, oom, sanity
+from trainer_low_mem import fsdp, oom, sanity, zero3
 from trainer_low_mem.checkpoint import (
     Checkpointer,
     TrainingState,
@@ -91,8 +91,9 @@ class _Run:
         self.checkpointer = Checkpointer(config.checkpoint.output_dir, ctx, accelerator)
         self._open_data()
         self._build_job()
-        self._build_model()
-        self._make_plan()
+        with zero3.whole_model_build(accelerator):
+            self._build_model()
+            self._make_plan()
         self._configure_data()
         self._prepare()
         self._restore()
@@ -219,6 +220,14 @@ class _Run:
             self.checkpointer.sharded_state = fsdp.ShardedState(model, optimizer)
         else:
             model, optimizer = accelerator.prepare(self.module, optimizer)
+        if launch.zero_stage == 3:
+            zero3.gather_loss_head(self.module)
+            local_bytes, whole_bytes = zero3.parameter_bytes(self.module)
+            self._print(
+                f"ZeRO-3: parameters partitioned over {self.ctx.world_size} ranks: "
+                f"{format_bytes(local_bytes)} on rank 0 of {format_bytes(whole_bytes)}"
+                + (", resting in host RAM" if launch.param_offload == "cpu" else "")
+            )
         self.stepper = Stepper(
             accelerator,
             self.ctx,
@@ -473,7 +482,8 @@ class _Run:
     def _export(self) -> Path:
         """Collective: rank 0 writes OUTPUT_DIR/final, a folder transformers loads."""
         out = self.config.checkpoint.output_dir / EXPORT_DIR_NAME
-        with fsdp.gathered(self.module):  # FSDP2: every rank sends its shards, rank 0 writes
+        # ZeRO-3 and FSDP2: every rank gathers, rank 0 writes.
+        with zero3.gathered(self.module), fsdp.gathered(self.module):
             if self.ctx.is_main:
                 export_model(
                     self.job.kind,

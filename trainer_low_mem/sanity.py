@@ -16,7 +16,6 @@ from lowmem_core.errors import ConfigError
 from trainer_low_mem.launch import Launch
 
 ZERO_STAGES = (0, 1, 2, 3)
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
 # device_map values that spread one model over every visible GPU (transformers/accelerate names).
 SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 CUDA_ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -45,12 +44,6 @@ def check_launch(facts: Launch) -> None:
             f"ZeRO stage {facts.zero_stage} is not a ZeRO stage (0, 1, 2 or 3); use "
             f"{levers.zero_stage}"
         )
-    if facts.zero_stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(
-            f"ZeRO stage {facts.zero_stage} (sharded parameters) is not supported; use "
-            f"{levers.zero_stage}; where the optimizer states still do not fit, "
-            f"{levers.offload_optimizer} moves them to host RAM"
-        )
     if facts.sharding_engine == "fsdp1":
         raise ConfigError(
             f"the launch config uses FSDP version {facts.fsdp_version} "
@@ -71,7 +64,8 @@ def check_launch(facts: Launch) -> None:
         )
     if facts.offloads_optimizer and facts.zero_stage == 0:
         raise ConfigError(
-            f"optimizer offload needs ZeRO stage 1 or 2 but the stage is 0; use {levers.zero_stage}"
+            f"optimizer offload needs ZeRO stage 1, 2 or 3 but the stage is 0; use "
+            f"{levers.zero_stage}"
         )
     requested = facts.num_processes if facts.num_processes is not None else world
     if facts.distributed_type == "MULTI_GPU" and requested == 1:

@@ -30,7 +30,7 @@ import torch
 
 from lowmem_core.errors import DivergenceError, MemoryLimitError
 from lowmem_core.format import IGNORE_INDEX
-from trainer_low_mem import fsdp, oom
+from trainer_low_mem import fsdp, oom, zero3
 from trainer_low_mem.distributed import RankContext
 from trainer_low_mem.loss import shift_labels
 from trainer_low_mem.planner.saved_activations import offload_saved_activations
@@ -120,6 +120,8 @@ class Stepper:
     def reset_after_oom(self) -> None:
         """Collective, after an agreed OOM: drop the step's gradients and any armed DDP reducer."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            zero3.release_gathered(self.engine)
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             stale = weakref.ref(self.model)
             self.model, self.optimizer = oom.rewrap_ddp(

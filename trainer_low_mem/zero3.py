@@ -27,6 +27,15 @@ from collections.abc import Iterator
 
 from torch import nn
 
+ENGINE = "zero3"  # Launch.sharding_engine's name for DeepSpeed ZeRO-3
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage of the accelerator's DeepSpeed config; None without DeepSpeed."""
+    state = getattr(accelerator, "state", None) if accelerator is not None else None
+    plugin = getattr(state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
 
 def is_partitioned(module: nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 has partitioned `module`'s parameters (each carries a ds_id)."""

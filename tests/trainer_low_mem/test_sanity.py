@@ -146,13 +146,12 @@ def test_zero_stage_outside_0_to_3(command, stage):
 
 
 @pytest.mark.parametrize("command", TRAIN_AND_PLAN)
-def test_zero_stage_3_is_refused_with_one_message_for_plan_and_train(command):
-    launch = TRAIN_AND_PLAN[command](zero_stage=3)
-    levers = launch.levers(grad_checkpointing=False)
-    assert _message(launch) == (
-        f"ZeRO stage 3 (sharded parameters) is not supported; use {levers.zero_stage}; where the "
-        f"optimizer states still do not fit, {levers.offload_optimizer} moves them to host RAM"
-    )
+@pytest.mark.parametrize("offload", ["cpu", None])
+def test_zero_stage_3_passes_for_plan_and_train(command, offload):
+    """ZeRO-3 trains (trainer_low_mem/zero3.py), with or without the optimizer in host RAM."""
+    launch = TRAIN_AND_PLAN[command](zero_stage=3, optimizer_offload=offload)
+    assert (launch.sharding_engine, launch.offloads_optimizer) == ("zero3", offload is not None)
+    assert check_launch(launch) is None
 
 
 @pytest.mark.parametrize("command", TRAIN_AND_PLAN)
@@ -161,7 +160,7 @@ def test_optimizer_offload_without_zero(command):
     assert launch.offloads_optimizer
     levers = launch.levers(grad_checkpointing=False)
     assert _message(launch) == (
-        f"optimizer offload needs ZeRO stage 1 or 2 but the stage is 0; use {levers.zero_stage}"
+        f"optimizer offload needs ZeRO stage 1, 2 or 3 but the stage is 0; use {levers.zero_stage}"
     )
 
 

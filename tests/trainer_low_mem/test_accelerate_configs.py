@@ -3,6 +3,7 @@ passes the launch checks for the launch it makes, and is documented."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "accelerate_configs"
 YAMLS = sorted(path.name for path in CONFIGS.glob("*.yaml"))
 DS_JSONS = sorted(path.name for path in CONFIGS.glob("*.json"))
+ZERO_STAGE_OF_JSON = {"ds_zero2_offload.json": 2, "ds_zero3_offload.json": 3}
 
 
 def _deepspeed_file(config: ClusterConfig) -> str | None:
@@ -77,7 +79,7 @@ def test_each_yaml_passes_the_launch_checks_for_the_launch_it_makes(name, monkey
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
 def test_deepspeed_json_autos_are_filled_by_accelerate_and_accepted_by_deepspeed(name, precision):
     """What accelerate does at prepare time: fill every "auto" from the trainer's settings, then
-    DeepSpeed parses the result as ZeRO-2 with the optimizer on the CPU."""
+    DeepSpeed parses the result as its ZeRO stage with the optimizer on the CPU."""
     from accelerate.utils import DeepSpeedPlugin
     from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -101,10 +103,32 @@ def test_deepspeed_json_autos_are_filled_by_accelerate_and_accepted_by_deepspeed
     assert list(autos(plugin.deepspeed_config)) == []
     parsed = DeepSpeedConfig(plugin.deepspeed_config)
     assert (parsed.train_batch_size, parsed.gradient_clipping) == (32, 1.0)
-    assert parsed.zero_optimization_stage == 2
+    assert parsed.zero_optimization_stage == ZERO_STAGE_OF_JSON[name]
     assert parsed.zero_config.offload_optimizer.device == "cpu"
     assert plugin.deepspeed_config["bf16"]["enabled"] is (precision == "bf16")
     assert plugin.deepspeed_config["fp16"]["enabled"] is (precision == "fp16")
+
+
+def test_zero3_json_gathers_about_one_block_at_a_time():
+    """DeepSpeed's defaults (1e9 live parameters, 1e9-element optimizer sub-groups) would hold
+    2 GB of gathered bf16 weights and 4 GB of fp32 staging; the shipped values are in the
+    README's note."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = json.loads((CONFIGS / "ds_zero3_offload.json").read_text())
+    config |= {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1}
+    config |= {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    config["bf16"] = config["fp16"] = {"enabled": False}
+    zero = DeepSpeedConfig(config).zero_config
+    assert (zero.stage, zero.offload_optimizer.device, zero.offload_param.device) == (
+        3,
+        "cpu",
+        "none",
+    )
+    assert (zero.max_live_parameters, zero.max_reuse_distance) == (300_000_000, 300_000_000)
+    assert (zero.prefetch_bucket_size, zero.param_persistence_threshold) == (50_000_000, 100_000)
+    assert (zero.sub_group_size, zero.reduce_bucket_size) == (100_000_000, 50_000_000)
+    assert zero.gather_16bit_weights_on_model_save is False
 
 
 def test_readme_table_names_every_shipped_config():
@@ -181,6 +205,12 @@ def test_zero2_yaml_launch_reaches_the_trainer_as_zero2_with_cpu_offload(tmp_pat
     YAML; the launch read from it is stage 2 + CPU offload."""
     reports = _launch("zero2_offload_3gpu.yaml", tmp_path, "--num_processes", "2")
     assert reports == {f"rank{rank}": "DEEPSPEED 2 2 cpu" for rank in range(2)}
+
+
+@pytest.mark.slow
+def test_zero3_yaml_launch_reaches_the_trainer_as_zero3_with_cpu_offload(tmp_path):
+    reports = _launch("zero3_offload_3gpu.yaml", tmp_path, "--num_processes", "2")
+    assert reports == {f"rank{rank}": "DEEPSPEED 2 3 cpu" for rank in range(2)}
 
 
 @pytest.mark.parametrize("name", ["fsdp2_3gpu.yaml", "fsdp2_cpu_2proc.yaml"])

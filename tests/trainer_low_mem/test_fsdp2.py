@@ -218,7 +218,7 @@ def test_a_preset_trains_evaluates_stops_resumes_bit_equal_and_exports(tokens, t
     trained = _dcp_model_weights(out / "train_latest_state", tmp_path)
     assert torch.equal(exported["model.embed_tokens.weight"], trained["embed.weight"])
     assert torch.equal(
-        exported["model.layers.1.mlp.down_proj.weight"], trained["blocks.1.mlp.down_proj.weight"]
+        exported["model.layers.1.mlp.down_proj.weight"], trained["blocks.1.mlp.proj.weight"]
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.model.embed_tokens.weight is model.lm_head.weight
@@ -260,3 +260,42 @@ def test_a_sharded_state_resumes_on_another_number_of_ranks(tokens, tmp_path):
     # The same global batch and weights: only the order of the sums over ranks differs.
     for step, loss in got.items():
         assert float(loss) == pytest.approx(float(expected[step]), abs=2e-4)
+
+
+@pytest.mark.slow
+def test_lora_on_a_transformers_model_trains_as_under_ddp_and_exports_merged(
+    build_sample_sft, tmp_path
+):
+    """A frozen base sharded beside its adapters: FSDP2 computes the losses DDP computes, and
+    its merged export holds the weights DDP's does."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    inputs = build_sample_sft(tmp_path, write_sample_model(tmp_path / "llama"), 32, 8)
+    common = (
+        "--model", str(inputs["model"]), "--data", str(inputs["train_data"]),
+        "--eval_data", str(inputs["eval_data"]), "--lora_rank", "4", "--lr", "1e-2",
+        "--grad_checkpointing", "True", "--warmup_steps", "1", "--global_batch", "4",
+        "--batch_size_per_gpu", "1", "--max_seq_len", "128", "--max_steps", "4",
+    )  # fmt: skip
+    runs = {}
+    for engine in ("fsdp2", "ddp"):
+        done = _launch(tmp_path, engine, *common, "--output_dir", str(tmp_path / engine))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[engine] = done.stdout
+    assert "FSDP2: parameters sharded over 2 ranks: " in runs["fsdp2"]
+    for pattern in (STEP_LINE, EVAL_LINE):
+        fsdp2, ddp = _losses(runs["fsdp2"], pattern), _losses(runs["ddp"], pattern)
+        assert fsdp2.keys() == ddp.keys() and fsdp2
+        # Reduce-scatter and all-reduce sum the ranks' gradients in another order.
+        assert [float(v) for v in fsdp2.values()] == pytest.approx(
+            [float(v) for v in ddp.values()], abs=2e-4
+        )
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "final")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final")
+    untouched = transformers.AutoModelForCausalLM.from_pretrained(inputs["model"])
+    changed = []
+    for name, p in tuned.named_parameters():
+        torch.testing.assert_close(p, reference.get_parameter(name), rtol=0, atol=1e-4)
+        if not torch.equal(p, untouched.get_parameter(name)):
+            changed.append(name)
+    assert changed and all("proj" in name for name in changed)  # the adapters merged

@@ -5,32 +5,38 @@ c = the compute dtype's bytes (2 under bf16/fp16, 4 under --mixed_precision no),
 largest transformer block's parameters and trainable ones, R and R_t those outside the blocks
 (embeddings, output head, final norm).
 
-FSDP2 as accelerate applies it (fsdp_version 2; accelerate/utils/fsdp_utils.py
-`fsdp2_prepare_model`): `fully_shard` on each transformer block, the input embedding, the tail
-[final norm, head] with reshard_after_forward False, then the root; MixedPrecisionPolicy
-(param_dtype = reduce_dtype = c). accelerate upcasts the trainable parameters to fp32 before
-sharding, so the sharded parameter (a DTensor's local shard) is fp32, its gradient too:
+FSDP2 as the trainer applies it (trainer_low_mem/fsdp.py, as accelerate's `fsdp2_prepare_model`
+would): `fully_shard` on each transformer block, then on the root (embeddings, final norm, head),
+which stays gathered from forward to the end of backward; MixedPrecisionPolicy(param_dtype c,
+reduce_dtype fp32). The trainable parameters are fp32 before sharding (accelerate upcasts them
+too), so the sharded parameter (a DTensor's local shard) is fp32, its gradient too:
     weights    (4 (P - H) + 2 H) / N     sharded fp32 parameters (frozen bf16 ones stay bf16)
     gradients  4 T / N                   sharded fp32 gradients (reduce-scattered in c, cast)
     optimizer  8 T / N                   AdamW's two fp32 moments of the shard
     gathered_parameters  c (2 B + R)     one block all-gathered, the next one prefetched, and
                                          the root units (the tail stays gathered from forward
                                          to backward; the embedding is gathered at each end)
-    gathered_gradients   c max(B_t, R_t) the largest unit's unsharded gradients before its
-                                         reduce-scatter frees them (one unit at a time)
+    gathered_gradients   4 B_t           one block's gradients in the reduce dtype (fp32: the
+                                         trainer's policy, trainer_low_mem/fsdp.py) as the
+                                         reduce-scatter takes them; the fresh unsharded gradient
+                                         of a parameter is already in the traced step, which
+                                         counts each gradient's new copy before accumulation
 With fsdp_offload_params (CPUOffloadPolicy) the sharded weights, gradients and optimizer states
 live in pinned host RAM and AdamW steps there; the GPU keeps the gathered working set.
 
 DeepSpeed ZeRO-3 (deepspeed/runtime/zero/stage3.py): every parameter becomes a 16-bit
 partition; the optimizer keeps an fp32 master copy, the moments and an fp32 gradient partition:
     weights    c P / N                   16-bit parameter partitions
-    gradients  c T / N + 4 T / N         16-bit gradient partition and its fp32 copy for Adam
+    gradients  c T / N + 4 T / N         the flat gradient partition buffer and the fp32
+                                         gradients Adam steps on (counted whole, as DeepSpeed's
+                                         estimator counts them)
     optimizer  12 T / N                  fp32 master weights + moments (8 T / N under "no")
-    reduce_bucket        c min(reduce_bucket_size, T)
+    reduce_bucket        c reduce_bucket_size   (allocated whole under contiguous_gradients)
     gathered_parameters  c min(stage3_max_live_parameters, B + stage3_prefetch_bucket_size, P)
-offload_optimizer moves the master copy, the moments and the fp32 gradients (16 T / N) to host
-RAM (DeepSpeed's CPU Adam); offload_param moves the 16-bit partitions (c P / N) there too. The
-bucket sizes are DeepSpeed's defaults (deepspeed/runtime/zero/config.py) unless given.
+offload_optimizer puts the gradient partition buffer (pinned), the fp32 gradients, the master
+copy and the moments in host RAM ((c + 16) T / N; DeepSpeed's CPU Adam steps there);
+offload_param moves the 16-bit partitions (c P / N) there too. The bucket sizes are those of
+the shipped accelerate_configs/ds_zero3_offload.json unless given.
 DeepSpeed's own estimator (`estimate_zero3_model_states_mem_needs`) counts 18 B per parameter
 over N plus 4 B per parameter of the largest layer: it leaves out the 16-bit gradient partition
 and the buckets (tests/trainer_low_mem/planner/test_sharding.py and `bench sizing` compare).
@@ -54,10 +60,11 @@ ENGINES = ("fsdp2", "zero3")
 ENGINE_NAMES = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}
 FP32_BYTES = 4
 ADAM_MOMENT_BYTES = 8
-# deepspeed/runtime/zero/config.py defaults (elements), used where the config does not say.
-ZERO3_REDUCE_BUCKET_ELEMENTS = 500_000_000
+# accelerate_configs/ds_zero3_offload.json (elements): reduce_bucket_size,
+# stage3_prefetch_bucket_size, stage3_max_live_parameters.
+ZERO3_REDUCE_BUCKET_ELEMENTS = 50_000_000
 ZERO3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
-ZERO3_MAX_LIVE_ELEMENTS = 1_000_000_000
+ZERO3_MAX_LIVE_ELEMENTS = 300_000_000
 # Kept whole on every rank by both engines (see the module docstring).
 WHOLE_CATEGORIES = ("quantised_weights", "quant_state")
 
@@ -109,7 +116,7 @@ def sharded_states(
         }
         working = {
             "gathered_parameters": c * (2 * units.block_params + units.root_params),
-            "gathered_gradients": c * max(units.block_trainable, units.root_trainable),
+            "gathered_gradients": FP32_BYTES * units.block_trainable,
         }
         host = sum(states.values()) if offload_params else 0
         device = {**whole, **({} if offload_params else states), **working}
@@ -118,18 +125,18 @@ def sharded_states(
     b = buckets or Zero3Buckets()
     master = FP32_BYTES if c < FP32_BYTES else 0
     weights = math.ceil(c * p / n)
-    fp32_grads = math.ceil(FP32_BYTES * t / n)
+    gradients = math.ceil(c * t / n) + math.ceil(FP32_BYTES * t / n)
     optimizer = math.ceil((master + ADAM_MOMENT_BYTES) * t / n)
     live = min(b.max_live_elements, units.block_params + b.prefetch_bucket_elements, p)
     device = {
         **whole,
         "weights": 0 if offload_params else weights,
-        "gradients": math.ceil(c * t / n) + (0 if offload_optimizer else fp32_grads),
+        "gradients": 0 if offload_optimizer else gradients,
         "optimizer": 0 if offload_optimizer else optimizer,
-        "reduce_bucket": c * min(b.reduce_bucket_elements, t),
+        "reduce_bucket": c * b.reduce_bucket_elements,
         "gathered_parameters": c * live,
     }
-    host = (optimizer + fp32_grads if offload_optimizer else 0) + (weights if offload_params else 0)
+    host = (optimizer + gradients if offload_optimizer else 0) + (weights if offload_params else 0)
     where = [
         w for w, on in (("optimizer", offload_optimizer), ("parameters", offload_params)) if on
     ]

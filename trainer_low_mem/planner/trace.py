@@ -91,7 +91,7 @@ def trace_step_memory(
         device_type,
         mixed_precision,
         zero_stage,
-        offload_optimizer,
+        offload_optimizer and not sharding,  # ZeRO-3's offload: sharding.py places it
         world_size,
     )
     started = time.perf_counter()

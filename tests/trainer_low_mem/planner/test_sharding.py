@@ -38,7 +38,7 @@ def test_fsdp2_shards_fp32_parameters_gradients_and_moments_and_gathers_two_bloc
         "gradients": 1_000_000,
         "optimizer": 2_000_000,  # two fp32 moments
         "gathered_parameters": 2 * (2 * 100_000 + 200_000),
-        "gathered_gradients": 2 * 200_000,  # the largest unit's: the root's
+        "gathered_gradients": 4 * 100_000,  # one block's, reduced in fp32
     }
     assert s.offloaded == 0
     assert s.note == " (FSDP2 over 4 ranks)"
@@ -56,31 +56,31 @@ def test_fsdp2_lora_shards_the_bf16_base_and_keeps_states_for_the_adapters_only(
     s = states("fsdp2", trainable_count=10_000, units=units)
     assert s.device["weights"] == (4 * 10_000 + 2 * 990_000) // 4
     assert (s.device["gradients"], s.device["optimizer"]) == (10_000, 20_000)
-    assert s.device["gathered_gradients"] == 2 * 1_000
+    assert s.device["gathered_gradients"] == 4 * 1_000
 
 
 def test_zero3_partitions_16_bit_parameters_and_fp32_master_moments_and_gradients():
     s = states("zero3")
     assert s.device == {
         "weights": 500_000,  # 2 B x P / 4
-        "gradients": 500_000 + 1_000_000,  # 16-bit partition + fp32 copy
+        "gradients": 500_000 + 1_000_000,  # 16-bit partition + fp32 gradients
         "optimizer": 3_000_000,  # fp32 master + moments
-        "reduce_bucket": 2 * P,  # DeepSpeed's 5e8-element bucket, capped at T
+        "reduce_bucket": 2 * 50_000_000,  # the shipped JSON's bucket, allocated whole
         "gathered_parameters": 2 * P,  # block + 5e7 prefetch, capped at P
     }
     assert s.offloaded == 0
 
 
-def test_zero3_offload_moves_master_moments_fp32_gradients_then_the_partitions_to_host():
+def test_zero3_offload_moves_master_moments_gradients_then_the_partitions_to_host():
     buckets = Zero3Buckets(10_000, 20_000, 50_000)
     s = states("zero3", offload_optimizer=True, buckets=buckets)
-    assert s.device["optimizer"] == 0 and s.device["gradients"] == 500_000
+    assert (s.device["optimizer"], s.device["gradients"], s.device["weights"]) == (0, 0, 500_000)
     assert s.device["reduce_bucket"] == 20_000
     assert s.device["gathered_parameters"] == 2 * 50_000  # max live caps block + prefetch
-    assert s.offloaded == 4_000_000
+    assert s.offloaded == 3_000_000 + 1_500_000
     both = states("zero3", offload_optimizer=True, offload_params=True, buckets=buckets)
     assert both.device["weights"] == 0
-    assert both.offloaded == 4_500_000
+    assert both.offloaded == 3_000_000 + 1_500_000 + 500_000
     assert both.note == " (ZeRO-3 over 4 ranks, optimizer and parameters in host RAM)"
 
 
@@ -91,22 +91,27 @@ def test_quantised_weights_stay_whole_on_every_rank():
 
 
 def test_zero3_agrees_with_deepspeeds_estimator_but_for_what_it_leaves_out():
-    """DeepSpeed counts 18 B/param over N plus 4 B per largest-layer parameter: not the 16-bit
-    gradient partition (2 B/param over N), nor the buckets and gathered working set."""
+    """DeepSpeed counts 18 B/param over N plus 4 B per largest-layer parameter on the GPU, and
+    16 (18 with parameters) B/param per node on the host with a 1.5 buffer factor: not the
+    16-bit gradient partition (2 B/param over N), nor the buckets and gathered working set."""
     stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
     n, largest = 4, UNITS.largest_layer_params
     kinds = ("weights", "gradients", "optimizer")
-    for offload in (False, True):
-        gpu = stage3.estimate_zero3_model_states_mem_needs(
-            P, largest, num_gpus_per_node=n, cpu_offload=offload, cpu_offload_params=False
-        )[1]
-        ours = states("zero3", offload_optimizer=offload)
-        assert sum(ours.device[k] for k in kinds) == gpu - 4 * largest + 2 * P // n
-    cpu = stage3.estimate_zero3_model_states_mem_needs(
-        P, largest, num_gpus_per_node=n, cpu_offload=True, cpu_offload_params=True
-    )[0]
-    offloaded = states("zero3", offload_optimizer=True, offload_params=True).offloaded
-    assert cpu == 1.5 * n * offloaded  # its host buffer factor, per node
+
+    def estimate(offload: bool, offload_params: bool = False) -> tuple[int, int]:
+        cpu, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(
+            P, largest, num_gpus_per_node=n, cpu_offload=offload, cpu_offload_params=offload_params
+        )
+        return cpu, gpu
+
+    resident = states("zero3")
+    assert sum(resident.device[k] for k in kinds) == estimate(False)[1] - 4 * largest + 2 * P // n
+    offloaded = states("zero3", offload_optimizer=True)
+    assert sum(offloaded.device[k] for k in kinds) == estimate(True)[1] - 4 * largest
+    assert estimate(True)[0] == 1.5 * (n * offloaded.offloaded - 2 * P)
+    both = states("zero3", offload_optimizer=True, offload_params=True)
+    assert sum(both.device[k] for k in kinds) == estimate(True, True)[1] - 4 * largest == 0
+    assert estimate(True, True)[0] == 1.5 * (n * both.offloaded - 2 * P)
 
 
 def test_shape_units_count_blocks_root_and_the_lora_base():
@@ -224,6 +229,16 @@ def test_a_trace_places_sharded_states_from_the_model_it_builds():
             sharding="fsdp2",
             world_size=2,
         )
+        offloaded = trace_step_memory(
+            factory,
+            seq_len=32,
+            micro_batches=(1, 2),
+            device_type="cuda",
+            mixed_precision="bf16",
+            sharding="zero3",
+            offload_optimizer=True,
+            world_size=2,
+        )
     # Per block: q, o 64x64; k, v 64x32; MLP 3 x 64x128; two norms of 64.
     block = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
     assert traced.units == ShardUnits(
@@ -234,6 +249,8 @@ def test_a_trace_places_sharded_states_from_the_model_it_builds():
     assert traced.static_bytes["gathered_parameters"] == 2 * (2 * block + 2 * 512 * 64 + 64)
     memory = traced.to_model_memory()
     assert isinstance(memory, ModelMemory) and memory.units == traced.units
+    assert offloaded.static_bytes["optimizer"] == 0
+    assert offloaded.host_offload_bytes == (2 + 16) * params // 2
 
 
 def test_the_stage_3_refusal_is_gone_from_the_planner():

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowmem_core.errors import MemoryLimitError
+
 ENGINE = "fsdp2"  # recorded in a state's manifest: a state loads only under the same engine
 STATE_DIR_NAME = "fsdp2_sharded"  # the DCP folder inside a training state
 
@@ -127,6 +129,17 @@ def gathered(model: nn.Module) -> Iterator[None]:
     finally:
         for module, name, p in replaced:
             setattr(module, name, p)
+
+
+def out_of_memory(rank: int, where: str, detail: str) -> MemoryLimitError:
+    """The error for an out-of-memory error in a multi-rank FSDP2 step, on the rank it hit."""
+    # The other ranks wait in the unit's all-gather, so the ranks cannot meet to back off
+    # together as DDP's do: this rank stops, and the launcher ends the others.
+    return MemoryLimitError(
+        f"out of memory in an FSDP2 step (rank {rank}, {where}: {detail}); its ranks cannot "
+        "back off together inside the all-gathers: restart with a smaller --batch_size_per_gpu, "
+        "--grad_checkpointing True, or fsdp_offload_params: true in the accelerate config"
+    )
 
 
 class ShardedState:

@@ -92,6 +92,8 @@ class Stepper:
                 t0 = time.perf_counter()
                 token_loss_sum, detail = oom.attempt(self._forward, mb, step, i)
                 forward_s += time.perf_counter() - t0
+                if detail is not None and self.fsdp2 and ctx.world_size > 1:
+                    raise fsdp.out_of_memory(ctx.rank, f"micro-batch {i} forward", detail)
                 failure = oom.agreed_failure(ctx, f"micro-batch {i} forward", detail)
                 if failure is not None:
                     if self.engine is not None and i > 0:
@@ -105,10 +107,12 @@ class Stepper:
                 _, detail = oom.attempt(self._backward, token_loss_sum * scale, last)
                 # Non-final DDP backward passes run no collective, so ranks can still agree; the
                 # final one (and every DeepSpeed one) is inside the gradient reduction.
-                if ctx.world_size == 1 or (not last and self.engine is None):
+                if ctx.world_size == 1 or (not last and self.engine is None and not self.fsdp2):
                     failure = oom.agreed_failure(ctx, f"micro-batch {i} backward", detail)
                     if failure is not None:
                         return failure
+                elif detail is not None and self.fsdp2:
+                    raise fsdp.out_of_memory(ctx.rank, f"micro-batch {i} backward", detail)
                 elif detail is not None:
                     raise oom.fatal_in_collective(
                         ctx.rank, f"micro-batch {i} backward", detail, self.memory_advice

@@ -62,7 +62,12 @@ def _free_port() -> int:
 
 
 def _launch(
-    tmp: Path, engine: str, *flags: str, processes: int = 2, stop_after: int = 0
+    tmp: Path,
+    engine: str,
+    *flags: str,
+    processes: int = 2,
+    stop_after: int = 0,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`accelerate launch` the trainer on `processes` CPU ranks under "fsdp2" or "ddp"."""
     driver = tmp / "driver.py"
@@ -76,7 +81,7 @@ def _launch(
         "--num_processes", str(processes), "--main_process_port", str(_free_port()),
         str(driver), "train", "--progress_bar=False", "--log_every", "1", *flags,
     ]  # fmt: skip
-    env = {
+    run_env = {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
@@ -84,8 +89,9 @@ def _launch(
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(REPO),
         "STOP_AFTER_STEP": str(stop_after),
+        **(env or {}),
     }
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=REPO, timeout=300)
 
 
 def _losses(text: str, pattern: re.Pattern = STEP_LINE) -> dict[int, str]:
@@ -299,3 +305,21 @@ def test_lora_on_a_transformers_model_trains_as_under_ddp_and_exports_merged(
         if not torch.equal(p, untouched.get_parameter(name)):
             changed.append(name)
     assert changed and all("proj" in name for name in changed)  # the adapters merged
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_stops_the_job_in_one_line(tokens, tmp_path):
+    """DDP's ranks back off together; FSDP2's cannot (the others wait in an all-gather)."""
+    done = _launch(
+        tmp_path, "fsdp2", "--data", str(tokens), "--model_preset", "tiny", "--max_seq_len", "64",
+        "--global_batch", "8", "--max_steps", "3", "--output_dir", str(tmp_path / "out"),
+        env={"LOWMEM_INJECT_OOM_AT_STEP": "2", "LOWMEM_INJECT_OOM_RANK": "1"},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert (
+        "error: out of memory in an FSDP2 step (rank 1, micro-batch 0 forward: injected "
+        "out-of-memory error at step 2 (LOWMEM_INJECT_OOM_AT_STEP)); its ranks cannot back off "
+        "together inside the all-gathers: restart with a smaller --batch_size_per_gpu, "
+        "--grad_checkpointing True, or fsdp_offload_params: true in the accelerate config\n"
+    ) in done.stderr
+    assert sorted(_losses(done.stdout)) == [1]  # step 1 trained, step 2 never ran

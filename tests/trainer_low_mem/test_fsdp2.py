@@ -323,3 +323,31 @@ def test_out_of_memory_on_one_rank_stops_the_job_in_one_line(tokens, tmp_path):
         "--grad_checkpointing True, or fsdp_offload_params: true in the accelerate config\n"
     ) in done.stderr
     assert sorted(_losses(done.stdout)) == [1]  # step 1 trained, step 2 never ran
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_with_lora_trains_as_under_ddp(build_sample_sft, tmp_path):
+    """T5's encoder and decoder blocks are sharded units; the losses are DDP's."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from trainer_low_mem.seq2seq import write_sample_t5
+
+    inputs = build_sample_sft(tmp_path, write_sample_t5(tmp_path / "t5"), 32, 8)
+    common = (
+        "--model", str(inputs["model"]), "--data", str(inputs["train_data"]),
+        "--eval_data", str(inputs["eval_data"]), "--lora_rank", "4",
+        "--grad_checkpointing", "True", "--global_batch", "4", "--max_seq_len", "128",
+        "--max_steps", "3",
+    )  # fmt: skip
+    runs = {}
+    for engine in ("fsdp2", "ddp"):
+        done = _launch(tmp_path, engine, *common, "--output_dir", str(tmp_path / engine))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[engine] = done.stdout
+    for pattern in (STEP_LINE, EVAL_LINE):
+        fsdp2, ddp = _losses(runs["fsdp2"], pattern), _losses(runs["ddp"], pattern)
+        assert fsdp2.keys() == ddp.keys() and fsdp2
+        assert [float(v) for v in fsdp2.values()] == pytest.approx(
+            [float(v) for v in ddp.values()], abs=2e-4
+        )
+    assert (tmp_path / "fsdp2" / "final" / "config.json").is_file()

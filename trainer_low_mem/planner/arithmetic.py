@@ -9,6 +9,8 @@ docs/ARCHITECTURE.md ("How the planner decides") gives the formulas.
 
 from __future__ import annotations
 
+import dataclasses
+
 from lowmem_core.errors import ConfigError, MemoryLimitError
 from lowmem_core.memory import DEFAULT_HOST_SAFETY_FRAC, HostMemory, format_bytes
 from trainer_low_mem.planner.batch import check_micro_batch, divisors, per_rank_batch
@@ -30,7 +32,7 @@ from trainer_low_mem.planner.load_memory import load_private_bytes
 from trainer_low_mem.planner.machine import cores, detect_devices, host_limit
 from trainer_low_mem.planner.model_memory import ModelMemory
 from trainer_low_mem.planner.plan import Plan
-from trainer_low_mem.planner.sharding import ENGINE_NAMES, check_engine
+from trainer_low_mem.planner.sharding import ENGINE_NAMES, check_engine, sharded_states
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -170,9 +172,14 @@ def plan(
             break
         refused.append((option, failures[0]))
     if chosen is None:
+        sharded = None
+        if sharding is None and failures[0].startswith("GPU"):
+            sharded = _sharded_advice(
+                model, fp, settings, (world_size, per_rank), micro_batch_per_rank, levers
+            )
         raise MemoryLimitError(
             _nothing_fits(
-                failures, fp, states, stage, offload_optimizer, world_size, levers, option
+                failures, fp, states, stage, offload_optimizer, world_size, levers, option, sharded
             )
         )
     given = (optimizer, offload_activations, grad_checkpointing)
@@ -385,10 +392,12 @@ def _nothing_fits(
     world_size: int,
     levers: Levers,
     option: Option,
+    sharded: str | None = None,
 ) -> str:
     """The refusal under the last option tried, advising only levers that were off in it and
-    that this launch accepts (8-bit states: not under DeepSpeed; activation offload: on a GPU)."""
-    hints = []
+    that this launch accepts (8-bit states: not under DeepSpeed; activation offload: on a GPU);
+    `sharded`: the parameter-sharding launch under which the plan fits, first."""
+    hints = [sharded] if sharded else []
     device_bound = failures[0].startswith("GPU")
     eight_bit, offloaded = option[0] == "adamw_8bit", option[1]
     checkpointing = None if fp.grad_checkpointing else levers.grad_checkpointing
@@ -426,6 +435,47 @@ def _nothing_fits(
         f"{format_bytes(fp.host_limit_bytes)}. "
         f"Try: {'; '.join(hints)}"
     )
+
+
+def _sharded_advice(
+    model: ModelMemory,
+    fp: Footprint,
+    settings: list[Setting],
+    batch: tuple[int, int],
+    micro_given: int | None,
+    levers: Levers,
+) -> str | None:
+    """The first parameter-sharding launch (FSDP2, then ZeRO-3 with the optimizer in host RAM)
+    under which this job fits, as advice; None when neither does, the launch has one rank, or
+    the weights are quantised (FSDP2 refuses them, ZeRO-3 is not planned with them).
+    `batch`: (world size, per-rank batch)."""
+    world, per_rank = batch
+    static = model.static_device_bytes or {}
+    if model.units is None or world < 2 or not fp.on_gpu or "quantised_weights" in static:
+        return None
+    for engine, offload, lever in (("fsdp2", False, levers.fsdp), ("zero3", True, levers.zero3)):
+        states = sharded_states(
+            engine,
+            param_count=model.param_count,
+            trainable_count=model.trainable,
+            units=model.units,
+            world_size=world,
+            compute_dtype_bytes=model.units.compute_dtype_bytes,
+            offload_optimizer=offload,
+        )
+        trial = dataclasses.replace(
+            fp,
+            model_device_bytes=states.device_bytes + model.step_fixed_bytes,
+            offloaded_bytes=states.offloaded,
+            optimizer="adamw",
+        )
+        chosen, micro, _ = _choose(trial, settings, divisors(per_rank), micro_given)
+        if chosen is not None:
+            return (
+                f"{lever} shards the parameters too: model states "
+                f"{format_bytes(states.device_bytes)} per rank, micro-batch {micro} fits"
+            )
+    return None
 
 
 def _host_model_bytes(model: ModelMemory) -> int:

@@ -96,6 +96,12 @@ def estimate_model_memory(
         sharding=sharding,
         offload_params=offload_params,
     )
+    if estimate.memory.units is None:  # what a sharded launch would gather, for the advice
+        units = ShardUnits.of_shape(shape, estimate.memory.trainable)
+        compute = 4 if config.training.mixed_precision == "no" else 2
+        units = dataclasses.replace(units, compute_dtype_bytes=compute)
+        memory = dataclasses.replace(estimate.memory, units=units)
+        estimate = dataclasses.replace(estimate, memory=memory)
     mapped = shape.half_precision_param_count()
     if shape.quantised_weights is not None or not mapped:
         return estimate  # a quantised load counts its own (quantised_host_model_bytes)
@@ -227,14 +233,17 @@ def _sharded(
     whole = {k: static[k] for k in WHOLE_CATEGORIES if k in static}
     quantised = shape.quantised_weights
     params = memory.param_count - (quantised.quantised_params if quantised else 0)
-    units = ShardUnits.of_shape(shape, memory.trainable)
+    compute = 4 if precision == "no" else 2
+    units = dataclasses.replace(
+        ShardUnits.of_shape(shape, memory.trainable), compute_dtype_bytes=compute
+    )
     states = sharded_states(
         sharding,
         param_count=params,
         trainable_count=memory.trainable,
         units=units,
         world_size=world_size,
-        compute_dtype_bytes=4 if precision == "no" else 2,
+        compute_dtype_bytes=compute,
         offload_optimizer=offloads[0],
         offload_params=offloads[1],
         whole=whole,

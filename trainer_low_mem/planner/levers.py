@@ -43,6 +43,13 @@ class Levers:
     """8-bit AdamW states (not under DeepSpeed)."""
     offload_activations: str = "--offload_activations on"
     """Saved activations in pinned host RAM (with a GPU)."""
+    fsdp: str = "launching with --config_file accelerate_configs/fsdp2_3gpu.yaml (FSDP2)"
+    """Shards the parameters too (FSDP2)."""
+    zero3: str = (
+        "launching with --config_file accelerate_configs/zero3_offload_3gpu.yaml (ZeRO-3, "
+        "optimizer states in host RAM)"
+    )
+    """Shards the parameters too (ZeRO-3), the optimizer states in host RAM."""
 
     def without_checkpointing_hint(self, grad_checkpointing_on: bool) -> Levers:
         if not grad_checkpointing_on:
@@ -54,6 +61,8 @@ PLAN_FLAG_LEVERS = Levers(
     zero_stage="--zero_stage 2",
     offload_optimizer="--offload_optimizer=True (with --zero_stage 1 or 2)",
     drop_offload="drop --offload_optimizer",
+    fsdp="--fsdp=True",
+    zero3="--zero_stage 3 --offload_optimizer=True",
 )
 
 

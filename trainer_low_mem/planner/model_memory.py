@@ -133,6 +133,7 @@ class ShardUnits:
     root_trainable: int  # of which trainable
     half_frozen: int = 0  # frozen parameters kept in bf16/fp16 (a LoRA base)
     largest_layer_params: int = 0  # the largest single module's own (DeepSpeed's estimator)
+    compute_dtype_bytes: int = 2  # what the gathered parameters compute in (4 under "no")
 
     @classmethod
     def of_shape(cls, shape: ModelShape, trainable: int) -> ShardUnits:

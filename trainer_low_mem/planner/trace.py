@@ -11,6 +11,7 @@ tensors cannot see. `bench plan` checks it against torch's MemTracker around rea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import weakref
@@ -177,7 +178,7 @@ def trace_step_memory(
         quantised=_quantised_weights(model),
         adamw_8bit_state_bytes=adamw_8bit_bytes,
         offload_points=tuple(offload_points),
-        units=units if sharding else None,
+        units=dataclasses.replace(units, compute_dtype_bytes=2 if half is not None else 4),
     )
 
 

@@ -6,7 +6,8 @@ import tempfile
 
 import pytest
 
-from lowmem_core.errors import ConfigError
+from lowmem_core.errors import ConfigError, MemoryLimitError
+from lowmem_core.memory import format_bytes
 from trainer_low_mem.config import DataConfig, JobConfig, MemoryConfig, TrainingConfig
 from trainer_low_mem.model import resolve_preset
 from trainer_low_mem.planner import ModelMemory, plan, plan_for_job
@@ -276,3 +277,46 @@ def test_the_stage_3_refusal_is_gone_from_the_planner():
     )
     assert p.footprint.zero_stage == 3
     assert "ZeRO-3 over 3 ranks placement applied by it" in p.footprint.states
+
+
+BIG_UNITS = ShardUnits(80_000_000, 80_000_000, 300_000_000, 300_000_000)
+
+
+def big_model(params: int) -> ModelMemory:
+    return ModelMemory(param_count=params, activation_bytes_per_token=100_000, units=BIG_UNITS)
+
+
+def test_a_full_fine_tune_too_big_for_whole_model_ranks_is_advised_the_sharding_that_fits(
+    gpu_plan,
+):
+    model = big_model(3_000_000_000)
+    with pytest.raises(MemoryLimitError) as refused:
+        gpu_plan(model=model)
+    fsdp2 = sharded_states(
+        "fsdp2",
+        param_count=model.param_count,
+        trainable_count=model.trainable,
+        units=BIG_UNITS,
+        world_size=3,
+        compute_dtype_bytes=2,
+    )
+    states = format_bytes(fsdp2.device_bytes)
+    advice = f"Try: --fsdp=True shards the parameters too: model states {states} per rank"
+    assert advice in str(refused.value)
+
+
+def test_sharding_is_advised_only_where_it_fits(gpu_plan):
+    with pytest.raises(MemoryLimitError) as refused:
+        gpu_plan(model=big_model(8_000_000_000), host_ram_limit_bytes=64 * GiB, host=None)
+    assert "shards the parameters" not in str(refused.value)
+    with pytest.raises(MemoryLimitError) as one_rank:
+        gpu_plan(model=big_model(3_000_000_000), world_size=1, global_batch=16)
+    assert "shards the parameters" not in str(one_rank.value)
+
+
+def test_a_train_launch_is_advised_the_shipped_sharding_config():
+    from trainer_low_mem.planner.levers import Levers
+
+    levers = Levers(zero_stage="z", offload_optimizer="o", drop_offload="d")
+    assert levers.fsdp == "launching with --config_file accelerate_configs/fsdp2_3gpu.yaml (FSDP2)"
+    assert "accelerate_configs/zero3_offload_3gpu.yaml" in levers.zero3

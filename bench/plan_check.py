@@ -9,6 +9,7 @@ around real fp32 steps on the CPU, in the same order as the trace: a first step,
 gradients and optimizer states resident, the optimizer step and one accumulating micro-step.
 A quantised case traces the planner's stand-ins (trainer_low_mem/models/quantised_meta.py) and
 steps a real bitsandbytes model that transformers quantised on the CPU from saved weights.
+The sharded cases (bench/sharded_check.py) plan an FSDP2 rank and measure two real gloo ranks.
 Targets: every peak within 10%, every case's bytes per token within 5%.
 """
 
@@ -319,11 +320,15 @@ def run_plan_check(quick: bool = False, json_path: Path | None = None) -> int:
     started = time.perf_counter()
     rows: list[Row] = []
     slopes: list[Slope] = []
-    for case in cases(quick):
-        case_rows, slope = check_case(case)
+    from bench.sharded_check import check_sharded_case, sharded_cases
+
+    checks = [(c.name, check_case, c) for c in cases(quick)]
+    checks += [(c.name, check_sharded_case, c) for c in sharded_cases(quick)]
+    for name, check, case in checks:
+        case_rows, slope = check(case)
         rows += case_rows
         slopes.append(slope)
-        print(f"  {case.name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"  {name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     print(table(rows, slopes))
     worst_peak = max(abs(r.ratio - 1.0) for r in rows)
     worst_slope = max(abs(s.ratio - 1.0) for s in slopes)

@@ -170,12 +170,14 @@ def _estimate(
         device,
         precision,
         zero_stage,
-        offload_optimizer and device == "cuda",
+        offload_optimizer and device == "cuda" and sharding is None,
         world_size,
-        sharding,
-        offload_params and device == "cuda",
+        sharding is not None,  # one trace serves every engine and offload: only placed apart
     )
     traced = _cached_trace(settings, factory, batch_spec)
+    if sharding is not None and not isinstance(traced, str):
+        offloads = (offload_optimizer and on_gpu, offload_params and on_gpu)
+        traced = _sharded_trace(traced, sharding, world_size, offloads)
     if isinstance(traced, str):
         why = "analytic: the trace failed ({cause}); counted from the model's dimensions, " + _LINE
         numbers = {"cause": traced, **_line(analytic)}
@@ -253,6 +255,36 @@ def _sharded(
         static_device_bytes=states.device,
         host_offload_bytes=states.offloaded,
         units=units,
+    )
+
+
+def _sharded_trace(
+    traced: TracedMemory, sharding: str, world_size: int, offloads: tuple[bool, bool]
+) -> TracedMemory:
+    """A sharded trace placed as `sharding` shards it with `offloads` (optimizer, parameters)
+    in host RAM; an optimizer step the engine runs on the host leaves no device transient."""
+    from trainer_low_mem.planner.sharding import WHOLE_CATEGORIES, sharded_states
+
+    whole = {k: traced.static_bytes[k] for k in WHOLE_CATEGORIES if k in traced.static_bytes}
+    quantised = traced.quantised.quantised_params if traced.quantised is not None else 0
+    offload_optimizer, offload_params = offloads
+    states = sharded_states(
+        sharding,
+        param_count=traced.param_count - quantised,
+        trainable_count=traced.trainable_count,
+        units=traced.units,
+        world_size=world_size,
+        compute_dtype_bytes=traced.units.compute_dtype_bytes,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        whole=whole,
+    )
+    host_step = offload_params if sharding == "fsdp2" else offload_optimizer
+    return dataclasses.replace(
+        traced,
+        static_bytes={**states.device, "buffers": traced.static_bytes["buffers"]},
+        host_offload_bytes=states.offloaded,
+        optimizer_step_bytes=0 if host_step else traced.optimizer_step_bytes,
     )
 
 
@@ -358,8 +390,7 @@ def _cached_trace(settings: tuple, factory: ModelFactory, batch_spec) -> TracedM
     if settings not in _TRACES or settings[0] is None:
         from trainer_low_mem.planner.trace import trace_step_memory
 
-        _, _, seq_len, device, precision, zero_stage, offload, world_size = settings[:8]
-        sharding, offload_params = settings[8:]
+        _, _, seq_len, device, precision, zero_stage, offload, world_size, sharded = settings
         # A failing fake-tensor op logs its traceback; the plan gives the cause in one line.
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
         level = fake_log.level
@@ -372,8 +403,7 @@ def _cached_trace(settings: tuple, factory: ModelFactory, batch_spec) -> TracedM
                 mixed_precision=precision,
                 zero_stage=zero_stage,
                 offload_optimizer=offload,
-                sharding=sharding,
-                offload_params=offload_params,
+                sharding="fsdp2" if sharded else None,
                 world_size=world_size,
                 batch_spec=batch_spec,
             )

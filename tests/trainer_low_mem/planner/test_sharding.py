@@ -320,3 +320,29 @@ def test_a_train_launch_is_advised_the_shipped_sharding_config():
     levers = Levers(zero_stage="z", offload_optimizer="o", drop_offload="d")
     assert levers.fsdp == "launching with --config_file accelerate_configs/fsdp2_3gpu.yaml (FSDP2)"
     assert "accelerate_configs/zero3_offload_3gpu.yaml" in levers.zero3
+
+
+def test_one_trace_serves_every_sharding_engine_and_offload():
+    from trainer_low_mem.model import MODEL_PRESETS, DecoderLM
+    from trainer_low_mem.planner import estimate
+
+    tiny = resolve_preset("tiny")
+    key = "tiny, sharded once"
+    memory = {}
+    for engine, offload in (("fsdp2", False), ("fsdp2", True), ("zero3", False)):
+        memory[engine, offload] = estimate_model_memory(
+            job(),
+            tiny,
+            device="cuda",
+            world_size=3,
+            sharding=engine,
+            offload_params=offload,
+            model_factory=lambda: DecoderLM(MODEL_PRESETS["tiny"]),
+            model_key=key,
+        ).memory
+    assert len([settings for settings in estimate._TRACES if settings[0] == key]) == 1
+    assert {m.source for m in memory.values()} == {"trace"}
+    kept, offloaded = memory["fsdp2", False], memory["fsdp2", True]
+    moved = sum(kept.static_device_bytes[k] for k in ("weights", "gradients", "optimizer"))
+    assert offloaded.host_offload_bytes == moved and "weights" not in offloaded.static_device_bytes
+    assert "reduce_bucket" in memory["zero3", False].static_device_bytes

@@ -269,19 +269,22 @@ def test_a_sharded_state_resumes_on_another_number_of_ranks(tokens, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_on_a_transformers_model_trains_as_under_ddp_and_exports_merged(
-    build_sample_sft, tmp_path
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_a_transformers_model_trains_as_under_ddp_and_exports_its_weights(
+    build_sample_sft, tmp_path, tuning
 ):
-    """A frozen base sharded beside its adapters: FSDP2 computes the losses DDP computes, and
-    its merged export holds the weights DDP's does."""
+    """LoRA (a frozen base sharded beside its adapters) and full fine-tuning (the tied head
+    the chunked loss reads inside the root unit's forward, so gathered whole, and trained):
+    FSDP2 computes the losses DDP computes, and its export holds the weights DDP's does."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
     inputs = build_sample_sft(tmp_path, write_sample_model(tmp_path / "llama"), 32, 8)
     common = (
         "--model", str(inputs["model"]), "--data", str(inputs["train_data"]),
-        "--eval_data", str(inputs["eval_data"]), "--lora_rank", "4", "--lr", "1e-2",
+        "--eval_data", str(inputs["eval_data"]), "--lr", "1e-2" if tuning == "lora" else "1e-3",
         "--grad_checkpointing", "True", "--warmup_steps", "1", "--global_batch", "4",
         "--batch_size_per_gpu", "1", "--max_seq_len", "128", "--max_steps", "4",
+        *(("--lora_rank", "4") if tuning == "lora" else ()),
     )  # fmt: skip
     runs = {}
     for engine in ("fsdp2", "ddp"):
@@ -304,7 +307,11 @@ def test_lora_on_a_transformers_model_trains_as_under_ddp_and_exports_merged(
         torch.testing.assert_close(p, reference.get_parameter(name), rtol=0, atol=1e-4)
         if not torch.equal(p, untouched.get_parameter(name)):
             changed.append(name)
-    assert changed and all("proj" in name for name in changed)  # the adapters merged
+    if tuning == "lora":
+        assert changed and all("proj" in name for name in changed)  # the adapters merged
+    else:
+        assert "model.embed_tokens.weight" in changed
+        assert tuned.lm_head.weight is tuned.model.embed_tokens.weight
 
 
 @pytest.mark.slow

@@ -56,7 +56,9 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, *, mixed_precision: str, offload_params: bool) -> nn.Module:
-    """Shard `model` in place over the default process group (collective); returns it.
+    """Shard `model` in place over the default process group (collective); returns it. Built on
+    the CPU, each unit moves to this rank's device as it is sharded (fully_shard moves it), so
+    a device holds one whole block at a time on top of its shards, never the whole model.
 
     `offload_params`: sharded parameters, gradients and the optimizer step rest in host RAM
     (torch's CPUOffloadPolicy), gathered onto the device for each unit's forward and backward."""

@@ -150,9 +150,10 @@ class _Run:
             f"trainable parameters: {trainable:,} of {total:,} "
             f"({100.0 * trainable / max(total, 1):.2f}%)"
         )
-        if not self.launch.deepspeed:
+        if not self.launch.deepspeed and self.launch.sharding_engine != fsdp.ENGINE:
             # Where it trains, before planning: a GPU plan probes it there. DeepSpeed places
-            # the model itself in `prepare`.
+            # the model itself in `prepare`; FSDP2 moves one block at a time in `shard_model`,
+            # so no rank ever holds the whole model on its device.
             self.module.to(self.ctx.device)
 
     def _make_plan(self) -> None:

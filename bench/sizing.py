@@ -4,8 +4,9 @@ It writes each model's config.json (dimensions from the model cards; no weights:
 them on the meta device), runs `plan_from_config` (the code path of `train_low_mem.py plan`) for
 every machine and method, and prints one row per run: the chosen micro-batch and accumulation,
 the device peak and its terms, host RAM per process and per node, and a published figure beside
-it (LLaMA-Factory's hardware table, DeepSpeed's ZeRO-2 estimator) with the reason they differ.
-`--markdown PATH` writes the table as docs/SIZING.md holds it.
+it (LLaMA-Factory's hardware table, DeepSpeed's ZeRO-2 and ZeRO-3 estimators) with the reason
+they differ. The sharded rows (`SHARDED_ROWS`) plan a few of the jobs again under FSDP2 and
+ZeRO-3 on the three 20 GB cards. `--markdown PATH` writes the table as docs/SIZING.md holds it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ MODEL_CONFIGS: dict[str, dict] = {
     },
 }
 PRESETS = ("small", "medium")
+# Planned only in the sharded rows: the size that three 20 GB cards full fine-tune only sharded.
+SHARDED_ONLY_CONFIGS: dict[str, dict] = {
+    "Qwen2.5-3B": {
+        **_DECODER,
+        "model_type": "qwen2",
+        "hidden_size": 2048,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "intermediate_size": 11008,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "eos_token_id": 151643,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,20 @@ MACHINES = (
     Machine("3x20GB, 32GB RAM", 3, 20 * GiB, 32 * GiB),
 )
 METHODS = ("full", "lora", "qlora")
+# The `plan` flags of each parameter-sharding launch, and the jobs planned under each of them on
+# the three 20 GB cards (the machine where every rank holding the whole model runs out first).
+SHARDED_LAUNCHES = {
+    "FSDP2": ["--fsdp"],
+    "FSDP2 offload": ["--fsdp", "--offload_params"],
+    "ZeRO-3": ["--zero_stage", "3"],
+    "ZeRO-3 offload": ["--zero_stage", "3", "--offload_optimizer"],
+    "ZeRO-3 offload+params": ["--zero_stage", "3", "--offload_optimizer", "--offload_params"],
+}
+SHARDED_ROWS = (
+    ("Qwen2.5-3B", "full", tuple(SHARDED_LAUNCHES)),
+    ("Qwen1.5-7B", "lora", ("FSDP2", "ZeRO-3")),
+)
+SHARDED_MACHINE = MACHINES[2]
 
 
 @dataclass
@@ -139,7 +169,8 @@ def write_model_folder(root: Path, name: str) -> Path:
     """The folder `plan --model` reads: config.json alone."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(MODEL_CONFIGS[name], indent=1))
+    config = {**MODEL_CONFIGS, **SHARDED_ONLY_CONFIGS}[name]
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
 
 
@@ -148,8 +179,15 @@ def global_batch(machine: Machine) -> int:
     return -(-GLOBAL_BATCH // machine.gpus) * machine.gpus
 
 
-def plan_config(model: str, folder: Path | None, method: str, machine: Machine, offload: bool):
-    """The `plan` flags of one row."""
+def plan_config(
+    model: str,
+    folder: Path | None,
+    method: str,
+    machine: Machine,
+    offload: bool,
+    sharded: str | None = None,
+):
+    """The `plan` flags of one row; `sharded` names a `SHARDED_LAUNCHES` entry."""
     from trainer_low_mem.cli import parse_plan_config
 
     argv = [
@@ -170,7 +208,43 @@ def plan_config(model: str, folder: Path | None, method: str, machine: Machine, 
         argv += ["--load_in_4bit"]
     if offload:
         argv += ["--zero_stage", "2", "--offload_optimizer"]
+    if sharded is not None:
+        argv += SHARDED_LAUNCHES[sharded]
     return parse_plan_config(argv)
+
+
+def sharded_row(model: str, folder: Path | None, method: str, launch: str) -> Row:
+    """Plan one job under a parameter-sharding launch on `SHARDED_MACHINE`."""
+    from trainer_low_mem.cli import plan_from_config
+
+    row = Row(model, method, SHARDED_MACHINE, fits=False, launch=launch)
+    config = plan_config(model, folder, method, SHARDED_MACHINE, False, sharded=launch)
+    try:
+        result = plan_from_config(config)
+    except MemoryLimitError as exc:
+        row.note = str(exc).split(". ")[0][:160]
+        return row
+    except (ConfigError, LowMemError) as exc:
+        row.note = f"not planned: {str(exc).replace(str(folder), model)[:160]}"
+        return row
+    _fill(row, result.to_dict(), launch)
+    return row
+
+
+def sharded_rows() -> list[Row]:
+    """The `SHARDED_ROWS` jobs under each of their launches, with DeepSpeed's ZeRO-3 figure."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lowmem-sizing-") as tmp:
+        for model, method, launches in SHARDED_ROWS:
+            folder = write_model_folder(Path(tmp), model)
+            params = param_count(model, folder)
+            largest = largest_layer_params(folder)
+            for launch in launches:
+                row = sharded_row(model, folder, method, launch)
+                row.params = params
+                add_sharded_published(row, largest)
+                rows.append(row)
+    return rows
 
 
 def plan_row(model: str, folder: Path | None, method: str, machine: Machine) -> Row:
@@ -220,6 +294,17 @@ def _parse_states(states: str) -> dict[str, int]:
         if len(words) >= 3 and words[-1] in units:
             terms[" ".join(words[:-2])] = int(float(words[-2]) * units[words[-1]])
     return terms
+
+
+def largest_layer_params(folder: Path) -> int:
+    """The largest module's own parameters, as DeepSpeed's `model_to_params` counts them."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        module = transformers.AutoModelForCausalLM.from_config(config)
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())
 
 
 def param_count(model: str, folder: Path | None) -> int:
@@ -290,6 +375,50 @@ def add_published(row: Row) -> None:
     row.difference = _difference(row, lf)
 
 
+def deepspeed_zero3_bytes(
+    params: int, largest_layer: int, gpus: int, offload: bool, offload_params: bool
+) -> tuple[int, int]:
+    """(host per node, per GPU) bytes of DeepSpeed's ZeRO-3 model-states estimate (what its
+    `estimate_zero3_model_states_mem_needs_all_cold` prints), buffer factor 1.5."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    host, gpu, _ = estimate_zero3_model_states_mem_needs(
+        params,
+        largest_layer,
+        num_gpus_per_node=gpus,
+        num_nodes=1,
+        cpu_offload=offload,
+        cpu_offload_params=offload_params,
+    )
+    return int(host), int(gpu)
+
+
+def add_sharded_published(row: Row, largest_layer: int) -> None:
+    """DeepSpeed's ZeRO-3 estimate beside a ZeRO-3 row (its model states only); an FSDP2 row
+    has no published figure, so its states are named instead."""
+    if not row.launch.startswith("ZeRO-3"):
+        row.published = "none published (FSDP2: torch documents no estimator)"
+        row.difference = (
+            "per rank: fp32 shards of weights, gradients and AdamW moments (16 B/param / N for "
+            "full fine-tuning; host RAM with parameter offload), two bf16 blocks and the root "
+            "gathered, and the activations"
+        )
+        return
+    offload = "offload" in row.launch
+    host, gpu = deepspeed_zero3_bytes(
+        row.params, largest_layer, row.machine.gpus, offload, "params" in row.launch
+    )
+    row.published = f"DeepSpeed ZeRO-3: {gpu / GiB:.1f} GiB/GPU, host {host / GiB:.1f} GiB"
+    row.difference = (
+        "DeepSpeed counts 18 B/param / N (2 with optimizer offload) plus the largest layer in "
+        "fp32; ours adds the 16-bit gradient partition, the reduce bucket, the gathered "
+        "parameters (block + prefetch bucket), the activations and CUDA's reserve; its host "
+        "figure has a 1.5 buffer factor"
+    )
+    if row.method != "full":
+        row.difference += "; it counts every parameter as trained, so it is a full fine-tune's"
+
+
 def _difference(row: Row, lf_gb: float) -> str:
     if row.method == "full":
         return (
@@ -345,7 +474,9 @@ def _gib(n: int) -> str:
 def markdown_row(row: Row) -> str:
     params = f"{row.params / 1e9:.2f}B"
     if not row.fits:
-        cells = [row.model, params, row.method, row.machine.name, "no", "", "", "", row.note]
+        # A sharded row names the launch it was refused under.
+        cells = [row.model, params, row.method, row.machine.name, "no", row.launch, "", ""]
+        cells.append(row.note)
         cells += ["", "", row.published, row.difference]
         return "| " + " | ".join(cells) + " |"
     t = row.terms
@@ -387,6 +518,10 @@ def run_sizing(markdown: Path | None, models: tuple[str, ...] | None) -> int:
     for model in models or (*MODEL_CONFIGS, *PRESETS):
         rows += size_all((model,))
         if markdown is not None:  # after each model: an interrupted run keeps what it planned
+            write_into(markdown, table(rows))
+    if models is None:
+        rows += sharded_rows()
+        if markdown is not None:
             write_into(markdown, table(rows))
     print(table(rows))
     return 0

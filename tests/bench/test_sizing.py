@@ -78,3 +78,52 @@ def test_the_whole_table_says_what_the_users_found():
         assert by[("Qwen1.5-7B", "qlora", machine.name)].fits, machine
     assert by[("Qwen1.5-7B", "lora", MACHINES[2].name)].fits
     assert not by[("Qwen1.5-7B", "lora", one_16)].fits
+
+
+def test_the_published_zero3_figure_is_deepspeeds_estimate():
+    machine = sizing.SHARDED_MACHINE
+    row = sizing.Row("x", "full", machine, fits=True, launch="ZeRO-3 offload, adamw", params=3e9)
+    sizing.add_sharded_published(row, 300_000_000)
+    host, gpu = sizing.deepspeed_zero3_bytes(3e9, 300_000_000, 3, True, False)
+    assert row.published == (
+        f"DeepSpeed ZeRO-3: {gpu / sizing.GiB:.1f} GiB/GPU, host {host / sizing.GiB:.1f} GiB"
+    )
+    fsdp = sizing.Row("x", "full", machine, fits=True, launch="FSDP2, adamw", params=3e9)
+    sizing.add_sharded_published(fsdp, 300_000_000)
+    assert fsdp.published.startswith("none published")
+
+
+def test_the_sharded_rows_plan_each_launch_on_the_three_20gb_cards():
+    flags = {
+        launch: sizing.plan_config("x", None, "full", sizing.SHARDED_MACHINE, False, launch)
+        for launch in sizing.SHARDED_LAUNCHES
+    }
+    assert flags["FSDP2"].launch.fsdp and not flags["FSDP2"].launch.offload_params
+    assert flags["FSDP2 offload"].launch.offload_params
+    zero3 = flags["ZeRO-3 offload+params"].launch
+    assert (zero3.zero_stage, zero3.offload_optimizer, zero3.offload_params) == (3, True, True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # 7 plans from two traces (3B and 7B): about 1.5 min on 2 cores
+def test_the_sharded_rows_say_what_three_20gb_cards_hold():
+    rows = sizing.sharded_rows()
+    assert len(rows) == sum(len(launches) for _, _, launches in sizing.SHARDED_ROWS)
+    by = {(r.model, r.launch.split(",")[0]): r for r in rows}
+    for row in rows:
+        assert row.note.startswith("no plan fits") if not row.fits else not row.note, row
+        if row.fits:
+            m = row.machine
+            assert row.micro * row.accum * m.gpus == sizing.global_batch(m)
+            assert row.device_peak_bytes <= m.gpu_bytes and row.host_node_bytes <= m.host_bytes
+    # Full fine-tuning of a 3B model with fp32 AdamW: 16 B/param over three ranks (15.4 GiB)
+    # leaves no room on a 20 GB card, and every offload overflows 32 GB of host RAM.
+    assert not any(r.fits for r in rows if r.model == "Qwen2.5-3B")
+    assert by["Qwen2.5-3B", "FSDP2"].note.startswith("no plan fits (GPU")
+    assert by["Qwen2.5-3B", "ZeRO-3"].note.startswith("no plan fits (GPU")
+    for launch in ("FSDP2 offload", "ZeRO-3 offload", "ZeRO-3 offload+params"):
+        assert by["Qwen2.5-3B", launch].note.startswith("no plan fits (host"), launch
+    # A 7B LoRA run's bf16 base (14.4 GiB whole) is a third of that per card when sharded.
+    for launch in ("FSDP2", "ZeRO-3"):
+        row = by["Qwen1.5-7B", launch]
+        assert row.fits and row.terms["weights"] < 5 * sizing.GiB, row

@@ -346,3 +346,23 @@ def test_one_trace_serves_every_sharding_engine_and_offload():
     moved = sum(kept.static_device_bytes[k] for k in ("weights", "gradients", "optimizer"))
     assert offloaded.host_offload_bytes == moved and "weights" not in offloaded.static_device_bytes
     assert "reduce_bucket" in memory["zero3", False].static_device_bytes
+
+
+@pytest.mark.parametrize(
+    ("flags", "placement"),
+    [
+        (["--fsdp"], "FSDP2 over 2 ranks placement"),
+        (["--fsdp", "--offload_params"], "FSDP2 over 2 ranks placement"),
+        (["--zero_stage", "3", "--offload_optimizer"], "ZeRO-3 over 2 ranks placement"),
+    ],
+)
+def test_the_plan_command_reaches_the_sharded_placement_through_the_launch(flags, placement):
+    from trainer_low_mem.cli import parse_plan_config, plan_from_config
+
+    argv = ["--model_preset", "tiny", "--world_size", "2", "--max_seq_len", "64"]
+    argv += ["--global_batch", "8", "--device_budget", "8GiB", "--host_ram_limit", "16GiB"]
+    argv += ["--mixed_precision", "bf16", "--num_cores", "4", *flags]
+    result = plan_from_config(parse_plan_config(argv))
+    assert placement in result.footprint.states
+    offloaded = "--offload_params" in flags or "--offload_optimizer" in flags
+    assert (result.footprint.offloaded_bytes > 0) == offloaded

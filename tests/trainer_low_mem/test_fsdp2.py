@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -188,14 +189,17 @@ def tokens(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_preset_trains_evaluates_stops_resumes_bit_equal_and_exports(tokens, tmp_path):
+def test_a_preset_trains_evaluates_stops_resumes_and_exports(tokens, tmp_path):
+    """Stopped at step 3 and resumed: on 2 ranks the losses are bit-equal; on 3 ranks (the
+    sharded checkpoint resharded) they differ only by the order of the sums over ranks."""
     transformers = pytest.importorskip("transformers")
     common = (
         "--data", str(tokens), "--eval_data", str(tokens), "--eval_every", "3",
-        "--model_preset", "tiny", "--max_seq_len", "64", "--global_batch", "8",
-        "--batch_size_per_gpu", "2", "--grad_checkpointing", "True", "--max_steps", "6",
+        "--model_preset", "tiny", "--max_seq_len", "64", "--global_batch", "6",
+        "--batch_size_per_gpu", "1", "--grad_checkpointing", "True", "--max_steps", "6",
         "--warmup_steps", "2",
     )  # fmt: skip
+    # 6 steps of 6 rows stay in epoch 0 (42 rows), whose rows do not depend on the world size.
     whole = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     assert "FSDP2: parameters sharded over 2 ranks: " in whole.stdout
@@ -209,12 +213,25 @@ def test_a_preset_trains_evaluates_stops_resumes_bit_equal_and_exports(tokens, t
     assert "exiting with code 143" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr
     manifest = json.loads((out / "train_latest_state" / "manifest.json").read_text())
     assert (manifest["step"], manifest["sharding"], manifest["world_size"]) == (3, "fsdp2", 2)
+    shutil.copytree(out, tmp_path / "on3")
     resumed = _launch(
         tmp_path, "fsdp2", *common, "--output_dir", str(out), "--is_keep_training=True"
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3 " in resumed.stdout
     assert _losses(resumed.stdout) == {s: losses[s] for s in (4, 5, 6)}
+
+    on3 = _launch(
+        tmp_path, "fsdp2", *common, "--output_dir", str(tmp_path / "on3"),
+        "--is_keep_training=True", processes=3,
+    )  # fmt: skip
+    assert on3.returncode == 0, on3.stdout[-3000:] + on3.stderr[-3000:]
+    assert "resuming a 2-rank state with 3 ranks" in on3.stdout
+    assert "FSDP2: parameters sharded over 3 ranks: " in on3.stdout
+    got = _losses(on3.stdout)
+    assert sorted(got) == [4, 5, 6]
+    for step, loss in got.items():
+        assert float(loss) == pytest.approx(float(losses[step]), abs=2e-4)
 
     exported = load_file(out / "final" / "model.safetensors")
     assert exported.keys() == load_file(tmp_path / "whole" / "final" / "model.safetensors").keys()
@@ -239,33 +256,6 @@ def test_a_preset_trains_evaluates_stops_resumes_bit_equal_and_exports(tokens, t
         f"error: {out / 'train_latest_state'} was saved with fsdp2 but this run uses whole-model "
         "ranks; resume with the accelerate config it was saved with"
     ) in ddp.stderr
-
-
-@pytest.mark.slow
-def test_a_sharded_state_resumes_on_another_number_of_ranks(tokens, tmp_path):
-    common = (
-        "--data", str(tokens), "--model_preset", "tiny", "--max_seq_len", "64",
-        "--global_batch", "12", "--max_steps", "4", "--warmup_steps", "1",
-    )  # fmt: skip
-    whole = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
-    out = tmp_path / "out"
-    stopped = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(out), stop_after=2)
-    # Every rank exits with 143 after saving; the launcher reports a failed job.
-    assert "exiting with code 143" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr
-    resumed = _launch(
-        tmp_path, "fsdp2", *common, "--output_dir", str(out), "--is_keep_training=True",
-        processes=3,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming a 2-rank state with 3 ranks" in resumed.stdout
-    assert "FSDP2: parameters sharded over 3 ranks: " in resumed.stdout
-    expected = _losses(whole.stdout)
-    got = _losses(resumed.stdout)
-    assert sorted(got) == [3, 4]
-    # The same global batch and weights: only the order of the sums over ranks differs.
-    for step, loss in got.items():
-        assert float(loss) == pytest.approx(float(expected[step]), abs=2e-4)
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@
 Modules, in reading order: `model_memory` (what a model costs: `ModelShape`, `ModelMemory`, the
 analytic count), `probe` (measured on a GPU), `trace` and `traced_memory` (a training step on
 fake tensors), `estimate` (which of the three a job uses), `machine` (cores, devices), `batch`
-(the global batch's split), `footprint` (memory as lines in the micro-batch), `explain`
-(reasons, table), `plan` (`Plan` and its derive methods), `arithmetic` (`plan(...)`), `job`
-(`plan_for_job`).
+(the global batch's split), `footprint` (memory as lines in the micro-batch), `sharding` (a
+rank's states under FSDP2 and ZeRO-3), `explain` (reasons, table), `plan` (`Plan` and its
+derive methods), `arithmetic` (`plan(...)`), `job` (`plan_for_job`).
 """
 
 from trainer_low_mem.planner.arithmetic import plan

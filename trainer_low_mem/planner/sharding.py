@@ -11,11 +11,10 @@ which stays gathered from forward to the end of backward; MixedPrecisionPolicy(p
 reduce_dtype fp32). The trainable parameters are fp32 before sharding (accelerate upcasts them
 too), so the sharded parameter (a DTensor's local shard) is fp32, its gradient too:
     weights    (4 (P - H) + 2 H) / N     sharded fp32 parameters (frozen bf16 ones stay bf16)
-    gradients  4 T / N                   sharded fp32 gradients (reduce-scattered in c, cast)
+    gradients  4 T / N                   sharded fp32 gradients (reduce-scattered in fp32)
     optimizer  8 T / N                   AdamW's two fp32 moments of the shard
     gathered_parameters  c (2 B + R)     one block all-gathered, the next one prefetched, and
-                                         the root units (the tail stays gathered from forward
-                                         to backward; the embedding is gathered at each end)
+                                         the root, gathered for the whole forward and backward
     gathered_gradients   4 B_t           one block's gradients in the reduce dtype (fp32: the
                                          trainer's policy, trainer_low_mem/fsdp.py) as the
                                          reduce-scatter takes them; the fresh unsharded gradient
@@ -41,7 +40,10 @@ DeepSpeed's own estimator (`estimate_zero3_model_states_mem_needs`) counts 18 B 
 over N plus 4 B per parameter of the largest layer: it leaves out the 16-bit gradient partition
 and the buckets (tests/trainer_low_mem/planner/test_sharding.py and `bench sizing` compare).
 
-Activations are per micro-batch and do not change with sharding: the trace's line stands.
+Activations are per micro-batch and do not change with sharding: the trace's line stands. Host
+RAM while loading is counted per rank as without sharding (load_memory.py): every rank builds
+the whole model on its host before the engine shards it (the shipped FSDP2 config leaves
+fsdp_cpu_ram_efficient_loading off).
 Quantised weights (bitsandbytes' uint8 storage) stay whole on every rank: accelerate leaves them
 out of `fully_shard` rather than corrupt their quantisation state.
 """

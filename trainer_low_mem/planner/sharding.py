@@ -44,8 +44,10 @@ Activations are per micro-batch and do not change with sharding: the trace's lin
 RAM while loading is counted per rank as without sharding (load_memory.py): every rank builds
 the whole model on its host before the engine shards it (the shipped FSDP2 config leaves
 fsdp_cpu_ram_efficient_loading off).
-Quantised weights (bitsandbytes' uint8 storage) stay whole on every rank: accelerate leaves them
-out of `fully_shard` rather than corrupt their quantisation state.
+Quantised weights (bitsandbytes' packed codes): FSDP2 would leave them whole on every rank
+(accelerate keeps them out of `fully_shard`; the trainer refuses QLoRA under FSDP2); ZeRO-3
+partitions the codes like any frozen parameter (trainer_low_mem/zero3.py) and keeps their
+statistics whole on every rank.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ def sharded_states(
         device = {**whole, **({} if offload_params else states), **working}
         note = f" ({name} over {n} ranks" + (", sharded states in host RAM)" if host else ")")
         return ModelStates(device, host, note)
+    if "quantised_weights" in whole:  # ZeRO-3 partitions the packed codes, not their state
+        whole["quantised_weights"] = math.ceil(whole["quantised_weights"] / n)
     b = buckets or Zero3Buckets()
     master = FP32_BYTES if c < FP32_BYTES else 0
     weights = math.ceil(c * p / n)

@@ -85,10 +85,12 @@ def test_zero3_offload_moves_master_moments_gradients_then_the_partitions_to_hos
     assert both.note == " (ZeRO-3 over 4 ranks, optimizer and parameters in host RAM)"
 
 
-def test_quantised_weights_stay_whole_on_every_rank():
+def test_quantised_codes_are_partitioned_by_zero3_only_and_their_state_stays_whole():
     whole = {"quantised_weights": 700_000, "quant_state": 30_000}
     s = states("fsdp2", whole=whole)
     assert s.device["quantised_weights"] == 700_000 and s.device["quant_state"] == 30_000
+    z = states("zero3", whole=whole)
+    assert z.device["quantised_weights"] == 175_000 and z.device["quant_state"] == 30_000
 
 
 def test_zero3_agrees_with_deepspeeds_estimator_but_for_what_it_leaves_out():

@@ -69,6 +69,7 @@ class Stepper:
         self.offload_activations = offload_activations
         self.memory_advice = memory_advice  # the plan's: only levers that are off
         self.fsdp2 = fsdp2  # the model is sharded by trainer_low_mem/fsdp.py, not accelerate
+        self.zero3 = self.engine is not None and zero3.is_partitioned(model)
 
     def set_sizes(self, micro_batch: int, accumulation: int, global_batch: int) -> None:
         """Give accelerate and DeepSpeed the plan's micro-batch and accumulation."""
@@ -94,6 +95,10 @@ class Stepper:
                 forward_s += time.perf_counter() - t0
                 if detail is not None and self.fsdp2 and ctx.world_size > 1:
                     raise fsdp.out_of_memory(ctx.rank, f"micro-batch {i} forward", detail)
+                if detail is not None and self.zero3 and ctx.world_size > 1:
+                    raise zero3.out_of_memory(
+                        ctx.rank, f"micro-batch {i} forward", detail, self.memory_advice
+                    )
                 failure = oom.agreed_failure(ctx, f"micro-batch {i} forward", detail)
                 if failure is not None:
                     if self.engine is not None and i > 0:

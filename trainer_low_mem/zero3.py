@@ -14,7 +14,10 @@ modules stay engine-agnostic and call in here at the few points where that matte
   own forward; `gather_loss_head` registers that weight with the module whose forward reads it.
 - Export: `gathered` all-gathers every parameter for the export (a collective) and partitions
   them again afterwards.
-- Out-of-memory backoff: `release_gathered` frees what a failed forward left gathered.
+- Out of memory: with several ranks, one rank's error inside the forward cannot be backed off
+  together (the others wait in a parameter all-gather), so that rank stops the job with
+  `out_of_memory`'s one line; a single rank backs off, `release_gathered` first freeing what the
+  failed forward left gathered.
 - Quantised weights (QLoRA): bitsandbytes' packed 4-bit/8-bit codes are partitioned like any
   frozen parameter (DeepSpeed casts only floating-point tensors); their statistics stay whole
   on every rank, and a resume quantises them again from the model folder.
@@ -26,6 +29,8 @@ import contextlib
 from collections.abc import Iterator
 
 from torch import nn
+
+from lowmem_core.errors import MemoryLimitError
 
 ENGINE = "zero3"  # Launch.sharding_engine's name for DeepSpeed ZeRO-3
 
@@ -93,6 +98,18 @@ def gathered(module: nn.Module) -> Iterator[None]:
 
     with GatheredParameters(list(module.parameters()), modifier_rank=None):
         yield
+
+
+def out_of_memory(rank: int, where: str, detail: str, advice: str) -> MemoryLimitError:
+    """The error for an out-of-memory error in a multi-rank ZeRO-3 forward, on the rank it hit;
+    `advice` is the plan's (levers that are off)."""
+    # The other ranks wait in the next parameter all-gather, so they cannot meet this one to back
+    # off together as ZeRO-2's ranks do: this rank stops, and the launcher ends the others.
+    return MemoryLimitError(
+        f"out of memory in a ZeRO-3 step (rank {rank}, {where}: {detail}); its ranks cannot back "
+        "off together inside the parameter all-gathers: restart with a smaller "
+        f"--batch_size_per_gpu, or {advice}"
+    )
 
 
 def release_gathered(engine) -> None:

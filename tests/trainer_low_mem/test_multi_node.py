@@ -1,6 +1,7 @@
 """Two nodes on one machine: two `accelerate launch` process groups (`--num_machines 2
 --machine_rank 0/1`, two CPU ranks each) form one 4-rank job over gloo, on DDP, on DeepSpeed
-ZeRO-2 with the optimizer in host RAM and on FSDP2 (parameters sharded over the four ranks).
+ZeRO-2 and ZeRO-3 with the optimizer in host RAM and on FSDP2 (ZeRO-3 and FSDP2 shard the
+parameters over the four ranks).
 Every row of an epoch reaches exactly one of the four ranks, each node writes its index files
 once (into the dataset's shared cache, or into the node-local folder $LOWMEM_INDEX_CACHE names),
 a kill -9 of one node ends the other with one line, and both resume to the losses of a run that
@@ -32,6 +33,7 @@ RESUMED_LINE = re.compile(r"resumed from \S+ at step (\d+) ")
 LAUNCH_TIMEOUT_S = 240
 ROWS_PER_EPOCH = 42  # the 8 sample documents in rows of 64 tokens
 ZERO2_CONFIG = REPO / "accelerate_configs" / "zero2_offload_3gpu.yaml"
+ZERO3_CONFIG = REPO / "accelerate_configs" / "zero3_offload_3gpu.yaml"
 FSDP2_CONFIG = REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml"
 STEPS = 8  # 6 steps of 8 rows cover epoch 0 (the 6th: 2 rows and 6 of padding), then epoch 1
 
@@ -102,7 +104,7 @@ def _start_nodes(
     node_caches: bool,
 ) -> list[subprocess.Popen]:
     """Machine ranks 0 and 1 of one job, each `accelerate launch`ing 2 of its 4 ranks on
-    `engine` ("ddp", "zero2" or "fsdp2"); with node_caches each node's index files go to a
+    `engine` ("ddp", "zero2", "zero3" or "fsdp2"); with node_caches each node's index files go to a
     folder of its own ($LOWMEM_INDEX_CACHE)."""
     trace.mkdir(parents=True, exist_ok=True)
     port = str(_free_port())
@@ -128,7 +130,7 @@ def _start_nodes(
             # torchrun on each node, as for DDP, instead of DeepSpeed's pdsh launcher.
             engine_flags = [
                 "--config_file",
-                str(ZERO2_CONFIG),
+                str(ZERO3_CONFIG if engine == "zero3" else ZERO2_CONFIG),
                 "--deepspeed_multinode_launcher",
                 "standard",
             ]
@@ -270,7 +272,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_two_nodes_train_exactly_once_survive_a_killed_node_and_resume_to_the_same_losses(
     world, engine
 ):

@@ -2,8 +2,9 @@
 with gradient checkpointing, the chunked loss and eval, stopped and resumed to the uninterrupted
 run's losses bit for bit, its export equal to DeepSpeed's own consolidation of the saved shards;
 a Hugging Face model with LoRA stopped in one line by one rank's out-of-memory error, resumed,
-exported with its adapters merged, and refused a resume on another number of ranks. Slow: each
-launch starts fresh interpreters."""
+exported with its adapters merged, and refused a resume on another number of ranks; QLoRA with
+its 4-bit base partitioned, resumed and exported dequantised. Slow: each launch starts fresh
+interpreters."""
 
 from __future__ import annotations
 
@@ -236,3 +237,35 @@ def test_zero3_lora_stops_on_one_ranks_oom_resumes_exports_merged_and_keeps_its_
         "resume with --num_processes 2"
     ) in refused.stderr
     assert json.loads((out / STATE / "manifest.json").read_text())["step"] == 4
+
+
+def test_zero3_qlora_partitions_the_4bit_base_resumes_and_exports_it_dequantised(
+    tmp_path, build_sample_sft
+):
+    """bitsandbytes' packed NF4 codes are frozen uint8 parameters, which ZeRO-3 partitions like
+    any other (it casts only floating-point tensors); their statistics stay whole on each rank
+    and are quantised again from the model folder at resume."""
+    pytest.importorskip("bitsandbytes")
+    from trainer_low_mem.sample_model import write_sample_model
+
+    data = build_sample_sft(tmp_path, write_sample_model(tmp_path / "model"), 48, 8)
+    out = tmp_path / "out"
+    flags = (
+        *("--data", str(data["train_data"]), "--model", str(data["model"])),
+        *("--lora_rank", "4", "--load_in_4bit", "True", "--max_seq_len", "64"),
+        *("--global_batch", "4", "--save_every", "1"),
+    )
+    first, losses = _launch(tmp_path, 2, out, *flags, "--max_steps", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # The sample model's 4-bit layers, its fp32 embeddings, norms and adapters: half per rank.
+    assert (
+        "ZeRO-3: parameters partitioned over 2 ranks: 107.62 KiB on rank 0 of 215.25 KiB"
+    ) in first.stdout
+    resumed, more = _launch(tmp_path, 2, out, *flags, "--max_steps", "3", "--is_keep_training=True")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and " at step 2 " in resumed.stdout
+    assert len(losses) == 2 and len(more) == 1
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -168,7 +168,7 @@ def test_deepspeed_json_without_a_stage_means_stage_0(tmp_path):
     with pytest.raises(ConfigError) as exc:
         check_launch(launch)
     assert str(exc.value) == (
-        "optimizer offload needs ZeRO stage 1 or 2 but the stage is 0; use "
+        "optimizer offload needs ZeRO stage 1, 2 or 3 but the stage is 0; use "
         f"zero_optimization.stage: 2 in the DeepSpeed config ({ds_json})"
     )
 

@@ -320,9 +320,9 @@ CASES = [
         fix=r"24GB|16GiB",
     ),
     Case(
-        "plan-unsupported-zero-stage",
-        _plan("--model_preset", "tiny", "--zero_stage", "3"),
-        problem=r"ZeRO stage 3 \(sharded parameters\) is not supported",
+        "plan-unknown-zero-stage",
+        _plan("--model_preset", "tiny", "--zero_stage", "4"),
+        problem=r"ZeRO stage 4 is not a ZeRO stage \(0, 1, 2 or 3\)",
         fix=r"use --zero_stage 2",
     ),
     Case(

@@ -10,9 +10,14 @@ embeddings stay one parameter.
 
 The trainer shards the model here instead of through `accelerator.prepare`: accelerate enables
 its FSDP path for GPU processes only, and sharding here runs the same engine on CUDA ranks and on
-gloo CPU ranks. The state is torch's distributed checkpoint (DCP) of the sharded model and
-optimizer, which loads on any number of ranks; the export gathers the full weights into rank 0's
-host RAM, one parameter at a time, for the moment it writes them.
+gloo CPU ranks. Only rank 0 reads the weights into host RAM (accelerate's
+`fsdp_cpu_ram_efficient_loading`, here always on): the other ranks build the model on the meta
+device, every rank shards it, and rank 0's full state is broadcast into the shards one tensor at
+a time: the job holds one whole copy at load (rank 0's), not one per rank.
+
+The state is torch's distributed checkpoint (DCP) of the sharded model and optimizer, which loads
+on any number of ranks; the export gathers the full weights into rank 0's host RAM, one
+parameter at a time, for the moment it writes them.
 """
 
 from __future__ import annotations
@@ -55,13 +60,21 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, *, mixed_precision: str, offload_params: bool) -> nn.Module:
-    """Shard `model` in place over the default process group (collective); returns it. Built on
-    the CPU, each unit moves to this rank's device as it is sharded (fully_shard moves it), so
-    a device holds one whole block at a time on top of its shards, never the whole model.
+def shard_model(
+    model: nn.Module, *, mixed_precision: str, offload_params: bool, device: torch.device
+) -> nn.Module:
+    """Shard `model` in place over the default process group (collective); returns it. Rank 0
+    passes the whole model, built on the CPU with its weights; the other ranks pass the same
+    model built on the meta device (`materialised_bytes` 0). Each unit moves to `device` as it
+    is sharded (fully_shard moves it), so a device holds one whole block at a time on top of
+    its shards, never the whole model; then rank 0's weights and buffers are broadcast into
+    every rank's shards, so all ranks start from rank 0's model (its seeded initial weights,
+    LoRA adapters included).
 
     `offload_params`: sharded parameters, gradients and the optimizer step rest in host RAM
     (torch's CPUOffloadPolicy), gathered onto the device for each unit's forward and backward."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     kwargs = {
@@ -70,10 +83,40 @@ def shard_model(model: nn.Module, *, mixed_precision: str, offload_params: bool)
         if offload_params
         else OffloadPolicy(),
     }
+    # Views of rank 0's whole tensors (no copy), alive until broadcast; the others send nothing.
+    full_state = model.state_dict() if dist.get_rank() == 0 else {}
+    unsaved = _unsaved_buffer_names(model)
     for block in block_modules(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    if materialised_bytes(model) < _tensor_bytes(model):
+        # Storage for the meta shards (and buffers), filled by the broadcast below.
+        model.to_empty(device=torch.device("cpu") if offload_params else device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    del full_state
+    # Buffers outside the state dict (rotary inv_freq) are computed at build: rank 0's are right.
+    for name, buffer in model.named_buffers():
+        if name in unsaved:
+            dist.broadcast(buffer, src=0)
     return model
+
+
+def _unsaved_buffer_names(model: nn.Module) -> set[str]:
+    """The buffers a state dict leaves out (registered with persistent=False)."""
+    return {name for name, _ in model.named_buffers()} - set(model.state_dict())
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def materialised_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers that hold memory (not on the meta device): a rank's
+    whole model before sharding on rank 0, nothing on the others."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if not t.is_meta]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:

@@ -134,11 +134,26 @@ class _Run:
     def _build_model(self) -> None:
         torch.manual_seed(self.config.training.seed)
         job, m = self.job, self.config.model
-        self.module = job.build_model()
+        # Under FSDP2 only rank 0 reads the weights; the others build the model on the meta
+        # device and get rank 0's weights as `shard_model` shards it.
+        on_meta = self.launch.sharding_engine == fsdp.ENGINE and not self.ctx.is_main
+        if on_meta:
+            with torch.device("meta"):
+                self.module = job.kind.build(
+                    job.vocab_size, document_masking=job.document_masking, weights=False
+                )
+        else:
+            self.module = job.build_model()
+        if self.launch.sharding_engine == fsdp.ENGINE:
+            # The generator as rank 0's build left it (meta tensors draw nothing), as every
+            # rank had it when all built the weights: LoRA dropout and the rest draw the same.
+            torch.set_rng_state(self.ctx.gather(torch.get_rng_state())[0])
+        self.built_bytes = fsdp.materialised_bytes(self.module)
         description = job.kind.describe(self.module)
         weight_files = job.kind.weight_files()
         if m.init_from is not None:
-            load_initial_weights(job.kind, self.module, m.init_from)
+            if not on_meta:
+                load_initial_weights(job.kind, self.module, m.init_from)
             description += f", weights from {m.init_from}"
             weight_files += tuple(Path(m.init_from).glob("*.safetensors"))
         frozen = any(not p.requires_grad for p in self.module.parameters())
@@ -193,16 +208,19 @@ class _Run:
         fsdp2 = launch.sharding_engine == fsdp.ENGINE
         if fsdp2:  # before the optimizer, which must hold the shards
             whole_bytes = fsdp.local_parameter_bytes(self.module)
+            built_bytes = self.ctx.gather(self.built_bytes)
             fsdp.shard_model(
                 self.module,
                 mixed_precision=launch.mixed_precision,
                 offload_params=launch.param_offload == "cpu",
+                device=self.ctx.device,
             )
             self._print(
                 f"FSDP2: parameters sharded over {self.ctx.world_size} ranks: "
                 f"{format_bytes(fsdp.local_parameter_bytes(self.module))} on rank 0 of "
                 f"{format_bytes(whole_bytes)}"
                 + (", resting in host RAM" if launch.param_offload == "cpu" else "")
+                + f"; bytes of model built before sharding, by rank: {built_bytes}"
             )
         optimizer = build_optimizer(
             self.module, o, cpu_offload=launch.offloads_optimizer, optimizer=self.plan.optimizer

@@ -32,6 +32,7 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 FSDP2_CONFIG = REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml"
 STEP_LINE = re.compile(r"^step: (\d+)/\d+, loss: ([0-9.]+)", re.M)
 EVAL_LINE = re.compile(r"^step: (\d+)/\d+, eval_loss: ([0-9.]+)", re.M)
+BUILT_LINE = re.compile(r"bytes of model built before sharding, by rank: \[([0-9, ]+)\]")
 
 # The trainer's entry, stopped by SIGTERM once optimizer step $STOP_AFTER_STEP is done on every
 # rank, as a user's stop or a scheduler's preemption stops it.
@@ -93,6 +94,15 @@ def _launch(
         **(env or {}),
     }
     return subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=REPO, timeout=300)
+
+
+def _built_bytes(text: str) -> list[int]:
+    """The bytes of parameters and buffers each rank had materialised before sharding."""
+    return [int(n) for n in BUILT_LINE.search(text)[1].split(",")]
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _losses(text: str, pattern: re.Pattern = STEP_LINE) -> dict[int, str]:
@@ -203,6 +213,12 @@ def test_a_preset_trains_evaluates_stops_resumes_and_exports(tokens, tmp_path):
     whole = _launch(tmp_path, "fsdp2", *common, "--output_dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     assert "FSDP2: parameters sharded over 2 ranks: " in whole.stdout
+    # Rank 0 alone read the weights; rank 1 built the model on the meta device.
+    from pipeline.dataset import open_dataset
+    from trainer_low_mem.model import build_model
+
+    preset = build_model("tiny", vocab_size=open_dataset(tokens).vocab_size)
+    assert _built_bytes(whole.stdout) == [_tensor_bytes(preset), 0]
     losses = _losses(whole.stdout)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert sorted(_losses(whole.stdout, EVAL_LINE)) == [0, 3, 6]
@@ -228,6 +244,7 @@ def test_a_preset_trains_evaluates_stops_resumes_and_exports(tokens, tmp_path):
     assert on3.returncode == 0, on3.stdout[-3000:] + on3.stderr[-3000:]
     assert "resuming a 2-rank state with 3 ranks" in on3.stdout
     assert "FSDP2: parameters sharded over 3 ranks: " in on3.stdout
+    assert _built_bytes(on3.stdout) == [_tensor_bytes(preset), 0, 0]
     got = _losses(on3.stdout)
     assert sorted(got) == [4, 5, 6]
     for step, loss in got.items():
@@ -282,6 +299,9 @@ def test_a_transformers_model_trains_as_under_ddp_and_exports_its_weights(
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         runs[engine] = done.stdout
     assert "FSDP2: parameters sharded over 2 ranks: " in runs["fsdp2"]
+    # Rank 1 never held the model: built on the meta device, rank 0's weights broadcast to it.
+    built = _built_bytes(runs["fsdp2"])
+    assert built[1] == 0 and built[0] > 0
     for pattern in (STEP_LINE, EVAL_LINE):
         fsdp2, ddp = _losses(runs["fsdp2"], pattern), _losses(runs["ddp"], pattern)
         assert fsdp2.keys() == ddp.keys() and fsdp2
@@ -302,6 +322,7 @@ def test_a_transformers_model_trains_as_under_ddp_and_exports_its_weights(
     else:
         assert "model.embed_tokens.weight" in changed
         assert tuned.lm_head.weight is tuned.model.embed_tokens.weight
+        assert built[0] == _tensor_bytes(untouched)  # the whole fp32 model, on rank 0 only
 
 
 @pytest.mark.slow

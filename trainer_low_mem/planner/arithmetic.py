@@ -28,7 +28,7 @@ from trainer_low_mem.planner.levers import (
     lever_options,
     lever_reasons,
 )
-from trainer_low_mem.planner.load_memory import load_private_bytes
+from trainer_low_mem.planner.load_memory import load_private_bytes, loading_ranks
 from trainer_low_mem.planner.machine import cores, detect_devices, host_limit
 from trainer_low_mem.planner.model_memory import ModelMemory
 from trainer_low_mem.planner.plan import Plan
@@ -139,6 +139,7 @@ def plan(
             activation_bytes_per_token=per_token,
             process_bytes=process_base_bytes,
             load_bytes=_host_model_bytes(model) if on_gpu else 0,
+            load_ranks=loading_ranks(sharding, ranks),
             offloaded_bytes=states.offloaded,
             cuda_reserve_bytes=cuda_reserve_bytes if on_gpu else 0,
             dataset_bytes=dataset_bytes or 0,
@@ -468,6 +469,7 @@ def _sharded_advice(
             model_device_bytes=states.device_bytes + model.step_fixed_bytes,
             offloaded_bytes=states.offloaded,
             optimizer="adamw",
+            load_ranks=loading_ranks(engine, fp.ranks_per_node),
         )
         chosen, micro, _ = _choose(trial, settings, divisors(per_rank), micro_given)
         if chosen is not None:

@@ -213,7 +213,13 @@ def _host_reason(plan: Plan, fp: Footprint, mapped: int) -> Reason:
     why += "mapped dataset {dataset_bytes} + " if mapped else ""
     why += "epoch index (shared, page cache) {index_bytes} + " if fp.index_bytes else ""
     why += "{ranks} rank(s) x (process {process_bytes}"
-    if fp.load_bytes and fp.offloaded_bytes:
+    one_loads = fp.load_ranks is not None and fp.load_ranks < fp.ranks_per_node
+    if fp.load_bytes and one_loads:
+        # FSDP2: rank 0 alone loads; the others' shards are filled from it (load_memory.py).
+        numbers["load_excess_bytes"] = max(fp.load_bytes - fp.offloaded_bytes, 0)
+        if fp.offloaded_bytes:
+            why += " + offloaded optimizer {offloaded_bytes}"
+    elif fp.load_bytes and fp.offloaded_bytes:
         # The load copy is freed before the offloaded states exist (Footprint.load_bytes).
         why += " + the larger of model load {load_bytes} and offloaded optimizer {offloaded_bytes}"
     elif fp.load_bytes:
@@ -227,6 +233,10 @@ def _host_reason(plan: Plan, fp: Footprint, mapped: int) -> Reason:
         why += " + offloaded activations of one micro-batch {saved_bytes}"
     why += "" if fp.on_gpu else " + training state"
     why += " + prefetch pool + {readers} reader(s))"
+    if fp.load_bytes and one_loads:
+        why += " + rank 0's model load {load_bytes}"
+        why += " beyond its offloaded states: {load_excess_bytes}" if fp.offloaded_bytes else ""
+        why += " (FSDP2: the other ranks load nothing)"
     return Reason("host_bytes_planned", plan.host_bytes_planned, why, numbers)
 
 

@@ -131,11 +131,22 @@ class Footprint:
     # before it builds its optimizer), before any offloaded optimizer state exists: a rank holds
     # the larger of the two, not both.
     load_bytes: int = 0
+    # How many of the node's ranks hold that copy (load_memory.loading_ranks; None: all of them).
+    load_ranks: int | None = None
 
     @property
     def load_or_offloaded_bytes(self) -> int:
-        """Per rank in host RAM: the larger of the load copy and the offloaded states."""
+        """Per rank that loads, in host RAM: the larger of the load copy and the offloaded
+        states."""
         return max(self.load_bytes, self.offloaded_bytes)
+
+    @property
+    def host_model_bytes(self) -> int:
+        """The node's ranks' load copies or offloaded states: a loading rank holds the larger of
+        the two, the others (under FSDP2) the offloaded states only."""
+        ranks = self.ranks_per_node
+        loading = ranks if self.load_ranks is None else min(self.load_ranks, ranks)
+        return loading * self.load_or_offloaded_bytes + (ranks - loading) * self.offloaded_bytes
 
     @property
     def on_gpu(self) -> bool:
@@ -161,9 +172,7 @@ class Footprint:
         process = self.process_bytes + readers * READER_THREAD_BYTES
         if self.on_gpu:
             device_fixed = self.model_device_bytes + self.cuda_reserve_bytes
-            host_fixed = (
-                ranks * (process + self.load_or_offloaded_bytes) + dataset + self.index_bytes
-            )
+            host_fixed = ranks * process + self.host_model_bytes + dataset + self.index_bytes
             # The device also holds the prefetcher's copies of the pool's batches.
             return Lines(
                 self.budget_bytes or 0,

@@ -20,6 +20,11 @@ plus about 210 MiB of code and buffers (peft's import among them) that the proce
 So the planner counts a half-precision parameter at 1 byte and an fp32 one (the adapters) at 5.
 A bf16 base read from an fp32 folder would be a private 2-byte copy: the users' folders are bf16,
 so that is not what a plan counts.
+
+Under FSDP2 only global rank 0 loads the weights (trainer_low_mem/fsdp.py: the other ranks build
+the model on the meta device and receive rank 0's weights into their shards, one tensor at a
+time), so rank 0's node holds one load copy and the other ranks none: `loading_ranks`. The
+planner sizes rank 0's node, the fullest. ZeRO-3 and whole-model ranks each load it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from __future__ import annotations
 LOAD_PRIVATE_BYTES_PER_PARAM = 5
 # Peak private host bytes per parameter kept in the folder's half-precision dtype (see above).
 MAPPED_LOAD_PRIVATE_BYTES_PER_PARAM = 1
+
+
+def loading_ranks(sharding: str | None, ranks_per_node: int) -> int:
+    """How many of the fullest node's ranks hold the load copy: one (global rank 0) under FSDP2,
+    every rank otherwise."""
+    return 1 if sharding == "fsdp2" else ranks_per_node
 
 
 def load_private_bytes(param_count: int, mapped_count: int = 0) -> int:

@@ -41,9 +41,11 @@ over N plus 4 B per parameter of the largest layer: it leaves out the 16-bit gra
 and the buckets (tests/trainer_low_mem/planner/test_sharding.py and `bench sizing` compare).
 
 Activations are per micro-batch and do not change with sharding: the trace's line stands. Host
-RAM while loading is counted per rank as without sharding (load_memory.py): every rank builds
-the whole model on its host before the engine shards it (the shipped FSDP2 config leaves
-fsdp_cpu_ram_efficient_loading off).
+RAM while loading (load_memory.py): under FSDP2 only global rank 0 builds the whole model with
+its weights; the other ranks build it on the meta device and receive rank 0's weights into
+their shards (trainer_low_mem/fsdp.py, what accelerate's fsdp_cpu_ram_efficient_loading does),
+so rank 0's node holds one load copy and no other rank any. Under ZeRO-3 every rank builds the
+whole model on its host before DeepSpeed partitions it, as without sharding.
 Quantised weights (bitsandbytes' packed codes): FSDP2 would leave them whole on every rank
 (accelerate keeps them out of `fully_shard`; the trainer refuses QLoRA under FSDP2); ZeRO-3
 partitions the codes like any frozen parameter (trainer_low_mem/zero3.py) and keeps their

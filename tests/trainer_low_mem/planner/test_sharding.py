@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import pytest
@@ -12,6 +13,7 @@ from trainer_low_mem.config import DataConfig, JobConfig, MemoryConfig, Training
 from trainer_low_mem.model import resolve_preset
 from trainer_low_mem.planner import ModelMemory, plan, plan_for_job
 from trainer_low_mem.planner.estimate import estimate_model_memory
+from trainer_low_mem.planner.load_memory import load_private_bytes
 from trainer_low_mem.planner.model_memory import ShardUnits
 from trainer_low_mem.planner.sharding import Zero3Buckets, sharded_states
 
@@ -368,3 +370,36 @@ def test_the_plan_command_reaches_the_sharded_placement_through_the_launch(flags
     assert placement in result.footprint.states
     offloaded = "--offload_params" in flags or "--offload_optimizer" in flags
     assert (result.footprint.offloaded_bytes > 0) == offloaded
+
+
+def test_under_fsdp2_only_rank_0_holds_a_load_copy_and_under_zero3_every_rank_does():
+    tiny = resolve_preset("tiny")
+    plans = {
+        engine: plan_for_job(
+            job(global_batch=12),
+            tiny,
+            world_size=3,
+            device="cuda",
+            sharding=engine,
+            zero_stage=3 if engine == "zero3" else 0,
+            num_cores=8,
+        )
+        for engine in ("fsdp2", "zero3")
+    }
+    load = load_private_bytes(tiny.param_count())
+    fsdp2, zero3 = plans["fsdp2"].footprint, plans["zero3"].footprint
+    assert fsdp2.ranks_per_node == zero3.ranks_per_node == 3
+    assert fsdp2.load_bytes == zero3.load_bytes == load
+    assert fsdp2.host_model_bytes == load
+    assert zero3.host_model_bytes == 3 * load
+    assert (
+        plans["fsdp2"]
+        .reasons["host_bytes_planned"]
+        .text.endswith(
+            f" + rank 0's model load {format_bytes(load)} (FSDP2: the other ranks load nothing)"
+        )
+    )
+    # With offloaded states, rank 0 holds the larger of its load copy and its states.
+    offloaded = dataclasses.replace(fsdp2, offloaded_bytes=load // 4)
+    assert offloaded.host_model_bytes == load + 2 * (load // 4)
+    assert dataclasses.replace(offloaded, load_ranks=None).host_model_bytes == 3 * load

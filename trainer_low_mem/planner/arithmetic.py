@@ -73,6 +73,7 @@ def plan(
     offload_activations: str = "off",
     grad_checkpointing: bool = False,
     sharding: str | None = None,
+    offload_params: bool = False,
 ) -> Plan:
     """Size a run; see the module docstring.
 
@@ -86,7 +87,8 @@ def plan(
     without it, in the cost order of `LEVER_ORDER` (planner/levers.py); `grad_checkpointing`
     is recorded as given (it already shaped `model`'s activations). `sharding` ("fsdp2",
     "zero3") says the engine shards the parameters: `model` holds its states placed so
-    (estimate.py, sharding.py) and 8-bit AdamW is not planned under it.
+    (estimate.py, sharding.py, with the shards in host RAM under `offload_params`) and 8-bit
+    AdamW is not planned under it.
     `device` None means CUDA when a device budget is given or a GPU is visible. Raises
     ConfigError for impossible shapes and MemoryLimitError when nothing fits, with the numbers
     and advice that names each lever as `levers` spells it.
@@ -153,6 +155,9 @@ def plan(
             host_activation_bytes_per_token=host_per_token,
             grad_checkpointing=grad_checkpointing,
             zero_stage=stage,
+            sharding=sharding,
+            offload_optimizer=offload_optimizer and on_gpu,
+            offload_params=offload_params and on_gpu,
         )
         return fp, states
 

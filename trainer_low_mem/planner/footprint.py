@@ -133,6 +133,9 @@ class Footprint:
     load_bytes: int = 0
     # How many of the node's ranks hold that copy (load_memory.loading_ranks; None: all of them).
     load_ranks: int | None = None
+    sharding: str | None = None  # the engine sharding the parameters ("fsdp2", "zero3")
+    offload_optimizer: bool = False  # the engine's optimizer states in host RAM (ZeRO offload)
+    offload_params: bool = False  # sharded parameters rest in host RAM between uses
 
     @property
     def load_or_offloaded_bytes(self) -> int:

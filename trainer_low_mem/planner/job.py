@@ -123,6 +123,7 @@ def plan_for_job(
         offload_activations=t.offload_activations,
         grad_checkpointing=config.model.grad_checkpointing,
         sharding=sharding,
+        offload_params=offload_params,
     )
     reasons = {**result.reasons, "model_estimate": estimate.reason, loss_chunk.what: loss_chunk}
     result = dataclasses.replace(result, reasons=reasons, loss_chunk_tokens=loss_chunk.value)

@@ -134,6 +134,7 @@ class ShardUnits:
     half_frozen: int = 0  # frozen parameters kept in bf16/fp16 (a LoRA base)
     largest_layer_params: int = 0  # the largest single module's own (DeepSpeed's estimator)
     compute_dtype_bytes: int = 2  # what the gathered parameters compute in (4 under "no")
+    head_params: int = 0  # the output head's weight the chunked loss reads (the embedding, tied)
 
     @classmethod
     def of_shape(cls, shape: ModelShape, trainable: int) -> ShardUnits:
@@ -150,6 +151,7 @@ class ShardUnits:
             root_trainable=params - layers * block if full else 0,
             half_frozen=shape.half_precision_param_count(),
             largest_layer_params=max(shape.vocab_size * shape.d_model, shape.d_model * shape.d_ff),
+            head_params=shape.vocab_size * shape.d_model,
         )
 
 

@@ -195,14 +195,17 @@ class Plan:
 
     def memory_advice(self) -> str:
         """What to try after running out of memory, naming only the levers this plan is
-        without (8-bit states not under DeepSpeed, activation offload only with a GPU)."""
+        without (8-bit states not under DeepSpeed or FSDP2, activation offload only with a GPU,
+        the engine's own offloads where they are off)."""
         fp = self.footprint
         off = [] if fp is not None and fp.grad_checkpointing else ["--grad_checkpointing=True"]
         if self.optimizer == "adamw" and (fp is None or not fp.zero_stage):
             off.append("--optimizer adamw_8bit")
         if not self.offload_activations and self.device == "cuda":
             off.append("--offload_activations on")
-        return f"try {', '.join(off)}, ZeRO-2 with optimizer offload, or a shorter --max_seq_len"
+        off += _engine_offloads_off(fp)
+        shorter = "a shorter --max_seq_len"
+        return f"try {', '.join(off)}, or {shorter}" if off else f"try {shorter}"
 
     def with_prefetch_depth(self, depth: int, why: str) -> Plan:
         """Another prefetch depth: pinned pool, device copies and host bytes follow."""
@@ -277,6 +280,26 @@ def _footprint_fields(
         "optimizer": fp.optimizer,
         "offload_activations": fp.offload_activations,
     }
+
+
+def _engine_offloads_off(fp: Footprint | None) -> list[str]:
+    """The engine's host-RAM offloads the plan's launch has off, as the accelerate/DeepSpeed
+    config turns them on (a plan saved before footprints existed: ZeRO-2's, as then)."""
+    sharding = None if fp is None else fp.sharding
+    if sharding == "zero3":
+        return [
+            f"ZeRO-3 {what} offload ({key}: cpu in the DeepSpeed config)"
+            for what, key, on in (
+                ("optimizer", "offload_optimizer.device", fp.offload_optimizer),
+                ("parameter", "offload_param.device", fp.offload_params),
+            )
+            if not on
+        ]
+    if sharding == "fsdp2":
+        return [] if fp.offload_params else ["FSDP2 parameter offload (fsdp_offload_params: true)"]
+    if fp is not None and fp.zero_stage >= 2 and fp.offload_optimizer:
+        return []
+    return ["ZeRO-2 with optimizer offload"]
 
 
 def _require_count(what: str, value: int) -> None:

@@ -3,7 +3,7 @@
 N ranks, P parameters (T trainable, H of the frozen ones kept in bf16/fp16, as a LoRA base is),
 c = the compute dtype's bytes (2 under bf16/fp16, 4 under --mixed_precision no), B and B_t the
 largest transformer block's parameters and trainable ones, R and R_t those outside the blocks
-(embeddings, output head, final norm).
+(embeddings, output head, final norm), V the output head's weight (the embedding's, tied).
 
 FSDP2 as the trainer applies it (trainer_low_mem/fsdp.py, as accelerate's `fsdp2_prepare_model`
 would): `fully_shard` on each transformer block, then on the root (embeddings, final norm, head),
@@ -15,6 +15,7 @@ too), so the sharded parameter (a DTensor's local shard) is fp32, its gradient t
     optimizer  8 T / N                   AdamW's two fp32 moments of the shard
     gathered_parameters  c (2 B + R)     one block all-gathered, the next one prefetched, and
                                          the root, gathered for the whole forward and backward
+                                         (the head's V among R, counted once)
     gathered_gradients   4 B_t           one block's gradients in the reduce dtype (fp32: the
                                          trainer's policy, trainer_low_mem/fsdp.py) as the
                                          reduce-scatter takes them; the fresh unsharded gradient
@@ -31,7 +32,11 @@ partition; the optimizer keeps an fp32 master copy, the moments and an fp32 grad
                                          estimator counts them)
     optimizer  12 T / N                  fp32 master weights + moments (8 T / N under "no")
     reduce_bucket        c reduce_bucket_size   (allocated whole under contiguous_gradients)
-    gathered_parameters  c min(stage3_max_live_parameters, B + stage3_prefetch_bucket_size, P)
+    gathered_parameters  c (min(stage3_max_live_parameters, B + stage3_prefetch_bucket_size,
+                           P - V) + V)   the blocks DeepSpeed fetches and releases, and the
+                                         output head's V parameters the chunked loss reads,
+                                         gathered for the whole forward and backward
+                                         (registered as an external parameter, zero3.py)
 offload_optimizer puts the gradient partition buffer (pinned), the fp32 gradients, the master
 copy and the moments in host RAM ((c + 16) T / N; DeepSpeed's CPU Adam steps there);
 offload_param moves the 16-bit partitions (c P / N) there too. The bucket sizes are those of
@@ -46,6 +51,14 @@ its weights; the other ranks build it on the meta device and receive rank 0's we
 their shards (trainer_low_mem/fsdp.py, what accelerate's fsdp_cpu_ram_efficient_loading does),
 so rank 0's node holds one load copy and no other rank any. Under ZeRO-3 every rank builds the
 whole model on its host before DeepSpeed partitions it, as without sharding.
+Export (OUTPUT_DIR/final) needs no more device memory than a training step: both engines
+gather into rank 0's host RAM, FSDP2 one parameter at a time (fsdp.gathered) and ZeRO-3 one
+module's own parameters at a time (zero3.gathered), each freed on the device before the next.
+Rank 0's host then holds the whole model in the parameters' dtype (ZeRO-3: c P; FSDP2: its fp32
+shards' 4 (P - H) + 2 H), plus a cast copy where the export dtype differs, and the other ranks
+nothing. The plan's host line does not count that copy, for any engine (a whole-model rank's
+export copies its weights to the host too): it comes after the load copy is freed, but beside
+the offloaded states.
 Quantised weights (bitsandbytes' packed codes): FSDP2 would leave them whole on every rank
 (accelerate keeps them out of `fully_shard`; the trainer refuses QLoRA under FSDP2); ZeRO-3
 partitions the codes like any frozen parameter (trainer_low_mem/zero3.py) and keeps their
@@ -135,7 +148,11 @@ def sharded_states(
     weights = math.ceil(c * p / n)
     gradients = math.ceil(c * t / n) + math.ceil(FP32_BYTES * t / n)
     optimizer = math.ceil((master + ADAM_MOMENT_BYTES) * t / n)
-    live = min(b.max_live_elements, units.block_params + b.prefetch_bucket_elements, p)
+    # The head the chunked loss reads stays gathered through the forward and backward
+    # (zero3.gather_loss_head), beside the blocks DeepSpeed fetches and releases.
+    head = min(units.head_params, p)
+    live = min(b.max_live_elements, units.block_params + b.prefetch_bucket_elements, p - head)
+    live += head
     device = {
         **whole,
         "weights": 0 if offload_params else weights,

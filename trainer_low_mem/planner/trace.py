@@ -208,6 +208,7 @@ def shard_units(model: nn.Module) -> ShardUnits:
             if not p.requires_grad and p.is_floating_point() and p.element_size() == 2
         ),
         largest_layer_params=largest,
+        head_params=sum(p.numel() for p in getattr(model, "loss_head_parameters", list)()),
     )
 
 

@@ -87,6 +87,34 @@ def test_zero3_offload_moves_master_moments_gradients_then_the_partitions_to_hos
     assert both.note == " (ZeRO-3 over 4 ranks, optimizer and parameters in host RAM)"
 
 
+def test_zero3_counts_the_output_head_gathered_beside_the_blocks_and_fsdp2_once_in_its_root():
+    """Qwen-7B's 152,064 x 4,096 head, which the chunked loss reads outside its module: ZeRO-3
+    keeps it gathered (an external parameter) through the forward and backward, 1.16 GiB in
+    bf16 on top of a block and the prefetch bucket; FSDP2 gathers it with the root unit."""
+    head = 152_064 * 4_096
+    units = ShardUnits(
+        block_params=233_000_000,
+        block_trainable=233_000_000,
+        root_params=2 * head,
+        root_trainable=2 * head,
+        head_params=head,
+    )
+    p = 28 * 233_000_000 + 2 * head
+    z = states("zero3", param_count=p, trainable_count=p, units=units)
+    # A block and the 5e7-element prefetch bucket (under the 3e8 live cap), then the head.
+    assert z.device["gathered_parameters"] == 2 * (233_000_000 + 50_000_000 + head)
+    assert z.device["gathered_parameters"] == 1_811_708_288
+    assert format_bytes(2 * head) == "1.16 GiB"
+    f = states("fsdp2", param_count=p, trainable_count=p, units=units)
+    headless = states(
+        "fsdp2", param_count=p, trainable_count=p, units=dataclasses.replace(units, head_params=0)
+    )
+    assert f.device["gathered_parameters"] == 2 * (2 * 233_000_000 + 2 * head)
+    assert f.device == headless.device
+    tiny = states("zero3", units=dataclasses.replace(UNITS, head_params=900_000))
+    assert tiny.device["gathered_parameters"] == 2 * P  # never more than the whole model
+
+
 def test_quantised_codes_are_partitioned_by_zero3_only_and_their_state_stays_whole():
     whole = {"quantised_weights": 700_000, "quant_state": 30_000}
     s = states("fsdp2", whole=whole)
@@ -125,6 +153,7 @@ def test_shape_units_count_blocks_root_and_the_lora_base():
     assert units.root_params + tiny.n_layers * units.block_params == tiny.param_count()
     assert units.block_trainable == units.block_params
     assert units.root_params >= tiny.vocab_size * tiny.d_model
+    assert units.head_params == tiny.vocab_size * tiny.d_model
 
 
 def test_a_sharded_plan_needs_states_the_engine_placed(gpu_plan):
@@ -247,7 +276,7 @@ def test_a_trace_places_sharded_states_from_the_model_it_builds():
     # Per block: q, o 64x64; k, v 64x32; MLP 3 x 64x128; two norms of 64.
     block = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
     assert traced.units == ShardUnits(
-        block, block, 2 * 512 * 64 + 64, 2 * 512 * 64 + 64, 0, 512 * 64
+        block, block, 2 * 512 * 64 + 64, 2 * 512 * 64 + 64, 0, 512 * 64, head_params=512 * 64
     )
     params = 2 * block + 2 * 512 * 64 + 64
     assert traced.static_bytes["weights"] == 4 * params // 2
@@ -403,3 +432,45 @@ def test_under_fsdp2_only_rank_0_holds_a_load_copy_and_under_zero3_every_rank_do
     offloaded = dataclasses.replace(fsdp2, offloaded_bytes=load // 4)
     assert offloaded.host_model_bytes == load + 2 * (load // 4)
     assert dataclasses.replace(offloaded, load_ranks=None).host_model_bytes == 3 * load
+
+
+def _refusal_at_micro_batch_1(engine: str, **launch) -> str:
+    """The out-of-memory refusal of a sharded plan of the tiny preset at micro-batch 1."""
+    p = plan_for_job(
+        job(global_batch=12),
+        resolve_preset("tiny"),
+        world_size=3,
+        device="cuda",
+        sharding=engine,
+        zero_stage=3 if engine == "zero3" else 0,
+        num_cores=8,
+        **launch,
+    )
+    with pytest.raises(MemoryLimitError) as info:
+        p.with_micro_batch(1, "test").backoff()
+    return str(info.value)
+
+
+def test_a_zero3_refusal_advises_only_the_offloads_it_is_without_never_zero2():
+    kept = "try --grad_checkpointing=True, --offload_activations on, "
+    assert _refusal_at_micro_batch_1("zero3").endswith(
+        kept + "ZeRO-3 optimizer offload (offload_optimizer.device: cpu in the DeepSpeed "
+        "config), ZeRO-3 parameter offload (offload_param.device: cpu in the DeepSpeed config), "
+        "or a shorter --max_seq_len"
+    )
+    assert _refusal_at_micro_batch_1("zero3", offload_optimizer=True).endswith(
+        kept + "ZeRO-3 parameter offload (offload_param.device: cpu in the DeepSpeed config), "
+        "or a shorter --max_seq_len"
+    )
+    both = _refusal_at_micro_batch_1("zero3", offload_optimizer=True, offload_params=True)
+    assert both.endswith(kept + "or a shorter --max_seq_len")
+
+
+def test_an_fsdp2_refusal_advises_parameter_offload_until_it_is_on():
+    kept = "try --grad_checkpointing=True, --offload_activations on, "
+    assert _refusal_at_micro_batch_1("fsdp2").endswith(
+        kept + "FSDP2 parameter offload (fsdp_offload_params: true), or a shorter --max_seq_len"
+    )
+    offloaded = _refusal_at_micro_batch_1("fsdp2", offload_params=True)
+    assert offloaded.endswith(kept + "or a shorter --max_seq_len")
+    assert "ZeRO" not in offloaded and "adamw_8bit" not in offloaded

@@ -107,8 +107,10 @@ def dequantised_weight(layer: nn.Module) -> torch.Tensor:
     (double-quantised) block scales, or int8 codes times each row's scale / 127."""
     functional = sys.modules["bitsandbytes.functional"]
     weight = layer.weight
-    if getattr(weight, "quant_state", None) is not None:  # 4-bit
-        return functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:  # 4-bit
+        # A sharded export holds the codes in host RAM while the statistics stay on the device.
+        return functional.dequantize_4bit(weight.data.to(state.absmax.device), state).float()
     scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
     return functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
 

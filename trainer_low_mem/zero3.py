@@ -12,8 +12,9 @@ modules stay engine-agnostic and call in here at the few points where that matte
   placeholders. `whole_model_build` hides that config for the build and the plan.
 - Loss: the chunked loss multiplies hidden states by the output head's weight outside the head's
   own forward; `gather_loss_head` registers that weight with the module whose forward reads it.
-- Export: `gathered` all-gathers every parameter for the export (a collective) and partitions
-  them again afterwards.
+- Export: `gathered` gathers one module's parameters at a time (a collective) and copies them
+  into rank 0's host RAM, where the export reads them; no device holds the whole model, as in
+  FSDP2's export gather.
 - Out of memory: with several ranks, one rank's error inside the forward cannot be backed off
   together (the others wait in a parameter all-gather), so that rank stops the job with
   `out_of_memory`'s one line; a single rank backs off, `release_gathered` first freeing what the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lowmem_core.errors import MemoryLimitError
@@ -88,16 +90,43 @@ def gather_loss_head(module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
-    """Collective under ZeRO-3 (every rank enters): all of `module`'s parameters whole on every
-    rank inside the block, read-only, partitioned again on exit. A no-op for a module that is
-    not partitioned."""
+    """Collective under ZeRO-3 (every rank enters): on rank 0, each of `module`'s parameters
+    holds its full value in host RAM inside the block, e.g. to export it; the other ranks only
+    take part in the gathers. A no-op for a module that is not partitioned."""
     if not is_partitioned(module):
         yield
         return
+    host = _host_copies(module)
+    resting = {}
+    for param in module.parameters():
+        if id(param) in host:  # rank 0 only; tied parameters are one object
+            resting[id(param)] = (param, param.data)
+            param.data = host[id(param)]
+    try:
+        yield
+    finally:
+        for param, data in resting.values():
+            param.data = data  # the empty partition placeholder DeepSpeed expects
+
+
+def _host_copies(module: nn.Module) -> dict[int, torch.Tensor]:
+    """Rank 0's host copy of every parameter of `module`, by id. One submodule's own parameters
+    are gathered onto the device at a time and partitioned again before the next, so the device
+    never holds more than one module's full parameters (the whole model at once would not fit
+    where training needed the partitioning); the other ranks keep nothing."""
+    import torch.distributed as dist
     from deepspeed.runtime.zero import GatheredParameters
 
-    with GatheredParameters(list(module.parameters()), modifier_rank=None):
-        yield
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    host: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        own = [p for p in sub.parameters(recurse=False) if id(p) not in host]
+        if not own:
+            continue
+        with GatheredParameters(own, modifier_rank=None):
+            for param in own:
+                host[id(param)] = param.data.to("cpu", copy=True) if keep else torch.empty(0)
+    return host if keep else {}
 
 
 def out_of_memory(rank: int, where: str, detail: str, advice: str) -> MemoryLimitError:

@@ -56,6 +56,32 @@ def recorded_run(self):
 
 
 loop._Run._train_step, loop._Run.run = stopping_train_step, recorded_run
+
+# Each rank appends to $GATHER_FILE.<rank> the number of parameters each gather of the export
+# holds whole at once. (These small models' parameters are all below DeepSpeed's persistence
+# threshold, so the parameters' own status says nothing here: the gathers are counted.)
+import deepspeed.runtime.zero as ds_zero
+
+exporting, export = [], loop._Run._export
+
+
+def recorded_export(self):
+    exporting.append(True)
+    try:
+        return export(self)
+    finally:
+        exporting.clear()
+
+
+class RecordedGather(ds_zero.GatheredParameters):
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        if exporting:
+            with open(f"{os.environ['GATHER_FILE']}.{os.environ['RANK']}", "a") as f:
+                f.write(f"{len(list(params))}\n")
+
+
+loop._Run._export, ds_zero.GatheredParameters = recorded_export, RecordedGather
 sys.exit(main())
 """
 
@@ -103,12 +129,22 @@ def _launch(
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(REPO),
         "LOSSES_FILE": str(losses),
+        "GATHER_FILE": str(out / "gathers"),
         **env,
     }
     proc = subprocess.run(
         command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600
     )
     return proc, json.loads(losses.read_text()) if losses.exists() else None
+
+
+def _export_gathers(out: Path, num_processes: int) -> list[list[int]]:
+    """Per rank, the number of parameters each gather of the run's exports held whole at once
+    (the DRIVER records them)."""
+    return [
+        [int(n) for n in (out / f"gathers.{rank}").read_text().split()]
+        for rank in range(num_processes)
+    ]
 
 
 def _consolidated(out: Path) -> dict[str, torch.Tensor]:
@@ -160,6 +196,9 @@ def test_zero3_preset_trains_evaluates_resumes_bit_equal_and_exports_its_shards(
     assert first + rest == whole_losses
     assert evals[-1] in resumed.stdout
 
+    # The export gathers one module's parameters at a time, never the whole model: the tiny
+    # preset's 16 modules with parameters (embedding, 2 blocks of 7, final norm; head tied).
+    assert _export_gathers(out, 2) == [[1] * 16] * 2
     manifest = json.loads((out / STATE / "manifest.json").read_text())
     assert (manifest["step"], manifest["world_size"], manifest["sharding"]) == (6, 2, "zero3")
     trained = _consolidated(out)
@@ -229,6 +268,8 @@ def test_zero3_lora_stops_on_one_ranks_oom_resumes_exports_merged_and_keeps_its_
     assert merged and all(torch.equal(exported[k], base[k]) for k in base.keys() - merged)
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.num_hidden_layers == 2
+    # One module at a time: the 48 modules with parameters (base layers, adapters, norms).
+    assert _export_gathers(out, 2) == [[1] * 48] * 2
 
     refused, _ = _launch(tmp_path, 3, out, *flags, "--max_steps", "6", "--is_keep_training=True")
     assert refused.returncode != 0

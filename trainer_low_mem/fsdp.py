@@ -11,9 +11,11 @@ embeddings stay one parameter.
 The trainer shards the model here instead of through `accelerator.prepare`: accelerate enables
 its FSDP path for GPU processes only, and sharding here runs the same engine on CUDA ranks and on
 gloo CPU ranks. Only rank 0 reads the weights into host RAM (accelerate's
-`fsdp_cpu_ram_efficient_loading`, here always on): the other ranks build the model on the meta
-device, every rank shards it, and rank 0's full state is broadcast into the shards one tensor at
-a time: the job holds one whole copy at load (rank 0's), not one per rank.
+`fsdp_cpu_ram_efficient_loading`, here on whatever that key says): the other ranks build the
+model on the meta device, every rank shards it, and rank 0's full state is broadcast into the
+shards one tensor at a time: the job holds one whole copy at load (rank 0's), not one per rank.
+With fsdp_offload_params every rank still loads the whole model: the shards rest in host RAM,
+where a CUDA job's NCCL group cannot broadcast into them.
 
 The state is torch's distributed checkpoint (DCP) of the sharded model and optimizer, which loads
 on any number of ranks; the export gathers the full weights into rank 0's host RAM, one
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from lowmem_core.errors import MemoryLimitError
+from trainer_low_mem.planner.load_memory import rank0_loads_alone
 
 ENGINE = "fsdp2"  # recorded in a state's manifest: a state loads only under the same engine
 STATE_DIR_NAME = "fsdp2_sharded"  # the DCP folder inside a training state
@@ -64,12 +67,13 @@ def shard_model(
     model: nn.Module, *, mixed_precision: str, offload_params: bool, device: torch.device
 ) -> nn.Module:
     """Shard `model` in place over the default process group (collective); returns it. Rank 0
-    passes the whole model, built on the CPU with its weights; the other ranks pass the same
-    model built on the meta device (`materialised_bytes` 0). Each unit moves to `device` as it
+    passes the whole model, built on the CPU with its weights; where `rank0_loads_alone`, the
+    other ranks pass the same model built on the meta device (`materialised_bytes` 0), else
+    the whole model too. Each unit moves to `device` as it
     is sharded (fully_shard moves it), so a device holds one whole block at a time on top of
-    its shards, never the whole model; then rank 0's weights and buffers are broadcast into
-    every rank's shards, so all ranks start from rank 0's model (its seeded initial weights,
-    LoRA adapters included).
+    its shards, never the whole model; then, where rank 0 alone loaded, its weights and buffers
+    are broadcast into every rank's shards, so all ranks start from rank 0's model (its seeded
+    initial weights, LoRA adapters included).
 
     `offload_params`: sharded parameters, gradients and the optimizer step rest in host RAM
     (torch's CPUOffloadPolicy), gathered onto the device for each unit's forward and backward."""
@@ -89,9 +93,11 @@ def shard_model(
     for block in block_modules(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    if not rank0_loads_alone(ENGINE, offload_params):
+        return model
     if materialised_bytes(model) < _tensor_bytes(model):
         # Storage for the meta shards (and buffers), filled by the broadcast below.
-        model.to_empty(device=torch.device("cpu") if offload_params else device)
+        model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state, options=options)
     del full_state

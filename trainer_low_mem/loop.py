@@ -57,6 +57,7 @@ from trainer_low_mem.optim import (
     fill_deepspeed_config,
     optimizer_chain,
 )
+from trainer_low_mem.planner.load_memory import rank0_loads_alone
 from trainer_low_mem.progress import RunProgress, TrainResult, check_resume_settings, total_steps
 from trainer_low_mem.run_lock import lock_output_dir
 from trainer_low_mem.signals import EXIT_CODES, StopSignals
@@ -136,7 +137,10 @@ class _Run:
         job, m = self.job, self.config.model
         # Under FSDP2 only rank 0 reads the weights; the others build the model on the meta
         # device and get rank 0's weights as `shard_model` shards it.
-        on_meta = self.launch.sharding_engine == fsdp.ENGINE and not self.ctx.is_main
+        rank0_alone = rank0_loads_alone(
+            self.launch.sharding_engine, self.launch.param_offload == "cpu"
+        )
+        on_meta = rank0_alone and not self.ctx.is_main
         if on_meta:
             with torch.device("meta"):
                 self.module = job.kind.build(
@@ -144,7 +148,7 @@ class _Run:
                 )
         else:
             self.module = job.build_model()
-        if self.launch.sharding_engine == fsdp.ENGINE:
+        if rank0_alone:
             # The generator as rank 0's build left it (meta tensors draw nothing), as every
             # rank had it when all built the weights: LoRA dropout and the rest draw the same.
             torch.set_rng_state(self.ctx.gather(torch.get_rng_state())[0])

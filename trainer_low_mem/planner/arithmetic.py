@@ -141,7 +141,7 @@ def plan(
             activation_bytes_per_token=per_token,
             process_bytes=process_base_bytes,
             load_bytes=_host_model_bytes(model) if on_gpu else 0,
-            load_ranks=loading_ranks(sharding, ranks),
+            load_ranks=loading_ranks(sharding, ranks, offload_params),
             offloaded_bytes=states.offloaded,
             cuda_reserve_bytes=cuda_reserve_bytes if on_gpu else 0,
             dataset_bytes=dataset_bytes or 0,

@@ -24,7 +24,9 @@ so that is not what a plan counts.
 Under FSDP2 only global rank 0 loads the weights (trainer_low_mem/fsdp.py: the other ranks build
 the model on the meta device and receive rank 0's weights into their shards, one tensor at a
 time), so rank 0's node holds one load copy and the other ranks none: `loading_ranks`. The
-planner sizes rank 0's node, the fullest. ZeRO-3 and whole-model ranks each load it.
+planner sizes rank 0's node, the fullest. ZeRO-3 and whole-model ranks each load it, and so do
+FSDP2 ranks with fsdp_offload_params: their shards rest in host RAM, where a CUDA job's NCCL
+group cannot broadcast into them.
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ LOAD_PRIVATE_BYTES_PER_PARAM = 5
 MAPPED_LOAD_PRIVATE_BYTES_PER_PARAM = 1
 
 
-def loading_ranks(sharding: str | None, ranks_per_node: int) -> int:
-    """How many of the fullest node's ranks hold the load copy: one (global rank 0) under FSDP2,
-    every rank otherwise."""
-    return 1 if sharding == "fsdp2" else ranks_per_node
+def rank0_loads_alone(sharding: str | None, offload_params: bool) -> bool:
+    """Whether global rank 0 alone reads the weights (FSDP2 with its shards on the device), the
+    trainer's rule and the planner's (see above)."""
+    return sharding == "fsdp2" and not offload_params
+
+
+def loading_ranks(sharding: str | None, ranks_per_node: int, offload_params: bool = False) -> int:
+    """How many of the fullest node's ranks hold the load copy."""
+    return 1 if rank0_loads_alone(sharding, offload_params) else ranks_per_node
 
 
 def load_private_bytes(param_count: int, mapped_count: int = 0) -> int:

@@ -432,6 +432,18 @@ def test_under_fsdp2_only_rank_0_holds_a_load_copy_and_under_zero3_every_rank_do
     offloaded = dataclasses.replace(fsdp2, offloaded_bytes=load // 4)
     assert offloaded.host_model_bytes == load + 2 * (load // 4)
     assert dataclasses.replace(offloaded, load_ranks=None).host_model_bytes == 3 * load
+    # With the shards in host RAM every FSDP2 rank loads the whole model (load_memory.py).
+    off = plan_for_job(
+        job(global_batch=12),
+        tiny,
+        world_size=3,
+        device="cuda",
+        sharding="fsdp2",
+        offload_params=True,
+        num_cores=8,
+    ).footprint
+    assert off.load_ranks == 3
+    assert off.host_model_bytes == 3 * max(load, off.offloaded_bytes)
 
 
 def _refusal_at_micro_batch_1(engine: str, **launch) -> str:

@@ -416,11 +416,17 @@ def _nothing_fits(
         if zero_stage < 2 and world_size > 1:
             hints.append(f"{levers.zero_stage} partitions gradients and optimizer states")
         optimizer = states.device.get("optimizer", 0)
-        if not offload and optimizer:
+        # FSDP2 has no optimizer offload of its own: its parameter offload takes the states too.
+        if not offload and optimizer and fp.sharding != "fsdp2":
             hints.append(
                 f"{levers.offload_optimizer} moves {format_bytes(optimizer)} of optimizer "
                 "states to host RAM"
             )
+        if fp.sharding and not fp.offload_params:
+            moved = states.device.get("weights", 0)
+            if fp.sharding == "fsdp2":
+                moved += states.device.get("gradients", 0) + optimizer
+            hints.append(f"{levers.offload_params} moves {format_bytes(moved)} to host RAM")
         hints.append(f"{activation_cuts} cuts activations")
     else:
         if fp.host_activation_bytes_per_token:

@@ -43,6 +43,11 @@ class Levers:
     """8-bit AdamW states (not under DeepSpeed)."""
     offload_activations: str = "--offload_activations on"
     """Saved activations in pinned host RAM (with a GPU)."""
+    offload_params: str = (
+        "fsdp_offload_params: true (FSDP2) or offload_param device: cpu (ZeRO-3) in the "
+        "accelerate config"
+    )
+    """Rests the sharded parameters in host RAM between uses (FSDP2 or ZeRO-3)."""
     fsdp: str = "launching with --config_file accelerate_configs/fsdp2_3gpu.yaml (FSDP2)"
     """Shards the parameters too (FSDP2)."""
     zero3: str = (
@@ -59,8 +64,9 @@ class Levers:
 
 PLAN_FLAG_LEVERS = Levers(
     zero_stage="--zero_stage 2",
-    offload_optimizer="--offload_optimizer=True (with --zero_stage 1 or 2)",
+    offload_optimizer="--offload_optimizer=True (with --zero_stage 1, 2 or 3)",
     drop_offload="drop --offload_optimizer",
+    offload_params="--offload_params=True",
     fsdp="--fsdp=True",
     zero3="--zero_stage 3 --offload_optimizer=True",
 )

@@ -486,3 +486,38 @@ def test_an_fsdp2_refusal_advises_parameter_offload_until_it_is_on():
     offloaded = _refusal_at_micro_batch_1("fsdp2", offload_params=True)
     assert offloaded.endswith(kept + "or a shorter --max_seq_len")
     assert "ZeRO" not in offloaded and "adamw_8bit" not in offloaded
+
+
+def _nothing_fits_advice(engine: str, **launch) -> str:
+    """What the tiny preset's sharded plan on a 1 MiB GPU budget advises."""
+    config = dataclasses.replace(job(global_batch=12), memory=MemoryConfig(device_budget="1MiB"))
+    with pytest.raises(MemoryLimitError) as info:
+        plan_for_job(
+            config,
+            resolve_preset("tiny"),
+            world_size=3,
+            device="cuda",
+            sharding=engine,
+            zero_stage=3 if engine == "zero3" else 0,
+            num_cores=8,
+            **launch,
+        )
+    return str(info.value).split("Try: ")[1]
+
+
+def test_a_sharded_refusal_advises_the_engines_offloads_that_are_off():
+    cuts = "--grad_checkpointing=True or a shorter --max_seq_len cuts activations"
+    # FSDP2's parameter offload takes its sharded weights, gradients and moments: 4 + 4 + 8
+    # bytes per parameter over 3 ranks; it has no optimizer offload of its own.
+    assert _nothing_fits_advice("fsdp2") == (
+        f"--offload_params=True moves 770.67 KiB to host RAM; {cuts}"
+    )
+    assert _nothing_fits_advice("fsdp2", offload_params=True) == cuts
+    # ZeRO-3: the fp32 master and moments (12 B/param / 3), then the 16-bit partitions.
+    assert _nothing_fits_advice("zero3") == (
+        "--offload_optimizer=True (with --zero_stage 1, 2 or 3) moves 578.00 KiB of optimizer "
+        f"states to host RAM; --offload_params=True moves 96.33 KiB to host RAM; {cuts}"
+    )
+    assert _nothing_fits_advice("zero3", offload_optimizer=True) == (
+        f"--offload_params=True moves 96.33 KiB to host RAM; {cuts}"
+    )

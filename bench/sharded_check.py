@@ -72,6 +72,7 @@ def _rank_peak(rank: int, port: int, name: str, micro_batch: int, out) -> None:
             model,
             mixed_precision=case.mixed_precision or "no",
             offload_params=sharded.offload_params,
+            device=torch.device("cpu"),
         )
         model.train()
         trained = [p for p in model.parameters() if p.requires_grad]

@@ -11,8 +11,8 @@ embeddings stay one parameter.
 The trainer shards the model here instead of through `accelerator.prepare`: accelerate enables
 its FSDP path for GPU processes only, and sharding here runs the same engine on CUDA ranks and on
 gloo CPU ranks. Only rank 0 reads the weights into host RAM (accelerate's
-`fsdp_cpu_ram_efficient_loading`, here on whatever that key says): the other ranks build the
-model on the meta device, every rank shards it, and rank 0's full state is broadcast into the
+`fsdp_cpu_ram_efficient_loading`, always on here, whatever that key says): the other ranks build
+the model on the meta device, every rank shards it, and rank 0's full state is broadcast into the
 shards one tensor at a time: the job holds one whole copy at load (rank 0's), not one per rank.
 With fsdp_offload_params every rank still loads the whole model: the shards rest in host RAM,
 where a CUDA job's NCCL group cannot broadcast into them.

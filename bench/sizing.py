@@ -412,8 +412,8 @@ def add_sharded_published(row: Row, largest_layer: int) -> None:
     row.difference = (
         "DeepSpeed counts 18 B/param / N (2 with optimizer offload) plus the largest layer in "
         "fp32; ours adds the 16-bit gradient partition, the reduce bucket, the gathered "
-        "parameters (block + prefetch bucket), the activations and CUDA's reserve; its host "
-        "figure has a 1.5 buffer factor"
+        "parameters (block + prefetch bucket) and the output head, the activations and CUDA's "
+        "reserve; its host figure has a 1.5 buffer factor"
     )
     if row.method != "full":
         row.difference += "; it counts every parameter as trained, so it is a full fine-tune's"

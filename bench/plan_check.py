@@ -264,8 +264,16 @@ def check_case(case: Case) -> tuple[list[Row], Slope]:
         device_type="cpu",
         mixed_precision=case.mixed_precision,
     )
+    return compare(case.name, case, traced, lambda m: real_peak_bytes(case, m))
+
+
+def compare(
+    name: str, case: Case, traced, real_peak: Callable[[int], int]
+) -> tuple[list[Row], Slope]:
+    """The traced plan against `real_peak(micro_batch)` at each of the case's real micro-batches,
+    and the slopes between the last two (the real activation bytes per extra token)."""
     rows = [
-        Row(case.name, m, case.seq_len, traced.peak_bytes(m), real_peak_bytes(case, m))
+        Row(name, m, case.seq_len, traced.peak_bytes(m), real_peak(m))
         for m in case.real_micro_batches
     ]
     a, b = rows[-2], rows[-1]
@@ -273,7 +281,7 @@ def check_case(case: Case) -> tuple[list[Row], Slope]:
         (b.micro_batch - a.micro_batch) * case.seq_len
     )
     slope = Slope(
-        case.name,
+        name,
         traced.activation_bytes_per_token,
         real_slope,
         traced.linear_residual_frac,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.plan_check import TRACED_MICRO_BATCHES, Case, Row, Slope
+from bench.plan_check import TRACED_MICRO_BATCHES, Case, Row, Slope, compare
 from trainer_low_mem.planner.trace import trace_step_memory
 
 WORLD_SIZE = 2
@@ -121,6 +121,7 @@ def real_sharded_peak_bytes(sharded: ShardedCase, micro_batch: int) -> int:
 
 
 def check_sharded_case(sharded: ShardedCase) -> tuple[list[Row], Slope]:
+    """The planner's FSDP2 rank against the peak of two real gloo ranks, at each micro-batch."""
     case = sharded.case
     traced = trace_step_memory(
         case.factory,
@@ -132,21 +133,4 @@ def check_sharded_case(sharded: ShardedCase) -> tuple[list[Row], Slope]:
         offload_params=sharded.offload_params,
         world_size=WORLD_SIZE,
     )
-    rows = [
-        Row(
-            sharded.name, m, case.seq_len, traced.peak_bytes(m), real_sharded_peak_bytes(sharded, m)
-        )
-        for m in case.real_micro_batches
-    ]
-    a, b = rows[-2], rows[-1]
-    real_slope = (b.real_peak_bytes - a.real_peak_bytes) / (
-        (b.micro_batch - a.micro_batch) * case.seq_len
-    )
-    slope = Slope(
-        sharded.name,
-        traced.activation_bytes_per_token,
-        real_slope,
-        traced.linear_residual_frac,
-        traced.trace_seconds,
-    )
-    return rows, slope
+    return compare(sharded.name, case, traced, lambda m: real_sharded_peak_bytes(sharded, m))

@@ -69,6 +69,9 @@ class Launch:
     deepspeed_config section (zero_stage, offload_optimizer_device)."""
     fsdp_version: int | None = None
     """accelerate's FSDP version (1 or 2) when the launch uses FSDP; None otherwise."""
+    fsdp_unhonoured: tuple[str, ...] = ()
+    """FSDP config settings the trainer's FSDP2 does not follow, as "key: value" (it shards every
+    transformer block and reshards after forward; checkpointing is --grad_checkpointing)."""
     param_offload: str | None = None
     """Where sharded parameters rest between uses: "cpu" (FSDP2 fsdp_offload_params, ZeRO-3
     offload_param) or None (on the GPU)."""
@@ -190,6 +193,7 @@ class Launch:
         fsdp = env_true(env, "ACCELERATE_USE_FSDP")
         fsdp_version = _env_int(env, "FSDP_VERSION", 1) if fsdp else None
         fsdp_offload = env_true(env, "FSDP_OFFLOAD_PARAMS")
+        fsdp_settings = {key: env[name] for key, name in FSDP_UNHONOURED_ENV.items() if name in env}
         num_processes = None
         if accelerate_config_file is not None:
             cluster = load_accelerate_config(accelerate_config_file)
@@ -207,6 +211,9 @@ class Launch:
                 fsdp_section = cluster.fsdp_config or {}
                 fsdp_version = int(fsdp_section.get("fsdp_version", fsdp_version or 1))
                 fsdp_offload = fsdp_offload or _true(fsdp_section.get("fsdp_offload_params"))
+                fsdp_settings = {
+                    key: fsdp_section[key] for key in FSDP_UNHONOURED_ENV if key in fsdp_section
+                } | fsdp_settings
         elif deepspeed:
             distributed_type = "DEEPSPEED"
         elif env_true(env, "ACCELERATE_USE_FSDP"):  # `accelerate launch` with an FSDP config
@@ -247,11 +254,30 @@ class Launch:
             config_is_deepspeed_json=bool(deepspeed and ds_config_file),
             fsdp_version=fsdp_version if distributed_type == "FSDP" else None,
             param_offload=param_offload,
+            fsdp_unhonoured=_unhonoured(fsdp_settings) if distributed_type == "FSDP" else (),
         )
 
     @property
     def local_world_size(self) -> int:
         return self.ranks_per_node or 1
+
+
+# FSDP config keys (and the variables `accelerate launch` passes them in) whose non-default
+# values the trainer's FSDP2 would not follow, with the value it does follow.
+FSDP_UNHONOURED_ENV = {
+    "fsdp_activation_checkpointing": "FSDP_ACTIVATION_CHECKPOINTING",
+    "fsdp_reshard_after_forward": "FSDP_RESHARD_AFTER_FORWARD",
+}
+FSDP_FOLLOWED = {"fsdp_activation_checkpointing": False, "fsdp_reshard_after_forward": True}
+
+
+def _unhonoured(settings: Mapping[str, object]) -> tuple[str, ...]:
+    """The FSDP settings given with a value other than the one the trainer follows."""
+    return tuple(
+        f"{key}: {str(value).lower()}"
+        for key, value in settings.items()
+        if _true(value) != FSDP_FOLLOWED[key]
+    )
 
 
 def _accelerate_config_name(env: Mapping[str, str], given: str | Path | None) -> str:

@@ -50,6 +50,15 @@ def check_launch(facts: Launch) -> None:
             f"({facts.config_file or 'FSDP_VERSION'}); this trainer runs FSDP2 only: set "
             "fsdp_version: 2 in the accelerate config's fsdp_config (or --fsdp_version 2)"
         )
+    if facts.sharding_engine == "fsdp2" and facts.fsdp_unhonoured:
+        # Followed silently, a plan (and its checkpointing lever) would describe another run.
+        raise ConfigError(
+            f"the FSDP config ({facts.config_file or 'accelerate launch flags'}) sets "
+            f"{', '.join(facts.fsdp_unhonoured)}, which this trainer's FSDP2 does not follow (it "
+            "reshards every block after forward; checkpointing is --grad_checkpointing): set "
+            "fsdp_activation_checkpointing: false and fsdp_reshard_after_forward: true, and pass "
+            "--grad_checkpointing True for checkpointing"
+        )
     if facts.sharding_engine == "fsdp2" and facts.mixed_precision == "fp16":
         # FSDP2 runs without accelerate's optimizer wrapper here, so no loss scaling.
         raise ConfigError(

@@ -103,6 +103,29 @@ def test_an_fsdp1_launch_is_refused_with_the_version_to_set(tmp_path):
     assert from_file.param_offload == "cpu" and from_env.param_offload is None
 
 
+def test_fsdp_settings_the_trainer_would_not_follow_are_refused_in_one_line(tmp_path):
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n"
+        "fsdp_config:\n  fsdp_version: 2\n  fsdp_activation_checkpointing: true\n"
+        "  fsdp_reshard_after_forward: true\n"
+    )
+    from_file = _env_launch(_torchrun_env(2), accelerate_config_file=config)
+    fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    from_env = _env_launch(_torchrun_env(2) | fsdp_env | {"FSDP_RESHARD_AFTER_FORWARD": "false"})
+    assert from_file.fsdp_unhonoured == ("fsdp_activation_checkpointing: true",)
+    assert from_env.fsdp_unhonoured == ("fsdp_reshard_after_forward: false",)
+    for launch in (from_file, from_env):
+        with pytest.raises(ConfigError, match="^the FSDP config .* sets fsdp_") as info:
+            check_launch(launch)
+        assert "--grad_checkpointing True" in str(info.value) and "\n" not in str(info.value)
+    followed = fsdp_env | {
+        "FSDP_RESHARD_AFTER_FORWARD": "true",
+        "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    }
+    assert check_launch(_env_launch(_torchrun_env(2) | followed)) is None
+
+
 def test_torchrun_without_cuda_is_multi_cpu():
     launch = _env_launch(_torchrun_env(3), cuda_device_count=0)
     assert launch.distributed_type == "MULTI_CPU"

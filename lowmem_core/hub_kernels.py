@@ -10,6 +10,8 @@ duration: bitsandbytes keeps its built-in CPU kernels and logs a warning, which
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import sys
 from collections.abc import Iterator
 from types import ModuleType
@@ -36,6 +38,13 @@ def hub_kernels_blocked() -> Iterator[None]:
 
 
 def require_extra_offline(module_name: str, extra: str, purpose: str) -> ModuleType:
-    """`errors.require_extra`, with no kernel fetched from the hub while the module imports."""
+    """`errors.require_extra`, with no kernel fetched from the hub while the module imports.
+
+    bitsandbytes is imported inside the block too when installed: a peft that imports it
+    lazily (on the first quantised layer) would otherwise make its kernel lookup outside it."""
     with hub_kernels_blocked():
-        return require_extra(module_name, extra, purpose)
+        module = require_extra(module_name, extra, purpose)
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            with contextlib.suppress(ImportError):
+                importlib.import_module("bitsandbytes")
+        return module

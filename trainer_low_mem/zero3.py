@@ -80,11 +80,11 @@ def parameter_bytes(module: nn.Module) -> tuple[int, int]:
 
 def gather_loss_head(module: nn.Module) -> None:
     """Make ZeRO-3 gather the output head's parameters for the whole forward and backward of
-    `module` (the chunked loss reads them there, outside the head's own forward). A module
-    without `loss_head_parameters` reads no parameter outside its owner."""
+    `module` (the chunked loss reads them there, outside the head's own forward); every model
+    kind's module names them (`loss_head_parameters`)."""
     from deepspeed.runtime.zero import register_external_parameter
 
-    for param in getattr(module, "loss_head_parameters", list)():
+    for param in module.loss_head_parameters():
         register_external_parameter(module, param)
 
 

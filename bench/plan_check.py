@@ -202,6 +202,12 @@ def real_peak_bytes(case: Case, micro_batch: int) -> int:
     """MemTracker's peak over a real optimizer step and an accumulating micro-step on the CPU."""
     torch.manual_seed(0)
     model = _frozen_as_buffers((case.real_factory or case.factory)())
+    return step_peak_bytes(case, model, micro_batch, *_quantisation_state(model))
+
+
+def step_peak_bytes(case: Case, model: nn.Module, micro_batch: int, *tracked) -> int:
+    """MemTracker's peak over `model`'s real optimizer step and accumulating micro-step (after
+    one warm-up step, so the optimizer states exist), with `tracked` tensors counted too."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, case.vocab_size, (micro_batch, case.seq_len))
@@ -220,7 +226,7 @@ def real_peak_bytes(case: Case, micro_batch: int) -> int:
     peaks = []
     for phase in (optimizer.step, micro_step):
         tracker = MemTracker()
-        tracker.track_external(model, optimizer, *_quantisation_state(model))
+        tracker.track_external(model, optimizer, *tracked)
         with tracker:
             phase()
         peaks.append(sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()))

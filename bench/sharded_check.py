@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.plan_check import TRACED_MICRO_BATCHES, Case, Row, Slope, compare
+from bench.plan_check import TRACED_MICRO_BATCHES, Case, Row, Slope, compare, step_peak_bytes
 from trainer_low_mem.planner.trace import trace_step_memory
 
 WORLD_SIZE = 2
@@ -57,7 +57,6 @@ def _rank_peak(rank: int, port: int, name: str, micro_batch: int, out) -> None:
     """One rank: shard the case's model as the trainer does, step it, report MemTracker's peak.
     The case is found again by `name`: its factories are closures, which spawn cannot send."""
     import torch.distributed as dist
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from trainer_low_mem.fsdp import shard_model
 
@@ -74,31 +73,7 @@ def _rank_peak(rank: int, port: int, name: str, micro_batch: int, out) -> None:
             offload_params=sharded.offload_params,
             device=torch.device("cpu"),
         )
-        model.train()
-        trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=1e-4)
-        ids = torch.randint(0, case.vocab_size, (micro_batch, case.seq_len))
-        positions = torch.arange(case.seq_len).repeat(micro_batch, 1)
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.mixed_precision or "")
-
-        def micro_step() -> None:
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
-            loss.backward()
-
-        micro_step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        micro_step()
-        peaks = []
-        for phase in (optimizer.step, micro_step):
-            tracker = MemTracker()
-            tracker.track_external(model, optimizer)
-            with tracker:
-                phase()
-            snapshot = tracker.get_tracker_snapshot("peak")
-            peaks.append(sum(s["Total"] for s in snapshot.values()))
-        out.put((rank, max(peaks)))
+        out.put((rank, step_peak_bytes(case, model, micro_batch)))
     finally:
         dist.destroy_process_group()
 
